@@ -1,0 +1,64 @@
+"""The engine: every enabled processor and projection, running against one bus."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from engine.bus import Bus
+from engine.config import Settings
+from engine.plugin_host import PluginHost
+from engine.processor import Processor
+from engine.projection import Projection, ProjectionRunner
+from engine.worker import ProcessorWorker
+
+log = logging.getLogger(__name__)
+
+
+def projection_path(settings: Settings, projection: Projection) -> Path:
+    return settings.state_dir / "projections" / f"{projection.name}.sqlite"
+
+
+@dataclass
+class Engine:
+    """Runs processors on durable consumers and projections on the log until stopped."""
+
+    bus: Bus
+    host: PluginHost
+    only: set[str] | None = None
+    workers: list[ProcessorWorker] = field(default_factory=list)
+    runners: list[ProjectionRunner] = field(default_factory=list)
+
+    @property
+    def settings(self) -> Settings:
+        return self.bus.settings
+
+    def _selected(self, name: str) -> bool:
+        return self.only is None or name in self.only
+
+    def prepare(self) -> None:
+        self.host.configure()
+        processors: list[Processor] = [p for p in self.host.processors() if self._selected(p.name)]
+        projections: list[Projection] = [p for p in self.host.projections() if self._selected(p.name)]
+        state = self.settings.state_dir
+        self.workers = [ProcessorWorker(self.bus, p, state / "processors" / p.name) for p in processors]
+        self.runners = [
+            ProjectionRunner(self.bus, p, projection_path(self.settings, p)) for p in projections
+        ]
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Run until ``stop`` is set; in-flight batches finish first (drain)."""
+        if not self.workers and not self.runners:
+            self.prepare()
+        tasks = [asyncio.create_task(w.run(stop), name=w.processor.name) for w in self.workers]
+        tasks += [asyncio.create_task(r.run(stop), name=r.projection.name) for r in self.runners]
+        log.info("engine running %d processors, %d projections", len(self.workers), len(self.runners))
+        try:
+            await asyncio.gather(*tasks)
+        finally:
+            for task in tasks:
+                task.cancel()
+            for runner in self.runners:
+                runner.close()

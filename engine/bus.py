@@ -1,0 +1,226 @@
+"""The bus: a NATS connection, the two JetStream streams, and the one way to publish.
+
+- ``FLYWHEEL_RAW`` holds what agents publish (``fw.raw.>``) for a short time (30 days).
+- ``FLYWHEEL_LOG`` holds everything derived (``fw.log.>``): file storage, no delete, no
+  purge, a duplicate window so a message published twice under one ``Nats-Msg-Id`` is
+  stored once.
+
+Publishing waits for JetStream's ack and retries through a reconnect with the same id, so
+an event is stored exactly once or the caller gets ``PublishFailed``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import nats
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client
+from nats.js import JetStreamContext
+from nats.js.api import DiscardPolicy, PubAck, RetentionPolicy, StorageType, StreamConfig
+
+from engine import telemetry
+from engine.config import NatsConfig, Settings, StreamsConfig
+from schemas import Event
+
+log = logging.getLogger(__name__)
+
+DAY_S = 86_400.0
+_RETRYABLE = (
+    nats.errors.TimeoutError,
+    nats.errors.NoRespondersError,
+    nats.js.errors.NoStreamResponseError,
+    nats.errors.ConnectionReconnectingError,
+    nats.errors.OutboundBufferLimitError,
+    asyncio.TimeoutError,
+)
+
+
+class BusUnavailable(ConnectionError):
+    """NATS could not be reached."""
+
+
+class PublishFailed(RuntimeError):
+    """An event was not acknowledged by JetStream within the retry budget."""
+
+
+@dataclass(frozen=True)
+class StreamNames:
+    raw: str
+    log: str
+
+    @classmethod
+    def from_config(cls, cfg: StreamsConfig) -> StreamNames:
+        return cls(raw=f"{cfg.prefix}_RAW", log=f"{cfg.prefix}_LOG")
+
+    def for_stream(self, stream: str) -> str:
+        return self.raw if stream == "raw" else self.log
+
+
+def stream_configs(cfg: StreamsConfig) -> list[StreamConfig]:
+    names = StreamNames.from_config(cfg)
+    common: dict[str, Any] = dict(
+        storage=StorageType.FILE,
+        retention=RetentionPolicy.LIMITS,
+        discard=DiscardPolicy.OLD,
+        duplicate_window=cfg.duplicate_window_s,
+        num_replicas=cfg.replicas,
+        deny_delete=True,
+    )
+    return [
+        StreamConfig(
+            name=names.raw,
+            description="raw intake from agents; short retention",
+            subjects=["fw.raw.>"],
+            max_age=cfg.raw_max_age_days * DAY_S,
+            # The raw stream may be purged per subject by `forget`; the log never.
+            deny_purge=False,
+            **common,
+        ),
+        StreamConfig(
+            name=names.log,
+            description="the immutable event log",
+            subjects=["fw.log.>"],
+            max_age=cfg.log_max_age_days * DAY_S,
+            deny_purge=True,
+            **common,
+        ),
+    ]
+
+
+def _tls_context(cfg: NatsConfig) -> ssl.SSLContext | None:
+    if not (cfg.tls_ca or cfg.tls_cert):
+        return None
+    ctx = ssl.create_default_context(cafile=str(cfg.tls_ca) if cfg.tls_ca else None)
+    if cfg.tls_cert:
+        ctx.load_cert_chain(str(cfg.tls_cert), str(cfg.tls_key) if cfg.tls_key else None)
+    return ctx
+
+
+async def _quiet(exc: Exception) -> None:
+    log.debug("nats: %s", exc)
+
+
+class Bus:
+    """A connected client with JetStream, the stream names and publish helpers."""
+
+    def __init__(self, nc: Client, settings: Settings) -> None:
+        self.nc = nc
+        self.js: JetStreamContext = nc.jetstream(timeout=settings.nats.publish_timeout_s)
+        self.settings = settings
+        self.streams = StreamNames.from_config(settings.streams)
+
+    @classmethod
+    async def connect(cls, settings: Settings, url: str) -> Bus:
+        cfg = settings.nats
+        opts: dict[str, Any] = dict(
+            servers=[u.strip() for u in url.split(",")],
+            connect_timeout=cfg.connect_timeout_s,
+            allow_reconnect=True,
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=0.25,
+            error_cb=_quiet,
+            name="flywheel",
+        )
+        if cfg.user:
+            opts.update(user=cfg.user, password=cfg.password)
+        if cfg.token:
+            opts["token"] = cfg.token
+        if cfg.creds_file:
+            opts["user_credentials"] = str(cfg.creds_file)
+        tls = _tls_context(cfg)
+        if tls is not None:
+            opts["tls"] = tls
+        try:
+            # Reconnects are unbounded once connected, so bound the first connect here.
+            nc = await asyncio.wait_for(nats.connect(**opts), cfg.connect_timeout_s)
+        except (OSError, nats.errors.Error, asyncio.TimeoutError) as exc:
+            reason = str(exc) or f"no answer within {cfg.connect_timeout_s:g}s"
+            raise BusUnavailable(f"cannot reach NATS at {url}: {reason}") from None
+        return cls(nc, settings)
+
+    async def ensure_streams(self) -> None:
+        """Create the streams, or bring an existing one up to the configured settings."""
+        for config in stream_configs(self.settings.streams):
+            try:
+                await self.js.add_stream(config)
+            except nats.js.errors.BadRequestError:
+                await self.js.update_stream(config)
+
+    async def close(self) -> None:
+        if not self.nc.is_closed:
+            try:
+                await self.nc.flush(timeout=2)
+            except (nats.errors.Error, asyncio.TimeoutError):
+                pass  # closing anyway; unacked work is redelivered
+            await self.nc.close()
+
+    # ------------------------------------------------------------------ publish
+
+    def _headers(self, event: Event[Any]) -> dict[str, str]:
+        headers = {"Nats-Msg-Id": event.id}
+        telemetry.inject(headers)
+        return headers
+
+    async def publish(self, event: Event[Any]) -> PubAck:
+        """Publish one event and wait for its ack, retrying through reconnects."""
+        return await self.publish_raw(event.subject, event.to_bytes(), self._headers(event))
+
+    async def publish_raw(self, subject: str, payload: bytes, headers: dict[str, str]) -> PubAck:
+        budget = self.settings.nats.publish_retry_s
+        deadline = asyncio.get_running_loop().time() + budget
+        delay = 0.05
+        while True:
+            try:
+                ack = await self.js.publish(subject, payload, headers=dict(headers))
+                return ack
+            except _RETRYABLE as exc:
+                if asyncio.get_running_loop().time() + delay > deadline:
+                    hint = ""
+                    if isinstance(exc, (nats.errors.NoRespondersError, nats.js.errors.NoStreamResponseError)):
+                        hint = " (no stream takes this subject: has the engine created its streams?)"
+                    raise PublishFailed(f"no ack for {subject} after {budget:.0f}s: {exc!r}{hint}") from exc
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+            except nats.js.errors.APIError as exc:
+                raise PublishFailed(f"JetStream refused {subject}: {exc}") from exc
+            except nats.errors.ConnectionClosedError as exc:
+                raise PublishFailed(f"connection closed while publishing {subject}") from exc
+
+    async def publish_many(self, events: Sequence[Event[Any]] | Iterable[Event[Any]]) -> list[PubAck]:
+        """Publish a batch with pipelined acks; anything not acked is retried one by one."""
+        events = list(events)
+        if not events:
+            return []
+        if len(events) == 1:
+            return [await self.publish(events[0])]
+        timeout = self.settings.nats.publish_timeout_s
+        futures: list[asyncio.Future[PubAck] | None] = []
+        for event in events:
+            try:
+                fut = await self.js.publish_async(
+                    event.subject, event.to_bytes(), wait_stall=timeout, headers=self._headers(event)
+                )
+            except (nats.errors.Error, asyncio.TimeoutError):
+                fut = None
+            futures.append(fut)
+        done = await asyncio.gather(
+            *(asyncio.wait_for(f, timeout) for f in futures if f is not None), return_exceptions=True
+        )
+        results = iter(done)
+        acks: list[PubAck] = []
+        for event, fut in zip(events, futures, strict=True):
+            ack = next(results) if fut is not None else None
+            # Anything not acked is published again under the same id: stored at most once.
+            acks.append(ack if isinstance(ack, PubAck) else await self.publish(event))
+        return acks
+
+    async def last_sequence(self, stream: str = "log") -> int:
+        info = await self.js.stream_info(self.streams.for_stream(stream))
+        return int(info.state.last_seq)

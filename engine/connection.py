@@ -1,0 +1,61 @@
+"""Finding the bus: the configured URL, the engine's embedded server, or a new one."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import orjson
+
+from engine.bus import Bus
+from engine.config import Settings
+from engine.embedded import EmbeddedServer
+
+
+def _marker(settings: Settings) -> Path:
+    return settings.state_dir / "nats" / "embedded.json"
+
+
+def running_embedded_url(settings: Settings) -> str | None:
+    """The URL of an embedded server a running ``flywheel up`` started, if it is alive."""
+    marker = _marker(settings)
+    try:
+        info = orjson.loads(marker.read_bytes())
+        os.kill(int(info["pid"]), 0)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return str(info["url"])
+
+
+def start_embedded(settings: Settings) -> EmbeddedServer:
+    """Start the embedded server on the state folder and leave a marker for other commands."""
+    server = EmbeddedServer(settings.state_dir / "nats").start()
+    assert server.process is not None
+    _marker(settings).write_bytes(orjson.dumps({"url": server.url, "pid": server.process.pid}))
+    return server
+
+
+@asynccontextmanager
+async def open_bus(settings: Settings, ensure_streams: bool = True) -> AsyncIterator[Bus]:
+    """A connected bus for the length of a command.
+
+    Uses ``nats.url`` when set; otherwise the embedded server of a running engine; otherwise
+    starts the embedded server on the state folder and stops it afterwards.
+    """
+    server: EmbeddedServer | None = None
+    url = settings.nats.url or running_embedded_url(settings)
+    if url is None:
+        server = start_embedded(settings)
+        url = server.url
+    bus = await Bus.connect(settings, url)
+    try:
+        if ensure_streams:
+            await bus.ensure_streams()
+        yield bus
+    finally:
+        await bus.close()
+        if server is not None:
+            server.stop()
+            _marker(settings).unlink(missing_ok=True)

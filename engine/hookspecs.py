@@ -1,0 +1,57 @@
+"""Every hook a Flywheel plugin can implement, in one place.
+
+A plugin is a module or object with functions marked ``@hookimpl`` whose names match the
+specifications below. Built-in plugins (``plugins/``) and third-party packages are found the
+same way: through the entry-point group ``flywheel``.
+
+The engine owns the I/O (consuming, validating, publishing, acking, storing positions);
+plugins hand it pure steps by registering them:
+
+- a **processor** turns one input event into zero or more new events (a policy);
+- a **projection** folds events into a local read model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import pluggy
+
+if TYPE_CHECKING:
+    from engine.config import Settings
+    from engine.processor import Processor
+    from engine.projection import Projection
+
+PROJECT = "flywheel"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+@hookspec
+def register_processors(register: Callable[[Processor], None], settings: Settings) -> None:
+    """Register event processors.
+
+    Called once when the engine starts. Call ``register(Processor(...))`` for each step the
+    plugin performs. Each processor gets its own durable JetStream consumer named after it,
+    so running more engine processes scales it out. The processor's ``handle`` receives one
+    validated event and returns the payloads of the events it produces; the engine derives
+    their ids from (input id, processor name, index), publishes them, and acks the input
+    only once they are stored.
+    """
+
+
+@hookspec
+def register_projections(register: Callable[[Projection], None], settings: Settings) -> None:
+    """Register read models folded from the log.
+
+    Called once when the engine starts (and by ``flywheel replay`` and ``status``). Each
+    projection is applied in stream order and stores the last sequence it applied in the same
+    SQLite transaction as its state, so it resumes exactly after a crash and can be rebuilt
+    from the log at any time.
+    """
+
+
+@hookspec
+def configure(settings: Settings) -> None:
+    """Called once with the loaded settings before anything is registered."""

@@ -1,0 +1,54 @@
+"""A processor: a pure step from one event to the events it causes."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from engine.config import Settings
+from schemas import CATALOGUE, Event, Payload, filter_subjects
+
+Outputs = Iterable[Payload] | None
+
+
+@dataclass
+class ProcessContext:
+    """What a handler may use besides its input: settings, a state folder, a logger."""
+
+    settings: Settings
+    state_dir: Path
+    log: logging.Logger
+    attempt: int = 1
+
+
+Handler = Callable[[Event[Any], ProcessContext], Outputs | Awaitable[Outputs]]
+
+
+@dataclass(frozen=True)
+class Processor:
+    """One step of the flywheel, consuming ``consumes`` on a durable consumer named ``name``."""
+
+    name: str
+    consumes: tuple[str, ...]
+    handle: Handler
+    description: str = ""
+    batch: int | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        if not self.name.replace("_", "").replace("-", "").isalnum():
+            raise ValueError(f"processor name {self.name!r}: letters, digits, '-' and '_' only")
+        unknown = [t for t in self.consumes if t not in CATALOGUE]
+        if unknown or not self.consumes:
+            raise ValueError(f"processor {self.name!r} consumes unknown event types {unknown}")
+        filter_subjects(self.consumes)  # raises when the types span both streams
+
+    @property
+    def stream(self) -> str:
+        return CATALOGUE[self.consumes[0]].stream
+
+    @property
+    def subjects(self) -> list[str]:
+        return filter_subjects(self.consumes)

@@ -1,0 +1,241 @@
+"""Projections: read models folded from the log, each in its own SQLite file.
+
+A projection stores the last stream sequence it applied in the same transaction as the
+state it folded (eventsourcing's tracking record), so:
+
+- after a crash it resumes from exactly where its last commit left it: no event is lost
+  or applied twice;
+- it can be rebuilt from the start of the stream, or up to a sequence or a time, into a
+  fresh file, and compared with the live one.
+
+The runner reads with an ephemeral, ack-less pull consumer starting at ``position + 1``; if
+the consumer vanishes (a NATS restart), it recreates it from the stored position.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import nats.errors
+import nats.js.errors
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+from engine.bus import Bus
+from schemas import CATALOGUE, Event, InvalidEvent, filter_subjects, parse_event
+
+log = logging.getLogger(__name__)
+
+
+class Projection:
+    """Base class for a read model. Subclasses set ``name``, ``consumes`` and ``tables``,
+    and implement ``apply``; bump ``version`` when the schema or the fold changes, and the
+    store is rebuilt from the log."""
+
+    name: str = ""
+    consumes: tuple[str, ...] = ()
+    version: int = 1
+    #: SQL run once when the store is created.
+    tables: str = ""
+
+    @property
+    def stream(self) -> str:
+        return CATALOGUE[self.consumes[0]].stream
+
+    @property
+    def subjects(self) -> list[str]:
+        return filter_subjects(self.consumes)
+
+    def apply(self, db: sqlite3.Connection, event: Event[Any], seq: int) -> None:
+        """Fold one event into the tables (inside the runner's transaction)."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class Position:
+    seq: int
+    applied: int
+    skipped: int
+    version: int
+
+
+class ProjectionStore:
+    """The SQLite file of one projection, with its tracking row."""
+
+    def __init__(self, projection: Projection, path: Path) -> None:
+        self.projection = projection
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.db = self._open()
+        pos = self.position()
+        if pos.version != projection.version and pos.seq > 0:
+            log.warning("projection %s changed version; rebuilding from the log", projection.name)
+            self.db.close()
+            self.path.unlink()
+            self.db = self._open()
+
+    def _open(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        db.executescript(
+            "CREATE TABLE IF NOT EXISTS _position (one INTEGER PRIMARY KEY CHECK (one = 1),"
+            " seq INTEGER NOT NULL, applied INTEGER NOT NULL, skipped INTEGER NOT NULL,"
+            " version INTEGER NOT NULL, updated TEXT NOT NULL DEFAULT CURRENT_TIMESTAMP)"
+        )
+        if self.projection.tables:
+            db.executescript(self.projection.tables)
+        db.execute(
+            "INSERT OR IGNORE INTO _position (one, seq, applied, skipped, version) VALUES (1, 0, 0, 0, ?)",
+            (self.projection.version,),
+        )
+        return db
+
+    def position(self) -> Position:
+        row = self.db.execute("SELECT seq, applied, skipped, version FROM _position").fetchone()
+        return Position(*row)
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.db
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+    def apply_batch(self, messages: list[tuple[int, bytes, datetime | None]]) -> int:
+        """Apply (sequence, data) pairs above the stored position in one transaction."""
+        pos = self.position()
+        seq, applied, skipped = pos.seq, 0, 0
+        with self.transaction() as db:
+            for msg_seq, data, _ in messages:
+                if msg_seq <= seq:
+                    continue  # already applied before a crash or a redelivery
+                try:
+                    event = parse_event(data)
+                except InvalidEvent:
+                    skipped += 1  # the processors reject it; a projection just skips it
+                else:
+                    if event.type in self.projection.consumes:
+                        self.projection.apply(db, event, msg_seq)
+                        applied += 1
+                seq = msg_seq
+            db.execute(
+                "UPDATE _position SET seq = ?, applied = applied + ?, skipped = skipped + ?,"
+                " version = ?, updated = CURRENT_TIMESTAMP",
+                (seq, applied, skipped, self.projection.version),
+            )
+        return seq
+
+    def close(self) -> None:
+        self.db.close()
+
+
+class ProjectionRunner:
+    """Keeps one projection up to date with its stream."""
+
+    def __init__(self, bus: Bus, projection: Projection, path: Path, batch: int = 1000) -> None:
+        self.bus = bus
+        self.projection = projection
+        self.store = ProjectionStore(projection, path)
+        self.batch = batch
+        self._sub: Any = None
+
+    @property
+    def stream_name(self) -> str:
+        return self.bus.streams.for_stream(self.projection.stream)
+
+    async def _subscribe(self, start_seq: int) -> Any:
+        config = ConsumerConfig(
+            ack_policy=AckPolicy.NONE,
+            deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+            opt_start_seq=max(start_seq, 1),
+            inactive_threshold=300.0,
+            mem_storage=True,
+        )
+        subjects = self.projection.subjects
+        if len(subjects) == 1:
+            config.filter_subject = subjects[0]
+        else:
+            config.filter_subjects = subjects
+        return await self.bus.js.pull_subscribe(
+            subjects[0], stream=self.stream_name, config=config, pending_msgs_limit=4 * self.batch
+        )
+
+    async def _drop_subscription(self) -> None:
+        if self._sub is not None:
+            try:
+                await self._sub.unsubscribe()
+            except (nats.errors.Error, asyncio.TimeoutError):
+                pass
+            self._sub = None
+
+    async def step(self, timeout: float = 1.0, until_seq: int | None = None,
+                   until_time: datetime | None = None) -> int:
+        """Fetch and apply one batch; return how many messages were read (0: none waiting)."""
+        if self._sub is None:
+            self._sub = await self._subscribe(self.store.position().seq + 1)
+        try:
+            msgs = await self._sub.fetch(self.batch, timeout=timeout)
+        except nats.errors.TimeoutError:
+            return 0
+        except (nats.errors.Error, nats.js.errors.Error, asyncio.TimeoutError) as exc:
+            log.info("projection %s: consumer lost (%s); resubscribing", self.projection.name, exc)
+            await self._drop_subscription()
+            await asyncio.sleep(0.2)
+            return 0
+        batch: list[tuple[int, bytes, datetime | None]] = []
+        for msg in msgs:
+            meta = msg.metadata
+            seq = meta.sequence.stream
+            if until_seq is not None and seq > until_seq:
+                break
+            if until_time is not None and meta.timestamp and meta.timestamp > until_time:
+                break
+            batch.append((seq, msg.data, meta.timestamp))
+        if batch:
+            self.store.apply_batch(batch)
+        return len(batch) if len(batch) == len(msgs) else -1
+
+    async def catch_up(self, until_seq: int | None = None, until_time: datetime | None = None) -> int:
+        """Apply everything up to the stream's current end (or a bound); return the position."""
+        target = await self.bus.last_sequence(self.projection.stream)
+        if until_seq is not None:
+            target = min(target, until_seq)
+        while self.store.position().seq < target:
+            n = await self.step(timeout=0.5, until_seq=target, until_time=until_time)
+            if n < 0:
+                break  # reached the time bound
+            if n == 0 and await self._nothing_pending():
+                break  # no more messages match the filter up to the target
+        await self._drop_subscription()
+        return self.store.position().seq
+
+    async def _nothing_pending(self) -> bool:
+        if self._sub is None:
+            return False
+        try:
+            info = await self._sub.consumer_info()
+        except (nats.errors.Error, nats.js.errors.Error, asyncio.TimeoutError):
+            return False
+        return int(info.num_pending) == 0 and int(info.num_ack_pending or 0) == 0
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Follow the stream until ``stop`` is set."""
+        try:
+            while not stop.is_set():
+                await self.step(timeout=1.0)
+        finally:
+            await self._drop_subscription()
+
+    def close(self) -> None:
+        self.store.close()

@@ -1,0 +1,194 @@
+"""The worker runtime: runs one processor on its durable pull consumer.
+
+For each fetched batch: validate every message, call the processor, publish what it
+produced (ids derived from input id + processor name + index, so a redelivery never
+duplicates), and ack each input only after its outputs are acked.
+
+- A message that does not validate becomes an ``event.rejected`` and is terminated.
+- A handler that raises is redelivered with exponential back-off (``nak`` with a delay,
+  so retries survive a crash); after ``max_attempts`` it is rejected and terminated.
+- ``stop`` lets the current batch finish (drain) before the worker returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import inspect
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import nats.errors
+import nats.js.errors
+from nats.aio.msg import Msg
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+from engine import telemetry
+from engine.bus import Bus, PublishFailed
+from engine.processor import ProcessContext, Processor
+from schemas import Event, EventRejected, InvalidEvent, derived_event, new_event, parse_event
+from schemas.ids import ID_PATTERN, derive_id, new_id
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class WorkerStats:
+    processed: int = 0
+    produced: int = 0
+    rejected: int = 0
+    retried: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+
+def rejection_event(
+    msg: Msg, stream_name: str, processor: str, reason: str, attempts: int, original_id: str | None
+) -> Event[Any]:
+    """An ``event.rejected`` whose id is derived from (stream, sequence, processor)."""
+    seq = msg.metadata.sequence.stream
+    data = EventRejected(
+        subject=msg.subject[:2000],
+        stream_name=stream_name,
+        sequence=seq,
+        processor=processor,
+        reason=reason[:10_000] or "unknown error",
+        attempts=attempts,
+        original_id=original_id[:200] if original_id else None,
+    )
+    if original_id and re.fullmatch(ID_PATTERN, original_id):
+        anchor = original_id
+    else:  # no usable id: anchor on the message's stored time, so the id stays deterministic
+        stamp = msg.metadata.timestamp
+        anchor = new_id(int(stamp.timestamp() * 1000) if stamp else 0)[:10] + "0" * 16
+    return new_event(
+        data,
+        source=processor,
+        event_id=derive_id(anchor, stream_name, seq, processor, "rejected"),
+        correlation_id=None,
+    )
+
+
+class ProcessorWorker:
+    """Consumes for one processor until stopped."""
+
+    def __init__(self, bus: Bus, processor: Processor, state_dir: Path) -> None:
+        self.bus = bus
+        self.processor = processor
+        self.cfg = bus.settings.worker
+        self.stats = WorkerStats()
+        self.ctx = ProcessContext(
+            settings=bus.settings,
+            state_dir=state_dir,
+            log=logging.getLogger(f"flywheel.{processor.name}"),
+        )
+        self.stream_name = bus.streams.for_stream(processor.stream)
+        self._sub: Any = None
+
+    def consumer_config(self) -> ConsumerConfig:
+        p = self.processor
+        config = ConsumerConfig(
+            durable_name=p.name,
+            name=p.name,
+            description=p.description or None,
+            ack_policy=AckPolicy.EXPLICIT,
+            deliver_policy=DeliverPolicy.ALL,
+            ack_wait=self.cfg.ack_wait_s,
+            max_deliver=-1,  # the worker decides when to give up, so it can record why
+            max_ack_pending=max(4 * (p.batch or self.cfg.batch), 1000),
+        )
+        if len(p.subjects) == 1:
+            config.filter_subject = p.subjects[0]
+        else:
+            config.filter_subjects = p.subjects
+        return config
+
+    async def subscribe(self) -> None:
+        await self.bus.js.add_consumer(self.stream_name, self.consumer_config())
+        self._sub = await self.bus.js.pull_subscribe_bind(
+            durable=self.processor.name, stream=self.stream_name
+        )
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Fetch and process batches until ``stop`` is set; the batch in hand is finished."""
+        batch = self.processor.batch or self.cfg.batch
+        while not stop.is_set():
+            try:
+                if self._sub is None:
+                    await self.subscribe()
+                msgs = await self._sub.fetch(batch, timeout=self.cfg.fetch_timeout_s)
+            except nats.errors.TimeoutError:
+                continue
+            except (nats.errors.Error, nats.js.errors.Error, asyncio.TimeoutError, OSError) as exc:
+                log.info("%s: fetch failed (%s); retrying", self.processor.name, exc)
+                self._sub = None
+                await asyncio.sleep(0.5)
+                continue
+            await self.process_batch(msgs)
+
+    async def process_batch(self, msgs: list[Msg]) -> None:
+        """Handle a batch; publish all outputs (pipelined), then ack the inputs."""
+        done: list[tuple[Msg, bool]] = []
+        outputs: list[Event[Any]] = []
+        for msg in msgs:
+            handled = await self._handle(msg)
+            if handled is None:
+                continue  # nak'd for a retry
+            produced, rejected = handled
+            outputs.extend(produced)
+            done.append((msg, rejected))
+        try:
+            await self.bus.publish_many(outputs)
+        except PublishFailed as exc:
+            log.error("%s: could not publish outputs (%s); inputs will be redelivered", self.processor.name, exc)
+            return
+        for msg, rejected in done:
+            # A rejected message is terminated (never redelivered) once its rejection is stored.
+            await (self._term(msg) if rejected else msg.ack())
+        self.stats.produced += len(outputs)
+
+    async def _handle(self, msg: Msg) -> tuple[list[Event[Any]], bool] | None:
+        """(outputs, rejected?) for one message, or None when it was nak'd for a retry."""
+        name = self.processor.name
+        attempts = int(msg.metadata.num_delivered or 1)
+        msg_id = (msg.headers or {}).get("Nats-Msg-Id")
+        try:
+            event = parse_event(msg.data)
+            if event.subject != msg.subject:
+                raise InvalidEvent(f"type: {event.type!r} published on subject {msg.subject!r}")
+        except InvalidEvent as exc:
+            self.stats.rejected += 1
+            return [rejection_event(msg, self.stream_name, name, exc.reason, attempts, msg_id)], True
+        self.ctx.attempt = attempts
+        try:
+            with telemetry.span_from_headers(
+                f"process {name}", msg.headers, **{"flywheel.event_type": event.type, "flywheel.event_id": event.id}
+            ):
+                result = self.processor.handle(event, self.ctx)
+                if inspect.isawaitable(result):
+                    result = await result
+                payloads = list(result or ())
+                produced = [
+                    derived_event(p, cause=event, source=name, index=i) for i, p in enumerate(payloads)
+                ]
+        except Exception as exc:  # a plugin may raise anything; it must not stop the worker
+            if attempts < self.cfg.max_attempts:
+                delay = min(self.cfg.backoff_s * 2 ** (attempts - 1), self.cfg.max_backoff_s)
+                log.warning("%s failed on %s (attempt %d): %r; retry in %.1fs", name, event.id, attempts, exc, delay)
+                self.stats.retried += 1
+                await msg.nak(delay=delay)
+                return None
+            self.stats.rejected += 1
+            reason = f"{name} raised {type(exc).__name__}: {exc} (after {attempts} attempts)"
+            return [rejection_event(msg, self.stream_name, name, reason, attempts, event.id)], True
+        self.stats.processed += 1
+        return produced, False
+
+    @staticmethod
+    async def _term(msg: Msg) -> None:
+        try:
+            await msg.term()
+        except nats.errors.Error:
+            pass

@@ -1,0 +1,382 @@
+"""The event catalogue: one payload class per event type (see shared/design.md).
+
+Agents publish the three intake events (``interaction.recorded``, ``feedback.given``,
+``outcome.observed``) on the raw stream, which has a short retention; everything derived
+from them lives on the log. Text fields are bounded so one runaway agent cannot fill the
+log; a value over a bound is rejected with a message naming the field.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+
+from schemas.envelope import EventId, Payload, Stream
+
+__all__ = [
+    "Part",
+    "GitContext",
+    "Context",
+    "ToolCall",
+    "Tokens",
+    "InteractionRecorded",
+    "FeedbackGiven",
+    "OutcomeObserved",
+    "Findings",
+    "InteractionAnonymized",
+    "FeedbackAnonymized",
+    "OutcomeAnonymized",
+    "QualityAssessed",
+    "TrainingRequested",
+    "BalanceRow",
+    "DatasetBuilt",
+    "TrainingStarted",
+    "TrainingProgressed",
+    "TrainingCompleted",
+    "TrainingFailed",
+    "EvaluationCompleted",
+    "DeploymentCompleted",
+    "DeploymentFailed",
+    "DeploymentRolledBack",
+    "DriftDetected",
+    "EventRejected",
+]
+
+Text = Annotated[str, StringConstraints(max_length=200_000)]
+ShortText = Annotated[str, StringConstraints(max_length=2_000)]
+Name = Annotated[str, StringConstraints(min_length=1, max_length=200)]
+Role = Annotated[
+    str,
+    StringConstraints(pattern=r"^[a-z][a-z0-9_-]{0,31}$"),
+    Field(description="the agent role: coder, fixer, judge, tester, reviewer, ..."),
+]
+Hash = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{16,64}$")]
+Score = Annotated[float, Field(ge=0.0, le=1.0)]
+Count = Annotated[int, Field(ge=0)]
+Scalar = float | int | str | bool | None
+Complexity = Literal["simple", "moderate", "complex", "expert"]
+
+
+class Part(BaseModel):
+    """A strict, immutable piece of a payload."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --------------------------------------------------------------------------- intake
+
+
+class GitContext(Part):
+    repo: ShortText | None = None
+    branch: ShortText | None = None
+    commit: ShortText | None = None
+
+
+class Context(Part):
+    """Where the interaction happened."""
+
+    project: ShortText | None = None
+    language: ShortText | None = None
+    files: list[ShortText] = Field(default_factory=list, max_length=200)
+    git: GitContext | None = None
+    build: ShortText | None = None
+    tests: Text | None = Field(default=None, description="test code the answer must pass, if any")
+    extra: Text | None = Field(default=None, description="any other context the agent saw")
+
+
+class ToolCall(Part):
+    name: Name
+    arguments: Text = ""
+    output: Text = ""
+    duration_ms: Annotated[float, Field(ge=0)] | None = None
+
+
+class Tokens(Part):
+    prompt: Count = 0
+    completion: Count = 0
+
+
+class InteractionRecorded(Payload):
+    """One turn of a coding agent: what it was asked, what it answered, and its context."""
+
+    event_type: ClassVar[str] = "interaction.recorded"
+    stream: ClassVar[Stream] = "raw"
+
+    session_id: Name
+    user_id: Name | None = None
+    role: Role
+    model_id: Name
+    prompt_variant: Name | None = None
+    input: Text
+    output: Text
+    context: Context = Field(default_factory=Context)
+    tool_calls: list[ToolCall] = Field(default_factory=list, max_length=500)
+    duration_ms: Annotated[float, Field(ge=0)] | None = None
+    tokens: Tokens = Field(default_factory=Tokens)
+    cost_usd: Annotated[float, Field(ge=0)] | None = None
+    complexity: Complexity | None = None
+    domain: Name | None = None
+
+
+class FeedbackGiven(Payload):
+    """What the human (or the agent on its behalf) said or did about an interaction."""
+
+    event_type: ClassVar[str] = "feedback.given"
+    stream: ClassVar[Stream] = "raw"
+
+    interaction_id: EventId
+    rating: Annotated[int, Field(ge=1, le=5)] | None = None
+    thumbs: Literal["up", "down"] | None = None
+    comment: Text | None = None
+    correction: Text | None = Field(default=None, description="the corrected output")
+    implicit: Literal["accepted", "modified", "rejected", "abandoned"] | None = None
+    final_version: Text | None = None
+    time_to_accept_s: Annotated[float, Field(ge=0)] | None = None
+
+
+class OutcomeObserved(Payload):
+    """What happened when the answer met reality: build, tests, linters, deployment."""
+
+    event_type: ClassVar[str] = "outcome.observed"
+    stream: ClassVar[Stream] = "raw"
+
+    interaction_id: EventId
+    compiles: bool | None = None
+    tests_passed: Count | None = None
+    tests_failed: Count | None = None
+    lint_errors: Count | None = None
+    type_errors: Count | None = None
+    runtime_errors: Count | None = None
+    deployed: bool | None = None
+    errors: list[Text] = Field(default_factory=list, max_length=100)
+
+
+# --------------------------------------------------------------------------- scrubbed
+
+
+class Findings(Part):
+    """What an anonymizer replaced: kinds and counts, never the values."""
+
+    counts: dict[Name, Count] = Field(default_factory=dict)
+    anonymizers: dict[Name, Name] = Field(
+        default_factory=dict, description="anonymizer name -> version"
+    )
+
+
+class InteractionAnonymized(Payload):
+    """An interaction with PII and secrets replaced by typed placeholders; ids keyed-hashed."""
+
+    event_type: ClassVar[str] = "interaction.anonymized"
+
+    interaction_id: EventId
+    interaction: InteractionRecorded
+    findings: Findings = Field(default_factory=Findings)
+
+
+class FeedbackAnonymized(Payload):
+    """Feedback with its free text (comment, correction, final version) scrubbed."""
+
+    event_type: ClassVar[str] = "feedback.anonymized"
+
+    feedback_id: EventId
+    feedback: FeedbackGiven
+    findings: Findings = Field(default_factory=Findings)
+
+
+class OutcomeAnonymized(Payload):
+    """An outcome with its error messages scrubbed."""
+
+    event_type: ClassVar[str] = "outcome.anonymized"
+
+    outcome_id: EventId
+    outcome: OutcomeObserved
+    findings: Findings = Field(default_factory=Findings)
+
+
+# --------------------------------------------------------------------------- scores
+
+
+class QualityAssessed(Payload):
+    """The current score of one interaction; re-emitted whenever its evidence changes."""
+
+    event_type: ClassVar[str] = "quality.assessed"
+
+    interaction_id: EventId
+    role: Role
+    scores: dict[Name, Score] = Field(description="per-dimension scores in [0, 1]")
+    reward: Score
+    confidence: Score
+    assessors: dict[Name, Name] = Field(default_factory=dict, description="name -> version")
+    evidence: list[EventId] = Field(default_factory=list, description="events the score used")
+    fallbacks: list[Name] = Field(default_factory=list, description="assessors that fell back")
+
+
+# --------------------------------------------------------------------------- training
+
+
+class TrainingRequested(Payload):
+    """A trigger decided that a role should be trained, and why."""
+
+    event_type: ClassVar[str] = "training.requested"
+
+    role: Role
+    reason: Literal["volume", "quality", "schedule", "drift", "manual"]
+    log_position: Count = Field(description="the last log sequence the request covers")
+    examples: Count = 0
+    detail: ShortText = ""
+
+
+class BalanceRow(Part):
+    role: Role
+    domain: Name
+    complexity: Name
+    available: Count
+    kept: Count
+
+
+class DatasetBuilt(Payload):
+    """A content-addressed dataset and where it came from."""
+
+    event_type: ClassVar[str] = "dataset.built"
+
+    role: Role
+    dataset_hash: Hash
+    request_id: EventId | None = None
+    sizes: dict[Name, Count]
+    balance: list[BalanceRow] = Field(default_factory=list)
+    rehearsal_share: Score = 0.0
+    lineage: list[EventId] = Field(default_factory=list)
+    path: ShortText
+
+
+class TrainingStarted(Payload):
+    event_type: ClassVar[str] = "training.started"
+
+    run_id: Name
+    role: Role
+    dataset_hash: Hash
+    base_model: ShortText
+    method: Literal["sft", "dpo"] = "sft"
+    hyperparameters: dict[Name, Scalar] = Field(default_factory=dict)
+
+
+class TrainingProgressed(Payload):
+    event_type: ClassVar[str] = "training.progressed"
+
+    run_id: Name
+    step: Count
+    total_steps: Count
+    epoch: Annotated[float, Field(ge=0)] = 0.0
+    loss: float | None = None
+    val_loss: float | None = None
+    tokens_per_s: Annotated[float, Field(ge=0)] | None = None
+    elapsed_s: Annotated[float, Field(ge=0)] = 0.0
+
+
+class TrainingCompleted(Payload):
+    event_type: ClassVar[str] = "training.completed"
+
+    run_id: Name
+    role: Role
+    adapter_hash: Hash
+    path: ShortText
+    base_model: ShortText
+    train_loss: float | None = None
+    val_loss: float | None = None
+    tokens_per_s: Annotated[float, Field(ge=0)] | None = None
+    duration_s: Annotated[float, Field(ge=0)] = 0.0
+    steps: Count = 0
+
+
+class TrainingFailed(Payload):
+    event_type: ClassVar[str] = "training.failed"
+
+    run_id: Name
+    role: Role
+    reason: ShortText
+    error: Text = ""
+
+
+class EvaluationCompleted(Payload):
+    """The gate's verdict on a candidate adapter against the model in service."""
+
+    event_type: ClassVar[str] = "evaluation.completed"
+
+    run_id: Name
+    role: Role
+    adapter_hash: Hash | None = None
+    candidate: dict[Name, Scalar] = Field(default_factory=dict)
+    baseline: dict[Name, Scalar] = Field(default_factory=dict)
+    passed: bool
+    reasons: list[ShortText] = Field(default_factory=list)
+
+
+# --------------------------------------------------------------------------- serving
+
+
+class DeploymentCompleted(Payload):
+    event_type: ClassVar[str] = "deployment.completed"
+
+    role: Role
+    runtime: Name
+    model_name: Name
+    adapter_hash: Hash | None = None
+    evaluation_id: EventId | None = None
+    traffic_share: Score = 1.0
+
+
+class DeploymentFailed(Payload):
+    event_type: ClassVar[str] = "deployment.failed"
+
+    role: Role
+    runtime: Name
+    adapter_hash: Hash | None = None
+    reason: ShortText
+
+
+class DeploymentRolledBack(Payload):
+    event_type: ClassVar[str] = "deployment.rolled_back"
+
+    role: Role
+    runtime: Name
+    from_adapter: Hash | None = None
+    to_adapter: Hash | None = None
+    reason: ShortText
+
+
+class DriftDetected(Payload):
+    event_type: ClassVar[str] = "drift.detected"
+
+    role: Role
+    metric: Name
+    window: Count
+    baseline_value: float
+    current_value: float
+    drop: float
+    p_value: Score | None = None
+    evidence: list[EventId] = Field(default_factory=list)
+
+
+# --------------------------------------------------------------------------- runtime
+
+
+class EventRejected(Payload):
+    """A message that could not be processed; the original stays where it was."""
+
+    event_type: ClassVar[str] = "event.rejected"
+
+    subject: ShortText
+    stream_name: Name
+    sequence: Count
+    processor: Name
+    reason: Text
+    attempts: Count = 1
+    original_id: ShortText | None = None
+
+    @field_validator("reason")
+    @classmethod
+    def _reason_not_empty(cls, reason: str) -> str:
+        if not reason.strip():
+            raise ValueError("a rejection needs a reason")
+        return reason
