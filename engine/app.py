@@ -43,7 +43,10 @@ class Engine:
         processors: list[Processor] = [p for p in self.host.processors() if self._selected(p.name)]
         projections: list[Projection] = [p for p in self.host.projections() if self._selected(p.name)]
         state = self.settings.state_dir
-        self.workers = [ProcessorWorker(self.bus, p, state / "processors" / p.name) for p in processors]
+        hooks = self.host.pm.hook
+        self.workers = [
+            ProcessorWorker(self.bus, p, state / "processors" / p.name, hooks) for p in processors
+        ]
         self.runners = [
             ProjectionRunner(self.bus, p, projection_path(self.settings, p)) for p in projections
         ]

@@ -110,8 +110,9 @@ async def _quiet(exc: Exception) -> None:
 class Bus:
     """A connected client with JetStream, the stream names and publish helpers."""
 
-    def __init__(self, nc: Client, settings: Settings) -> None:
+    def __init__(self, nc: Client, settings: Settings, url: str = "") -> None:
         self.nc = nc
+        self.url = url
         self.js: JetStreamContext = nc.jetstream(timeout=settings.nats.publish_timeout_s)
         self.settings = settings
         self.streams = StreamNames.from_config(settings.streams)
@@ -143,7 +144,7 @@ class Bus:
         except (OSError, nats.errors.Error, asyncio.TimeoutError) as exc:
             reason = str(exc) or f"no answer within {cfg.connect_timeout_s:g}s"
             raise BusUnavailable(f"cannot reach NATS at {url}: {reason}") from None
-        return cls(nc, settings)
+        return cls(nc, settings, url)
 
     async def ensure_streams(self) -> None:
         """Create the streams, or bring an existing one up to the configured settings."""

@@ -91,6 +91,113 @@ class TelemetryConfig(Section):
     otlp_endpoint: str | None = None
 
 
+#: The reference design's weights; a configured set for an assessor replaces its defaults.
+DEFAULT_DIMENSION_WEIGHTS: dict[str, dict[str, float]] = {
+    "outcome_reward": {"compile": 0.25, "tests": 0.25, "errors": 0.25, "human": 0.25},
+    "quality_dimensions": {
+        "satisfaction": 0.30,
+        "correctness": 0.25,
+        "code_quality": 0.20,
+        "relevance": 0.15,
+        "efficiency": 0.10,
+    },
+}
+DEFAULT_ASSESSOR_WEIGHTS: dict[str, float] = {"outcome_reward": 0.5, "quality_dimensions": 0.5}
+
+
+class AssessmentConfig(Section):
+    """How assessors' scores combine into one reward, and how long each may take.
+
+    Assessors are named by their plugin name. An assessor missing from ``assessor_weights``
+    is recorded in ``quality.assessed`` but does not move the reward (installing a plugin
+    never silently changes rewards). Configured weight sets are merged over the defaults,
+    assessor by assessor; set a weight to 0 to drop a dimension.
+    """
+
+    assessor_weights: dict[str, float] = Field(
+        default_factory=lambda: dict(DEFAULT_ASSESSOR_WEIGHTS),
+        description="assessor -> its share of the overall reward",
+    )
+    dimension_weights: dict[str, dict[str, float]] = Field(
+        default_factory=lambda: {k: dict(v) for k, v in DEFAULT_DIMENSION_WEIGHTS.items()},
+        description="assessor -> dimension -> weight within that assessor's score",
+    )
+    budget_ms: float = Field(default=5.0, gt=0, description="time one assessor may take per interaction")
+    budgets_ms: dict[str, float] = Field(
+        default_factory=lambda: {"ruff_lint": 500.0},
+        description="per-assessor budgets that replace budget_ms (slow, opt-in assessors)",
+    )
+    disabled: list[str] = Field(
+        default_factory=lambda: ["ruff_lint"],
+        description="installed assessors not run (ruff_lint runs a subprocess: over 5 ms)",
+    )
+    breaker_failures: int = Field(
+        default=3, ge=1, description="consecutive failures or overruns that open an assessor's breaker"
+    )
+    breaker_reset_s: float = Field(
+        default=30.0, gt=0, description="how long an open breaker skips its assessor before one trial call"
+    )
+
+    @field_validator("assessor_weights", "budgets_ms")
+    @classmethod
+    def _non_negative(cls, value: dict[str, float]) -> dict[str, float]:
+        bad = {k: v for k, v in value.items() if v < 0}
+        if bad:
+            raise ValueError(f"weights and budgets must be >= 0, got {bad}")
+        return value
+
+    @field_validator("assessor_weights")
+    @classmethod
+    def _merge_assessors(cls, value: dict[str, float]) -> dict[str, float]:
+        return {**DEFAULT_ASSESSOR_WEIGHTS, **value}
+
+    @field_validator("dimension_weights")
+    @classmethod
+    def _merge_dimensions(cls, value: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+        merged = {k: dict(v) for k, v in DEFAULT_DIMENSION_WEIGHTS.items()}
+        for assessor, weights in value.items():
+            if any(w < 0 for w in weights.values()) or not sum(weights.values()) > 0:
+                raise ValueError(f"{assessor}: weights must be >= 0 and not all 0, got {weights}")
+            merged[assessor] = dict(weights)
+        return merged
+
+
+class ModelArm(Section):
+    """A model the router may choose: what a token costs and the hardest task it handles."""
+
+    name: str = Field(min_length=1, max_length=200)
+    cost_per_token: float = Field(ge=0, description="USD per token")
+    max_complexity: Literal["simple", "moderate", "complex", "expert"] = "expert"
+
+
+class BanditConfig(Section):
+    """Prompt-variant selection and model routing, learned from ``quality.assessed`` rewards."""
+
+    policy: Literal["thompson", "epsilon_greedy"] = "thompson"
+    epsilon: float = Field(default=0.1, ge=0, le=1, description="exploration rate of epsilon_greedy")
+    seed: int | None = Field(default=None, description="fix the selector's random choices (tests, replays)")
+    prompt_variants: dict[str, list[str]] = Field(
+        default_factory=dict, description="role -> the prompt variant ids to choose from"
+    )
+    models: list[ModelArm] = Field(default_factory=list)
+
+    @field_validator("prompt_variants")
+    @classmethod
+    def _variants(cls, value: dict[str, list[str]]) -> dict[str, list[str]]:
+        for role, variants in value.items():
+            if not variants or len(set(variants)) != len(variants) or not all(variants):
+                raise ValueError(f"{role}: a non-empty list of distinct, non-empty variant ids")
+        return value
+
+    @field_validator("models")
+    @classmethod
+    def _distinct_models(cls, value: list[ModelArm]) -> list[ModelArm]:
+        names = [m.name for m in value]
+        if len(set(names)) != len(names):
+            raise ValueError(f"model names must be distinct, got {names}")
+        return value
+
+
 class Settings(BaseSettings):
     """Everything Flywheel can be told."""
 
@@ -107,6 +214,8 @@ class Settings(BaseSettings):
     worker: WorkerConfig = Field(default_factory=WorkerConfig)
     plugins: PluginsConfig = Field(default_factory=PluginsConfig)
     telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
+    assessment: AssessmentConfig = Field(default_factory=AssessmentConfig)
+    bandit: BanditConfig = Field(default_factory=BanditConfig)
 
     @classmethod
     def settings_customise_sources(

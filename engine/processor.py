@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pluggy
+
 from engine.config import Settings
 from schemas import CATALOGUE, Event, Payload, filter_subjects
 
@@ -16,12 +18,14 @@ Outputs = Iterable[Payload] | None
 
 @dataclass
 class ProcessContext:
-    """What a handler may use besides its input: settings, a state folder, a logger."""
+    """What a handler may use besides its input: settings, a state folder, a logger, and the
+    plugin host's hooks (so a processor can call a hook every plugin implements, e.g. ``assess``)."""
 
     settings: Settings
     state_dir: Path
     log: logging.Logger
     attempt: int = 1
+    hooks: pluggy.HookRelay | None = None
 
 
 Handler = Callable[[Event[Any], ProcessContext], Outputs | Awaitable[Outputs]]

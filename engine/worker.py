@@ -23,6 +23,7 @@ from typing import Any
 
 import nats.errors
 import nats.js.errors
+import pluggy
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
@@ -74,7 +75,9 @@ def rejection_event(
 class ProcessorWorker:
     """Consumes for one processor until stopped."""
 
-    def __init__(self, bus: Bus, processor: Processor, state_dir: Path) -> None:
+    def __init__(
+        self, bus: Bus, processor: Processor, state_dir: Path, hooks: pluggy.HookRelay | None = None
+    ) -> None:
         self.bus = bus
         self.processor = processor
         self.cfg = bus.settings.worker
@@ -83,6 +86,7 @@ class ProcessorWorker:
             settings=bus.settings,
             state_dir=state_dir,
             log=logging.getLogger(f"flywheel.{processor.name}"),
+            hooks=hooks,
         )
         self.stream_name = bus.streams.for_stream(processor.stream)
         self._sub: Any = None

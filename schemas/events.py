@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_vali
 from schemas.envelope import EventId, Payload, Stream
 
 __all__ = [
+    "ArmSelected",
     "Part",
     "GitContext",
     "Context",
@@ -204,12 +205,32 @@ class QualityAssessed(Payload):
 
     interaction_id: EventId
     role: Role
+    model_id: Name | None = None
+    prompt_variant: Name | None = None
+    complexity: Complexity | None = None
+    domain: Name | None = None
+    cost_usd: Annotated[float, Field(ge=0)] | None = None
+    duration_ms: Annotated[float, Field(ge=0)] | None = None
     scores: dict[Name, Score] = Field(description="per-dimension scores in [0, 1]")
     reward: Score
     confidence: Score
     assessors: dict[Name, Name] = Field(default_factory=dict, description="name -> version")
     evidence: list[EventId] = Field(default_factory=list, description="events the score used")
     fallbacks: list[Name] = Field(default_factory=list, description="assessors that fell back")
+
+
+class ArmSelected(Payload):
+    """A bandit chose a prompt variant or a model for a role; rewards are credited to it."""
+
+    event_type: ClassVar[str] = "arm.selected"
+
+    role: Role
+    decision: Literal["prompt_variant", "model"]
+    arm: Name
+    policy: Name
+    candidates: list[Name] = Field(default_factory=list)
+    complexity: Complexity | None = None
+    max_cost_per_token: Annotated[float, Field(ge=0)] | None = None
 
 
 # --------------------------------------------------------------------------- training

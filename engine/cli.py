@@ -1,0 +1,392 @@
+"""The ``flywheel`` command line (typer for commands, rich for output)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import orjson
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from engine.app import Engine, projection_path
+from engine.bus import Bus, BusUnavailable, PublishFailed
+from engine.config import ConfigError, Settings, load_settings
+from engine.connection import open_bus, running_embedded_url, start_embedded
+from engine.embedded import EmbeddedServerError
+from engine.plugin_host import PluginError, PluginHost
+from engine.recorder import events_from_jsonl
+from engine.replay import differences, rebuild
+from schemas import InvalidEvent, new_id, parse_event
+
+app = typer.Typer(help="Flywheel: a continuous-learning engine for coding agents.", no_args_is_help=True)
+config_app = typer.Typer(help="Inspect the configuration.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+console = Console()
+err = Console(stderr=True)
+T = TypeVar("T")
+
+
+def _settings() -> Settings:
+    try:
+        return load_settings()
+    except ConfigError as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+
+
+def _run(coro: Callable[[], Awaitable[T]]) -> T:
+    """Run a command's coroutine; turn the errors a user can fix into one clear line."""
+    try:
+        return asyncio.run(coro())  # type: ignore[arg-type]
+    except (BusUnavailable, PublishFailed, EmbeddedServerError, ConfigError, PluginError) as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+
+
+# --------------------------------------------------------------------------- up
+
+
+@app.command()
+def up(
+    only: Annotated[list[str] | None, typer.Option(help="run only these processors/projections")] = None,
+    duration: Annotated[float | None, typer.Option(help="stop after this many seconds")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Run the engine: every enabled plugin; an embedded NATS when no URL is configured."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+    settings = _settings()
+
+    async def main() -> None:
+        from engine import telemetry
+
+        telemetry.configure(settings.telemetry)
+        server = None
+        url = settings.nats.url or running_embedded_url(settings)
+        if url is None:
+            server = start_embedded(settings)
+            url = server.url
+        try:
+            bus = await Bus.connect(settings, url)
+            await bus.ensure_streams()
+            engine = Engine(bus, PluginHost(settings), only=set(only) if only else None)
+            engine.prepare()
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, stop.set)
+            if duration:
+                loop.call_later(duration, stop.set)
+            console.print(
+                f"[bold]flywheel up[/bold] on {url}{' (embedded)' if server else ''}: "
+                f"{len(engine.workers)} processors "
+                f"({', '.join(w.processor.name for w in engine.workers) or '-'}), "
+                f"{len(engine.runners)} projections "
+                f"({', '.join(r.projection.name for r in engine.runners) or '-'}). Ctrl-C stops."
+            )
+            await engine.run(stop)
+            await bus.close()
+            console.print("stopped: in-flight work drained")
+        finally:
+            if server is not None:
+                server.stop()
+
+    _run(main)
+
+
+# --------------------------------------------------------------------------- record
+
+
+@app.command()
+def record(
+    file: Annotated[str, typer.Argument(help="a JSON event, a JSON array, or JSON lines; - for stdin")] = "-",
+) -> None:
+    """Validate events and publish them. Missing id, time and source are filled in."""
+    settings = _settings()
+    data = sys.stdin.buffer.read() if file == "-" else Path(file).read_bytes()
+    try:
+        raws = events_from_jsonl(data)
+    except orjson.JSONDecodeError as exc:
+        err.print(f"[red]error:[/red] {file}: not JSON: {exc}")
+        raise typer.Exit(2) from None
+    events, problems = [], []
+    for i, raw in enumerate(raws, 1):
+        if isinstance(raw, dict):
+            raw.setdefault("id", new_id())
+            raw.setdefault("time", datetime.now().astimezone().isoformat())
+            raw.setdefault("source", "cli")
+            if "schema_version" not in raw and isinstance(raw.get("type"), str):
+                raw["schema_version"] = 1
+        try:
+            events.append(parse_event(raw))
+        except InvalidEvent as exc:
+            problems.append(f"event {i}: {exc.reason}")
+    if problems:
+        for p in problems:
+            err.print(f"[red]invalid[/red] {p}")
+        err.print("nothing was published")
+        raise typer.Exit(1)
+
+    async def main() -> None:
+        async with open_bus(settings) as bus:
+            await bus.publish_many(events)
+
+    _run(main)
+    for e in events:
+        console.print(f"recorded {e.type} {e.id}")
+
+
+# --------------------------------------------------------------------------- events
+
+
+def _event_row(seq: int, event: Any) -> list[str]:
+    data = event.data
+    role = getattr(data, "role", None) or getattr(getattr(data, "interaction", None), "role", None) or ""
+    summary = orjson.dumps(data.model_dump(mode="json")).decode()
+    return [str(seq), event.time.strftime("%Y-%m-%d %H:%M:%S"), event.type, role, event.source,
+            event.correlation_id or "", summary[:80]]
+
+
+@app.command()
+def events(
+    type: Annotated[list[str] | None, typer.Option("--type", "-t", help="event type(s)")] = None,
+    role: Annotated[str | None, typer.Option(help="only events of this role")] = None,
+    correlation: Annotated[str | None, typer.Option(help="only this interaction or run")] = None,
+    stream: Annotated[str, typer.Option(help="log or raw")] = "log",
+    last: Annotated[int, typer.Option(help="show the last N matching events")] = 50,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="keep printing new events")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON event per line")] = False,
+) -> None:
+    """List or follow the log, filtered by type, role or correlation id."""
+    settings = _settings()
+    if stream not in ("log", "raw"):
+        err.print("[red]error:[/red] --stream is log or raw")
+        raise typer.Exit(2)
+
+    def keep(event: Any) -> bool:
+        if correlation and correlation not in (event.correlation_id, event.id):
+            return False
+        if role:
+            data = event.data
+            r = getattr(data, "role", None) or getattr(getattr(data, "interaction", None), "role", None)
+            return bool(r == role)
+        return True
+
+    async def main() -> None:
+        async with open_bus(settings) as bus:
+            subjects = [f"fw.{stream}.{t}" for t in type] if type else [f"fw.{stream}.>"]
+            rows: list[tuple[int, Any]] = []
+            last_seq = await bus.last_sequence(stream)
+            for subject in subjects:
+                sub = await bus.js.subscribe(subject, ordered_consumer=True, stream=bus.streams.for_stream(stream))
+                try:
+                    while True:
+                        try:
+                            msg = await sub.next_msg(timeout=0.5)
+                        except Exception:
+                            break
+                        seq = msg.metadata.sequence.stream
+                        try:
+                            ev = parse_event(msg.data)
+                        except InvalidEvent:
+                            continue
+                        if keep(ev):
+                            rows.append((seq, ev))
+                        if seq >= last_seq:
+                            break
+                finally:
+                    await sub.unsubscribe()
+            rows.sort(key=lambda r: r[0])
+            rows = rows[-last:]
+            _print_events(rows, as_json)
+            if follow:
+                subs = [await bus.js.subscribe(s, ordered_consumer=True, deliver_policy=_new()) for s in subjects]
+                while True:
+                    for sub in subs:
+                        try:
+                            msg = await sub.next_msg(timeout=0.2)
+                        except Exception:
+                            continue
+                        try:
+                            ev = parse_event(msg.data)
+                        except InvalidEvent:
+                            continue
+                        if keep(ev):
+                            _print_events([(msg.metadata.sequence.stream, ev)], as_json, header=False)
+
+    try:
+        _run(main)
+    except KeyboardInterrupt:
+        pass
+
+
+def _new() -> Any:
+    from nats.js.api import DeliverPolicy
+
+    return DeliverPolicy.NEW
+
+
+def _print_events(rows: list[tuple[int, Any]], as_json: bool, header: bool = True) -> None:
+    if as_json:
+        for _, ev in rows:
+            sys.stdout.write(ev.to_bytes().decode() + "\n")
+        sys.stdout.flush()
+        return
+    table = Table("seq", "time", "type", "role", "source", "correlation", "data", show_header=header)
+    for seq, ev in rows:
+        table.add_row(*_event_row(seq, ev))
+    console.print(table)
+
+
+# --------------------------------------------------------------------------- status
+
+
+async def collect_status(bus: Bus, settings: Settings) -> dict[str, Any]:
+    """Streams, consumer lag, projection positions and the rejected count, as a dict."""
+    out: dict[str, Any] = {"streams": [], "consumers": [], "projections": [], "rejected": 0}
+    for stream in (bus.streams.raw, bus.streams.log):
+        info = await bus.js.stream_info(stream)
+        out["streams"].append({
+            "name": stream, "messages": info.state.messages, "bytes": info.state.bytes,
+            "first_seq": info.state.first_seq, "last_seq": info.state.last_seq,
+            "max_age_days": (info.config.max_age or 0) / 86400,
+        })
+        for c in await bus.js.consumers_info(stream):
+            if not c.config.durable_name:
+                continue
+            out["consumers"].append({
+                "name": c.name, "stream": stream, "lag": c.num_pending,
+                "ack_pending": c.num_ack_pending, "redelivered": c.num_redelivered,
+            })
+    rejected = await bus.js.stream_info(bus.streams.log, subjects_filter="fw.log.event.rejected")
+    out["rejected"] = sum((rejected.state.subjects or {}).values())
+    host = PluginHost(settings)
+    for projection in host.projections():
+        path = projection_path(settings, projection)
+        if not path.exists():
+            out["projections"].append({"name": projection.name, "seq": 0, "applied": 0, "skipped": 0})
+            continue
+        import sqlite3
+
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            seq, applied, skipped = db.execute("SELECT seq, applied, skipped FROM _position").fetchone()
+        finally:
+            db.close()
+        out["projections"].append({"name": projection.name, "seq": seq, "applied": applied, "skipped": skipped})
+    return out
+
+
+@app.command()
+def status(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Streams, consumer lag, projection positions, rejected events."""
+    settings = _settings()
+
+    async def main() -> dict[str, Any]:
+        async with open_bus(settings) as bus:
+            return await collect_status(bus, settings)
+
+    st = _run(main)
+    if as_json:
+        sys.stdout.write(orjson.dumps(st).decode() + "\n")
+        return
+    t = Table("stream", "messages", "bytes", "first", "last", "max age (days)", title="streams")
+    for s in st["streams"]:
+        age = f"{s['max_age_days']:g}" if s["max_age_days"] else "forever"
+        t.add_row(s["name"], str(s["messages"]), str(s["bytes"]), str(s["first_seq"]), str(s["last_seq"]), age)
+    console.print(t)
+    t = Table("consumer", "stream", "lag", "ack pending", "redelivered", title="processors")
+    for c in st["consumers"]:
+        t.add_row(c["name"], c["stream"], str(c["lag"]), str(c["ack_pending"]), str(c["redelivered"]))
+    console.print(t)
+    t = Table("projection", "position", "applied", "skipped", title="projections")
+    for p in st["projections"]:
+        t.add_row(p["name"], str(p["seq"]), str(p["applied"]), str(p["skipped"]))
+    console.print(t)
+    console.print(f"rejected events: [bold]{st['rejected']}[/bold]")
+
+
+# --------------------------------------------------------------------------- replay
+
+
+@app.command()
+def replay(
+    projection: Annotated[str, typer.Option(help="the projection to rebuild")],
+    until: Annotated[int | None, typer.Option(help="stop at this log sequence")] = None,
+    until_time: Annotated[datetime | None, typer.Option(help="stop at this time (ISO 8601)")] = None,
+    compare: Annotated[bool, typer.Option(help="compare with the live projection")] = False,
+) -> None:
+    """Rebuild a projection from the log into a fresh file (and compare it with the live one)."""
+    settings = _settings()
+    host = PluginHost(settings)
+    found = {p.name: p for p in host.projections()}
+    if projection not in found:
+        err.print(f"[red]error:[/red] no projection {projection!r}; known: {', '.join(sorted(found))}")
+        raise typer.Exit(2)
+    proj = found[projection]
+    when = until_time.astimezone() if until_time else None
+    target = settings.state_dir / "replays" / f"{projection}-{until or 'end'}.sqlite"
+
+    async def main() -> int:
+        async with open_bus(settings) as bus:
+            return await rebuild(bus, proj, target, until_seq=until, until_time=when)
+
+    pos = _run(main)
+    console.print(f"rebuilt {projection} up to sequence {pos} into {target}")
+    if compare:
+        live = projection_path(settings, proj)
+        diff = differences(live, target) if live.exists() else ["no live projection to compare with"]
+        if diff:
+            for d in diff:
+                console.print(f"[yellow]differs[/yellow] {d}")
+            raise typer.Exit(1)
+        console.print("[green]identical[/green] to the live projection")
+
+
+# --------------------------------------------------------------------------- config
+
+
+@config_app.command("show")
+def config_show(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """The effective configuration (defaults < flywheel.toml < FLYWHEEL_* variables); secrets masked."""
+    settings = _settings()
+    data = settings.model_dump(mode="json")
+    for section in data.values():
+        if isinstance(section, dict):
+            for key in list(section):
+                if any(word in key for word in ("password", "token", "key")) and section[key]:
+                    section[key] = "***"
+    text = orjson.dumps(data, option=orjson.OPT_INDENT_2).decode()
+    if as_json:
+        sys.stdout.write(text + "\n")
+    else:
+        console.print_json(text)
+
+
+# --------------------------------------------------------------------------- demo
+
+
+@app.command()
+def demo(
+    interactions: Annotated[int, typer.Option(help="how many simulated agent turns")] = 200,
+) -> None:
+    """Run the engine on the embedded defaults and drive it with a simulated agent."""
+    from engine.demo import run_demo
+
+    settings = _settings()
+    _run(lambda: run_demo(settings, interactions, console))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,112 @@
+"""The bus against a real nats-server: streams, round trips, dedupe, reconnects."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import orjson
+import pytest
+
+from engine.bus import Bus, BusUnavailable, StreamNames
+from engine.config import Settings, load_settings
+from engine.embedded import EmbeddedServer
+from schemas import CATALOGUE, InteractionRecorded, new_event, parse_event
+from tests.conftest import read_log
+
+EXAMPLES = Path(__file__).parent.parent / "schemas" / "examples"
+
+
+async def test_streams_have_the_configured_guarantees(bus: Bus) -> None:
+    names = StreamNames.from_config(bus.settings.streams)
+    raw = await bus.js.stream_info(names.raw)
+    log = await bus.js.stream_info(names.log)
+    assert raw.config.max_age == pytest.approx(30 * 86400)
+    assert log.config.deny_delete and log.config.deny_purge
+    assert raw.config.duplicate_window == pytest.approx(120)
+    await bus.ensure_streams()  # idempotent: a second call changes nothing and does not raise
+    assert (await bus.js.stream_info(names.log)).config.deny_purge
+
+
+async def test_retention_change_upgrades_the_existing_stream(bus: Bus, settings: Settings) -> None:
+    changed = settings.model_copy(update={"streams": settings.streams.model_copy(update={"raw_max_age_days": 7})})
+    other = await Bus.connect(changed, bus.url)
+    await other.ensure_streams()
+    info = await bus.js.stream_info(bus.streams.raw)
+    await other.close()
+    assert info.config.max_age == pytest.approx(7 * 86400)
+
+
+@pytest.mark.parametrize("event_type", sorted(CATALOGUE))
+async def test_every_event_type_round_trips_through_jetstream(bus: Bus, event_type: str) -> None:
+    path = EXAMPLES / f"{event_type}.json"
+    if not path.exists():
+        pytest.fail(f"no worked example for {event_type}")
+    event = parse_event(path.read_bytes())
+    ack = await bus.publish(event)
+    assert ack.stream == bus.streams.for_stream(CATALOGUE[event_type].stream)
+    stored = await bus.js.get_msg(ack.stream, ack.seq)
+    assert stored.headers and stored.headers["Nats-Msg-Id"] == event.id
+    assert stored.subject == f"fw.{CATALOGUE[event_type].stream}.{event_type}"
+    assert parse_event(stored.data) == event
+
+
+async def test_a_duplicate_publish_is_stored_once(bus: Bus) -> None:
+    event = new_event(InteractionRecorded(session_id="s", role="coder", model_id="m", input="i", output="o"),
+                      source="test")
+    first = await bus.publish(event)
+    second = await bus.publish(event)
+    acks = await bus.publish_many([event, event, event])
+    assert not first.duplicate and second.duplicate and all(a.duplicate for a in acks)
+    assert await bus.last_sequence("raw") == 1
+
+
+async def test_publish_many_keeps_order_and_stores_each_once(bus: Bus) -> None:
+    events = [
+        new_event(InteractionRecorded(session_id="s", role="coder", model_id="m", input=str(i), output="o"),
+                  source="test")
+        for i in range(500)
+    ]
+    acks = await bus.publish_many(events + events[:100])
+    assert [a.seq for a in acks[:500]] == list(range(1, 501))
+    assert all(a.duplicate for a in acks[500:])
+    assert [e.data.input for e in await read_log(bus, "raw")] == [str(i) for i in range(500)]
+
+
+async def test_unreachable_server_gives_a_clear_error(tmp_path: Path) -> None:
+    settings = load_settings(state_dir=tmp_path, nats={"connect_timeout_s": 0.5})
+    with pytest.raises(BusUnavailable, match="cannot reach NATS at nats://127.0.0.1:9"):
+        await Bus.connect(settings, "nats://127.0.0.1:9")
+
+
+async def test_publish_survives_a_server_restart(tmp_path: Path) -> None:
+    server = EmbeddedServer(tmp_path / "nats").start()
+    settings = load_settings(state_dir=tmp_path, nats={"url": server.url, "publish_retry_s": 30})
+    bus = await Bus.connect(settings, server.url)
+    await bus.ensure_streams()
+    try:
+        events = [
+            new_event(InteractionRecorded(session_id="s", role="coder", model_id="m", input=str(i), output="o"),
+                      source="test")
+            for i in range(300)
+        ]
+        await bus.publish_many(events[:100])
+        server.stop()
+        restart = asyncio.get_running_loop().run_in_executor(None, lambda: (__import__("time").sleep(1), server.start()))
+        await bus.publish_many(events[100:])  # retried through the outage
+        await restart
+        stored = await read_log(bus, "raw")
+        assert sorted(e.data.input for e in stored) == sorted(str(i) for i in range(300))
+        assert len({e.id for e in stored}) == 300
+    finally:
+        await bus.close()
+        server.stop()
+
+
+async def test_wire_format_is_orjson_of_the_envelope(bus: Bus) -> None:
+    event = new_event(InteractionRecorded(session_id="s", role="coder", model_id="m", input="i", output="o"),
+                      source="test")
+    ack = await bus.publish(event)
+    raw = orjson.loads((await bus.js.get_msg(ack.stream, ack.seq)).data)
+    assert set(raw) == {"id", "type", "schema_version", "time", "source", "causation_id", "correlation_id", "data"}
+    assert raw["correlation_id"] == event.id  # an interaction correlates with itself
