@@ -158,15 +158,21 @@ class Bus:
         if not self.nc.is_closed:
             try:
                 await self.nc.flush(timeout=2)
-            except (nats.errors.Error, asyncio.TimeoutError):
+            except (nats.errors.Error, asyncio.TimeoutError, OSError):
                 pass  # closing anyway; unacked work is redelivered
-            await self.nc.close()
+            try:
+                await self.nc.close()
+            except OSError:
+                pass  # the server is already gone
 
     # ------------------------------------------------------------------ publish
 
-    def _headers(self, event: Event[Any]) -> dict[str, str]:
+    def _headers(self, event: Event[Any], trace: dict[str, str] | None = None) -> dict[str, str]:
         headers = {"Nats-Msg-Id": event.id}
-        telemetry.inject(headers)
+        if trace:
+            headers.update(trace)
+        else:
+            telemetry.inject(headers)
         return headers
 
     async def publish(self, event: Event[Any]) -> PubAck:
@@ -194,32 +200,47 @@ class Bus:
             except nats.errors.ConnectionClosedError as exc:
                 raise PublishFailed(f"connection closed while publishing {subject}") from exc
 
-    async def publish_many(self, events: Sequence[Event[Any]] | Iterable[Event[Any]]) -> list[PubAck]:
-        """Publish a batch with pipelined acks; anything not acked is retried one by one."""
+    async def publish_many(
+        self,
+        events: Sequence[Event[Any]] | Iterable[Event[Any]],
+        trace: dict[str, dict[str, str]] | None = None,
+    ) -> list[PubAck]:
+        """Publish a batch with pipelined acks; anything not acked is retried one by one.
+
+        ``trace`` maps an event id to the trace-context headers it should carry (a worker
+        publishes a batch after the spans that produced each event have ended)."""
+        trace = trace or {}
         events = list(events)
         if not events:
             return []
         if len(events) == 1:
-            return [await self.publish(events[0])]
+            e = events[0]
+            return [await self.publish_raw(e.subject, e.to_bytes(), self._headers(e, trace.get(e.id)))]
         timeout = self.settings.nats.publish_timeout_s
         futures: list[asyncio.Future[PubAck] | None] = []
         for event in events:
             try:
+                # wait_stall=None: no per-message timer; the batch has one timeout below.
                 fut = await self.js.publish_async(
-                    event.subject, event.to_bytes(), wait_stall=timeout, headers=self._headers(event)
+                    event.subject, event.to_bytes(), headers=self._headers(event, trace.get(event.id))
                 )
-            except (nats.errors.Error, asyncio.TimeoutError):
+            except (nats.errors.Error, asyncio.TimeoutError, OSError):
                 fut = None
             futures.append(fut)
-        done = await asyncio.gather(
-            *(asyncio.wait_for(f, timeout) for f in futures if f is not None), return_exceptions=True
-        )
-        results = iter(done)
+        pending = {f for f in futures if f is not None}
+        if pending:
+            await asyncio.wait(pending, timeout=timeout)
         acks: list[PubAck] = []
         for event, fut in zip(events, futures, strict=True):
-            ack = next(results) if fut is not None else None
-            # Anything not acked is published again under the same id: stored at most once.
-            acks.append(ack if isinstance(ack, PubAck) else await self.publish(event))
+            ack = None
+            if fut is not None and fut.done() and not fut.cancelled() and fut.exception() is None:
+                ack = fut.result()
+            elif fut is not None and not fut.done():
+                fut.cancel()
+            if ack is None:
+                # Not acked: publish again under the same id, so it is stored at most once.
+                ack = await self.publish_raw(event.subject, event.to_bytes(), self._headers(event, trace.get(event.id)))
+            acks.append(ack)
         return acks
 
     async def last_sequence(self, stream: str = "log") -> int:

@@ -22,6 +22,7 @@ from engine.config import ConfigError, Settings, load_settings
 from engine.connection import open_bus, running_embedded_url, start_embedded
 from engine.embedded import EmbeddedServerError
 from engine.plugin_host import PluginError, PluginHost
+from engine.projection import ProjectionRunner
 from engine.recorder import events_from_jsonl
 from engine.replay import differences, rebuild
 from schemas import InvalidEvent, new_id, parse_event
@@ -311,6 +312,47 @@ def status(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
         t.add_row(p["name"], str(p["seq"]), str(p["applied"]), str(p["skipped"]))
     console.print(t)
     console.print(f"rejected events: [bold]{st['rejected']}[/bold]")
+
+
+# --------------------------------------------------------------------------- stats
+
+
+def _catch_up_projections(settings: Settings) -> None:
+    """Bring every projection up to the end of the log before reading it."""
+
+    async def main() -> None:
+        async with open_bus(settings) as bus:
+            for projection in PluginHost(settings).projections():
+                runner = ProjectionRunner(bus, projection, projection_path(settings, projection))
+                try:
+                    await runner.catch_up()
+                finally:
+                    runner.close()
+
+    try:
+        asyncio.run(main())
+    except (BusUnavailable, EmbeddedServerError) as exc:
+        err.print(f"[yellow]warning:[/yellow] showing the projections as they were: {exc}")
+
+
+@app.command()
+def stats(
+    window_hours: Annotated[float, typer.Option(help="the recent window, in hours")] = 24.0,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Reward, cost and duration per role, model and prompt variant; scrubbed items; rejections."""
+    from datetime import timedelta
+
+    from plugins.stats import stats_data, stats_tables
+
+    settings = _settings()
+    window = timedelta(hours=window_hours)
+    _catch_up_projections(settings)
+    if as_json:
+        sys.stdout.write(orjson.dumps(stats_data(settings, window=window), default=str).decode() + "\n")
+        return
+    for table in stats_tables(settings, window=window):
+        console.print(table)
 
 
 # --------------------------------------------------------------------------- replay

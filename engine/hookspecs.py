@@ -19,9 +19,11 @@ from typing import TYPE_CHECKING
 import pluggy
 
 if TYPE_CHECKING:
+    from engine.assessment import Assessment, Evidence
     from engine.config import Settings
     from engine.processor import Processor
     from engine.projection import Projection
+    from schemas import InteractionAnonymized
 
 PROJECT = "flywheel"
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -55,3 +57,20 @@ def register_projections(register: Callable[[Projection], None], settings: Setti
 @hookspec
 def configure(settings: Settings) -> None:
     """Called once with the loaded settings before anything is registered."""
+
+
+@hookspec
+def assess(interaction: InteractionAnonymized, evidence: Evidence) -> Assessment | None:
+    """Score one anonymized interaction on the dimensions this assessor knows.
+
+    Called by the ``scoring`` processor when the interaction arrives, and again each time
+    feedback or an outcome for it arrives, late and in any order; ``evidence`` holds all of
+    it so far (``evidence.latest_feedback()`` / ``latest_outcome()`` fold it per field).
+    Return an ``Assessment`` with a score in [0, 1] for each dimension you had evidence for
+    (leave a dimension out rather than guess), or None when the interaction is none of your
+    business. Be pure and quick: the same evidence must give the same assessment, and a call
+    has a budget (``assessment.budget_ms``, 5 ms); an assessor that raises or overruns is
+    recorded as a fallback, and repeated failures open its circuit breaker. The assessor's
+    name is its plugin name; ``assessment.assessor_weights`` and ``dimension_weights`` say
+    how much it counts.
+    """

@@ -114,9 +114,11 @@ class ProjectionStore:
 
     def apply_batch(self, messages: list[tuple[int, bytes, datetime | None]]) -> int:
         """Apply (sequence, data) pairs above the stored position in one transaction."""
-        pos = self.position()
-        seq, applied, skipped = pos.seq, 0, 0
+        applied, skipped = 0, 0
         with self.transaction() as db:
+            # Read the position inside the write lock: another process folding the same store
+            # (e.g. `flywheel stats` beside `flywheel up`) may have moved it.
+            seq = self.position().seq
             for msg_seq, data, _ in messages:
                 if msg_seq <= seq:
                     continue  # already applied before a crash or a redelivery

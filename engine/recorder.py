@@ -169,9 +169,9 @@ class Recorder:
 
     async def record(self, data: Payload, correlation_id: str | None = None) -> str:
         event = new_event(data, source=self.source, correlation_id=correlation_id)
-        if len(self._buf) >= self.capacity:
+        if self.pending >= self.capacity:
             deadline = time.monotonic() + self.max_block_s
-            while len(self._buf) >= self.capacity:
+            while self.pending >= self.capacity:
                 if time.monotonic() > deadline:
                     raise BufferFull(
                         f"{len(self._buf)} events waiting for {self.max_block_s}s; last error: {self.last_error!r}"
@@ -272,7 +272,7 @@ class SyncRecorder:
         rec = self._recorder
         event = new_event(data, source=rec.source, correlation_id=correlation_id)
         deadline = time.monotonic() + rec.max_block_s
-        while len(rec._buf) >= rec.capacity:
+        while rec.pending >= rec.capacity:
             if time.monotonic() > deadline:
                 raise BufferFull(f"{len(rec._buf)} events waiting; last error: {rec.last_error!r}")
             time.sleep(0.001)

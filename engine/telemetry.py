@@ -18,6 +18,12 @@ from engine.config import TelemetryConfig
 
 _propagator = TraceContextTextMapPropagator()
 tracer = trace.get_tracer("flywheel")
+_enabled = False
+
+
+def enabled() -> bool:
+    """Whether spans are recorded (the engine skips trace bookkeeping when not)."""
+    return _enabled
 
 
 def configure(cfg: TelemetryConfig, span_processor: Any | None = None) -> None:
@@ -42,8 +48,9 @@ def configure(cfg: TelemetryConfig, span_processor: Any | None = None) -> None:
             ) from exc
         provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=cfg.otlp_endpoint)))
     trace.set_tracer_provider(provider)
-    global tracer
-    tracer = trace.get_tracer("flywheel")
+    global tracer, _enabled
+    tracer = provider.get_tracer("flywheel")
+    _enabled = True
 
 
 def inject(headers: dict[str, str]) -> None:

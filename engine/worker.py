@@ -90,6 +90,7 @@ class ProcessorWorker:
         )
         self.stream_name = bus.streams.for_stream(processor.stream)
         self._sub: Any = None
+        self._trace: dict[str, dict[str, str]] = {}
 
     def consumer_config(self) -> ConsumerConfig:
         p = self.processor
@@ -136,6 +137,7 @@ class ProcessorWorker:
         """Handle a batch; publish all outputs (pipelined), then ack the inputs."""
         done: list[tuple[Msg, bool]] = []
         outputs: list[Event[Any]] = []
+        self._trace: dict[str, dict[str, str]] = {}
         for msg in msgs:
             handled = await self._handle(msg)
             if handled is None:
@@ -144,7 +146,7 @@ class ProcessorWorker:
             outputs.extend(produced)
             done.append((msg, rejected))
         try:
-            await self.bus.publish_many(outputs)
+            await self.bus.publish_many(outputs, trace=self._trace)
         except PublishFailed as exc:
             log.error("%s: could not publish outputs (%s); inputs will be redelivered", self.processor.name, exc)
             return
@@ -167,16 +169,17 @@ class ProcessorWorker:
             return [rejection_event(msg, self.stream_name, name, exc.reason, attempts, msg_id)], True
         self.ctx.attempt = attempts
         try:
-            with telemetry.span_from_headers(
-                f"process {name}", msg.headers, **{"flywheel.event_type": event.type, "flywheel.event_id": event.id}
-            ):
-                result = self.processor.handle(event, self.ctx)
-                if inspect.isawaitable(result):
-                    result = await result
-                payloads = list(result or ())
-                produced = [
-                    derived_event(p, cause=event, source=name, index=i) for i, p in enumerate(payloads)
-                ]
+            if telemetry.enabled():
+                with telemetry.span_from_headers(
+                    f"process {name}", msg.headers, **{"flywheel.event_type": event.type, "flywheel.event_id": event.id}
+                ):
+                    produced = await self._call(event)
+                    carrier: dict[str, str] = {}
+                    telemetry.inject(carrier)  # the outputs continue this span's trace
+                    for out in produced:
+                        self._trace[out.id] = carrier
+            else:
+                produced = await self._call(event)
         except Exception as exc:  # a plugin may raise anything; it must not stop the worker
             if attempts < self.cfg.max_attempts:
                 delay = min(self.cfg.backoff_s * 2 ** (attempts - 1), self.cfg.max_backoff_s)
@@ -189,6 +192,14 @@ class ProcessorWorker:
             return [rejection_event(msg, self.stream_name, name, reason, attempts, event.id)], True
         self.stats.processed += 1
         return produced, False
+
+    async def _call(self, event: Event[Any]) -> list[Event[Any]]:
+        """Run the handler and wrap what it returns in envelopes with derived ids."""
+        result = self.processor.handle(event, self.ctx)
+        if inspect.isawaitable(result):
+            result = await result
+        name = self.processor.name
+        return [derived_event(p, cause=event, source=name, index=i) for i, p in enumerate(result or ())]
 
     @staticmethod
     async def _term(msg: Msg) -> None:

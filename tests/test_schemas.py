@@ -53,7 +53,7 @@ def rejection(raw: dict[str, Any] | bytes | str) -> str:
 
 
 def test_every_type_has_exactly_one_example_and_one_schema_file() -> None:
-    assert len(TYPES) == 19
+    assert len(TYPES) == 20
     examples = sorted(p.name for p in EXAMPLES_DIR.glob("*.json"))
     schema_files = sorted(p.name for p in JSON_DIR.glob("*.json"))
     expected = [f"{t}.json" for t in TYPES]
@@ -109,8 +109,8 @@ def test_example_is_a_full_wire_envelope(event_type: str) -> None:
     ]
     assert re.fullmatch(ID_PATTERN, body["id"]), f"{event_type}: id is not a ULID"
     assert re.fullmatch(ID_PATTERN, body["correlation_id"]), f"{event_type}: correlation_id"
-    if event_type == "interaction.recorded":
-        assert body["causation_id"] is None  # an interaction starts a story
+    if event_type in ("interaction.recorded", "arm.selected"):
+        assert body["causation_id"] is None  # an interaction (or an agent's choice) starts a story
     else:
         assert re.fullmatch(ID_PATTERN, body["causation_id"]), f"{event_type}: causation_id"
     assert body["time"].endswith("Z")
@@ -275,6 +275,8 @@ BAD_VALUES = [
     ("quality.assessed", "data.reward", 1.5, "data.reward"),
     ("quality.assessed", "data.scores.tests", -0.1, "data.scores.tests"),
     ("quality.assessed", "data.evidence.0", "nope", "data.evidence.0"),
+    ("arm.selected", "data.decision", "temperature", "data.decision"),
+    ("arm.selected", "data.max_cost_per_token", -1e-6, "data.max_cost_per_token"),
     ("training.requested", "data.reason", "boredom", "data.reason"),
     ("training.requested", "data.detail", TOO_LONG_SHORT, "data.detail"),
     ("dataset.built", "data.dataset_hash", "NOT-A-HASH", "data.dataset_hash"),

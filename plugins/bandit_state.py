@@ -1,0 +1,66 @@
+"""Built-in projection ``bandit_state``: per (role, decision, arm) pulls and reward sums.
+
+Folds ``quality.assessed`` with ``engine.bandit.credit_changes`` (an interaction that is
+re-assessed replaces its previous reward) and counts ``arm.selected`` choices, so
+``flywheel stats`` can show how often each arm was chosen next to how it did. The
+``Selector`` folds the same events in memory with the same function; both can be rebuilt
+from the log at any time.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable
+from typing import Any
+
+from engine.bandit import Credit, credit_changes
+from engine.config import Settings
+from engine.hookspecs import hookimpl
+from engine.projection import Projection
+from schemas import Event
+
+
+class BanditStateProjection(Projection):
+    """Arm statistics learned from rewards, and the choices the selectors made."""
+
+    name = "bandit_state"
+    consumes = ("quality.assessed", "arm.selected")
+    tables = """
+    CREATE TABLE IF NOT EXISTS arms (
+        role TEXT NOT NULL, decision TEXT NOT NULL, arm TEXT NOT NULL,
+        pulls INTEGER NOT NULL, reward_sum REAL NOT NULL, selected INTEGER NOT NULL,
+        PRIMARY KEY (role, decision, arm));
+    CREATE TABLE IF NOT EXISTS credits (
+        interaction_id TEXT PRIMARY KEY, role TEXT NOT NULL, prompt_variant TEXT, model_id TEXT,
+        reward REAL NOT NULL);
+    """
+
+    def apply(self, db: sqlite3.Connection, event: Event[Any], seq: int) -> None:
+        d = event.data
+        if event.type == "arm.selected":
+            db.execute(
+                "INSERT INTO arms VALUES (?, ?, ?, 0, 0.0, 1) ON CONFLICT (role, decision, arm)"
+                " DO UPDATE SET selected = selected + 1",
+                (d.role, d.decision, d.arm),
+            )
+            return
+        row = db.execute(
+            "SELECT role, prompt_variant, model_id, reward FROM credits WHERE interaction_id = ?",
+            (d.interaction_id,),
+        ).fetchone()
+        current = Credit(d.role, d.prompt_variant, d.model_id, d.reward)
+        for (role, decision, arm), pulls, reward in credit_changes(Credit(*row) if row else None, current):
+            db.execute(
+                "INSERT INTO arms VALUES (?, ?, ?, ?, ?, 0) ON CONFLICT (role, decision, arm) DO UPDATE"
+                " SET pulls = pulls + excluded.pulls, reward_sum = reward_sum + excluded.reward_sum",
+                (role, decision, arm, pulls, reward),
+            )
+        db.execute(
+            "INSERT OR REPLACE INTO credits VALUES (?, ?, ?, ?, ?)",
+            (d.interaction_id, d.role, d.prompt_variant, d.model_id, d.reward),
+        )
+
+
+@hookimpl
+def register_projections(register: Callable[[Projection], None], settings: Settings) -> None:
+    register(BanditStateProjection())

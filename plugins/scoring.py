@@ -1,0 +1,222 @@
+"""Built-in processor ``scoring``: anonymized evidence in, ``quality.assessed`` out.
+
+It consumes ``interaction.anonymized``, ``feedback.anonymized`` and ``outcome.anonymized``
+(never the raw stream), keeps the evidence of each interaction in a SQLite file in its
+state folder, asks every assessor (the ``assess`` hook, through ``AssessorPanel``) to score
+the evidence, combines their answers, and emits a ``quality.assessed`` each time the result
+changes. Old scores are never rewritten; the ``scores`` projection keeps the latest.
+
+- **Redelivery changes nothing.** Evidence is upserted by event id, and the output of each
+  input event is stored with it in one transaction: a redelivered input returns the same
+  output (same derived id, so the log keeps one copy), even if the first publish failed
+  after the commit.
+- **Late and out-of-order evidence.** Feedback and outcomes are kept in event-id (time)
+  order whatever order they arrive in. One that arrives before its interaction raises
+  ``UnknownInteraction``: the worker naks it with back-off and it is scored when it comes
+  back after the interaction arrived. The grace is the worker's retry schedule
+  (``worker.max_attempts``, ``backoff_s`` doubling up to ``max_backoff_s``); after it, the
+  runtime rejects the event with the reason (an ``event.rejected`` naming the unknown
+  interaction), so an outcome for an interaction that never appears is a clear rejection,
+  not a silent drop.
+
+The evidence store is local to the process; running ``scoring`` on several machines needs
+a shared state folder (or one scoring process).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from engine.assessment import AssessorPanel, Combined, Evidence, combine
+from engine.config import Settings
+from engine.hookspecs import hookimpl
+from engine.processor import ProcessContext, Processor
+from schemas import (
+    Event,
+    FeedbackAnonymized,
+    InteractionAnonymized,
+    OutcomeAnonymized,
+    Payload,
+    QualityAssessed,
+)
+
+CONSUMES = ("interaction.anonymized", "feedback.anonymized", "outcome.anonymized")
+
+_TABLES = """
+CREATE TABLE IF NOT EXISTS interactions (
+    interaction_id TEXT PRIMARY KEY, event_id TEXT NOT NULL, body BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS evidence (
+    event_id TEXT PRIMARY KEY, interaction_id TEXT NOT NULL, kind TEXT NOT NULL, body BLOB NOT NULL);
+CREATE INDEX IF NOT EXISTS evidence_by_interaction ON evidence (interaction_id, event_id);
+CREATE TABLE IF NOT EXISTS current (interaction_id TEXT PRIMARY KEY, fingerprint BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS handled (event_id TEXT PRIMARY KEY, output BLOB);
+"""
+
+
+class UnknownInteraction(LookupError):
+    """Feedback or an outcome for an interaction the scorer has not seen (yet)."""
+
+
+def interaction_id_of(payload: Payload) -> str:
+    """The interaction an ``*.anonymized`` payload is about."""
+    if isinstance(payload, InteractionAnonymized):
+        return payload.interaction_id
+    if isinstance(payload, FeedbackAnonymized):
+        return payload.feedback.interaction_id
+    if isinstance(payload, OutcomeAnonymized):
+        return payload.outcome.interaction_id
+    raise TypeError(f"{type(payload).__name__} is not evidence about an interaction")
+
+
+class EvidenceStore:
+    """The evidence of every interaction, and what each input event produced."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.executescript(_TABLES)
+
+    def output_of(self, event_id: str) -> tuple[bool, bytes | None]:
+        """(handled before?, the quality.assessed it produced, if any)."""
+        row = self.db.execute("SELECT output FROM handled WHERE event_id = ?", (event_id,)).fetchone()
+        return (row is not None, row[0] if row else None)
+
+    def knows(self, interaction_id: str) -> bool:
+        sql = "SELECT 1 FROM interactions WHERE interaction_id = ?"
+        return self.db.execute(sql, (interaction_id,)).fetchone() is not None
+
+    def add(self, event: Event[Any]) -> str:
+        """Store one piece of evidence (idempotent by event id); return its interaction id."""
+        data = event.data
+        iid = interaction_id_of(data)
+        body = data.model_dump_json().encode()
+        if isinstance(data, InteractionAnonymized):
+            self.db.execute(
+                "INSERT INTO interactions VALUES (?, ?, ?) ON CONFLICT (interaction_id)"
+                " DO UPDATE SET event_id = excluded.event_id, body = excluded.body",
+                (iid, event.id, body),
+            )
+        else:
+            kind = "feedback" if isinstance(data, FeedbackAnonymized) else "outcome"
+            self.db.execute("INSERT OR IGNORE INTO evidence VALUES (?, ?, ?, ?)", (event.id, iid, kind, body))
+        return iid
+
+    def evidence(self, interaction_id: str) -> Evidence:
+        event_id, body = self.db.execute(
+            "SELECT event_id, body FROM interactions WHERE interaction_id = ?", (interaction_id,)
+        ).fetchone()
+        rows = self.db.execute(
+            "SELECT event_id, kind, body FROM evidence WHERE interaction_id = ? ORDER BY event_id",
+            (interaction_id,),
+        ).fetchall()
+        parsed = {"feedback": FeedbackAnonymized, "outcome": OutcomeAnonymized}
+        items = [parsed[kind].model_validate_json(body) for _, kind, body in rows]
+        feedback = tuple(i.feedback for i in items if isinstance(i, FeedbackAnonymized))
+        outcomes = tuple(i.outcome for i in items if isinstance(i, OutcomeAnonymized))
+        return Evidence(
+            interaction_id=interaction_id,
+            interaction=InteractionAnonymized.model_validate_json(body),
+            feedback=feedback,
+            outcomes=outcomes,
+            event_ids=(event_id, *(r[0] for r in rows)),
+        )
+
+    def fingerprint(self, interaction_id: str) -> bytes | None:
+        sql = "SELECT fingerprint FROM current WHERE interaction_id = ?"
+        row = self.db.execute(sql, (interaction_id,)).fetchone()
+        return row[0] if row else None
+
+    def record(
+        self, event_id: str, interaction_id: str, output: QualityAssessed | None, fingerprint: bytes | None
+    ) -> None:
+        """Remember what ``event_id`` produced and, if it produced a score, the new current one."""
+        body = output.model_dump_json().encode() if output else None
+        self.db.execute("INSERT INTO handled VALUES (?, ?)", (event_id, body))
+        if fingerprint is not None:
+            self.db.execute(
+                "INSERT INTO current VALUES (?, ?) ON CONFLICT (interaction_id)"
+                " DO UPDATE SET fingerprint = excluded.fingerprint",
+                (interaction_id, fingerprint),
+            )
+
+
+def quality_assessed(evidence: Evidence, combined: Combined) -> QualityAssessed:
+    """The ``quality.assessed`` payload of a combined assessment of this evidence."""
+    recorded = evidence.interaction.interaction
+    return QualityAssessed(
+        interaction_id=evidence.interaction_id,
+        role=recorded.role,
+        model_id=recorded.model_id,
+        prompt_variant=recorded.prompt_variant,
+        complexity=recorded.complexity,
+        domain=recorded.domain,
+        cost_usd=recorded.cost_usd,
+        duration_ms=recorded.duration_ms,
+        scores=combined.scores,
+        reward=combined.reward,
+        confidence=combined.confidence,
+        assessors=combined.assessors,
+        evidence=list(evidence.event_ids),
+        fallbacks=combined.fallbacks,
+    )
+
+
+class Scoring:
+    """The processor's state: one evidence store and one assessor panel per state folder."""
+
+    def __init__(self) -> None:
+        self.stores: dict[Path, EvidenceStore] = {}
+        self.panel: AssessorPanel | None = None
+
+    def handle(self, event: Event[Any], ctx: ProcessContext) -> list[QualityAssessed]:
+        store = self.stores.get(ctx.state_dir)
+        if store is None:
+            store = self.stores[ctx.state_dir] = EvidenceStore(ctx.state_dir / "evidence.sqlite")
+        seen, output = store.output_of(event.id)
+        if seen:  # a redelivery: produce exactly what the first delivery produced
+            return [QualityAssessed.model_validate_json(output)] if output else []
+        iid = interaction_id_of(event.data)
+        if not isinstance(event.data, InteractionAnonymized) and not store.knows(iid):
+            raise UnknownInteraction(
+                f"{event.type} {event.id} is about interaction {iid}, which scoring has not seen"
+                " (no interaction.anonymized for it yet)"
+            )
+        if self.panel is None:
+            if ctx.hooks is None:
+                raise RuntimeError("scoring needs the plugin host's hooks (ProcessContext.hooks)")
+            self.panel = AssessorPanel(ctx.hooks, ctx.settings.assessment)
+        store.db.execute("BEGIN IMMEDIATE")
+        try:
+            store.add(event)
+            evidence = store.evidence(iid)
+            results = self.panel.assess(evidence)
+            for r in results:
+                if r.fallback:
+                    ctx.log.warning("assessor %s fell back (%s) on %s: %s", r.name, r.fallback, iid, r.reason)
+            combined = combine(results, ctx.settings.assessment)
+            payload = quality_assessed(evidence, combined) if combined else None
+            fingerprint = payload.model_dump_json(exclude={"evidence"}).encode() if payload else None
+            if fingerprint is not None and fingerprint == store.fingerprint(iid):
+                payload = fingerprint = None  # the evidence changed nothing: no new event
+            store.record(event.id, iid, payload, fingerprint)
+        except BaseException:
+            store.db.execute("ROLLBACK")
+            raise
+        store.db.execute("COMMIT")
+        return [payload] if payload else []
+
+
+@hookimpl
+def register_processors(register: Callable[[Processor], None], settings: Settings) -> None:
+    register(
+        Processor(
+            name="scoring",
+            consumes=CONSUMES,
+            handle=Scoring().handle,
+            description="scores anonymized interactions with every assessor; re-scores on new evidence",
+        )
+    )

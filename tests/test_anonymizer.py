@@ -1,0 +1,363 @@
+"""The anonymizer: planted-corpus targets, typed placeholders, findings, keyed hashes, and the
+proof through a real NATS server that no planted raw value reaches any event on the log."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections import Counter
+from typing import Any
+
+import orjson
+import pytest
+from pydantic import SecretStr
+
+from engine.bus import Bus
+from engine.config import DEFAULT_ANONYMIZER_KEY, AnonymizerConfig, Settings, load_settings
+from engine.processor import Processor
+from plugins import anonymizer as anonymizer_plugin
+from plugins.anonymizer import Anonymizer, keyed_hash
+from plugins.scrubber import PII_KINDS, SECRET_KINDS, scrub
+from schemas import (
+    Context,
+    FeedbackGiven,
+    GitContext,
+    InteractionRecorded,
+    OutcomeObserved,
+    ToolCall,
+    new_event,
+)
+from tests import planted_corpus as pc
+from tests.conftest import wait_for
+
+EVENT_ID = "01JWV2NPEMR9GHS6JPVT4C4M0E"
+
+
+@pytest.fixture(scope="module")
+def corpus() -> pc.Corpus:
+    return pc.generate(seed=0)
+
+
+def small_corpus(seed: int) -> pc.Corpus:
+    """Two items of every kind and a few mixed chat messages: enough to fill one of each event."""
+    return pc.generate(seed=seed, per_kind=2, mixed=4, clean=0)
+
+
+# --------------------------------------------------------------------------- the corpus
+
+
+def test_planted_corpus_meets_the_recall_and_false_change_targets(corpus: pc.Corpus) -> None:
+    result = pc.evaluate(corpus, scrub)
+    assert result.items() >= 500
+    assert result.items(pc.SECRET) >= 300 and result.items(pc.PII) >= 200
+    assert result.recall(pc.SECRET) >= 0.99, {k: (result.found[k], n) for k, n in result.total.items()}
+    assert result.recall(pc.PII) >= 0.95, {k: (result.found[k], n) for k, n in result.total.items()}
+    assert len(corpus.clean_lines) >= 500
+    assert result.clean_changed_share < 0.01, result.clean_changed[:10]
+
+
+def test_every_labelled_kind_is_planted_in_several_settings(corpus: pc.Corpus) -> None:
+    settings_by_kind: dict[str, set[str]] = {}
+    for sample in corpus.samples:
+        for item in sample.items:
+            settings_by_kind.setdefault(item.kind, set()).add(sample.setting)
+            assert sample.text[item.start : item.end] == item.value
+    assert set(settings_by_kind) == set(pc.KINDS)
+    assert all(len(s) >= 2 for s in settings_by_kind.values()), settings_by_kind
+
+
+def test_the_corpus_is_the_same_for_a_seed_and_differs_across_seeds() -> None:
+    a, b, c = small_corpus(3), small_corpus(3), small_corpus(4)
+    assert [s.text for s in a.samples] == [s.text for s in b.samples]
+    assert [s.text for s in a.samples] != [s.text for s in c.samples]
+
+
+def test_a_partly_replaced_value_counts_as_leaked() -> None:
+    value = "x" * 5 + "".join(random.Random(1).choice("abcdef0123") for _ in range(30))
+    assert pc.leaked(value, f"token={value[:12]}[SECRET]")
+    assert not pc.leaked(value, "token=[SECRET]")
+
+
+# --------------------------------------------------------------------------- the scrubber
+
+
+def test_values_become_typed_placeholders() -> None:
+    rng = random.Random(7)
+    key, block_parts = pc.private_key_block(rng)
+    planted = {
+        "AWS_ACCESS_KEY": pc.aws_access_key(rng),
+        "GITHUB_TOKEN": pc.github_token(rng),
+        "JWT": pc.jwt(rng),
+        "EMAIL": pc.email(rng),
+        "CREDIT_CARD": pc.card_number(rng),
+        "SSN": pc.ssn(rng),
+        "IBAN": pc.iban(rng),
+    }
+    text = "\n".join(
+        [
+            f"aws_access_key_id = {planted['AWS_ACCESS_KEY']}",
+            f'gh = Github("{planted["GITHUB_TOKEN"]}")',
+            f"Authorization: Bearer {planted['JWT']}",
+            f"please cc {planted['EMAIL']} and call +44 20 7946 0958",
+            f"card={planted['CREDIT_CARD']} ssn={planted['SSN']} iban={planted['IBAN']}",
+            'File "/home/mgarcia/api/app.py", line 4',
+            key,
+        ]
+    )
+    out, counts = scrub(text)
+    for kind, value in planted.items():
+        assert f"[{kind}]" in out and not pc.leaked(value, out), kind
+    assert "[PHONE]" in out and "[USERNAME]" in out and "[PRIVATE_KEY]" in out
+    assert not any(pc.leaked(part, out) for part in block_parts)
+    assert counts["PRIVATE_KEY"] == 1 and counts["PHONE"] == 1 and counts["USERNAME"] == 1
+    assert set(counts) <= SECRET_KINDS | PII_KINDS
+
+
+def test_scrubbing_is_idempotent(corpus: pc.Corpus) -> None:
+    for sample in corpus.samples[::5]:
+        once, _ = scrub(sample.text)
+        twice, counts = scrub(once)
+        assert twice == once and not counts, once
+
+
+def test_clean_code_and_service_addresses_are_left_alone() -> None:
+    text = "\n".join(
+        [
+            "    password = os.environ['DB_PASSWORD']",
+            "def check_password(password: str, hashed: bytes) -> bool:",
+            "git clone git@github.com:pallets/flask.git",
+            "Listening on http://127.0.0.1:8000 and http://[::1]:8000",
+            "commit 9fceb02d0ae598e95dc970b74767f19372d61af8",
+            "    return x[::2] + x[1::2]",
+            'File "/home/runner/work/app/app.py", line 3',
+        ]
+    )
+    assert scrub(text) == (text, Counter())
+
+
+# --------------------------------------------------------------------------- the anonymizer
+
+
+def anonymizer(key: str = "k1") -> Anonymizer:
+    return Anonymizer(AnonymizerConfig(hash_key=SecretStr(key)))
+
+
+def test_keyed_hashes_are_stable_for_a_key_and_differ_across_keys() -> None:
+    a = keyed_hash("sess-42", b"k1")
+    assert a == keyed_hash("sess-42", b"k1")
+    assert a != keyed_hash("sess-42", b"k2")
+    assert a != keyed_hash("sess-43", b"k1")
+    assert a.startswith("anon-") and len(a) == len("anon-") + 16
+    assert "sess-42" not in a
+    rec = InteractionRecorded(
+        session_id="sess-42", user_id="dev-7", role="coder", model_id="m", input="x", output="y"
+    )
+    one, again, other = (
+        anonymizer("k1").interaction(EVENT_ID, rec),
+        anonymizer("k1").interaction(EVENT_ID, rec),
+        anonymizer("k2").interaction(EVENT_ID, rec),
+    )
+    assert one.interaction.session_id == again.interaction.session_id != other.interaction.session_id
+    assert one.interaction.user_id == keyed_hash("dev-7", b"k1")
+
+
+def test_findings_carry_kinds_counts_and_versions_never_values() -> None:
+    small = small_corpus(11)
+    texts = [s.text for s in small.samples]
+    rec = InteractionRecorded(
+        session_id="s",
+        user_id="u",
+        role="coder",
+        model_id="m",
+        input="\n".join(texts[: len(texts) // 2]),
+        output="\n".join(texts[len(texts) // 2 :]),
+    )
+    result = anonymizer().interaction(EVENT_ID, rec)
+    expected = scrub(rec.input)[1] + scrub(rec.output)[1] + Counter({"SESSION_ID": 1, "USER_ID": 1})
+    assert result.findings.counts == dict(expected)
+    assert {"anonymizer", "scrubber", "detect-secrets", "phonenumbers", "python-stdnum"} <= set(
+        result.findings.anonymizers
+    )
+    findings = result.findings.model_dump_json()
+    for item in small.items:
+        assert not any(pc.leaked(part, findings) for part in item.must_vanish()), item.kind
+        assert not any(pc.leaked(part, result.model_dump_json()) for part in item.must_vanish()), item.kind
+
+
+def test_every_free_text_field_is_scrubbed() -> None:
+    rng = random.Random(5)
+    email, token = pc.email(rng), pc.github_token(rng)
+    dirty = f"mail {email} token {token}"
+    rec = InteractionRecorded(
+        session_id="s",
+        role="coder",
+        model_id="m",
+        input=dirty,
+        output=dirty,
+        context=Context(
+            project=dirty,
+            build=dirty,
+            tests=dirty,
+            extra=dirty,
+            files=[f"/home/mgarcia/{dirty}"],
+            git=GitContext(repo=f"https://ci:{token}@github.com/org/repo.git", branch=dirty, commit=dirty),
+        ),
+        tool_calls=[ToolCall(name="shell", arguments=dirty, output=dirty)],
+    )
+    fb = FeedbackGiven(
+        interaction_id=EVENT_ID, comment=dirty, correction=dirty, final_version=dirty, rating=2
+    )
+    out = OutcomeObserved(interaction_id=EVENT_ID, errors=[dirty, "plain error"], compiles=False)
+    a = anonymizer()
+    dumps = [
+        a.interaction(EVENT_ID, rec).model_dump_json(),
+        a.feedback(EVENT_ID, fb).model_dump_json(),
+        a.outcome(EVENT_ID, out).model_dump_json(),
+    ]
+    for dump in dumps:
+        assert email not in dump and token not in dump and "mgarcia" not in dump
+    assert a.feedback(EVENT_ID, fb).feedback.rating == 2
+    assert a.outcome(EVENT_ID, out).outcome.errors[1] == "plain error"
+
+
+def test_a_field_at_its_bound_stays_within_it_after_scrubbing() -> None:
+    project = ("a@b.io " * 300)[:2000]  # every address grows by one character as [EMAIL]
+    rec = InteractionRecorded(
+        session_id="s", role="coder", model_id="m", input="", output="", context=Context(project=project)
+    )
+    result = anonymizer().interaction(EVENT_ID, rec)
+    assert result.interaction.context.project is not None
+    assert (
+        len(result.interaction.context.project) == 2000 and "a@b.io" not in result.interaction.context.project
+    )
+
+
+def test_the_default_key_is_warned_about_and_a_configured_one_is_used(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    registered: list[Processor] = []
+    with caplog.at_level(logging.WARNING, logger="plugins.anonymizer"):
+        anonymizer_plugin.register_processors(registered.append, load_settings())
+    assert "hash_key" in caplog.text and registered[0].name == "anonymizer"
+    caplog.clear()
+    monkeypatch.setenv("FLYWHEEL_ANONYMIZER__HASH_KEY", "a-real-key")
+    settings = load_settings()
+    assert not settings.anonymizer.uses_default_key
+    assert settings.anonymizer.hash_key.get_secret_value() == "a-real-key"
+    assert "a-real-key" not in repr(settings)
+    with caplog.at_level(logging.WARNING, logger="plugins.anonymizer"):
+        anonymizer_plugin.register_processors(registered.append, settings)
+    assert "hash_key" not in caplog.text
+
+
+# --------------------------------------------------------------------------- through NATS
+
+
+async def log_subject_counts(bus: Bus) -> dict[str, int]:
+    info = await bus.js.stream_info(bus.streams.for_stream("log"), subjects_filter="fw.log.>")
+    return dict(info.state.subjects or {})
+
+
+async def all_log_messages(bus: Bus) -> list[tuple[bytes, dict[str, str]]]:
+    """Every message on the log stream, every subject, with its headers."""
+    stream = bus.streams.for_stream("log")
+    last = await bus.last_sequence("log")
+    out = []
+    for seq in range(1, last + 1):
+        msg = await bus.js.get_msg(stream, seq)
+        out.append((msg.data or b"", dict(msg.headers or {})))
+    return out
+
+
+def strings_in(value: Any) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [s for k, v in value.items() for s in (*strings_in(k), *strings_in(v))]
+    if isinstance(value, list):
+        return [s for v in value for s in strings_in(v)]
+    return []
+
+
+async def test_no_planted_raw_value_reaches_any_event_on_the_log(
+    bus: Bus, settings: Settings, engine_with: Any
+) -> None:
+    small = small_corpus(21)
+    by_setting: dict[str, list[str]] = {}
+    for sample in small.samples:
+        by_setting.setdefault(sample.setting, []).append(sample.text)
+    code, logs, chat, config = (by_setting[k] for k in ("code", "log", "chat", "config"))
+    raw_ids = ["laptop-of-maria.garcia", "maria.garcia@northwind-labs.io"]
+    interaction = InteractionRecorded(
+        session_id=raw_ids[0],
+        user_id=raw_ids[1],
+        role="coder",
+        model_id="m",
+        input="\n\n".join(chat),
+        output="\n\n".join(code[: len(code) // 2]),
+        context=Context(extra="\n".join(config), tests="\n".join(code[len(code) // 2 :])),
+        tool_calls=[ToolCall(name="run", arguments="pytest -q", output="\n".join(logs))],
+    )
+    recorded = new_event(interaction, source="test")
+    feedback = new_event(
+        FeedbackGiven(interaction_id=recorded.id, comment=chat[0], correction=code[0], final_version=code[1]),
+        source="test",
+    )
+    outcome = new_event(
+        OutcomeObserved(interaction_id=recorded.id, errors=logs[:5], compiles=False), source="test"
+    )
+
+    # A malformed message first (a rating of 9, a planted secret in its comment): it must
+    # become an event.rejected that carries no raw text, and the worker must go on.
+    bad = orjson.loads(
+        new_event(FeedbackGiven(interaction_id=recorded.id, comment=config[0]), source="test").to_bytes()
+    )
+    bad["data"]["rating"] = 9
+    await bus.publish_raw("fw.raw.feedback.given", orjson.dumps(bad), {"Nats-Msg-Id": bad["id"]})
+    for event in (recorded, feedback, outcome):
+        await bus.publish(event)
+
+    async with engine_with():
+
+        async def anonymized() -> bool:
+            counts = await log_subject_counts(bus)
+            return all(
+                counts.get(f"fw.log.{t}", 0) >= 1
+                for t in (
+                    "interaction.anonymized",
+                    "feedback.anonymized",
+                    "outcome.anonymized",
+                    "event.rejected",
+                )
+            )
+
+        await wait_for(anonymized)
+        # Let the other built-in processors react to the anonymized events too, then read it all.
+        previous = -1
+        while (last := await bus.last_sequence("log")) != previous:
+            previous = last
+            await asyncio.sleep(1.0)
+
+    messages = await all_log_messages(bus)
+    events = [orjson.loads(data) for data, _ in messages]
+    types = Counter(e["type"] for e in events)
+    assert types["interaction.anonymized"] == types["feedback.anonymized"] == types["outcome.anonymized"] == 1
+    rejected = [e["data"] for e in events if e["type"] == "event.rejected"]
+    assert [r["processor"] for r in rejected] == ["anonymizer"] and "rating" in rejected[0]["reason"]
+
+    secrets = [part for item in small.items for part in item.must_vanish()] + raw_ids
+    assert len(small.items) >= 40
+    for (data, headers), event in zip(messages, events, strict=True):
+        text = "\n".join(strings_in(event) + [data.decode("utf-8", "replace")] + strings_in(headers))
+        leaks = [s for s in secrets if pc.leaked(s, text)]
+        assert not leaks, (event["type"], leaks[:3])
+
+    anonymized = next(e["data"] for e in events if e["type"] == "interaction.anonymized")
+    assert anonymized["interaction_id"] == recorded.id
+    assert anonymized["interaction"]["session_id"] == keyed_hash(raw_ids[0], DEFAULT_ANONYMIZER_KEY.encode())
+    counts = anonymized["findings"]["counts"]
+    assert counts["SESSION_ID"] == counts["USER_ID"] == 1
+    assert {"EMAIL", "PHONE", "PASSWORD", "PRIVATE_KEY", "USERNAME", "JWT"} <= set(counts)
+    assert "[EMAIL]" in orjson.dumps(anonymized).decode()

@@ -1,0 +1,91 @@
+"""The flywheel command against a real server."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import orjson
+import pytest
+from typer.testing import CliRunner
+
+from engine.cli import app
+from engine.config import Settings
+from engine.embedded import EmbeddedServer
+
+EXAMPLES = Path(__file__).parent.parent / "schemas" / "examples"
+runner = CliRunner()
+
+
+@pytest.fixture
+def env(settings: Settings, nats_server: EmbeddedServer, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    monkeypatch.setenv("FLYWHEEL_NATS__URL", nats_server.url)
+    monkeypatch.setenv("FLYWHEEL_STATE_DIR", str(settings.state_dir))
+    return {}
+
+
+def test_record_validates_then_publishes_and_events_lists_them(env: dict[str, str], tmp_path: Path) -> None:
+    body = orjson.loads((EXAMPLES / "interaction.recorded.json").read_bytes())
+    for key in ("id", "time", "source"):
+        body.pop(key)  # filled in by record
+    (tmp_path / "one.json").write_bytes(orjson.dumps(body))
+    result = runner.invoke(app, ["record", str(tmp_path / "one.json")])
+    assert result.exit_code == 0, result.output
+    assert "recorded interaction.recorded" in result.output
+    listed = runner.invoke(app, ["events", "--stream", "raw", "--json"])
+    assert listed.exit_code == 0, listed.output
+    events = [orjson.loads(line) for line in listed.output.splitlines() if line.startswith("{")]
+    assert len(events) == 1 and events[0]["source"] == "cli"
+
+
+def test_record_refuses_an_invalid_batch_entirely(env: dict[str, str], tmp_path: Path) -> None:
+    good = (EXAMPLES / "interaction.recorded.json").read_bytes()
+    bad = orjson.loads((EXAMPLES / "feedback.given.json").read_bytes())
+    bad["data"]["rating"] = 9
+    (tmp_path / "batch.jsonl").write_bytes(orjson.dumps(orjson.loads(good)) + b"\n" + orjson.dumps(bad) + b"\n")
+    result = runner.invoke(app, ["record", str(tmp_path / "batch.jsonl")])
+    assert result.exit_code == 1
+    assert "event 2: data.rating" in result.output and "nothing was published" in result.output
+    listed = runner.invoke(app, ["events", "--stream", "raw", "--json"])
+    assert [line for line in listed.output.splitlines() if line.startswith("{")] == []
+
+
+def test_status_reports_streams_and_rejections(env: dict[str, str]) -> None:
+    result = runner.invoke(app, ["status", "--json"])
+    assert result.exit_code == 0, result.output
+    st = orjson.loads(result.output)
+    assert {s["name"] for s in st["streams"]} == {"FLYWHEEL_RAW", "FLYWHEEL_LOG"}
+    assert st["rejected"] == 0
+    assert "log_index" in {p["name"] for p in st["projections"]}
+
+
+def test_unreachable_bus_is_one_clear_line(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("FLYWHEEL_NATS__URL", "nats://127.0.0.1:9")
+    monkeypatch.setenv("FLYWHEEL_NATS__CONNECT_TIMEOUT_S", "0.5")
+    result = runner.invoke(app, ["status"])
+    assert result.exit_code == 2
+    assert "error: cannot reach NATS at nats://127.0.0.1:9" in result.output
+
+
+def test_bad_configuration_is_reported_with_the_key(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("FLYWHEEL_WORKER__BATCH", "-1")
+    result = runner.invoke(app, ["config", "show"])
+    assert result.exit_code == 2 and "worker.batch = '-1'" in result.output
+
+
+def test_config_show_masks_secrets(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("FLYWHEEL_NATS__PASSWORD", "hunter2")
+    result = runner.invoke(app, ["config", "show", "--json"])
+    assert result.exit_code == 0 and "hunter2" not in result.output
+    assert orjson.loads(result.output)["nats"]["password"] == "***"
+
+
+def test_replay_compare_finds_the_rebuilt_projection_identical(env: dict[str, str]) -> None:
+    assert runner.invoke(app, ["record", str(EXAMPLES / "quality.assessed.json")]).exit_code == 0
+    up = runner.invoke(app, ["up", "--only", "log_index", "--duration", "3"])
+    assert up.exit_code == 0, up.output
+    result = runner.invoke(app, ["replay", "--projection", "log_index", "--compare"])
+    assert result.exit_code == 0, result.output
+    assert "identical" in result.output
