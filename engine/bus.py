@@ -141,7 +141,7 @@ class Bus:
         try:
             # Reconnects are unbounded once connected, so bound the first connect here.
             nc = await asyncio.wait_for(nats.connect(**opts), cfg.connect_timeout_s)
-        except (OSError, nats.errors.Error, asyncio.TimeoutError) as exc:
+        except (TimeoutError, OSError, nats.errors.Error) as exc:
             reason = str(exc) or f"no answer within {cfg.connect_timeout_s:g}s"
             raise BusUnavailable(f"cannot reach NATS at {url}: {reason}") from None
         return cls(nc, settings, url)
@@ -158,7 +158,7 @@ class Bus:
         if not self.nc.is_closed:
             try:
                 await self.nc.flush(timeout=2)
-            except (nats.errors.Error, asyncio.TimeoutError, OSError):
+            except (TimeoutError, nats.errors.Error, OSError):
                 pass  # closing anyway; unacked work is redelivered
             try:
                 await self.nc.close()
@@ -224,7 +224,7 @@ class Bus:
                 fut = await self.js.publish_async(
                     event.subject, event.to_bytes(), headers=self._headers(event, trace.get(event.id))
                 )
-            except (nats.errors.Error, asyncio.TimeoutError, OSError):
+            except (TimeoutError, nats.errors.Error, OSError):
                 fut = None
             futures.append(fut)
         pending = {f for f in futures if f is not None}

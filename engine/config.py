@@ -277,7 +277,7 @@ class Settings(BaseSettings):
         )
 
 
-def _describe(err: dict[str, Any]) -> str:
+def _describe(err: Any) -> str:
     key = ".".join(str(p) for p in err["loc"])
     value = err.get("input")
     shown = repr(value) if not isinstance(value, dict) else "{...}"

@@ -9,54 +9,80 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from collections import Counter
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from engine.app import Engine
-from engine.config import Settings
+from engine.config import BanditConfig, ModelArm, Settings
 from engine.connection import open_bus
 from engine.plugin_host import PluginHost
 from engine.progress import RateColumn
 from engine.recorder import Recorder
+from engine.selector import Selector
 
 TASKS = [
-    ("Write a function `add(a, b)` that returns the sum.", "def add(a, b):\n    return a + b\n", True),
-    ("Write `is_even(n)`.", "def is_even(n):\n    return n % 2 == 0\n", True),
-    ("Write `reverse(s)` that reverses a string.", "def reverse(s):\n    return s[::-1]\n", True),
-    ("Write `mean(xs)` for a list of numbers.", "def mean(xs):\n    return sum(xs) / len(xs)\n", True),
-    ("Write `fact(n)`.", "def fact(n):\n    return n * fact(n - 1)\n", False),
-    ("Write `last(xs)` returning the last item.", "def last(xs):\n    return xs[len(xs)]\n", False),
+    ("Write a function `add(a, b)` that returns the sum.", "def add(a, b):\n    return a + b\n"),
+    ("Write `is_even(n)`.", "def is_even(n):\n    return n % 2 == 0\n"),
+    ("Write `reverse(s)` that reverses a string.", "def reverse(s):\n    return s[::-1]\n"),
+    ("Write `mean(xs)` for a list of numbers.", "def mean(xs):\n    return sum(xs) / len(xs)\n"),
 ]
-MODELS = ["smollm2-135m", "qwen2.5-coder-0.5b"]
-VARIANTS = ["plain", "step-by-step"]
+WRONG = "def f(*args):\n    return None  # TODO\n"
 ROLES = ["coder", "fixer"]
+#: The simulated world: how often each (model, prompt variant) gets a task right. The
+#: bandits do not see this; they learn it from the rewards the engine derives.
+SUCCESS = {
+    ("smollm2-135m", "plain"): 0.35,
+    ("smollm2-135m", "step-by-step"): 0.55,
+    ("qwen2.5-coder-0.5b", "plain"): 0.6,
+    ("qwen2.5-coder-0.5b", "step-by-step"): 0.85,
+}
+DEMO_BANDIT = BanditConfig(
+    prompt_variants={role: ["plain", "step-by-step"] for role in ROLES},
+    models=[
+        ModelArm(name="smollm2-135m", cost_per_token=1e-7, max_complexity="moderate"),
+        ModelArm(name="qwen2.5-coder-0.5b", cost_per_token=4e-7, max_complexity="expert"),
+    ],
+    seed=7,
+)
 
 
-async def _drive(rec: Recorder, n: int, rng: random.Random, progress: Progress) -> None:
+async def _drive(
+    rec: Recorder, selector: Selector, n: int, rng: random.Random, progress: Progress
+) -> list[tuple[str, str]]:
+    """One simulated agent turn per step: choose arms, answer, run the tests, give feedback."""
     task = progress.add_task("simulated agent", total=n)
+    chosen: list[tuple[str, str]] = []
     for i in range(n):
-        prompt, answer, good = rng.choice(TASKS)
+        role = rng.choice(ROLES)
+        variant = selector.select_prompt(role)
+        model = selector.select_model(role, complexity="simple", max_cost_per_token=1e-6)
+        chosen.append((model, variant))
+        prompt, answer = rng.choice(TASKS)
+        good = rng.random() < SUCCESS[(model, variant)]
         iid = await rec.record_interaction(
-            session_id=f"session-{i // 10}", user_id=f"dev-{i % 3}", role=rng.choice(ROLES),
-            model_id=rng.choice(MODELS), prompt_variant=rng.choice(VARIANTS), input=prompt,
-            output=answer, duration_ms=rng.uniform(200, 2000), cost_usd=rng.uniform(0, 0.002),
-            complexity=rng.choice(["simple", "moderate"]), domain="python",
+            session_id=f"session-{i // 10}", user_id=f"dev-{i % 3}", role=role, model_id=model,
+            prompt_variant=variant, input=prompt, output=answer if good else WRONG,
+            duration_ms=rng.uniform(200, 2000), cost_usd=rng.uniform(0, 0.002), complexity="simple", domain="python",
         )
-        passed = rng.randint(3, 5) if good else rng.randint(0, 2)
+        passed = rng.randint(4, 5) if good else rng.randint(0, 1)
         await rec.record_outcome(iid, compiles=True, tests_passed=passed, tests_failed=5 - passed, lint_errors=0)
         await rec.record_feedback(
             iid, rating=rng.randint(4, 5) if good else rng.randint(1, 2),
-            implicit="accepted" if good else "modified", time_to_accept_s=rng.uniform(1, 30),
+            implicit="accepted" if good else "rejected", time_to_accept_s=rng.uniform(1, 30),
         )
         progress.advance(task)
-        if i % 20 == 0:
-            await asyncio.sleep(0)
+        if i % 10 == 9:
+            await asyncio.sleep(0.05)  # let the engine score what happened, so the bandits learn
+    return chosen
 
 
 async def run_demo(settings: Settings, interactions: int, console: Console) -> None:
     started = time.monotonic()
+    if not settings.bandit.models and not settings.bandit.prompt_variants:
+        settings = settings.model_copy(update={"bandit": DEMO_BANDIT})
     async with open_bus(settings) as bus:
         engine = Engine(bus, PluginHost(settings))
         engine.prepare()
@@ -69,8 +95,8 @@ async def run_demo(settings: Settings, interactions: int, console: Console) -> N
         columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                    RateColumn(), TimeRemainingColumn()]
         with Progress(*columns, console=console) as progress:
-            async with Recorder(settings, url=bus.url) as rec:
-                await _drive(rec, interactions, random.Random(7), progress)
+            async with Recorder(settings, url=bus.url) as rec, Selector(settings, url=bus.url) as selector:
+                chosen = await _drive(rec, selector, interactions, random.Random(7), progress)
             wait = progress.add_task("processing", total=None)
             while True:  # until every processor has consumed and acked all it was given
                 pending = 0
@@ -97,5 +123,17 @@ async def run_demo(settings: Settings, interactions: int, console: Console) -> N
                 table.add_row(typ, str(count))
             db.close()
         console.print(table)
+        console.print(_learning_table(chosen))
         console.print(f"demo finished in {time.monotonic() - started:.1f}s; state in {settings.state_dir}")
 
+
+
+def _learning_table(chosen: list[tuple[str, str]]) -> Table:
+    """How often each arm was chosen in the first and the last quarter of the run."""
+    quarter = max(len(chosen) // 4, 1)
+    first, last = Counter(chosen[:quarter]), Counter(chosen[-quarter:])
+    table = Table("model", "prompt variant", "true success rate", "chosen, first quarter", "chosen, last quarter",
+                  title="what the bandits learned")
+    for arm, rate in sorted(SUCCESS.items(), key=lambda kv: -kv[1]):
+        table.add_row(arm[0], arm[1], f"{rate:.0%}", f"{first[arm] / quarter:.0%}", f"{last[arm] / quarter:.0%}")
+    return table

@@ -81,8 +81,9 @@ class PluginHost:
         return self._unique(found, Projection, "projection")
 
     @staticmethod
-    def _unique(items: list[Any], kind: type, label: str) -> list[Any]:
+    def _unique(items: list[Any], kind: type[Any], label: str) -> list[Any]:
         seen: dict[str, Any] = {}
+        item: Any
         for item in items:
             if not isinstance(item, kind):
                 raise PluginError(f"a plugin registered {item!r}, which is not a {kind.__name__}")

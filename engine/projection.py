@@ -177,7 +177,7 @@ class ProjectionRunner:
         if self._sub is not None:
             try:
                 await self._sub.unsubscribe()
-            except (nats.errors.Error, asyncio.TimeoutError):
+            except (TimeoutError, nats.errors.Error):
                 pass
             self._sub = None
 
@@ -190,7 +190,7 @@ class ProjectionRunner:
             msgs = await self._sub.fetch(self.batch, timeout=timeout)
         except nats.errors.TimeoutError:
             return 0
-        except (nats.errors.Error, nats.js.errors.Error, asyncio.TimeoutError) as exc:
+        except (TimeoutError, nats.errors.Error, nats.js.errors.Error) as exc:
             log.info("projection %s: consumer lost (%s); resubscribing", self.projection.name, exc)
             await self._drop_subscription()
             await asyncio.sleep(0.2)
@@ -227,7 +227,7 @@ class ProjectionRunner:
             return False
         try:
             info = await self._sub.consumer_info()
-        except (nats.errors.Error, nats.js.errors.Error, asyncio.TimeoutError):
+        except (TimeoutError, nats.errors.Error, nats.js.errors.Error):
             return False
         return int(info.num_pending) == 0 and int(info.num_ack_pending or 0) == 0
 

@@ -85,7 +85,7 @@ class Recorder:
         self._wakeup: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closing = False
-        self.last_error: Exception | None = None
+        self.last_error: BaseException | None = None
         self.published = 0
 
     # ---------------------------------------------------------------- lifecycle
@@ -128,7 +128,7 @@ class Recorder:
         if self._pump_task is not None:
             try:
                 await asyncio.wait_for(self._pump_task, 2.0)
-            except (asyncio.TimeoutError, asyncio.CancelledError):
+            except (TimeoutError, asyncio.CancelledError):
                 pass
         if self._bus is not None:
             await self._bus.close()
@@ -209,7 +209,7 @@ class Recorder:
                 self._wakeup.clear()
                 try:
                     await asyncio.wait_for(self._wakeup.wait(), 0.01)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass
                 continue
             batch = [self._buf.popleft() for _ in range(min(self.batch, len(self._buf)))]
@@ -297,7 +297,7 @@ class SyncRecorder:
         return self._recorder.pending
 
     @property
-    def last_error(self) -> Exception | None:
+    def last_error(self) -> BaseException | None:
         return self._recorder.last_error
 
 

@@ -13,9 +13,9 @@ duplicates), and ack each input only after its outputs are acked.
 from __future__ import annotations
 
 import asyncio
-import re
 import inspect
 import logging
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -126,7 +126,7 @@ class ProcessorWorker:
                 msgs = await self._sub.fetch(batch, timeout=self.cfg.fetch_timeout_s)
             except nats.errors.TimeoutError:
                 continue
-            except (nats.errors.Error, nats.js.errors.Error, asyncio.TimeoutError, OSError) as exc:
+            except (TimeoutError, nats.errors.Error, nats.js.errors.Error, OSError) as exc:
                 log.info("%s: fetch failed (%s); retrying", self.processor.name, exc)
                 self._sub = None
                 await asyncio.sleep(0.5)
@@ -137,7 +137,7 @@ class ProcessorWorker:
         """Handle a batch; publish all outputs (pipelined), then ack the inputs."""
         done: list[tuple[Msg, bool]] = []
         outputs: list[Event[Any]] = []
-        self._trace: dict[str, dict[str, str]] = {}
+        self._trace = {}
         for msg in msgs:
             handled = await self._handle(msg)
             if handled is None:

@@ -163,14 +163,18 @@ def _valid(cls: type[Payload], data: dict[str, Any]) -> Any:
 
 
 @hookimpl
-def register_processors(register: Callable[[Processor], None], settings: Settings) -> None:
-    config = settings.anonymizer
-    if config.uses_default_key:
+def configure(settings: Settings) -> None:
+    """Warn (``flywheel up`` shows warnings) while the hash key is the published default."""
+    if settings.anonymizer.uses_default_key:
         log.warning(
             "anonymizer.hash_key is the built-in default: anyone can link hashed session and user"
             " ids to guessed ones. Set FLYWHEEL_ANONYMIZER__HASH_KEY (or [anonymizer] hash_key)."
         )
-    anonymizer = Anonymizer(config)
+
+
+@hookimpl
+def register_processors(register: Callable[[Processor], None], settings: Settings) -> None:
+    anonymizer = Anonymizer(settings.anonymizer)
     register(
         Processor(
             name=NAME,

@@ -113,11 +113,13 @@ def stats_data(
     else:
         since_hour = since_ms // HOUR_MS
 
+        conn = db
+
         def counts(table: str, key: str, value: str) -> Callable[[int | None], dict[str, int]]:
             def read(since: int | None) -> dict[str, int]:
                 where, args = ("WHERE hour >= ?", (since_hour,)) if since is not None else ("", ())
                 sql = f"SELECT {key}, SUM({value}) FROM {table} {where} GROUP BY {key}"
-                return dict(db.execute(sql, args).fetchall())
+                return dict(conn.execute(sql, args).fetchall())
 
             return read
 

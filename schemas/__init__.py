@@ -16,7 +16,7 @@ from schemas.envelope import (
     subject_for,
 )
 from schemas.events import *  # noqa: F403  (the catalogue is the public surface)
-from schemas.events import __all__ as _events_all  # type: ignore[attr-defined]
+from schemas.events import __all__ as _events_all
 from schemas.ids import derive_id, new_id
 
 __all__ = [

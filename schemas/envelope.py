@@ -116,7 +116,8 @@ def new_event(
     eid = event_id or new_id()
     if correlation_id is None:
         correlation_id = (cause.correlation_id or cause.id) if cause is not None else eid
-    return Event[type(data)](  # type: ignore[misc]
+    cls: Any = Event[type(data)]  # type: ignore[misc]
+    event: Event[Any] = cls(
         id=eid,
         time=datetime.now(UTC),
         type=data.event_type,
@@ -126,6 +127,7 @@ def new_event(
         correlation_id=correlation_id,
         data=data,
     )
+    return event
 
 
 def derived_event(data: Payload, *, cause: Event[Any], source: str, index: int = 0) -> Event[Any]:
@@ -135,7 +137,8 @@ def derived_event(data: Payload, *, cause: Event[Any], source: str, index: int =
         raise TypeError(f"{source} produced {type(data).__name__}, not an event payload")
     # Every field is already validated (the payload by its model, the rest by construction),
     # so skip a second validation on the hot path.
-    return Event[type(data)].model_construct(  # type: ignore[misc]
+    cls: Any = Event[type(data)]  # type: ignore[misc]
+    event: Event[Any] = cls.model_construct(
         id=derive_id(cause.id, source, index),
         type=data.event_type,
         schema_version=data.schema_version,
@@ -145,6 +148,7 @@ def derived_event(data: Payload, *, cause: Event[Any], source: str, index: int =
         correlation_id=cause.correlation_id or cause.id,
         data=data,
     )
+    return event
 
 
 def describe_validation_error(err: ValidationError) -> str:

@@ -18,9 +18,9 @@ from engine.app import Engine
 from engine.bus import Bus
 from engine.config import Settings, load_settings
 from engine.hookspecs import hookimpl
+from engine.plugin_host import PluginHost
 from engine.processor import ProcessContext, Processor
 from engine.projection import Projection
-from engine.plugin_host import PluginHost
 from schemas import Event, InteractionAnonymized
 
 

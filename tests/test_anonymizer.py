@@ -239,8 +239,10 @@ def test_the_default_key_is_warned_about_and_a_configured_one_is_used(
     monkeypatch.chdir(tmp_path)
     registered: list[Processor] = []
     with caplog.at_level(logging.WARNING, logger="plugins.anonymizer"):
-        anonymizer_plugin.register_processors(registered.append, load_settings())
-    assert "hash_key" in caplog.text and registered[0].name == "anonymizer"
+        anonymizer_plugin.configure(load_settings())
+    assert "hash_key" in caplog.text
+    anonymizer_plugin.register_processors(registered.append, load_settings())
+    assert [p.name for p in registered] == ["anonymizer"]
     caplog.clear()
     monkeypatch.setenv("FLYWHEEL_ANONYMIZER__HASH_KEY", "a-real-key")
     settings = load_settings()
@@ -248,7 +250,7 @@ def test_the_default_key_is_warned_about_and_a_configured_one_is_used(
     assert settings.anonymizer.hash_key.get_secret_value() == "a-real-key"
     assert "a-real-key" not in repr(settings)
     with caplog.at_level(logging.WARNING, logger="plugins.anonymizer"):
-        anonymizer_plugin.register_processors(registered.append, settings)
+        anonymizer_plugin.configure(settings)
     assert "hash_key" not in caplog.text
 
 

@@ -12,7 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from hypothesis import HealthCheck, Phase, given, settings as hsettings, strategies as st
+from hypothesis import HealthCheck, Phase, given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 
 from engine.bus import Bus
 from engine.config import Settings
@@ -22,7 +24,7 @@ from engine.processor import ProcessContext, Processor
 from engine.replay import differences, rebuild
 from schemas import Event, InteractionAnonymized, InteractionRecorded, InvalidEvent, new_event, parse_event
 from tests.conftest import RunningEngine, read_log, wait_for
-from tests.counting_plugin import CountingPlugin, Counted, counts
+from tests.counting_plugin import Counted, CountingPlugin, counts
 
 ROOT = Path(__file__).parent.parent
 
