@@ -151,6 +151,8 @@ class ProjectionRunner:
         self.store = ProjectionStore(projection, path)
         self.batch = batch
         self._sub: Any = None
+        # `catch_up` may be called while `run` follows the stream: one fetch at a time.
+        self._lock = asyncio.Lock()
 
     @property
     def stream_name(self) -> str:
@@ -184,6 +186,10 @@ class ProjectionRunner:
     async def step(self, timeout: float = 1.0, until_seq: int | None = None,
                    until_time: datetime | None = None) -> int:
         """Fetch and apply one batch; return how many messages were read (0: none waiting)."""
+        async with self._lock:
+            return await self._step(timeout, until_seq, until_time)
+
+    async def _step(self, timeout: float, until_seq: int | None, until_time: datetime | None) -> int:
         if self._sub is None:
             self._sub = await self._subscribe(self.store.position().seq + 1)
         try:
@@ -219,7 +225,8 @@ class ProjectionRunner:
                 break  # reached the time bound
             if n == 0 and await self._nothing_pending():
                 break  # no more messages match the filter up to the target
-        await self._drop_subscription()
+        async with self._lock:
+            await self._drop_subscription()
         return self.store.position().seq
 
     async def _nothing_pending(self) -> bool:
