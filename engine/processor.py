@@ -11,6 +11,7 @@ from typing import Any
 import pluggy
 
 from engine.config import Settings
+from engine.consumes import ConsumesEvents
 from schemas import CATALOGUE, Event, Payload, filter_subjects
 
 Outputs = Iterable[Payload] | None
@@ -32,7 +33,7 @@ Handler = Callable[[Event[Any], ProcessContext], Outputs | Awaitable[Outputs]]
 
 
 @dataclass(frozen=True)
-class Processor:
+class Processor(ConsumesEvents):
     """One step of the flywheel, consuming ``consumes`` on a durable consumer named ``name``."""
 
     name: str
@@ -48,11 +49,3 @@ class Processor:
         if unknown or not self.consumes:
             raise ValueError(f"processor {self.name!r} consumes unknown event types {unknown}")
         filter_subjects(self.consumes)  # raises when the types span both streams
-
-    @property
-    def stream(self) -> str:
-        return CATALOGUE[self.consumes[0]].stream
-
-    @property
-    def subjects(self) -> list[str]:
-        return filter_subjects(self.consumes)

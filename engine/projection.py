@@ -29,12 +29,13 @@ import nats.js.errors
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from engine.bus import Bus
-from schemas import CATALOGUE, Event, InvalidEvent, filter_subjects, parse_event
+from engine.consumes import ConsumesEvents
+from schemas import Event, InvalidEvent, parse_event
 
 log = logging.getLogger(__name__)
 
 
-class Projection:
+class Projection(ConsumesEvents):
     """Base class for a read model. Subclasses set ``name``, ``consumes`` and ``tables``,
     and implement ``apply``; bump ``version`` when the schema or the fold changes, and the
     store is rebuilt from the log."""
@@ -44,14 +45,6 @@ class Projection:
     version: int = 1
     #: SQL run once when the store is created.
     tables: str = ""
-
-    @property
-    def stream(self) -> str:
-        return CATALOGUE[self.consumes[0]].stream
-
-    @property
-    def subjects(self) -> list[str]:
-        return filter_subjects(self.consumes)
 
     def apply(self, db: sqlite3.Connection, event: Event[Any], seq: int) -> None:
         """Fold one event into the tables (inside the runner's transaction)."""
