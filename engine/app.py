@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,8 +56,14 @@ class Engine:
         """Run until ``stop`` is set; in-flight batches finish first (drain)."""
         if not self.workers and not self.runners:
             self.prepare()
-        tasks = [asyncio.create_task(w.run(stop), name=w.processor.name) for w in self.workers]
-        tasks += [asyncio.create_task(r.run(stop), name=r.projection.name) for r in self.runners]
+        tasks = [
+            asyncio.create_task(_supervise(w.processor.name, lambda w=w: w.run(stop), stop), name=w.processor.name)
+            for w in self.workers
+        ]
+        tasks += [
+            asyncio.create_task(_supervise(r.projection.name, lambda r=r: r.run(stop), stop), name=r.projection.name)
+            for r in self.runners
+        ]
         log.info("engine running %d processors, %d projections", len(self.workers), len(self.runners))
         try:
             await asyncio.gather(*tasks)
@@ -65,3 +72,17 @@ class Engine:
                 task.cancel()
             for runner in self.runners:
                 runner.close()
+
+
+async def _supervise(name: str, run: Callable[[], Awaitable[None]], stop: asyncio.Event) -> None:
+    """Keep one worker or projection running: an unexpected error (a lost server mid-call)
+    is logged and the loop restarts after a pause; its consumer resumes where it was."""
+    delay = 0.5
+    while not stop.is_set():
+        try:
+            await run()
+            return
+        except Exception:
+            log.exception("%s stopped unexpectedly; restarting in %.1fs", name, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 10.0)

@@ -103,16 +103,14 @@ def _tls_context(cfg: NatsConfig) -> ssl.SSLContext | None:
     return ctx
 
 
-async def _quiet(exc: Exception) -> None:
-    log.debug("nats: %s", exc)
-
-
 class Bus:
     """A connected client with JetStream, the stream names and publish helpers."""
 
-    def __init__(self, nc: Client, settings: Settings, url: str = "") -> None:
+    def __init__(self, nc: Client, settings: Settings, url: str = "", errors: list[str] | None = None) -> None:
         self.nc = nc
         self.url = url
+        #: Errors the server reported asynchronously (e.g. permission violations), newest last.
+        self.server_errors = errors if errors is not None else []
         self.js: JetStreamContext = nc.jetstream(timeout=settings.nats.publish_timeout_s)
         self.settings = settings
         self.streams = StreamNames.from_config(settings.streams)
@@ -120,13 +118,22 @@ class Bus:
     @classmethod
     async def connect(cls, settings: Settings, url: str) -> Bus:
         cfg = settings.nats
+        errors: list[str] = []
+
+        async def on_error(exc: Exception) -> None:
+            # The server reports a refused publish asynchronously; keep it so the publish that
+            # is left without an ack can say why.
+            log.debug("nats: %s", exc)
+            errors.append(str(exc))
+            del errors[:-20]
+
         opts: dict[str, Any] = dict(
             servers=[u.strip() for u in url.split(",")],
             connect_timeout=cfg.connect_timeout_s,
             allow_reconnect=True,
             max_reconnect_attempts=-1,
             reconnect_time_wait=0.25,
-            error_cb=_quiet,
+            error_cb=on_error,
             name="flywheel",
         )
         if cfg.user:
@@ -144,15 +151,27 @@ class Bus:
         except (TimeoutError, OSError, nats.errors.Error) as exc:
             reason = str(exc) or f"no answer within {cfg.connect_timeout_s:g}s"
             raise BusUnavailable(f"cannot reach NATS at {url}: {reason}") from None
-        return cls(nc, settings, url)
+        return cls(nc, settings, url, errors)
 
-    async def ensure_streams(self) -> None:
-        """Create the streams, or bring an existing one up to the configured settings."""
+    async def ensure_streams(self, wait_s: float = 30.0) -> None:
+        """Create the streams, or bring an existing one up to the configured settings.
+
+        A cluster that is still electing its JetStream leader does not answer yet: retry for
+        up to ``wait_s`` seconds before giving up."""
+        deadline = asyncio.get_running_loop().time() + wait_s
         for config in stream_configs(self.settings.streams):
-            try:
-                await self.js.add_stream(config)
-            except nats.js.errors.BadRequestError:
-                await self.js.update_stream(config)
+            while True:
+                try:
+                    try:
+                        await self.js.add_stream(config)
+                    except nats.js.errors.BadRequestError:
+                        await self.js.update_stream(config)
+                    break
+                except (nats.errors.TimeoutError, nats.js.errors.ServiceUnavailableError,
+                        nats.js.errors.ServerError) as exc:
+                    if asyncio.get_running_loop().time() > deadline:
+                        raise BusUnavailable(f"JetStream did not accept stream {config.name}: {exc!r}") from exc
+                    await asyncio.sleep(0.3)
 
     async def close(self) -> None:
         if not self.nc.is_closed:
@@ -188,6 +207,9 @@ class Bus:
                 ack = await self.js.publish(subject, payload, headers=dict(headers))
                 return ack
             except _RETRYABLE as exc:
+                refused = self._refusal(subject)
+                if refused:
+                    raise PublishFailed(f"NATS refused {subject}: {refused}") from exc
                 if asyncio.get_running_loop().time() + delay > deadline:
                     hint = ""
                     if isinstance(exc, (nats.errors.NoRespondersError, nats.js.errors.NoStreamResponseError)):
@@ -242,6 +264,13 @@ class Bus:
                 ack = await self.publish_raw(event.subject, event.to_bytes(), self._headers(event, trace.get(event.id)))
             acks.append(ack)
         return acks
+
+    def _refusal(self, subject: str) -> str | None:
+        """A permissions violation the server reported for ``subject``, if any."""
+        for err in reversed(self.server_errors):
+            if "permissions violation" in err.lower() and subject in err:
+                return err.removeprefix("nats: ")
+        return None
 
     async def last_sequence(self, stream: str = "log") -> int:
         info = await self.js.stream_info(self.streams.for_stream(stream))

@@ -124,3 +124,74 @@ class EmbeddedServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class EmbeddedCluster:
+    """A JetStream cluster of ``size`` nats-server processes on localhost (tests, ``ops/nats/cluster-up``)."""
+
+    def __init__(self, data_dir: Path, size: int = 3, client_ports: list[int] | None = None) -> None:
+        self.data_dir = Path(data_dir)
+        self.size = size
+        ports = client_ports or [free_port() for _ in range(size)]
+        routes = [free_port() for _ in range(size)]
+        self.nodes: list[EmbeddedServer] = []
+        for i in range(size):
+            node_dir = self.data_dir / f"n{i + 1}"
+            node_dir.mkdir(parents=True, exist_ok=True)
+            conf = node_dir / "server.conf"
+            conf.write_text(
+                f'server_name: "n{i + 1}"\n'
+                "cluster {\n"
+                '  name: "flywheel"\n'
+                f"  listen: 127.0.0.1:{routes[i]}\n"
+                "  routes: [" + ", ".join(f"nats://127.0.0.1:{p}" for p in routes) + "]\n"
+                "}\n"
+            )
+            self.nodes.append(EmbeddedServer(node_dir, port=ports[i], config_file=conf))
+
+    @property
+    def url(self) -> str:
+        """Every node's URL, comma-separated (what ``nats.url`` takes)."""
+        return ",".join(n.url for n in self.nodes)
+
+    def start(self, timeout_s: float = 30.0) -> EmbeddedCluster:
+        for node in self.nodes:
+            node.start(timeout_s)
+        return self
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+    def __enter__(self) -> EmbeddedCluster:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m engine.embedded cluster DIR [--ports 4222,4223,4224]``: run a local cluster."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m engine.embedded")
+    parser.add_argument("what", choices=["cluster", "single"])
+    parser.add_argument("data_dir", type=Path)
+    parser.add_argument("--ports", default="4222,4223,4224")
+    args = parser.parse_args(argv)
+    ports = [int(p) for p in args.ports.split(",")]
+    runner: EmbeddedCluster | EmbeddedServer
+    if args.what == "cluster":
+        runner = EmbeddedCluster(args.data_dir, size=len(ports), client_ports=ports).start()
+    else:
+        runner = EmbeddedServer(args.data_dir, port=ports[0]).start()
+    print(f"nats.url = {runner.url!r}  (Ctrl-C stops)", flush=True)
+    try:
+        signal.sigwait({signal.SIGINT, signal.SIGTERM})
+    finally:
+        runner.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

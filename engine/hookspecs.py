@@ -14,7 +14,7 @@ plugins hand it pure steps by registering them:
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pluggy
 
@@ -73,4 +73,22 @@ def assess(interaction: InteractionAnonymized, evidence: Evidence) -> Assessment
     recorded as a fallback, and repeated failures open its circuit breaker. The assessor's
     name is its plugin name; ``assessment.assessor_weights`` and ``dimension_weights`` say
     how much it counts.
+    """
+
+
+@hookspec
+def synthesize_rehearsal(
+    role: str, examples: list[dict[str, Any]], wanted: int, settings: Settings
+) -> list[dict[str, Any]] | None:
+    """Add synthetic rehearsal rows (e.g. self-synthesized rehearsal with the base model).
+
+    Called by ``dataset_builder`` while it builds a dataset for ``role``, after it picked the
+    real rehearsal rows, whenever the past examples could not fill the configured rehearsal
+    share (``wanted`` > 0 rows are missing; on a role's first dataset that is all of them).
+    ``examples`` are the new training rows (``prompt``, ``completion``, ``messages``, ``domain``,
+    ``complexity``). Return rows of the form ``{"prompt": str, "completion": str}`` (optionally
+    ``"domain"`` and ``"complexity"``), or None. The builder takes the first ``wanted`` rows of
+    all plugins' answers, formats them with the base model's chat template and tags them
+    ``rehearsal`` and ``synthetic``. Be deterministic for the same input: a replay must
+    rebuild the same dataset byte for byte.
     """

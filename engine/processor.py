@@ -27,6 +27,8 @@ class ProcessContext:
     log: logging.Logger
     attempt: int = 1
     hooks: pluggy.HookRelay | None = None
+    #: the stream sequence of the event being handled (0 outside a worker)
+    sequence: int = 0
 
 
 Handler = Callable[[Event[Any], ProcessContext], Outputs | Awaitable[Outputs]]

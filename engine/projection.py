@@ -183,9 +183,9 @@ class ProjectionRunner:
             return await self._step(timeout, until_seq, until_time)
 
     async def _step(self, timeout: float, until_seq: int | None, until_time: datetime | None) -> int:
-        if self._sub is None:
-            self._sub = await self._subscribe(self.store.position().seq + 1)
         try:
+            if self._sub is None:
+                self._sub = await self._subscribe(self.store.position().seq + 1)
             msgs = await self._sub.fetch(self.batch, timeout=timeout)
         except nats.errors.TimeoutError:
             return 0

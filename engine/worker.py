@@ -168,6 +168,7 @@ class ProcessorWorker:
             self.stats.rejected += 1
             return [rejection_event(msg, self.stream_name, name, exc.reason, attempts, msg_id)], True
         self.ctx.attempt = attempts
+        self.ctx.sequence = int(msg.metadata.sequence.stream)
         try:
             if telemetry.enabled():
                 with telemetry.span_from_headers(
