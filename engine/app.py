@@ -56,14 +56,11 @@ class Engine:
         """Run until ``stop`` is set; in-flight batches finish first (drain)."""
         if not self.workers and not self.runners:
             self.prepare()
-        tasks = [
-            asyncio.create_task(_supervise(w.processor.name, lambda w=w: w.run(stop), stop), name=w.processor.name)
-            for w in self.workers
+        loops: list[tuple[str, Callable[[asyncio.Event], Awaitable[None]]]] = [
+            (w.processor.name, w.run) for w in self.workers
         ]
-        tasks += [
-            asyncio.create_task(_supervise(r.projection.name, lambda r=r: r.run(stop), stop), name=r.projection.name)
-            for r in self.runners
-        ]
+        loops += [(r.projection.name, r.run) for r in self.runners]
+        tasks = [asyncio.create_task(_supervise(name, run, stop), name=name) for name, run in loops]
         log.info("engine running %d processors, %d projections", len(self.workers), len(self.runners))
         try:
             await asyncio.gather(*tasks)
@@ -74,13 +71,13 @@ class Engine:
                 runner.close()
 
 
-async def _supervise(name: str, run: Callable[[], Awaitable[None]], stop: asyncio.Event) -> None:
+async def _supervise(name: str, run: Callable[[asyncio.Event], Awaitable[None]], stop: asyncio.Event) -> None:
     """Keep one worker or projection running: an unexpected error (a lost server mid-call)
     is logged and the loop restarts after a pause; its consumer resumes where it was."""
     delay = 0.5
     while not stop.is_set():
         try:
-            await run()
+            await run(stop)
             return
         except Exception:
             log.exception("%s stopped unexpectedly; restarting in %.1fs", name, delay)

@@ -268,7 +268,7 @@ class Bus:
     def _refusal(self, subject: str) -> str | None:
         """A permissions violation the server reported for ``subject``, if any."""
         for err in reversed(self.server_errors):
-            if "permissions violation" in err.lower() and subject in err:
+            if "permissions violation" in err.lower() and subject.lower() in err.lower():
                 return err.removeprefix("nats: ")
         return None
 

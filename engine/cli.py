@@ -360,13 +360,24 @@ def stats(
 
 @app.command()
 def replay(
-    projection: Annotated[str, typer.Option(help="the projection to rebuild")],
+    projection: Annotated[str | None, typer.Option(help="the projection to rebuild")] = None,
+    dataset: Annotated[str | None, typer.Option(help="rebuild this role's dataset (needs --until)")] = None,
     until: Annotated[int | None, typer.Option(help="stop at this log sequence")] = None,
     until_time: Annotated[datetime | None, typer.Option(help="stop at this time (ISO 8601)")] = None,
     compare: Annotated[bool, typer.Option(help="compare with the live projection")] = False,
 ) -> None:
-    """Rebuild a projection from the log into a fresh file (and compare it with the live one)."""
+    """Rebuild a projection, or a role's dataset, from the log alone."""
     settings = _settings()
+    if (projection is None) == (dataset is None):
+        err.print("[red]error:[/red] give exactly one of --projection NAME or --dataset ROLE")
+        raise typer.Exit(2)
+    if dataset is not None:
+        if until is None:
+            err.print("[red]error:[/red] --dataset needs --until SEQ (the log position of the dataset to rebuild)")
+            raise typer.Exit(2)
+        _replay_dataset(settings, dataset, until)
+        return
+    assert projection is not None
     host = PluginHost(settings)
     found = {p.name: p for p in host.projections()}
     if projection not in found:
@@ -390,6 +401,82 @@ def replay(
                 console.print(f"[yellow]differs[/yellow] {d}")
             raise typer.Exit(1)
         console.print("[green]identical[/green] to the live projection")
+
+
+def _replay_dataset(settings: Settings, role: str, until: int) -> None:
+    from plugins.dataset_builder import DatasetNotBuilt, rebuild_dataset
+
+    async def main() -> tuple[str, Path]:
+        async with open_bus(settings) as bus:
+            return await rebuild_dataset(settings, bus, role, until)
+
+    try:
+        digest, path = _run(main)
+    except DatasetNotBuilt as exc:
+        err.print(f"[red]no dataset:[/red] {exc}")
+        raise typer.Exit(1) from None
+    console.print(f"rebuilt the {role} dataset as of log sequence {until}: {digest} in {path}")
+
+
+# --------------------------------------------------------------------------- training and datasets
+
+
+@app.command()
+def train(role: Annotated[str, typer.Option(help="the agent role to train")]) -> None:
+    """Request a training run for a role now (a manual `training.requested` on the log)."""
+    from plugins.training_trigger import request_training
+
+    settings = _settings()
+
+    async def main() -> Any:
+        async with open_bus(settings) as bus:
+            return await request_training(bus, role)
+
+    event = _run(main)
+    console.print(f"requested training for {role} up to log sequence {event.data.log_position} ({event.id})")
+
+
+datasets_app = typer.Typer(help="Curated datasets: list, show, export.", invoke_without_command=True)
+app.add_typer(datasets_app, name="datasets")
+
+
+@datasets_app.callback()
+def datasets_list(ctx: typer.Context) -> None:
+    """List the datasets with their sizes and lineage."""
+    if ctx.invoked_subcommand is None:
+        from plugins.dataset_store import list_datasets
+
+        console.print(list_datasets(_settings()))
+
+
+@datasets_app.command("show")
+def datasets_show(hash: Annotated[str, typer.Argument(help="the dataset hash (a unique prefix will do)")]) -> None:
+    """The balance table and sample rows of one dataset."""
+    from plugins.dataset_store import DatasetNotFound, show_dataset
+
+    try:
+        for renderable in show_dataset(_settings(), hash):
+            console.print(renderable)
+    except DatasetNotFound as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+
+
+@datasets_app.command("export")
+def datasets_export(
+    hash: Annotated[str, typer.Argument(help="the dataset hash (a unique prefix will do)")],
+    format: Annotated[str, typer.Option(help="jsonl, parquet or hf")] = "jsonl",
+    out: Annotated[Path, typer.Option(help="the folder to write")] = Path("dataset-export"),
+) -> None:
+    """Copy a dataset out as JSON lines, Parquet, or a Hugging Face dataset folder."""
+    from plugins.dataset_store import DatasetNotFound, export_dataset
+
+    try:
+        path = export_dataset(_settings(), hash, format, out)
+    except (DatasetNotFound, ValueError, FileExistsError) as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    console.print(f"exported to {path}")
 
 
 # --------------------------------------------------------------------------- config

@@ -270,9 +270,17 @@ class EmbeddingConfig(Section):
     )
     max_tokens: int = Field(default=128, ge=8, le=512, description="tokens of the prompt that are embedded")
     bucket_tokens: int = Field(
-        default=8, ge=1, le=512, description="texts are padded to a multiple of this (fixed shapes: exact replay)"
+        default=1,
+        ge=1,
+        le=512,
+        description="texts are padded to a multiple of this many tokens, a length fixed by the text itself"
+        " (so a vector never depends on its batch); 1 = no padding, texts of one length batched together",
     )
     batch: int = Field(default=64, ge=1, le=4096, description="texts per forward pass")
+    precision: Literal["bfloat16", "float32"] = Field(
+        default="bfloat16",
+        description="matrix products in bf16 autocast (measured 1.6x faster here, cosine to fp32 >= 0.9999) or fp32",
+    )
     threads: int | None = Field(default=None, ge=1, description="torch threads while embedding; none = every core")
     flush_s: float = Field(default=1.0, gt=0, description="how long the embedder holds a partial batch")
 
@@ -294,7 +302,9 @@ class DatasetConfig(Section):
         default=0.05, ge=0, lt=1, description="share of interactions held out of every dataset, to measure forgetting"
     )
     forgetting_max: int = Field(default=500, ge=0, description="largest forgetting set")
-    rehearsal_share: float = Field(default=0.15, ge=0, lt=1, description="share of the training split that is rehearsal")
+    rehearsal_share: float = Field(
+        default=0.15, ge=0, lt=1, description="share of the training split that is rehearsal"
+    )
     min_examples: int = Field(default=10, ge=1, description="fewer new examples than this: no dataset")
     corrections_bypass_quality: bool = Field(
         default=True, description="an interaction with a human correction is kept whatever its reward"

@@ -32,6 +32,7 @@ __all__ = [
     "TrainingRequested",
     "BalanceRow",
     "DatasetBuilt",
+    "DatasetSkipped",
     "TrainingStarted",
     "TrainingProgressed",
     "TrainingCompleted",
@@ -267,8 +268,24 @@ class DatasetBuilt(Payload):
     sizes: dict[Name, Count]
     balance: list[BalanceRow] = Field(default_factory=list)
     rehearsal_share: Score = 0.0
-    lineage: list[EventId] = Field(default_factory=list)
+    lineage: list[EventId] = Field(default_factory=list, description="the ids of the events it came from")
     path: ShortText
+    log_position: Count = Field(default=0, description="the last log sequence the dataset covers")
+    lineage_total: Count = Field(
+        default=0, description="how many ids the full lineage has (``lineage`` may list fewer; the folder has all)"
+    )
+
+
+class DatasetSkipped(Payload):
+    """A training request that produced no dataset, and why (nothing partial was written)."""
+
+    event_type: ClassVar[str] = "dataset.skipped"
+
+    role: Role
+    request_id: EventId | None = None
+    log_position: Count = 0
+    reason: Literal["no_data", "no_examples", "too_few_examples", "base_model_missing", "invalid_request"]
+    detail: ShortText
 
 
 class TrainingStarted(Payload):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
+import nats.errors
 import pytest
 
 from engine.bus import Bus, BusUnavailable, PublishFailed
@@ -44,8 +45,9 @@ async def test_an_agent_credential_may_only_publish_intake(secured: EmbeddedServ
                        source="agent")
     with pytest.raises(PublishFailed, match="(?i)permissions violation for publish to \"?fw.log.quality.assessed"):
         await agent.publish(forged)
-    with pytest.raises(Exception):  # no stream administration either
+    with pytest.raises(nats.errors.TimeoutError):  # no stream administration either: the request is dropped
         await agent.js.delete_stream(agent.streams.log)
+    assert any("permissions violation for publish to \"$js.api.stream.delete" in e.lower() for e in agent.server_errors)
     await agent.close()
     assert await read_log(engine, "log") == []
     assert await engine.last_sequence("raw") == 1

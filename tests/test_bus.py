@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import orjson
@@ -92,7 +93,11 @@ async def test_publish_survives_a_server_restart(tmp_path: Path) -> None:
         ]
         await bus.publish_many(events[:100])
         server.stop()
-        restart = asyncio.get_running_loop().run_in_executor(None, lambda: (__import__("time").sleep(1), server.start()))
+        def restart_later() -> None:
+            time.sleep(1)
+            server.start()
+
+        restart = asyncio.get_running_loop().run_in_executor(None, restart_later)
         await bus.publish_many(events[100:])  # retried through the outage
         await restart
         stored = await read_log(bus, "raw")

@@ -89,3 +89,20 @@ def test_replay_compare_finds_the_rebuilt_projection_identical(env: dict[str, st
     result = runner.invoke(app, ["replay", "--projection", "log_index", "--compare"])
     assert result.exit_code == 0, result.output
     assert "identical" in result.output
+
+
+def test_train_requests_a_run_on_the_log(env: dict[str, str]) -> None:
+    result = runner.invoke(app, ["train", "--role", "coder"])
+    assert result.exit_code == 0, result.output
+    listed = runner.invoke(app, ["events", "--type", "training.requested", "--json"])
+    events = [orjson.loads(line) for line in listed.output.splitlines() if line.startswith("{")]
+    assert len(events) == 1 and events[0]["data"]["role"] == "coder" and events[0]["data"]["reason"] == "manual"
+
+
+def test_datasets_and_dataset_replay_without_data_say_so(env: dict[str, str]) -> None:
+    assert runner.invoke(app, ["datasets"]).exit_code == 0
+    shown = runner.invoke(app, ["datasets", "show", "abc123"])
+    assert shown.exit_code == 2 and "no dataset 'abc123'" in shown.output
+    replayed = runner.invoke(app, ["replay", "--dataset", "coder", "--until", "5"])
+    assert replayed.exit_code == 1 and "no dataset" in replayed.output
+    assert runner.invoke(app, ["replay", "--dataset", "coder"]).exit_code == 2  # --until is required

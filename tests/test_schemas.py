@@ -53,7 +53,7 @@ def rejection(raw: dict[str, Any] | bytes | str) -> str:
 
 
 def test_every_type_has_exactly_one_example_and_one_schema_file() -> None:
-    assert len(TYPES) == 20
+    assert len(TYPES) == 21
     examples = sorted(p.name for p in EXAMPLES_DIR.glob("*.json"))
     schema_files = sorted(p.name for p in JSON_DIR.glob("*.json"))
     expected = [f"{t}.json" for t in TYPES]
@@ -282,6 +282,7 @@ BAD_VALUES = [
     ("dataset.built", "data.dataset_hash", "NOT-A-HASH", "data.dataset_hash"),
     ("dataset.built", "data.rehearsal_share", 2.0, "data.rehearsal_share"),
     ("dataset.built", "data.balance.0.kept", -1, "data.balance.0.kept"),
+    ("dataset.skipped", "data.reason", "bored", "data.reason"),
     ("training.started", "data.method", "rlhf", "data.method"),
     ("training.started", "data.hyperparameters.lora_r", [16], "data.hyperparameters.lora_r"),
     ("training.progressed", "data.step", -1, "data.step"),

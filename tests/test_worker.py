@@ -200,20 +200,21 @@ def _mutate(base: dict[str, Any], path: list[str], value: Any) -> bytes:
 
 
 _DROP = object()
+_int64 = st.integers(-(2**63), 2**63 - 1)  # orjson's range
 _fields = st.sampled_from([
     ["id"], ["type"], ["time"], ["source"], ["schema_version"], ["data"], ["data", "role"], ["data", "input"],
     ["data", "session_id"], ["data", "tokens"], ["data", "cost_usd"], ["data", "complexity"], ["data", "unknown"],
     ["unknown"],
 ])
 _values = st.one_of(
-    st.just(_DROP), st.none(), st.integers(-(2**63), 2**63 - 1), st.floats(allow_nan=False), st.text(max_size=20),
-    st.lists(st.integers(-(2**63), 2**63 - 1), max_size=3), st.dictionaries(st.text(max_size=5), st.integers(-(2**63), 2**63 - 1), max_size=2),
+    st.just(_DROP), st.none(), _int64, st.floats(allow_nan=False), st.text(max_size=20),
+    st.lists(_int64, max_size=3), st.dictionaries(st.text(max_size=5), _int64, max_size=2),
 )
 malformed = st.one_of(
     st.binary(max_size=64),
     st.text(max_size=64).map(str.encode),
     st.builds(lambda f, v: _mutate(_valid_dict(0), f, v), _fields, _values),
-    st.recursive(st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.text(max_size=8),
+    st.recursive(st.none() | st.booleans() | _int64 | st.text(max_size=8),
                  lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=6), c, max_size=3),
                  max_leaves=6).map(orjson.dumps),
 ).filter(_is_invalid)

@@ -1,0 +1,285 @@
+"""Built-in processor ``dataset_builder``: ``training.requested`` in, a dataset folder and
+``dataset.built`` (or ``dataset.skipped``, with the reason) out.
+
+For a request covering log position P, it reads the log from its first event up to P (a fresh
+consumer over ``interaction.anonymized``, ``feedback.anonymized``, ``quality.assessed`` and
+``dataset.built``; raw events are never read), folds the role's evidence and builds the
+dataset with the recipe in ``plugins/curation.py``, formats the rows with the base model's
+chat template (``plugins/chat_format.py``), and writes a content-addressed folder
+(``plugins/dataset_store.py``). Prompt vectors come from the embedder's LanceDB store; any
+missing there are computed and stored on the spot.
+
+The build depends on nothing but the log up to P and the configuration, so
+``rebuild_dataset(settings, bus, role, P)`` (``flywheel replay --until P --dataset ROLE``)
+gives the same hash, also after the state folder was deleted.
+
+No dataset is written when there is nothing to build from (no interactions for the role, none
+clearing the quality bar, fewer new ones than ``min_examples``), when the base model is
+missing, or when a request claims a position after its own; each ends in a ``dataset.skipped``
+whose ``detail`` says why, and the trigger stops waiting for that run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import nats.errors
+import pluggy
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+from engine.bus import Bus
+from engine.config import Settings
+from engine.connection import open_bus
+from engine.hookspecs import hookimpl
+from engine.processor import ProcessContext, Processor
+from plugins.chat_format import BaseModelMissing, load_formatter
+from plugins.curation import READ_TYPES, BuiltDataset, Example, Skip, SkipReason, build_dataset, fold_log
+from plugins.dataset_store import dataset_root, write_dataset
+from plugins.vectors import VectorStore, embedding_text, shared_embedder, vectors_for, vectors_path
+from schemas import DatasetBuilt, DatasetSkipped, Event, InvalidEvent, TrainingRequested, parse_event, subject_for
+
+__all__ = ["DatasetNotBuilt", "Outcome", "build_from_log", "read_log", "rebuild_dataset"]
+
+log = logging.getLogger(__name__)
+
+
+class DatasetNotBuilt(RuntimeError):
+    """A rebuild that ends without a dataset; ``reason`` and the message say why."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """A built dataset (hash, folder and what describes it) or the reason there is none."""
+
+    skip: Skip | None = None
+    digest: str = ""
+    path: Path | None = None
+    built: BuiltDataset | None = None
+
+
+async def read_log(bus: Bus, until_seq: int, types: tuple[str, ...] = READ_TYPES) -> list[tuple[int, Event[Any]]]:
+    """(sequence, event) of every event of ``types`` on the log up to ``until_seq``, in order.
+
+    A message that does not validate is skipped (the worker that met it live rejected it)."""
+    last = await bus.last_sequence("log")
+    end = min(until_seq, last)
+    if end <= 0:
+        return []
+    subjects = [subject_for(t) for t in types]
+    config = ConsumerConfig(
+        ack_policy=AckPolicy.NONE,
+        deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+        opt_start_seq=1,
+        inactive_threshold=60.0,
+        mem_storage=True,
+        filter_subjects=subjects,
+    )
+    sub = await bus.js.pull_subscribe(subjects[0], stream=bus.streams.log, config=config, pending_msgs_limit=4000)
+    out: list[tuple[int, Event[Any]]] = []
+    try:
+        while True:
+            try:
+                msgs = await sub.fetch(1000, timeout=1.0)
+            except nats.errors.TimeoutError:
+                info = await sub.consumer_info()
+                if int(info.num_pending or 0) == 0:
+                    break
+                continue
+            done = False
+            for msg in msgs:
+                seq = int(msg.metadata.sequence.stream)
+                if seq > end:
+                    done = True
+                    break
+                try:
+                    out.append((seq, parse_event(msg.data)))
+                except InvalidEvent:
+                    continue
+                if seq == end:
+                    done = True
+            if done:
+                break
+    finally:
+        try:
+            await sub.unsubscribe()
+        except nats.errors.Error:
+            pass  # the server drops the inactive consumer anyway
+    return out
+
+
+def _synthesizer(hooks: pluggy.HookRelay | None, settings: Settings) -> Callable[..., list[dict[str, Any]]] | None:
+    if hooks is None:
+        return None
+
+    def synthesize(role: str, examples: list[dict[str, Any]], wanted: int) -> list[dict[str, Any]]:
+        answers = hooks.synthesize_rehearsal(role=role, examples=examples, wanted=wanted, settings=settings)
+        return [row for answer in answers if answer for row in answer]
+
+    return synthesize
+
+
+def _build(settings: Settings, events: list[tuple[int, Event[Any]]], role: str, position: int,
+           hooks: pluggy.HookRelay | None) -> Outcome:
+    """The CPU part of a build (run in a thread): fold, build, write."""
+    curation = settings.curation
+    try:
+        formatter = load_formatter(curation.dataset.base_model, settings.state_dir / "cache" / "tokenizers")
+    except BaseModelMissing as exc:
+        return Outcome(skip=Skip("base_model_missing", str(exc)[:2000]))
+    evidence = fold_log(events, role, curation, position)
+    embedder = shared_embedder(curation.embedding)
+    store: VectorStore | None = None
+
+    def vectors(examples: list[Example]) -> Any:
+        nonlocal store
+        if store is None:
+            store = VectorStore(vectors_path(settings.state_dir), embedder.key)
+        return vectors_for(
+            [e.interaction_id for e in examples],
+            [e.role for e in examples],
+            [embedding_text(e.prompt) for e in examples],
+            store,
+            embedder,
+        )
+
+    result = build_dataset(
+        evidence,
+        curation,
+        formatter,
+        vectors,
+        synthesize=_synthesizer(hooks, settings),
+        identity={"embedding": {"model": embedder.name, "key": embedder.key}},
+    )
+    if isinstance(result, Skip):
+        return Outcome(skip=result)
+    digest, path = write_dataset(result, dataset_root(settings))
+    return Outcome(digest=digest, path=path, built=result)
+
+
+async def build_from_log(
+    settings: Settings, bus: Bus, role: str, position: int, hooks: pluggy.HookRelay | None = None
+) -> Outcome:
+    """Read the log up to ``position`` and build ``role``'s dataset from it."""
+    events = await read_log(bus, position)
+    return await asyncio.to_thread(_build, settings, events, role, position, hooks)
+
+
+def _hooks(settings: Settings) -> pluggy.HookRelay:
+    from engine.plugin_host import PluginHost
+
+    host = PluginHost(settings)
+    host.configure()
+    return host.pm.hook
+
+
+async def rebuild_dataset(
+    settings: Settings, bus: Bus, role: str, until_seq: int, hooks: pluggy.HookRelay | None = None
+) -> tuple[str, Path]:
+    """Rebuild ``role``'s dataset as of log position ``until_seq`` (the ``log_position`` of its
+    ``dataset.built``); return (hash, folder). Vectors missing from the store (or the whole
+    store, after the state folder was deleted) are recomputed from the log's text. Raises
+    ``DatasetNotBuilt`` with the reason when there is no dataset to build."""
+    outcome = await build_from_log(settings, bus, role, until_seq, hooks if hooks is not None else _hooks(settings))
+    if outcome.skip is not None:
+        raise DatasetNotBuilt(outcome.skip.reason, outcome.skip.detail)
+    assert outcome.path is not None
+    return outcome.digest, outcome.path
+
+
+class DatasetBuilder:
+    """The processor: one build per request; a redelivered request answers from its record."""
+
+    def __init__(self) -> None:
+        self.dbs: dict[Path, sqlite3.Connection] = {}
+
+    def _db(self, state_dir: Path) -> sqlite3.Connection:
+        if state_dir not in self.dbs:
+            state_dir.mkdir(parents=True, exist_ok=True)
+            db = sqlite3.connect(state_dir / "builds.sqlite", isolation_level=None, check_same_thread=False)
+            db.execute("CREATE TABLE IF NOT EXISTS handled (event_id TEXT PRIMARY KEY, type TEXT, body BLOB)")
+            self.dbs[state_dir] = db
+        return self.dbs[state_dir]
+
+    def _answered(self, db: sqlite3.Connection, event_id: str) -> list[Any] | None:
+        row = db.execute("SELECT type, body FROM handled WHERE event_id = ?", (event_id,)).fetchone()
+        if row is None:
+            return None
+        if row[0] == "dataset.built":
+            built = DatasetBuilt.model_validate_json(row[1])
+            if not (Path(built.path) / "manifest.json").is_file():
+                return None  # the folder was deleted: build it again
+            return [built]
+        return [DatasetSkipped.model_validate_json(row[1])]
+
+    async def handle(self, event: Event[Any], ctx: ProcessContext) -> list[Any]:
+        req = event.data
+        if not isinstance(req, TrainingRequested):
+            return []
+        db = self._db(ctx.state_dir)
+        answered = self._answered(db, event.id)
+        if answered is not None:
+            return answered
+
+        def skipped(reason: SkipReason, detail: str) -> DatasetSkipped:
+            return DatasetSkipped(
+                role=req.role, request_id=event.id, log_position=req.log_position, reason=reason, detail=detail
+            )
+
+        output: DatasetBuilt | DatasetSkipped
+        if ctx.sequence and req.log_position >= ctx.sequence:
+            output = skipped(
+                "invalid_request",
+                f"the request at log position {ctx.sequence} claims to cover position {req.log_position},"
+                " which was not written yet",
+            )
+        else:
+            async with open_bus(ctx.settings, ensure_streams=False) as bus:
+                outcome = await build_from_log(ctx.settings, bus, req.role, req.log_position, ctx.hooks)
+            if outcome.skip is not None:
+                output = skipped(outcome.skip.reason, outcome.skip.detail)
+                ctx.log.warning("no %s dataset for request %s: %s", req.role, event.id, outcome.skip.detail)
+            else:
+                built = outcome.built
+                assert built is not None and outcome.path is not None
+                cap = ctx.settings.curation.dataset.lineage_in_event
+                output = DatasetBuilt(
+                    role=req.role,
+                    dataset_hash=outcome.digest,
+                    request_id=event.id,
+                    sizes=built.sizes,
+                    balance=built.balance,
+                    rehearsal_share=built.rehearsal_share,
+                    lineage=built.lineage[:cap],
+                    path=str(outcome.path),
+                    log_position=req.log_position,
+                    lineage_total=len(built.lineage),
+                )
+        db.execute(
+            "INSERT OR REPLACE INTO handled VALUES (?, ?, ?)",
+            (event.id, output.event_type, output.model_dump_json().encode()),
+        )
+        return [output]
+
+
+@hookimpl
+def register_processors(register: Callable[[Processor], None], settings: Settings) -> None:
+    register(
+        Processor(
+            name="dataset_builder",
+            consumes=("training.requested",),
+            handle=DatasetBuilder().handle,
+            description="builds a content-addressed SFT + DPO dataset with rehearsal for each training request",
+            batch=1,
+        )
+    )

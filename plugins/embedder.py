@@ -1,0 +1,102 @@
+"""Built-in processor ``embedder``: every anonymized interaction's prompt, embedded into LanceDB.
+
+It consumes ``interaction.anonymized`` and emits nothing; the vectors (all-MiniLM-L6-v2, see
+``plugins/vectors.py``) go to ``<state_dir>/vectors``, merged by interaction id, so a
+redelivered event rewrites the same row. Prompts are gathered into batches of
+``curation.embedding.batch`` (or whatever arrived within ``flush_s``) because one forward pass
+per prompt is several times slower.
+
+The store is a cache of a pure function of the log, not a source of truth: the dataset
+builder embeds (and stores) any interaction it finds missing, so a batch lost in a crash, or a
+deleted state folder, costs time, never correctness.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from engine.config import Settings
+from engine.hookspecs import hookimpl
+from engine.processor import ProcessContext, Processor
+from plugins.vectors import VectorStore, embedding_text, shared_embedder, vectors_path
+from schemas import Event, InteractionAnonymized
+
+__all__ = ["Embedder"]
+
+log = logging.getLogger(__name__)
+
+
+class Embedder:
+    """Collects prompts and writes their vectors in batches."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.config = settings.curation.embedding
+        self.pending: dict[str, tuple[str, str]] = {}  # interaction id -> (role, text)
+        self.lock = asyncio.Lock()
+        self.timer: asyncio.TimerHandle | None = None
+        self.task: asyncio.Task[None] | None = None  # the timer's flush, kept so it is not collected
+        self.store: VectorStore | None = None
+        self.written = 0
+
+    async def handle(self, event: Event[Any], ctx: ProcessContext) -> list[Any]:
+        data = event.data
+        if not isinstance(data, InteractionAnonymized):
+            return []
+        self.pending[data.interaction_id] = (data.interaction.role, embedding_text(data.interaction.input))
+        if len(self.pending) >= self.config.batch:
+            await self.flush()
+        elif self.timer is None:
+            loop = asyncio.get_running_loop()
+            self.timer = loop.call_later(self.config.flush_s, self._on_timer, loop)
+        return []
+
+    def _on_timer(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.timer = None
+        if not loop.is_closed():
+            self.task = loop.create_task(self._flush_quietly())
+
+    async def _flush_quietly(self) -> None:
+        try:
+            await self.flush()
+        except Exception:  # a timer has no caller to raise to; the builder fills any gap
+            log.exception("embedder: writing a batch of vectors failed")
+
+    async def flush(self) -> None:
+        """Embed and store what is pending (a failure puts it back for the next try)."""
+        async with self.lock:
+            if self.timer is not None:
+                self.timer.cancel()
+                self.timer = None
+            batch, self.pending = self.pending, {}
+            if not batch:
+                return
+            try:
+                await asyncio.to_thread(self._write, batch)
+            except BaseException:
+                self.pending = {**batch, **self.pending}
+                raise
+            self.written += len(batch)
+
+    def _write(self, batch: dict[str, tuple[str, str]]) -> None:
+        ids = sorted(batch)
+        embedder = shared_embedder(self.config)
+        if self.store is None:
+            self.store = VectorStore(vectors_path(self.settings.state_dir), embedder.key)
+        vectors = embedder.embed([batch[i][1] for i in ids])
+        self.store.upsert(ids, [batch[i][0] for i in ids], vectors)
+
+
+@hookimpl
+def register_processors(register: Callable[[Processor], None], settings: Settings) -> None:
+    register(
+        Processor(
+            name="embedder",
+            consumes=("interaction.anonymized",),
+            handle=Embedder(settings).handle,
+            description="embeds every anonymized prompt into LanceDB (dedupe and rehearsal)",
+        )
+    )
