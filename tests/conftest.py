@@ -30,13 +30,26 @@ def nats_server(tmp_path: Path) -> Iterator[EmbeddedServer]:
 
 
 @pytest.fixture
-def settings(tmp_path: Path, nats_server: EmbeddedServer, monkeypatch: pytest.MonkeyPatch) -> Settings:
+def settings_with(
+    tmp_path: Path, nats_server: EmbeddedServer, monkeypatch: pytest.MonkeyPatch
+) -> Callable[..., Settings]:
+    """Settings for this test's server and state folder, plus any sections a test overrides."""
     monkeypatch.chdir(tmp_path)  # no stray flywheel.toml is read
-    return load_settings(
-        state_dir=tmp_path / "state",
-        nats={"url": nats_server.url, "publish_retry_s": 30},
-        worker={"fetch_timeout_s": 0.2, "backoff_s": 0.05, "max_backoff_s": 0.2},
-    )
+
+    def make(**sections: Any) -> Settings:
+        return load_settings(
+            state_dir=tmp_path / "state",
+            nats={"url": nats_server.url, "publish_retry_s": 30},
+            worker={"fetch_timeout_s": 0.2, "backoff_s": 0.05, "max_backoff_s": 0.2},
+            **sections,
+        )
+
+    return make
+
+
+@pytest.fixture
+def settings(settings_with: Callable[..., Settings]) -> Settings:
+    return settings_with()
 
 
 @pytest.fixture

@@ -17,8 +17,7 @@ import orjson
 import pytest
 
 from engine.bus import Bus
-from engine.config import CurationConfig, Settings, load_settings
-from engine.embedded import EmbeddedServer
+from engine.config import CurationConfig, Settings
 from engine.hookspecs import hookimpl
 from engine.plugin_host import PluginHost
 from engine.processor import ProcessContext
@@ -54,14 +53,8 @@ DATASET = {"min_examples": 2, "forgetting_share": 0.0, "validation_share": 0.2}
 
 
 @pytest.fixture
-def settings(tmp_path: Path, nats_server: EmbeddedServer, monkeypatch: pytest.MonkeyPatch) -> Settings:
-    monkeypatch.chdir(tmp_path)
-    return load_settings(
-        state_dir=tmp_path / "state",
-        nats={"url": nats_server.url, "publish_retry_s": 30},
-        worker={"fetch_timeout_s": 0.2, "backoff_s": 0.05, "max_backoff_s": 0.2},
-        curation={"dataset": DATASET, "embedding": {"flush_s": 0.2}},
-    )
+def settings(settings_with: Callable[..., Settings]) -> Settings:
+    return settings_with(curation={"dataset": DATASET, "embedding": {"flush_s": 0.2}})
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +11,6 @@ import pytest
 
 from engine.bus import Bus
 from engine.config import Settings, load_settings
-from engine.embedded import EmbeddedServer
 from engine.processor import ProcessContext
 from plugins.training_trigger import TrainingTrigger, request_training
 from schemas import (
@@ -29,14 +29,8 @@ TRIGGER = {"export_min": 3, "train_min": 4, "min_interval_s": 0}
 
 
 @pytest.fixture
-def settings(tmp_path: Path, nats_server: EmbeddedServer, monkeypatch: pytest.MonkeyPatch) -> Settings:
-    monkeypatch.chdir(tmp_path)
-    return load_settings(
-        state_dir=tmp_path / "state",
-        nats={"url": nats_server.url, "publish_retry_s": 30},
-        worker={"fetch_timeout_s": 0.2, "backoff_s": 0.05, "max_backoff_s": 0.2},
-        curation={"trigger": TRIGGER},
-    )
+def settings(settings_with: Callable[..., Settings]) -> Settings:
+    return settings_with(curation={"trigger": TRIGGER})
 
 
 def score(role: str = "coder", reward: float = 0.9, complexity: str | None = "moderate", iid: str | None = None) -> Any:
