@@ -174,13 +174,13 @@ class ProcessorWorker:
                 with telemetry.span_from_headers(
                     f"process {name}", msg.headers, **{"flywheel.event_type": event.type, "flywheel.event_id": event.id}
                 ):
-                    produced = await self._call(event)
+                    produced = await self._call(event, msg)
                     carrier: dict[str, str] = {}
                     telemetry.inject(carrier)  # the outputs continue this span's trace
                     for out in produced:
                         self._trace[out.id] = carrier
             else:
-                produced = await self._call(event)
+                produced = await self._call(event, msg)
         except Exception as exc:  # a plugin may raise anything; it must not stop the worker
             if attempts < self.cfg.max_attempts:
                 delay = min(self.cfg.backoff_s * 2 ** (attempts - 1), self.cfg.max_backoff_s)
@@ -194,13 +194,27 @@ class ProcessorWorker:
         self.stats.processed += 1
         return produced, False
 
-    async def _call(self, event: Event[Any]) -> list[Event[Any]]:
+    async def _call(self, event: Event[Any], msg: Msg) -> list[Event[Any]]:
         """Run the handler and wrap what it returns in envelopes with derived ids."""
         result = self.processor.handle(event, self.ctx)
         if inspect.isawaitable(result):
-            result = await result
+            # A long step (a dataset build, a training run) keeps its message: tell JetStream
+            # it is in progress well before ack_wait would redeliver it elsewhere.
+            heartbeat = asyncio.create_task(self._keep_alive(msg))
+            try:
+                result = await result
+            finally:
+                heartbeat.cancel()
         name = self.processor.name
         return [derived_event(p, cause=event, source=name, index=i) for i, p in enumerate(result or ())]
+
+    async def _keep_alive(self, msg: Msg) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.ack_wait_s / 3)
+            try:
+                await msg.in_progress()
+            except nats.errors.Error:
+                return
 
     @staticmethod
     async def _term(msg: Msg) -> None:

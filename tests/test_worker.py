@@ -273,3 +273,32 @@ async def _stored(bus: Bus, n: int) -> bool:
 async def _consumer_done(bus: Bus) -> Any:
     info = await bus.js.consumer_info(bus.streams.raw, "pass_through")
     return info if info.num_pending == 0 and info.num_ack_pending == 0 else None
+
+
+class Slow:
+    """An async step that takes longer than the consumer's ack wait."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def handle(self, event: Event[Any], ctx: ProcessContext) -> list[InteractionAnonymized]:
+        self.calls += 1
+        await asyncio.sleep(2.5)
+        return [InteractionAnonymized(interaction_id=event.id, interaction=event.data)]
+
+    @hookimpl
+    def register_processors(self, register: Callable[[Processor], None], settings: Settings) -> None:
+        register(Processor("slow", ("interaction.recorded",), self.handle, batch=1))
+
+
+async def test_a_long_step_is_not_redelivered_while_it_runs(
+    bus: Bus, settings: Settings, engine_with: Callable[..., RunningEngine]
+) -> None:
+    slow = Slow()
+    running = engine_with(slow, builtins=False)
+    running.engine.bus.settings.worker.ack_wait_s = 1.0  # shorter than the step
+    await bus.publish(interaction(1))
+    async with running:
+        await wait_for(lambda: read_log(bus, "log", "interaction.anonymized"), timeout=30)
+        await asyncio.sleep(1.5)
+    assert slow.calls == 1
