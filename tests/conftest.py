@@ -37,6 +37,9 @@ def settings_with(
     monkeypatch.chdir(tmp_path)  # no stray flywheel.toml is read
 
     def make(**sections: Any) -> Settings:
+        # The trainer would fine-tune the real base model on any dataset a test builds;
+        # tests/test_trainer.py turns it back on with a tiny model.
+        sections.setdefault("plugins", {"disabled": ["trainer"]})
         return load_settings(
             state_dir=tmp_path / "state",
             nats={"url": nats_server.url, "publish_retry_s": 30},

