@@ -37,6 +37,7 @@ from engine.bus import Bus
 from engine.config import Settings
 from engine.connection import open_bus
 from engine.hookspecs import hookimpl
+from engine.memo import OutputMemo
 from engine.processor import ProcessContext, Processor
 from plugins.chat_format import BaseModelMissing, load_formatter
 from plugins.curation import READ_TYPES, BuiltDataset, Example, Skip, SkipReason, build_dataset, fold_log
@@ -201,33 +202,29 @@ class DatasetBuilder:
     """The processor: one build per request; a redelivered request answers from its record."""
 
     def __init__(self) -> None:
-        self.dbs: dict[Path, sqlite3.Connection] = {}
+        self.memos: dict[Path, OutputMemo] = {}
 
-    def _db(self, state_dir: Path) -> sqlite3.Connection:
-        if state_dir not in self.dbs:
+    def _memo(self, state_dir: Path) -> OutputMemo:
+        if state_dir not in self.memos:
             state_dir.mkdir(parents=True, exist_ok=True)
             db = sqlite3.connect(state_dir / "builds.sqlite", isolation_level=None, check_same_thread=False)
-            db.execute("CREATE TABLE IF NOT EXISTS handled (event_id TEXT PRIMARY KEY, type TEXT, body BLOB)")
-            self.dbs[state_dir] = db
-        return self.dbs[state_dir]
+            self.memos[state_dir] = OutputMemo(db)
+        return self.memos[state_dir]
 
-    def _answered(self, db: sqlite3.Connection, event_id: str) -> list[Any] | None:
-        row = db.execute("SELECT type, body FROM handled WHERE event_id = ?", (event_id,)).fetchone()
-        if row is None:
-            return None
-        if row[0] == "dataset.built":
-            built = DatasetBuilt.model_validate_json(row[1])
-            if not (Path(built.path) / "manifest.json").is_file():
+    @staticmethod
+    def _answered(memo: OutputMemo, event_id: str) -> list[Any] | None:
+        answered = memo.recall(event_id)
+        for out in answered or ():
+            if isinstance(out, DatasetBuilt) and not (Path(out.path) / "manifest.json").is_file():
                 return None  # the folder was deleted: build it again
-            return [built]
-        return [DatasetSkipped.model_validate_json(row[1])]
+        return answered
 
     async def handle(self, event: Event[Any], ctx: ProcessContext) -> list[Any]:
         req = event.data
         if not isinstance(req, TrainingRequested):
             return []
-        db = self._db(ctx.state_dir)
-        answered = self._answered(db, event.id)
+        memo = self._memo(ctx.state_dir)
+        answered = self._answered(memo, event.id)
         if answered is not None:
             return answered
 
@@ -265,10 +262,7 @@ class DatasetBuilder:
                     log_position=req.log_position,
                     lineage_total=len(built.lineage),
                 )
-        db.execute(
-            "INSERT OR REPLACE INTO handled VALUES (?, ?, ?)",
-            (event.id, output.event_type, output.model_dump_json().encode()),
-        )
+        memo.remember(event.id, [output], replace=True)  # replaces a build whose folder was deleted
         return [output]
 
 

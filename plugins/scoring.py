@@ -33,6 +33,7 @@ from typing import Any
 from engine.assessment import AssessorPanel, Combined, Evidence, combine
 from engine.config import Settings
 from engine.hookspecs import hookimpl
+from engine.memo import OutputMemo
 from engine.processor import ProcessContext, Processor
 from schemas import (
     Event,
@@ -52,7 +53,6 @@ CREATE TABLE IF NOT EXISTS evidence (
     event_id TEXT PRIMARY KEY, interaction_id TEXT NOT NULL, kind TEXT NOT NULL, body BLOB NOT NULL);
 CREATE INDEX IF NOT EXISTS evidence_by_interaction ON evidence (interaction_id, event_id);
 CREATE TABLE IF NOT EXISTS current (interaction_id TEXT PRIMARY KEY, fingerprint BLOB NOT NULL);
-CREATE TABLE IF NOT EXISTS handled (event_id TEXT PRIMARY KEY, output BLOB);
 """
 
 
@@ -79,11 +79,7 @@ class EvidenceStore:
         self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.executescript(_TABLES)
-
-    def output_of(self, event_id: str) -> tuple[bool, bytes | None]:
-        """(handled before?, the quality.assessed it produced, if any)."""
-        row = self.db.execute("SELECT output FROM handled WHERE event_id = ?", (event_id,)).fetchone()
-        return (row is not None, row[0] if row else None)
+        self.memo = OutputMemo(self.db)
 
     def knows(self, interaction_id: str) -> bool:
         sql = "SELECT 1 FROM interactions WHERE interaction_id = ?"
@@ -134,8 +130,7 @@ class EvidenceStore:
         self, event_id: str, interaction_id: str, output: QualityAssessed | None, fingerprint: bytes | None
     ) -> None:
         """Remember what ``event_id`` produced and, if it produced a score, the new current one."""
-        body = output.model_dump_json().encode() if output else None
-        self.db.execute("INSERT INTO handled VALUES (?, ?)", (event_id, body))
+        self.memo.remember(event_id, [output] if output else [])
         if fingerprint is not None:
             self.db.execute(
                 "INSERT INTO current VALUES (?, ?) ON CONFLICT (interaction_id)"
@@ -176,9 +171,9 @@ class Scoring:
         store = self.stores.get(ctx.state_dir)
         if store is None:
             store = self.stores[ctx.state_dir] = EvidenceStore(ctx.state_dir / "evidence.sqlite")
-        seen, output = store.output_of(event.id)
-        if seen:  # a redelivery: produce exactly what the first delivery produced
-            return [QualityAssessed.model_validate_json(output)] if output else []
+        answered = store.memo.recall(event.id)
+        if answered is not None:  # a redelivery: produce exactly what the first delivery produced
+            return answered  # type: ignore[return-value]
         iid = interaction_id_of(event.data)
         if not isinstance(event.data, InteractionAnonymized) and not store.knows(iid):
             raise UnknownInteraction(

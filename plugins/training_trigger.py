@@ -35,6 +35,7 @@ from typing import Any
 from engine.bus import Bus
 from engine.config import CurationConfig, Settings
 from engine.hookspecs import hookimpl
+from engine.memo import OutputMemo
 from engine.processor import ProcessContext, Processor
 from schemas import (
     DatasetSkipped,
@@ -72,7 +73,6 @@ CREATE TABLE IF NOT EXISTS roles (
     in_flight_ms INTEGER,
     last_request_ms INTEGER,
     drift_pending INTEGER NOT NULL DEFAULT 0);
-CREATE TABLE IF NOT EXISTS handled (event_id TEXT PRIMARY KEY, output BLOB);
 """
 
 
@@ -88,6 +88,7 @@ class TriggerState:
         self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.executescript(_TABLES)
+        self.memo = OutputMemo(self.db)
 
     # ------------------------------------------------------------------ reads
 
@@ -108,9 +109,6 @@ class TriggerState:
         ).fetchone()
         return int(new), int(total)
 
-    def output_of(self, event_id: str) -> tuple[bool, bytes | None]:
-        row = self.db.execute("SELECT output FROM handled WHERE event_id = ?", (event_id,)).fetchone()
-        return (row is not None, row[0] if row else None)
 
     # ------------------------------------------------------------------ the step
 
@@ -212,12 +210,12 @@ class TrainingTrigger:
 
     def handle(self, event: Event[Any], ctx: ProcessContext) -> list[TrainingRequested]:
         state = self.state(ctx.state_dir)
-        seen, output = state.output_of(event.id)
-        if seen:  # a redelivery: the same answer, nothing applied twice
-            return [TrainingRequested.model_validate_json(output)] if output else []
+        answered = state.memo.recall(event.id)
+        if answered is not None:  # a redelivery: the same answer, nothing applied twice
+            return answered  # type: ignore[return-value]
         if isinstance(event.data, TrainingRequested) and state.role(event.data.role)["in_flight"] == event.id:
             # our own decision coming back: already applied when it was made
-            state.db.execute("INSERT OR IGNORE INTO handled VALUES (?, NULL)", (event.id,))
+            state.memo.remember(event.id, [])
             return []
         state.db.execute("BEGIN IMMEDIATE")
         try:
@@ -225,8 +223,7 @@ class TrainingTrigger:
             if request is not None:
                 out_id = derived_event(request, cause=event, source=NAME).id
                 state._requested(request.role, out_id, request.log_position, _ms(event))
-            body = request.model_dump_json().encode() if request is not None else None
-            state.db.execute("INSERT INTO handled VALUES (?, ?)", (event.id, body))
+            state.memo.remember(event.id, [request] if request is not None else [])
         except BaseException:
             state.db.execute("ROLLBACK")
             raise
