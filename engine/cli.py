@@ -92,7 +92,16 @@ def up(
                 f"{len(engine.runners)} projections "
                 f"({', '.join(r.projection.name for r in engine.runners) or '-'}). Ctrl-C stops."
             )
-            await engine.run(stop)
+            from engine.dashboard.server import start_dashboard
+
+            dashboard = await start_dashboard(settings, bus, warn=err.print)
+            if dashboard is not None:
+                console.print(f"dashboard: {dashboard.url}")
+            try:
+                await engine.run(stop)
+            finally:
+                if dashboard is not None:
+                    await dashboard.stop()
             await bus.close()
             console.print("stopped: in-flight work drained")
         finally:
@@ -317,7 +326,7 @@ def status(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
 # --------------------------------------------------------------------------- stats
 
 
-def _catch_up_projections(settings: Settings) -> None:
+def catch_up_projections(settings: Settings) -> None:
     """Bring every projection up to the end of the log before reading it."""
 
     async def main() -> None:
@@ -347,7 +356,7 @@ def stats(
 
     settings = _settings()
     window = timedelta(hours=window_hours)
-    _catch_up_projections(settings)
+    catch_up_projections(settings)
     if as_json:
         sys.stdout.write(orjson.dumps(stats_data(settings, window=window), default=str).decode() + "\n")
         return
@@ -421,21 +430,6 @@ def _replay_dataset(settings: Settings, role: str, until: int) -> None:
 # --------------------------------------------------------------------------- training and datasets
 
 
-@app.command()
-def train(role: Annotated[str, typer.Option(help="the agent role to train")]) -> None:
-    """Request a training run for a role now (a manual `training.requested` on the log)."""
-    from plugins.training_trigger import request_training
-
-    settings = _settings()
-
-    async def main() -> Any:
-        async with open_bus(settings) as bus:
-            return await request_training(bus, role)
-
-    event = _run(main)
-    console.print(f"requested training for {role} up to log sequence {event.data.log_position} ({event.id})")
-
-
 datasets_app = typer.Typer(help="Curated datasets: list, show, export.", invoke_without_command=True)
 app.add_typer(datasets_app, name="datasets")
 
@@ -504,13 +498,49 @@ def config_show(as_json: Annotated[bool, typer.Option("--json")] = False) -> Non
 
 @app.command()
 def demo(
-    interactions: Annotated[int, typer.Option(help="how many simulated agent turns")] = 200,
+    bandits: Annotated[bool, typer.Option("--bandits", help="the bandit demo: no model, simulated rates")] = False,
+    interactions: Annotated[int, typer.Option(help="--bandits: how many simulated agent turns")] = 200,
+    state_dir: Annotated[Path | None, typer.Option(help="the run's state folder (default: a new one under"
+                                                        " <state_dir>/demo-runs)")] = None,
+    train_tasks: Annotated[int | None, typer.Option(min=1, help="work only the first N training tasks")] = None,
+    held_out_tasks: Annotated[int | None, typer.Option(min=1, help="measure only the first N held-out tasks")] = None,
 ) -> None:
-    """Run the engine on the embedded defaults and drive it with a simulated agent."""
-    from engine.demo import run_demo
+    """The whole loop on the embedded defaults: a simulated coding agent on the real base model,
+    tested and corrected, then dataset, training, gate and deployment, and before/after figures."""
+    from engine.demo import DemoError, run_bandit_demo, run_demo
 
     settings = _settings()
-    _run(lambda: run_demo(settings, interactions, console))
+    if bandits:
+        _run(lambda: run_bandit_demo(settings, interactions, console))
+        return
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+    try:
+        _run(lambda: run_demo(settings, console, state_dir=state_dir, train_limit=train_tasks,
+                              held_out_limit=held_out_tasks))
+    except DemoError as exc:
+        err.print(f"[red]demo stopped:[/red] {exc}")
+        raise typer.Exit(1) from None
+
+
+# --------------------------------------------------------------------------- commands beside their domain
+
+#: modules under ``engine/commands`` that add commands; each has ``register(app, settings_loader, run)``
+COMMAND_MODULES: tuple[str, ...] = (
+    "engine.commands.dashboard",
+    "engine.commands.forget",
+    "engine.commands.deployments",
+    "engine.commands.training",
+)
+
+
+def _register_command_modules() -> None:
+    import importlib
+
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(app, _settings, _run)
+
+
+_register_command_modules()
 
 
 def main() -> None:

@@ -45,6 +45,36 @@ class NatsConfig(Section):
     publish_retry_s: float = Field(
         default=60.0, ge=0, description="how long a publish keeps retrying through a reconnect"
     )
+    embedded_encryption_key: SecretStr | None = Field(
+        default=None,
+        description="encrypt the embedded server's JetStream files at rest with this key (never printed);"
+        " the same key is needed to read them back",
+    )
+    embedded_encryption_key_file: Path | None = Field(
+        default=None, description="a file holding the embedded server's encryption key (instead of the key itself)"
+    )
+    embedded_cipher: Literal["chachapoly", "aes"] = Field(
+        default="chachapoly", description="the cipher of the embedded server's encrypted JetStream files"
+    )
+
+    def encryption_key(self) -> str | None:
+        """The embedded server's JetStream key, from ``embedded_encryption_key`` or its file."""
+        if self.embedded_encryption_key is not None:
+            return self.embedded_encryption_key.get_secret_value()
+        if self.embedded_encryption_key_file is None:
+            return None
+        try:
+            key = self.embedded_encryption_key_file.read_text().strip()
+        except OSError as exc:
+            raise ConfigError(
+                f"nats.embedded_encryption_key_file = {str(self.embedded_encryption_key_file)!r}: cannot read it"
+                f" ({exc.strerror or exc})"
+            ) from None
+        problem = _encryption_key_problem(key)
+        if problem:
+            path = str(self.embedded_encryption_key_file)
+            raise ConfigError(f"nats.embedded_encryption_key_file = {path!r}: {problem}")
+        return key
 
     @field_validator("url")
     @classmethod
@@ -56,12 +86,34 @@ class NatsConfig(Section):
                 raise ValueError("each URL must start with nats://, tls://, ws:// or wss://")
         return value
 
+    @field_validator("embedded_encryption_key")
+    @classmethod
+    def _key_length(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None or value.get_secret_value() == "":
+            return None
+        problem = _encryption_key_problem(value.get_secret_value())
+        if problem:
+            raise ValueError(problem)
+        return value
+
+
+def _encryption_key_problem(key: str) -> str | None:
+    """Why ``key`` cannot encrypt JetStream files, or None. (It reaches nats-server as a quoted
+    config string, so quotes, backslashes, '$' and spaces are not allowed.)"""
+    if len(key) < 16 or any(c.isspace() or c in '"\\$' for c in key):
+        return "an encryption key needs at least 16 characters, without spaces, quotes, backslashes or '$'"
+    return None
+
 
 class StreamsConfig(Section):
     """The two streams: the raw intake (short retention) and the immutable log."""
 
-    raw_max_age_days: float = Field(default=30.0, gt=0)
+    raw_max_age_days: float = Field(default=30.0, gt=0, description="raw intake is deleted after this many days")
+    raw_max_bytes: int = Field(default=0, ge=0, description="the raw stream's size cap, oldest dropped first; 0 = none")
     log_max_age_days: float = Field(default=0.0, ge=0, description="0 keeps the log forever")
+    log_max_bytes: int = Field(
+        default=0, ge=0, description="the log's size cap, oldest dropped first; 0 = none (replay needs the whole log)"
+    )
     duplicate_window_s: float = Field(default=120.0, gt=0)
     replicas: int = Field(default=1, ge=1, le=5)
     prefix: str = Field(default="FLYWHEEL", pattern=r"^[A-Z][A-Z0-9_]{0,30}$")
@@ -380,6 +432,168 @@ class TrainerConfig(Section):
     )
     gradient_checkpointing: bool = Field(default=False, description="recompute activations: less memory, slower")
     seed: int = 0
+    eval_every: int | None = Field(
+        default=None, ge=1, description="optimizer steps between validation losses; none = once per epoch"
+    )
+    early_stopping_patience: int | None = Field(
+        default=2, ge=1, description="stop after this many validations without a better loss (the best weights"
+        " are restored); none = never stop early",
+    )
+    method: Literal["sft", "dpo"] = Field(
+        default="sft", description="sft on the train split, or dpo on the preference pairs (dpo_train)"
+    )
+    dpo_beta: float = Field(default=0.1, gt=0, description="DPO's beta: how far the policy may move from the base")
+
+
+class EvaluatorConfig(Section):
+    """How ``evaluator`` compares a candidate adapter with the model in service, and the gate
+    (``plugins/evaluator.py``). Defaults follow the reference design."""
+
+    max_task_drop_points: float = Field(
+        default=2.0, ge=0, description="the task pass rate (percent) may be at most this many points lower"
+    )
+    max_forgetting_rate: float = Field(
+        default=0.3, ge=0, le=1, description="the share of forgetting-set items that got worse must stay below"
+    )
+    forgetting_tolerance: float = Field(
+        default=0.05, ge=0, description="an item got worse when its answer loss rose by more than this share"
+    )
+    max_loss_increase: float | None = Field(
+        default=0.05, ge=0, description="held-out loss may be at most this share above the model in service;"
+        " none = not gated",
+    )
+    max_latency_ratio: float | None = Field(
+        default=None, gt=0, description="candidate ms/token over the service's; none = reported, not gated"
+    )
+    canary_check: bool = Field(default=True, description="fail a candidate that reproduces a secret or PII")
+    canary_from_train: int = Field(default=8, ge=0, description="training prompts added to the canary prompts")
+    max_task_examples: int = Field(default=20, ge=0, description="held-out examples with tests that are run")
+    max_new_tokens: int = Field(default=160, ge=1, description="tokens generated per held-out task")
+    canary_max_new_tokens: int = Field(default=48, ge=1)
+    generation_batch: int = Field(default=8, ge=1)
+    test_timeout_s: float = Field(default=10.0, gt=0, description="wall-clock limit of one sandboxed test run")
+    test_memory_mb: int = Field(default=512, ge=32, description="address-space limit of one sandboxed test run")
+    general_prompts: Path | None = Field(
+        default=None, description="JSON lines {prompt, completion} added to the forgetting set; none = the"
+        " general prompts shipped in plugins/evaluation/data",
+    )
+    threads: int | None = Field(default=None, ge=1, description="torch threads; none = torch's default")
+
+
+class OllamaConfig(Section):
+    """The Ollama runtime (``deployer.runtime = "ollama"``): where it listens and how it samples."""
+
+    url: str = Field(default="http://127.0.0.1:11434", description="Ollama's HTTP API")
+    base: str | None = Field(
+        default=None,
+        description="an Ollama model to build versions FROM (e.g. qwen2.5-coder:1.5b); none = the trainer's"
+        " base model, uploaded once (the bundled SmolLM2 GGUF, or a Hugging Face folder's safetensors)",
+    )
+    temperature: float = Field(default=0.0, ge=0, le=2, description="PARAMETER temperature of created models")
+    top_p: float = Field(default=0.9, gt=0, le=1, description="PARAMETER top_p")
+    top_k: int = Field(default=40, ge=1, description="PARAMETER top_k")
+    timeout_s: float = Field(default=300.0, gt=0, description="longest wait for one API call (uploads, create)")
+
+    @field_validator("url")
+    @classmethod
+    def _http(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return value.rstrip("/")
+
+
+class LlamaCppConfig(Section):
+    """The llama.cpp runtime (``deployer.runtime = "llama_cpp"``, ``plugins/runtimes/llama_cpp.py``): the base
+    model as GGUF, each adapter converted to a GGUF LoRA, one llama-cpp-python server per served version.
+    Needs the wheel ``bash ops/build-llama-cpp`` builds (AMX compiled out) and ``bash ops/setup`` installs."""
+
+    base_gguf: Path | None = Field(
+        default=None,
+        description="the base model as a GGUF file; none = the bundled SmolLM2 GGUF when the base model is its"
+        " conversion, else the base folder converted once with llama.cpp's convert_hf_to_gguf.py",
+    )
+    base_outtype: Literal["f32", "f16", "bf16", "q8_0"] = Field(
+        default="f16", description="weight type when a Hugging Face base folder is converted to GGUF"
+    )
+    lora_outtype: Literal["f32", "f16", "bf16", "q8_0"] = Field(
+        default="f16", description="weight type of converted GGUF LoRA adapters"
+    )
+    threads: int = Field(
+        default=1,
+        ge=1,
+        description="generation threads per server (servers run with OMP_WAIT_POLICY=passive; on 2 shared cores"
+        " one thread is fastest)",
+    )
+    n_ctx: int = Field(default=2048, ge=64, description="context window of a served model, in tokens")
+    no_repack: bool = Field(
+        default=False,
+        description="turn ggml's extra buffer types off (use_extra_bufts=false, llama-server's --no-repack):"
+        " the workaround for a build that still crashes in a repacked matrix path",
+    )
+    startup_timeout_s: float = Field(default=120.0, gt=0, description="longest wait for a server to answer")
+    request_timeout_s: float = Field(default=300.0, gt=0, description="longest wait for one generation")
+    scripts_dir: Path | None = Field(
+        default=None,
+        description="llama.cpp's conversion scripts (convert_lora_to_gguf.py, convert_hf_to_gguf.py, gguf-py);"
+        " none = the copy ops/build-llama-cpp keeps in ${FLYWHEEL_CACHE:-~/.cache/flywheel}/llama.cpp-<version>",
+    )
+
+
+class DeployerConfig(Section):
+    """How ``deployer`` puts a version that passed its evaluation in service (``plugins/deployer.py``)."""
+
+    runtime: Literal["transformers", "llama_cpp", "ollama"] = Field(
+        default="transformers",
+        description="transformers (PEFT on the HF base model, always works), llama_cpp or ollama",
+    )
+    canary_share: float = Field(
+        default=1.0,
+        gt=0,
+        le=1,
+        description="share of the role's traffic the new version gets; the previous version keeps serving the"
+        " rest (1.0: all traffic moves once the smoke test passes)",
+    )
+    keep_versions: int = Field(
+        default=3, ge=2, le=100, description="versions kept for rollback, the one in service included"
+    )
+    host: str = Field(default="127.0.0.1", description="interface the transformers server listens on")
+    smoke_prompt: str = Field(default="Write a Python function that returns 1.", min_length=1)
+    smoke_max_tokens: int = Field(default=8, ge=1, le=512)
+    threads: int | None = Field(
+        default=1,
+        ge=1,
+        description="torch threads while the transformers runtime generates; none = torch's default, every core"
+        " (on 2 shared, busy cores SmolLM2-135M took 79-336 ms/token with 1 thread and 2434 ms/token with 2)",
+    )
+
+
+class DriftConfig(Section):
+    """How ``drift_monitor`` decides the version in service got worse than the one before it."""
+
+    window: int = Field(default=20, ge=3, le=10_000, description="recent rewards compared per version")
+    min_drop: float = Field(
+        default=0.05, ge=0, lt=1, description="least relative drop of the mean reward (0.05 = 5 %) that counts"
+    )
+    alpha: float = Field(default=0.05, gt=0, lt=1, description="significance of the one-sided Mann-Whitney U test")
+
+
+class DashboardConfig(Section):
+    """The web dashboard ``flywheel up`` serves (``engine/dashboard``; ``flywheel dashboard`` serves it alone).
+
+    Read-only (the default) means the dashboard exposes no actions: every route is a GET that reads
+    the ``dashboard`` projection, and nothing can be published, requested or changed from a browser.
+    With ``read_only = false`` each role also gets a "request training" button (a manual
+    ``training.requested``, as ``flywheel train --role``); actions need a header that only the
+    dashboard's own pages send (no cross-site requests), but there is no authentication, so keep
+    ``host`` on a loopback address then."""
+
+    enabled: bool = Field(default=True, description="serve the dashboard from flywheel up")
+    host: str = Field(default="127.0.0.1", min_length=1, description="the interface it listens on")
+    port: int = Field(default=8765, ge=0, le=65535, description="0 = any free port (the URL is printed)")
+    read_only: bool = Field(default=True, description="no actions exposed; false adds request-training buttons")
+    refresh_s: float = Field(
+        default=1.0, gt=0, le=60, description="how often the live stream checks the projection for new events"
+    )
 
 
 class Settings(BaseSettings):
@@ -403,6 +617,12 @@ class Settings(BaseSettings):
     anonymizer: AnonymizerConfig = Field(default_factory=AnonymizerConfig)
     curation: CurationConfig = Field(default_factory=CurationConfig)
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)
+    deployer: DeployerConfig = Field(default_factory=DeployerConfig)
+    drift: DriftConfig = Field(default_factory=DriftConfig)
+    ollama: OllamaConfig = Field(default_factory=OllamaConfig)
+    llama_cpp: LlamaCppConfig = Field(default_factory=LlamaCppConfig)
+    evaluator: EvaluatorConfig = Field(default_factory=EvaluatorConfig)
+    dashboard: DashboardConfig = Field(default_factory=DashboardConfig)
 
     @classmethod
     def settings_customise_sources(
@@ -425,6 +645,8 @@ def _describe(err: Any) -> str:
     key = ".".join(str(p) for p in err["loc"])
     value = err.get("input")
     shown = repr(value) if not isinstance(value, dict) else "{...}"
+    if any(word in str(err["loc"][-1]) for word in ("password", "token", "key")) and value:
+        shown = "***"  # a secret is never echoed, not even a bad one
     allowed = err["msg"]
     ctx = err.get("ctx") or {}
     if "expected" in ctx:

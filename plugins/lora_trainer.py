@@ -60,7 +60,9 @@ log = logging.getLogger(__name__)
 #: called with each live event (started, progressed) while a run goes on
 Emit = Callable[[Payload], None]
 
-LOOP_FIELDS = ("lr", "epochs", "batch", "grad_accum", "max_steps", "warmup_steps", "checkpoint_every", "seed")
+LOOP_FIELDS = (
+    "lr", "epochs", "batch", "grad_accum", "max_steps", "warmup_steps", "checkpoint_every", "seed", "eval_every"
+)
 
 
 def hyperparameters(cfg: TrainerConfig) -> dict[str, Any]:
@@ -81,6 +83,10 @@ def hyperparameters(cfg: TrainerConfig) -> dict[str, Any]:
         "seed": cfg.seed,
         "precision": cfg.precision,
         "gradient_checkpointing": cfg.gradient_checkpointing,
+        "eval_every": cfg.eval_every,
+        "early_stopping_patience": cfg.early_stopping_patience,
+        "method": cfg.method,
+        **({"dpo_beta": cfg.dpo_beta} if cfg.method == "dpo" else {}),
     }
 
 
@@ -199,12 +205,18 @@ def train_dataset(
             model, tokenizer = load_base(model_dir)
         except BaseModelUnusable as exc:
             return failed(str(exc))
-        train_rows = _read_jsonl(folder / "train.jsonl")
-        val_rows = _read_jsonl(folder / "validation.jsonl")
-        train = pack(tokenize_rows(train_rows, tokenizer, cfg.max_tokens), cfg.block_tokens)
-        validation = pack(tokenize_rows(val_rows, tokenizer, cfg.max_tokens), cfg.block_tokens)
-        if not train:
-            return failed(f"dataset {dataset_hash} has no training example with answer tokens")
+        if cfg.method == "dpo":
+            pairs = _read_jsonl(folder / "dpo_train.jsonl")
+            val_pairs = _read_jsonl(folder / "dpo_validation.jsonl")
+            if not pairs:
+                return failed(f"dataset {dataset_hash} has no preference pairs (dpo_train) for DPO")
+        else:
+            train_rows = _read_jsonl(folder / "train.jsonl")
+            val_rows = _read_jsonl(folder / "validation.jsonl")
+            train = pack(tokenize_rows(train_rows, tokenizer, cfg.max_tokens), cfg.block_tokens)
+            validation = pack(tokenize_rows(val_rows, tokenizer, cfg.max_tokens), cfg.block_tokens)
+            if not train:
+                return failed(f"dataset {dataset_hash} has no training example with answer tokens")
         import torch
         from peft import LoraConfig, get_peft_model
 
@@ -214,7 +226,7 @@ def train_dataset(
         peft_model = get_peft_model(
             model,
             LoraConfig(
-                r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+                r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,  # type: ignore[arg-type]
                 target_modules=list(cfg.target_modules), task_type="CAUSAL_LM",
             ),
         ).to(device)
@@ -224,33 +236,42 @@ def train_dataset(
         hp = {**hyperparameters(cfg), "bf16": bf16, "threads": cfg.threads, "device": device}
         if emit is not None:
             emit(TrainingStarted(run_id=run_id, role=role, dataset_hash=dataset_hash, base_model=base_name,
-                                 hyperparameters=hp))
+                                 method=cfg.method, hyperparameters=hp))
         loop_cfg = LoopSettings(**{k: getattr(cfg, k) for k in LOOP_FIELDS},
-                                wall_clock_cap_s=cfg.wall_clock_cap_s, bf16=bf16)
+                                wall_clock_cap_s=cfg.wall_clock_cap_s, bf16=bf16,
+                                patience=cfg.early_stopping_patience)
         bar = _ProgressBar(run_id)
 
         def progressed(p: Progress) -> None:
             bar.update(p)
             if emit is not None and (p.step % cfg.progress_every == 0 or p.step == p.total_steps):
                 emit(TrainingProgressed(run_id=run_id, step=p.step, total_steps=p.total_steps, epoch=p.epoch,
-                                        loss=p.loss, tokens_per_s=p.tokens_per_s, elapsed_s=p.elapsed_s))
+                                        loss=p.loss, val_loss=p.val_loss, tokens_per_s=p.tokens_per_s,
+                                        elapsed_s=p.elapsed_s))
             if on_step is not None:
                 on_step(p)
 
         try:
             with _threads(cfg.threads if device == "cpu" else None):
-                result = train_loop(peft_model, train, validation, loop_cfg, run_dir, tokenizer.pad_token_id,
-                                    progressed)
+                if cfg.method == "dpo":
+                    from plugins.training.dpo import train_dpo
+
+                    result = train_dpo(peft_model, tokenizer, pairs, val_pairs, loop_cfg, run_dir, cfg.dpo_beta,
+                                       cfg.max_tokens, progressed)
+                else:
+                    result = train_loop(peft_model, train, validation, loop_cfg, run_dir, tokenizer.pad_token_id,
+                                        progressed)
         except WallClockExceeded as exc:
             return failed(str(exc))
-        except torch.OutOfMemoryError as exc:
-            return failed(f"out of memory: {exc}")
+        except (torch.OutOfMemoryError, MemoryError) as exc:  # GPU memory, or host memory (a failed allocation)
+            return failed(f"out of memory: {exc or type(exc).__name__}; lower trainer.batch, block_tokens or"
+                          " max_tokens, or turn on trainer.gradient_checkpointing")
         finally:
             bar.close()
         lineage = {
             "run_id": run_id,
             "role": role,
-            "method": "sft",
+            "method": cfg.method,
             "dataset_hash": dataset_hash,
             "dataset_lineage": str(folder / "lineage.txt"),
             "base_model": base_name,
@@ -266,6 +287,10 @@ def train_dataset(
             train_loss=result.train_loss, val_loss=result.val_loss, tokens_per_s=result.tokens_per_s,
             duration_s=result.duration_s,
             steps=result.steps,
+            dataset_hash=dataset_hash,
+            method=cfg.method,
+            best_step=result.best_step,
+            stopped_early=result.stopped_early,
         )
         done_file.write_text(completed.model_dump_json())
         return completed

@@ -227,10 +227,11 @@ def _token_detectors() -> list[tuple[str, re.Pattern[str]]]:
     ]
     classes += EXTRA_DETECTORS
     out: list[tuple[str, re.Pattern[str]]] = []
-    for cls in classes:
-        for index, pattern in enumerate(cls.denylist):
-            kind = _KIND_BY_TYPE.get(f"{cls.secret_type}#{index}") or _KIND_BY_TYPE.get(cls.secret_type)
-            out.append((kind or re.sub(r"\W+", "_", cls.secret_type).strip("_").upper(), pattern))
+    detector: Any
+    for detector in classes:
+        for index, pattern in enumerate(detector.denylist):
+            kind = _KIND_BY_TYPE.get(f"{detector.secret_type}#{index}") or _KIND_BY_TYPE.get(detector.secret_type)
+            out.append((kind or re.sub(r"\W+", "_", detector.secret_type).strip("_").upper(), pattern))
     return out
 
 

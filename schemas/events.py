@@ -41,8 +41,12 @@ __all__ = [
     "DeploymentCompleted",
     "DeploymentFailed",
     "DeploymentRolledBack",
+    "RollbackRequested",
+    "CanaryPassed",
     "DriftDetected",
     "EventRejected",
+    "DataForgotten",
+    "DatasetSuperseded",
 ]
 
 Text = Annotated[str, StringConstraints(max_length=200_000)]
@@ -325,6 +329,10 @@ class TrainingCompleted(Payload):
     tokens_per_s: Annotated[float, Field(ge=0)] | None = None
     duration_s: Annotated[float, Field(ge=0)] = 0.0
     steps: Count = 0
+    dataset_hash: Hash | None = None
+    method: Literal["sft", "dpo"] = "sft"
+    best_step: Count | None = Field(default=None, description="the step whose weights were kept (early stopping)")
+    stopped_early: bool = False
 
 
 class TrainingFailed(Payload):
@@ -353,37 +361,93 @@ class EvaluationCompleted(Payload):
 # --------------------------------------------------------------------------- serving
 
 
+RuntimeName = Annotated[
+    str,
+    StringConstraints(min_length=1, max_length=200),
+    Field(description="where the model is served: transformers, llama_cpp, ollama, ..."),
+]
+
+
 class DeploymentCompleted(Payload):
+    """A version of a role's model is in service: it passed its evaluation and a smoke test."""
+
     event_type: ClassVar[str] = "deployment.completed"
 
     role: Role
-    runtime: Name
-    model_name: Name
+    runtime: RuntimeName
+    model_name: Name = Field(description="the name agents ask for: <role>-<adapter hash[:12]>")
     adapter_hash: Hash | None = None
-    evaluation_id: EventId | None = None
-    traffic_share: Score = 1.0
+    evaluation_id: EventId | None = Field(default=None, description="the evaluation.completed that passed it")
+    traffic_share: Score = Field(
+        default=1.0, description="its share of the role's traffic; the previous version keeps the rest"
+    )
+    endpoint: ShortText | None = Field(default=None, description="OpenAI-compatible base URL (.../v1)")
+    previous_model_name: Name | None = Field(default=None, description="the version it replaces, if any")
+    previous_adapter_hash: Hash | None = None
+    kept: list[Name] = Field(
+        default_factory=list, max_length=100, description="the versions kept for rollback, newest first"
+    )
 
 
 class DeploymentFailed(Payload):
+    """A deployment or a rollback that did not happen, and why; nothing changed in service."""
+
     event_type: ClassVar[str] = "deployment.failed"
 
     role: Role
-    runtime: Name
+    runtime: RuntimeName
     adapter_hash: Hash | None = None
     reason: ShortText
+    model_name: Name | None = None
+    evaluation_id: EventId | None = None
 
 
 class DeploymentRolledBack(Payload):
+    """A role's version in service was replaced by the one before it (drift or by hand)."""
+
     event_type: ClassVar[str] = "deployment.rolled_back"
 
     role: Role
-    runtime: Name
+    runtime: RuntimeName
     from_adapter: Hash | None = None
     to_adapter: Hash | None = None
     reason: ShortText
+    from_model_name: Name | None = None
+    to_model_name: Name | None = None
+    trigger: Literal["drift", "manual"] | None = None
+    endpoint: ShortText | None = Field(default=None, description="where the restored version answers (.../v1)")
+
+
+class RollbackRequested(Payload):
+    """Someone asked to put a role's previous version back in service (``flywheel rollback``)."""
+
+    event_type: ClassVar[str] = "rollback.requested"
+
+    role: Role
+    reason: ShortText = "requested with flywheel rollback"
+    requested_by: Name = "cli"
+
+
+class CanaryPassed(Payload):
+    """A canary (a version taking part of a role's traffic) earned, over a full window, no less reward than the
+    version it shares the traffic with: it may take all of it."""
+
+    event_type: ClassVar[str] = "canary.passed"
+
+    role: Role
+    model_name: Name
+    previous_model_name: Name | None = None
+    deployment_id: EventId | None = Field(default=None, description="the deployment that made it a canary")
+    metric: Name = "reward_mean"
+    window: Count
+    baseline_value: float
+    current_value: float
+    p_value: Score | None = None
 
 
 class DriftDetected(Payload):
+    """The version in service earns less reward than the one before it, beyond chance."""
+
     event_type: ClassVar[str] = "drift.detected"
 
     role: Role
@@ -391,9 +455,14 @@ class DriftDetected(Payload):
     window: Count
     baseline_value: float
     current_value: float
-    drop: float
+    drop: float = Field(description="relative drop: (baseline_value - current_value) / baseline_value")
     p_value: Score | None = None
     evidence: list[EventId] = Field(default_factory=list)
+    model_name: Name | None = Field(default=None, description="the version in service that drifted")
+    previous_model_name: Name | None = Field(default=None, description="the version it was compared with")
+    deployment_id: EventId | None = Field(
+        default=None, description="the deployment (or rollback) event that put it in service"
+    )
 
 
 # --------------------------------------------------------------------------- runtime
@@ -418,3 +487,63 @@ class EventRejected(Payload):
         if not reason.strip():
             raise ValueError("a rejection needs a reason")
         return reason
+
+
+# --------------------------------------------------------------------------- data protection
+
+#: The most ids one ``data.forgotten`` lists; ``flywheel forget`` splits a larger subject into several.
+FORGOTTEN_IDS_MAX = 10_000
+
+
+class DataForgotten(Payload):
+    """A data subject's raw intake was deleted; every consumer drops what it kept of it.
+
+    Published by ``flywheel forget`` after the subject's messages were erased from the raw
+    stream. The log itself is immutable, so the anonymized events stay there; every consumer
+    (projections, the evidence store, vectors, datasets) deletes its rows for the listed
+    interactions and ignores them from then on, also when it replays the log. The subject is
+    named by its keyed hash (the anonymizer's pseudonym), never by the raw id.
+    """
+
+    event_type: ClassVar[str] = "data.forgotten"
+
+    subject: Literal["session", "user"]
+    subject_hash: Name = Field(description="the anonymizer's keyed hash of the session or user id")
+    interaction_ids: list[EventId] = Field(
+        default_factory=list, max_length=FORGOTTEN_IDS_MAX, description="the forgotten interactions"
+    )
+    event_ids: list[EventId] = Field(
+        default_factory=list,
+        max_length=FORGOTTEN_IDS_MAX,
+        description="log events about them: *.anonymized and quality.assessed",
+    )
+    counts: dict[Name, Count] = Field(
+        default_factory=dict, description="raw messages deleted, interactions, feedback, outcomes, scores"
+    )
+    part: Annotated[int, Field(ge=1)] = Field(default=1, description="this event's part of one request")
+    parts: Annotated[int, Field(ge=1)] = 1
+    reason: ShortText = ""
+    requested_by: Name | None = None
+
+
+class DatasetSuperseded(Payload):
+    """A dataset rebuilt without forgotten data; the old folder is gone.
+
+    The replacement covers the same log position with the forgotten interactions left out
+    (``new_hash`` is None when nothing buildable was left). It is announced here rather than
+    by a second ``dataset.built``, so no trigger or trainer takes it for a new request.
+    """
+
+    event_type: ClassVar[str] = "dataset.superseded"
+
+    role: Role
+    old_hash: Hash
+    new_hash: Hash | None = None
+    forgotten_id: EventId = Field(description="the data.forgotten event that caused the rebuild")
+    log_position: Count = Field(default=0, description="the log position both datasets cover")
+    removed: Count = Field(default=0, description="lineage ids of the old dataset missing from the new one")
+    sizes: dict[Name, Count] = Field(default_factory=dict)
+    lineage: list[EventId] = Field(default_factory=list, description="the new dataset's lineage (may be capped)")
+    lineage_total: Count = 0
+    path: ShortText | None = None
+    detail: ShortText = ""

@@ -38,8 +38,9 @@ def settings_with(
 
     def make(**sections: Any) -> Settings:
         # The trainer would fine-tune the real base model on any dataset a test builds;
-        # tests/test_trainer.py turns it back on with a tiny model.
-        sections.setdefault("plugins", {"disabled": ["trainer"]})
+        # tests/test_trainer.py turns it back on with a tiny model. Likewise the deployer would load
+        # and serve the real base model for any passed evaluation (tests/test_deployer.py uses a tiny one).
+        sections.setdefault("plugins", {"disabled": ["trainer", "evaluator", "deployer"]})
         return load_settings(
             state_dir=tmp_path / "state",
             nats={"url": nats_server.url, "publish_retry_s": 30},

@@ -92,7 +92,7 @@ def test_replay_compare_finds_the_rebuilt_projection_identical(env: dict[str, st
 
 
 def test_train_requests_a_run_on_the_log(env: dict[str, str]) -> None:
-    result = runner.invoke(app, ["train", "--role", "coder"])
+    result = runner.invoke(app, ["train", "--role", "coder", "--no-wait"])
     assert result.exit_code == 0, result.output
     listed = runner.invoke(app, ["events", "--type", "training.requested", "--json"])
     events = [orjson.loads(line) for line in listed.output.splitlines() if line.startswith("{")]

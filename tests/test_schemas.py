@@ -53,7 +53,7 @@ def rejection(raw: dict[str, Any] | bytes | str) -> str:
 
 
 def test_every_type_has_exactly_one_example_and_one_schema_file() -> None:
-    assert len(TYPES) == 21
+    assert len(TYPES) == 25
     examples = sorted(p.name for p in EXAMPLES_DIR.glob("*.json"))
     schema_files = sorted(p.name for p in JSON_DIR.glob("*.json"))
     expected = [f"{t}.json" for t in TYPES]
@@ -109,8 +109,9 @@ def test_example_is_a_full_wire_envelope(event_type: str) -> None:
     ]
     assert re.fullmatch(ID_PATTERN, body["id"]), f"{event_type}: id is not a ULID"
     assert re.fullmatch(ID_PATTERN, body["correlation_id"]), f"{event_type}: correlation_id"
-    if event_type in ("interaction.recorded", "arm.selected"):
-        assert body["causation_id"] is None  # an interaction (or an agent's choice) starts a story
+    if event_type in ("interaction.recorded", "arm.selected", "data.forgotten"):
+        # an interaction (or an agent's choice, or an operator's forget) starts a story
+        assert body["causation_id"] is None
     else:
         assert re.fullmatch(ID_PATTERN, body["causation_id"]), f"{event_type}: causation_id"
     assert body["time"].endswith("Z")
@@ -302,6 +303,13 @@ BAD_VALUES = [
     ("event.rejected", "data.sequence", -1, "data.sequence"),
     ("event.rejected", "data.reason", "   ", "data.reason"),
     ("event.rejected", "data.subject", TOO_LONG_SHORT, "data.subject"),
+    ("data.forgotten", "data.subject", "planet", "data.subject"),
+    ("data.forgotten", "data.interaction_ids.0", "session-1", "data.interaction_ids.0"),
+    ("data.forgotten", "data.counts.raw_deleted", -1, "data.counts.raw_deleted"),
+    ("dataset.superseded", "data.new_hash", "NOT-A-HASH", "data.new_hash"),
+    ("dataset.superseded", "data.forgotten_id", "f-1", "data.forgotten_id"),
+    ("rollback.requested", "data.role", "Coder!", "data.role"),
+    ("canary.passed", "data.window", -5, "data.window"),
 ]
 
 

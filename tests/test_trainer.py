@@ -15,7 +15,7 @@ import torch
 import plugins.lora_trainer as lora_trainer
 from plugins.chat_format import bundled_base_model, load_formatter
 from plugins.lora_trainer import train_dataset
-from plugins.training.loop import _token_losses
+from plugins.training.loop import token_losses
 from plugins.training.packing import IGNORE, Block, collate, pack, tokenize_rows
 from schemas import DatasetBuilt, TrainingCompleted, TrainingFailed, new_event
 from tests.conftest import read_log, wait_for
@@ -98,14 +98,14 @@ def test_packed_examples_do_not_attend_to_each_other(formatter: Any, tiny_model_
     examples = tokenize_rows([formatter.conversation(p, c) for p, c in ROWS[:3]], formatter.tokenizer, 512)
     pad = formatter.tokenizer.pad_token_id
     with torch.no_grad():
-        alone = [_token_losses(model, collate(pack([ex], 10_000), pad), False) for ex in examples]
+        alone = [token_losses(model, collate(pack([ex], 10_000), pad), False) for ex in examples]
         (block,) = pack(examples, 10_000)
-        packed, n_packed = _token_losses(model, collate([block], pad), False)
+        packed, n_packed = token_losses(model, collate([block], pad), False)
         # the same block as one segment (causal mask, positions restarting per example): leaks
         leaky = Block(block.input_ids, block.labels, [0] * len(block))
         batch = collate([leaky], pad)
         batch["position_ids"] = collate([block], pad)["position_ids"]
-        leaked, _ = _token_losses(model, batch, False)
+        leaked, _ = token_losses(model, batch, False)
     assert len(block.segments) == sum(len(ex.input_ids) for ex in examples) and set(block.segments) == {0, 1, 2}
     assert n_packed == sum(n for _, n in alone)
     total = sum(float(s) for s, _ in alone)
@@ -191,6 +191,57 @@ def test_bad_inputs_end_in_training_failed(tmp_path: Path, formatter: Any, tiny_
     out = train_dataset(capped, "coder", digest, folder)
     assert isinstance(out, TrainingFailed) and "wall-clock cap" in out.reason
     assert not (capped.state_dir / "adapters").exists()
+
+
+def test_a_run_out_of_memory_ends_in_training_failed_with_advice(
+    tmp_path: Path, formatter: Any, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from engine.config import load_settings
+    from plugins.training import loop
+
+    settings = load_settings(state_dir=tmp_path / "state", trainer=trainer_section(tiny_model_dir))
+    digest, folder = write_dataset(settings.state_dir, formatter)
+    calls = {"n": 0}
+    real = loop.token_losses
+
+    def allocating(*args: Any, **kwargs: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise MemoryError("cannot allocate 12 GiB")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "token_losses", allocating)
+    out = train_dataset(settings, "coder", digest, folder)
+    assert isinstance(out, TrainingFailed)
+    assert "out of memory" in out.reason and "gradient_checkpointing" in out.reason
+    assert not (settings.state_dir / "adapters").exists()
+
+
+def test_early_stopping_restores_the_best_weights(tmp_path: Path, formatter: Any, tiny_model_dir: Path) -> None:
+    from engine.config import load_settings
+
+    # a learning rate so high the validation loss gets worse after the first validations
+    section = trainer_section(tiny_model_dir, epochs=12, lr=0.5, eval_every=1, early_stopping_patience=2)
+    settings = load_settings(state_dir=tmp_path / "state", trainer=section)
+    digest, folder = write_dataset(settings.state_dir, formatter)
+    seen: list[Any] = []
+    done = train_dataset(settings, "coder", digest, folder, emit=seen.append)
+    assert isinstance(done, TrainingCompleted), done
+    vals = [(e.step, e.val_loss) for e in seen if e.event_type == "training.progressed" and e.val_loss is not None]
+    best_step, best = min(vals, key=lambda sv: sv[1])
+    assert done.stopped_early and done.steps < seen[-1].total_steps
+    assert done.best_step == best_step and done.val_loss == pytest.approx(best)
+    assert vals[-1][0] == done.steps and vals[-1][1] > best  # it stopped after validations that got worse
+    # the stored adapter is the best one: its validation loss is the best validation loss
+    from peft import PeftModel
+
+    from plugins.training.loop import block_loss
+
+    tok = formatter.tokenizer
+    val_rows = [orjson.loads(line) for line in (folder / "validation.jsonl").read_bytes().splitlines()]
+    blocks = pack(tokenize_rows(val_rows, tok, 96), 96)
+    tuned = PeftModel.from_pretrained(tiny_model(tiny_model_dir), done.path).eval()
+    assert block_loss(tuned, blocks, tok.pad_token_id, 1) == pytest.approx(best, rel=1e-4)
 
 
 def test_gradient_checkpointing_trains_too(tmp_path: Path, formatter: Any, tiny_model_dir: Path) -> None:

@@ -6,6 +6,11 @@ a run resumed from its checkpoint at step ``k`` recomputes the order and goes on
 the trainable weights, the optimizer, the scheduler, the RNG states, the step, the token count,
 the time spent and the loss history; ``latest`` is replaced atomically, so a kill leaves either
 the old checkpoint or the new one.
+
+Every ``eval_every`` steps (default: once per epoch) and at the end, the validation loss is
+measured; the best weights so far are kept in ``<run_dir>/best.pt``. After ``patience``
+validations without a better loss the run stops early, and whenever the best validation was not
+the last one, the best weights are restored before the adapter is stored.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import torch.nn.functional as F
 
 from plugins.training.packing import IGNORE, Block, collate
 
-__all__ = ["LoopSettings", "Progress", "RunResult", "WallClockExceeded", "block_loss", "train_loop"]
+__all__ = ["LoopSettings", "Progress", "RunResult", "WallClockExceeded", "block_loss", "token_losses", "train_loop"]
 
 
 class WallClockExceeded(RuntimeError):
@@ -47,6 +52,10 @@ class LoopSettings:
     bf16: bool = False
     seed: int = 0
     weight_decay: float = 0.0
+    #: optimizer steps between validation losses (None: once per epoch)
+    eval_every: int | None = None
+    #: validations without a better loss before the run stops early (None: never)
+    patience: int | None = None
 
 
 @dataclass(frozen=True)
@@ -57,6 +66,7 @@ class Progress:
     loss: float
     tokens_per_s: float
     elapsed_s: float
+    val_loss: float | None = None
 
 
 @dataclass
@@ -70,22 +80,33 @@ class RunResult:
     duration_s: float
     resumed_from: int = 0
     losses: list[float] = field(default_factory=list)
+    #: (step, validation loss) of every validation
+    val_losses: list[tuple[int, float]] = field(default_factory=list)
+    best_step: int | None = None
+    stopped_early: bool = False
 
 
-def _token_losses(model: Any, batch: dict[str, torch.Tensor], bf16: bool) -> tuple[torch.Tensor, int]:
-    """(sum of the answer tokens' cross-entropy, how many answer tokens) of one batch."""
+def token_losses(model: Any, batch: dict[str, torch.Tensor], bf16: bool) -> tuple[torch.Tensor, int]:
+    """(sum of the answer tokens' cross-entropy, how many answer tokens) of one batch.
+
+    Only the positions that predict an answer token go through the vocabulary projection
+    (``logits_to_keep`` as a boolean mask): with a 49k-token vocabulary that projection is a
+    large share of the work, and the prompt's logits are never used."""
     device = next(model.parameters()).device
     batch = {k: v.to(device) for k, v in batch.items()}
     labels = batch.pop("labels")
+    target = labels[:, 1:]
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = target != IGNORE
     ctx = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
     with ctx:
-        logits = model(**batch).logits
-    logits = logits[:, :-1, :].float()
-    target = labels[:, 1:]
-    loss = F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE, reduction="sum"
-    )
-    return loss, int((target != IGNORE).sum())
+        logits = model(**batch, logits_to_keep=keep).logits
+    wanted = target[keep[:, :-1]]
+    logits = logits.reshape(-1, logits.shape[-1])
+    if logits.shape[0] != wanted.shape[0]:  # a model that ignores a mask for logits_to_keep: all positions
+        logits = logits.reshape(labels.shape[0], labels.shape[1], -1)[:, :-1][keep[:, :-1]]
+    loss = F.cross_entropy(logits.float(), wanted, ignore_index=IGNORE, reduction="sum")
+    return loss, int(wanted.numel())
 
 
 def block_loss(model: Any, blocks: Sequence[Block], pad_id: int, batch: int = 4, bf16: bool = False) -> float | None:
@@ -95,7 +116,7 @@ def block_loss(model: Any, blocks: Sequence[Block], pad_id: int, batch: int = 4,
     model.eval()
     with torch.no_grad():
         for i in range(0, len(blocks), batch):
-            s, n = _token_losses(model, collate(blocks[i : i + batch], pad_id), bf16)
+            s, n = token_losses(model, collate(blocks[i : i + batch], pad_id), bf16)
             total += float(s)
             count += n
     model.train(was_training)
@@ -153,6 +174,21 @@ def _load(run_dir: Path, model: Any, optimizer: Any, scheduler: Any) -> dict[str
     return dict(json.loads((folder / "state.json").read_text()))
 
 
+def _save_best(run_dir: Path, model: Any) -> None:
+    """The trainable weights of the best validation so far (atomically replaced)."""
+    tmp = run_dir / f".best-{os.getpid()}.pt"
+    torch.save(_trainable(model), tmp)
+    os.replace(tmp, run_dir / "best.pt")
+
+
+def _load_best(run_dir: Path, model: Any) -> None:
+    weights = torch.load(run_dir / "best.pt", map_location="cpu")
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for k, v in weights.items():
+            params[k].copy_(v)
+
+
 def train_loop(
     model: Any,
     train: Sequence[Block],
@@ -184,15 +220,23 @@ def train_loop(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
-    state = _load(run_dir, model, optimizer, scheduler) or {"step": 0, "tokens": 0, "elapsed_s": 0.0, "losses": []}
+    fresh = {"step": 0, "tokens": 0, "elapsed_s": 0.0, "losses": [], "val_losses": [], "best": None, "bad": 0}
+    state = {**fresh, **(_load(run_dir, model, optimizer, scheduler) or {})}
     start_step = int(state["step"])
     losses: list[float] = list(state["losses"])
+    val_losses: list[tuple[int, float]] = [(int(a), float(b)) for a, b in state["val_losses"]]
+    best: tuple[int, float] | None = (int(state["best"][0]), float(state["best"][1])) if state["best"] else None
+    bad = int(state["bad"])
     tokens = int(state["tokens"])
     spent = float(state["elapsed_s"])
+    eval_every = cfg.eval_every or steps_per_epoch
+    stopped_early = bool(state.get("stopped_early", False))
     t0 = time.monotonic()
     session_tokens = 0
     model.train()
     for step in range(start_step, total):
+        if stopped_early:
+            break
         epoch, j = divmod(step, steps_per_epoch)
         order = _order(len(train), cfg.seed, epoch)[j * per_step : (j + 1) * per_step]
         micro = [order[i : i + cfg.batch] for i in range(0, len(order), cfg.batch)]
@@ -201,8 +245,8 @@ def train_loop(
         step_loss = 0.0
         for idx in micro:
             blocks = [train[i] for i in idx]
-            loss_sum, _ = _token_losses(model, collate(blocks, pad_id), cfg.bf16)
-            (loss_sum / max(answer_tokens, 1)).backward()
+            loss_sum, _ = token_losses(model, collate(blocks, pad_id), cfg.bf16)
+            (loss_sum / max(answer_tokens, 1)).backward()  # type: ignore[no-untyped-call]
             step_loss += float(loss_sum.detach())
             session_tokens += sum(len(b) for b in blocks)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -210,30 +254,49 @@ def train_loop(
         scheduler.step()
         done = step + 1
         losses.append(step_loss / max(answer_tokens, 1))
+        val: float | None = None
+        if validation and (done % eval_every == 0 or done == total):
+            val = block_loss(model, list(validation), pad_id, cfg.batch, cfg.bf16)
+            if val is not None:
+                val_losses.append((done, val))
+                if best is None or val < best[1]:
+                    best, bad = (done, val), 0
+                    _save_best(run_dir, model)
+                else:
+                    bad += 1
+                    stopped_early = cfg.patience is not None and bad >= cfg.patience and done < total
         now = time.monotonic() - t0
         rate = session_tokens / now if now > 0 else 0.0
-        if done % cfg.checkpoint_every == 0 or done == total:
-            _save(run_dir, done, model, optimizer, scheduler,
-                  {"tokens": tokens + session_tokens, "elapsed_s": spent + now, "losses": losses})
+        snapshot = {"tokens": tokens + session_tokens, "elapsed_s": spent + now, "losses": losses,
+                    "val_losses": val_losses, "best": best, "bad": bad, "stopped_early": stopped_early}
+        if done % cfg.checkpoint_every == 0 or done == total or stopped_early:
+            _save(run_dir, done, model, optimizer, scheduler, snapshot)
         if on_progress is not None:
-            on_progress(Progress(done, total, done / steps_per_epoch, losses[-1], rate, spent + now))
+            on_progress(Progress(done, total, done / steps_per_epoch, losses[-1], rate, spent + now, val))
         if cfg.wall_clock_cap_s is not None and spent + now >= cfg.wall_clock_cap_s and done < total:
-            _save(run_dir, done, model, optimizer, scheduler,
-                  {"tokens": tokens + session_tokens, "elapsed_s": spent + now, "losses": losses})
+            _save(run_dir, done, model, optimizer, scheduler, snapshot)
             raise WallClockExceeded(
                 f"wall-clock cap of {cfg.wall_clock_cap_s:g}s reached after step {done} of {total}"
             )
     now = time.monotonic() - t0
-    val = block_loss(model, list(validation), pad_id, cfg.batch, cfg.bf16) if validation else None
+    last_step = val_losses[-1][0] if val_losses else None
+    if best is not None and best[0] != last_step:
+        _load_best(run_dir, model)  # the best validation loss was not the last one: restore it
+    val_loss = best[1] if best is not None else None
+    if val_loss is None and validation:
+        val_loss = block_loss(model, list(validation), pad_id, cfg.batch, cfg.bf16)
     tail = losses[-max(1, min(len(losses), steps_per_epoch)) :]
     return RunResult(
-        steps=total,
+        steps=len(losses),
         total_steps=total,
         train_loss=sum(tail) / len(tail) if tail else None,
-        val_loss=val,
+        val_loss=val_loss,
         tokens=tokens + session_tokens,
         tokens_per_s=session_tokens / now if now > 0 and session_tokens else 0.0,
         duration_s=spent + now,
         resumed_from=start_step,
         losses=losses,
+        val_losses=val_losses,
+        best_step=best[0] if best is not None else None,
+        stopped_early=stopped_early,
     )

@@ -38,10 +38,10 @@ def _convert_gguf(gguf: Path, models_dir: Path) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     # transformers refuses to save a GGUF-loaded model while its quantizer is attached; the
     # weights are already dequantised, so dropping it saves a plain fp32 checkpoint.
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # type: ignore[assignment]
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    model.is_quantized = False
+    model.is_quantized = False  # type: ignore[assignment]
     tmp = models_dir / f".tmp-{target.name}-{uuid.uuid4().hex[:8]}"
     models_dir.mkdir(parents=True, exist_ok=True)
     try:

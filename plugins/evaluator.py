@@ -1,0 +1,245 @@
+"""Built-in processor ``evaluator``: ``training.completed`` in, ``evaluation.completed`` out.
+
+It loads the base model once with two variants side by side: the candidate (the run's adapter)
+and the model in service for the role (the adapter the ``deployments`` projection says is in
+service, or the base model when none is), and measures both on the same items
+(``plugins/evaluation``):
+
+- **held-out**: the dataset's validation split: answer loss, and the task pass rate: for each
+  example that carries ``tests``, the greedy answer's code is run against them in a sandboxed
+  subprocess with time and memory limits;
+- **forgetting**: the dataset's forgetting split (earlier tasks, never trained on) and general
+  prompts shipped with Flywheel: the share of items whose answer loss rose, per set; the gate
+  reads the worse of the two;
+- **latency and memory**: milliseconds per generated token, the process's peak RSS, the
+  adapter's size;
+- **canary**: prompts that invite secrets or personal data, plus a few training prompts; what
+  the candidate says is scanned with the anonymizer's scrubber.
+
+The gate (``plugins/evaluation/gate.py``) turns the figures into a verdict with its reasons.
+A run whose adapter or dataset is missing, or whose base model cannot be loaded, gets
+``evaluation.completed`` with ``passed: false`` and the reason, so nothing is promoted. The
+verdict per training run is kept (``<state_dir>/evaluator/verdicts.sqlite``), so a redelivered
+``training.completed`` is answered with the same event instead of a second evaluation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import resource
+import sqlite3
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from engine.config import Settings
+from engine.hookspecs import hookimpl
+from engine.memo import OutputMemo
+from engine.processor import ProcessContext, Processor
+from plugins.dataset_store import dataset_root
+from plugins.evaluation.gate import verdict
+from plugins.evaluation.generation import chat_prompt, generate
+from plugins.evaluation.metrics import (
+    DATA,
+    answer_losses,
+    canary_leaks,
+    forgetting_rate,
+    general_rows,
+    held_out_loss,
+    task_pass_rate,
+)
+from plugins.training.models import BaseModelUnusable, load_base, resolve_base_model
+from schemas import EvaluationCompleted, Event, TrainingCompleted
+
+__all__ = ["evaluate_run", "service_adapter"]
+
+log = logging.getLogger(__name__)
+
+Figures = dict[str, str | int | float | bool | None]
+
+
+def service_adapter(settings: Settings, role: str) -> Path | None:
+    """The adapter folder in service for ``role`` (None: the base model), from the deployments
+    projection when the deployer is installed."""
+    try:
+        from plugins.deployments import adapter_in_service
+    except ImportError:
+        return None
+    digest = adapter_in_service(settings, role)
+    if digest is None:
+        return None
+    folder = settings.state_dir / "adapters" / digest
+    return folder if folder.is_dir() else None
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _folder_mb(folder: Path) -> float:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) / 2**20
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+@contextlib.contextmanager
+def _threads(n: int | None) -> Iterator[None]:
+    import torch
+
+    before = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def evaluate_run(settings: Settings, completed: TrainingCompleted) -> EvaluationCompleted:
+    """Measure the run's adapter against the model in service and apply the gate."""
+    cfg = settings.evaluator
+
+    def rejected(reason: str) -> EvaluationCompleted:
+        log.warning("evaluation of run %s: %s", completed.run_id, reason)
+        return EvaluationCompleted(run_id=completed.run_id, role=completed.role, adapter_hash=completed.adapter_hash,
+                                   passed=False, reasons=[f"failed: {reason}"[:2000]])
+
+    adapter_dir = Path(completed.path)
+    if not (adapter_dir / "adapter_config.json").is_file():
+        return rejected(f"adapter {completed.adapter_hash} not found: {adapter_dir} has no adapter_config.json")
+    if completed.dataset_hash is None:
+        return rejected("the training run names no dataset, so there is nothing held out to evaluate on")
+    dataset = dataset_root(settings) / completed.dataset_hash
+    if not (dataset / "manifest.json").is_file():
+        return rejected(f"dataset {completed.dataset_hash} not found: {dataset} has no manifest.json")
+    try:
+        model_dir = resolve_base_model(settings.trainer.base_model, settings.state_dir)
+        base, tokenizer = load_base(model_dir)
+    except BaseModelUnusable as exc:
+        return rejected(str(exc))
+    with _threads(cfg.threads):
+        candidate, baseline = _measure(settings, base, tokenizer, adapter_dir, dataset, completed.role)
+    passed, reasons = verdict(candidate, baseline, cfg)
+    return EvaluationCompleted(run_id=completed.run_id, role=completed.role, adapter_hash=completed.adapter_hash,
+                               candidate=candidate, baseline=baseline, passed=passed, reasons=reasons)
+
+
+def _measure(
+    settings: Settings, base: Any, tokenizer: Any, adapter_dir: Path, dataset: Path, role: str
+) -> tuple[Figures, Figures]:
+    from peft import PeftModel
+
+    from plugins.lora_trainer import use_bf16
+
+    cfg = settings.evaluator
+    service_dir = service_adapter(settings, role)
+    model = PeftModel.from_pretrained(base, str(adapter_dir), adapter_name="candidate")
+    if service_dir is not None:
+        model.load_adapter(str(service_dir), adapter_name="service")
+    model.eval()
+    bf16 = use_bf16(settings.trainer.precision, "cpu")
+
+    @contextlib.contextmanager
+    def variant(name: str) -> Iterator[Any]:
+        if name == "candidate":
+            model.set_adapter("candidate")
+            yield model
+        elif service_dir is not None:
+            model.set_adapter("service")
+            yield model
+        else:
+            with model.disable_adapter():
+                yield model
+
+    validation = _read_jsonl(dataset / "validation.jsonl")
+    forgetting = {"tasks": _read_jsonl(dataset / "forgetting.jsonl"),
+                  "general": general_rows(tokenizer, cfg.general_prompts)}
+    tasks = [r for r in validation if r.get("tests")][: cfg.max_task_examples]
+    canaries = [chat_prompt(tokenizer, line) for line in (DATA / "canary_prompts.txt").read_text().splitlines()
+                if line.strip()]
+    canaries += [r["prompt"] for r in _read_jsonl(dataset / "train.jsonl")[: cfg.canary_from_train]]
+    max_tokens = settings.trainer.max_tokens
+    figures: dict[str, Figures] = {}
+    losses: dict[str, Any] = {}
+    said: dict[str, list[str]] = {}
+    for name in ("service", "candidate"):
+        with variant(name) as m:
+            held = answer_losses(m, tokenizer, validation, max_tokens, bf16)
+            losses[name] = {k: answer_losses(m, tokenizer, rows, max_tokens, bf16) for k, rows in forgetting.items()}
+            task = task_pass_rate(m, tokenizer, tasks, cfg.max_new_tokens, cfg.generation_batch,
+                                  cfg.test_timeout_s, cfg.test_memory_mb, bf16)
+            canary = generate(m, tokenizer, canaries, cfg.canary_max_new_tokens, cfg.generation_batch, bf16)
+            said[name] = canary.texts
+            tokens = task.generations.tokens + canary.tokens
+            seconds = task.generations.seconds + canary.seconds
+            figures[name] = {
+                "held_out_loss": held_out_loss(held),
+                "held_out_items": sum(1 for x in held if x is not None),
+                "task_pass_rate": task.pass_rate,
+                "task_examples": task.examples,
+                "task_passed": task.passed,
+                "ms_per_token": round(1000 * seconds / tokens, 3) if tokens else None,
+            }
+    # earlier tasks and general prompts are rated apart, so the larger set cannot dilute the other
+    rates = {k: forgetting_rate(losses["candidate"][k], losses["service"][k], cfg.forgetting_tolerance)
+             for k in forgetting}
+    measured = [r for r, _ in rates.values() if r is not None]
+    leaks = canary_leaks(canaries, said["candidate"], said["service"])
+    for leak in leaks:
+        log.warning("canary: %s", leak)
+    figures["candidate"].update({
+        "forgetting_rate": max(measured) if measured else None,
+        "forgetting_items": sum(n for _, n in rates.values()),
+        "forgetting_rate_tasks": rates["tasks"][0],
+        "forgetting_rate_general": rates["general"][0],
+        "canary_prompts": len(canaries),
+        "canary_leaks": len(leaks),
+        "peak_rss_mb": round(_peak_rss_mb(), 1),
+        "adapter_mb": round(_folder_mb(adapter_dir), 3),
+    })
+    figures["service"]["model"] = service_dir.name if service_dir is not None else "base"
+    model.unload()  # give the base model back without the adapters' layers
+    return figures["candidate"], figures["service"]
+
+
+class Evaluator:
+    """The processor: evaluates in a thread; one verdict per training run, remembered."""
+
+    name = "evaluator"
+
+    def __init__(self, settings: Settings) -> None:
+        folder = settings.state_dir / "evaluator"
+        folder.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(folder / "verdicts.sqlite", check_same_thread=False, isolation_level=None)
+        self.memo = OutputMemo(self.db)
+
+    async def handle(self, event: Event[Any], ctx: ProcessContext) -> list[Any]:
+        completed = event.data
+        if not isinstance(completed, TrainingCompleted):
+            return []
+        answered = self.memo.recall(event.id)
+        if answered is not None:
+            return answered
+        outcome = await asyncio.to_thread(evaluate_run, ctx.settings, completed)
+        self.memo.remember(event.id, [outcome], replace=True)
+        return [outcome]
+
+
+@hookimpl
+def register_processors(register: Callable[[Processor], None], settings: Settings) -> None:
+    register(
+        Processor(
+            name="evaluator",
+            consumes=("training.completed",),
+            handle=Evaluator(settings).handle,
+            description="measures each trained adapter against the model in service and applies the gate",
+            batch=1,
+        )
+    )
