@@ -1,9 +1,11 @@
 """The bus: a NATS connection, the two JetStream streams, and the one way to publish.
 
-- ``FLYWHEEL_RAW`` holds what agents publish (``fw.raw.>``) for a short time (30 days).
+- ``FLYWHEEL_RAW`` holds what agents publish (``fw.raw.>``) for a short time
+  (``streams.raw_max_age_days``, 30 by default, and ``raw_max_bytes``); single messages may be
+  deleted (``flywheel forget`` erases a data subject's intake).
 - ``FLYWHEEL_LOG`` holds everything derived (``fw.log.>``): file storage, no delete, no
-  purge, a duplicate window so a message published twice under one ``Nats-Msg-Id`` is
-  stored once.
+  purge, kept forever unless ``log_max_age_days`` / ``log_max_bytes`` say otherwise, a
+  duplicate window so a message published twice under one ``Nats-Msg-Id`` is stored once.
 
 Publishing waits for JetStream's ack and retries through a reconnect with the same id, so
 an event is stored exactly once or the caller gets ``PublishFailed``.
@@ -12,6 +14,7 @@ an event is stored exactly once or the caller gets ``PublishFailed``.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import ssl
 from collections.abc import Iterable, Sequence
@@ -64,6 +67,9 @@ class StreamNames:
 
 
 def stream_configs(cfg: StreamsConfig) -> list[StreamConfig]:
+    """The two streams as configured: retention (``*_max_age_days``, ``*_max_bytes``; 0 = no
+    limit) per stream. The raw stream allows deleting single messages (``flywheel forget``
+    erases a data subject's intake); the log allows neither delete nor purge."""
     names = StreamNames.from_config(cfg)
     common: dict[str, Any] = dict(
         storage=StorageType.FILE,
@@ -71,7 +77,6 @@ def stream_configs(cfg: StreamsConfig) -> list[StreamConfig]:
         discard=DiscardPolicy.OLD,
         duplicate_window=cfg.duplicate_window_s,
         num_replicas=cfg.replicas,
-        deny_delete=True,
     )
     return [
         StreamConfig(
@@ -79,7 +84,9 @@ def stream_configs(cfg: StreamsConfig) -> list[StreamConfig]:
             description="raw intake from agents; short retention",
             subjects=["fw.raw.>"],
             max_age=cfg.raw_max_age_days * DAY_S,
-            # The raw stream may be purged per subject by `forget`; the log never.
+            max_bytes=cfg.raw_max_bytes or -1,
+            # `forget` deletes (and erases) single messages from the raw stream; the log never.
+            deny_delete=False,
             deny_purge=False,
             **common,
         ),
@@ -88,6 +95,8 @@ def stream_configs(cfg: StreamsConfig) -> list[StreamConfig]:
             description="the immutable event log",
             subjects=["fw.log.>"],
             max_age=cfg.log_max_age_days * DAY_S,
+            max_bytes=cfg.log_max_bytes or -1,
+            deny_delete=True,
             deny_purge=True,
             **common,
         ),
@@ -165,13 +174,29 @@ class Bus:
                     try:
                         await self.js.add_stream(config)
                     except nats.js.errors.BadRequestError:
-                        await self.js.update_stream(config)
+                        await self._update_stream(config)
                     break
                 except (nats.errors.TimeoutError, nats.js.errors.ServiceUnavailableError,
                         nats.js.errors.ServerError) as exc:
                     if asyncio.get_running_loop().time() > deadline:
                         raise BusUnavailable(f"JetStream did not accept stream {config.name}: {exc!r}") from exc
                     await asyncio.sleep(0.3)
+
+    async def _update_stream(self, config: StreamConfig) -> None:
+        """Bring an existing stream to ``config``. A raw stream made by an older version denies
+        deletes, and JetStream never lifts that: keep it (``flywheel forget`` then says so)."""
+        try:
+            await self.js.update_stream(config)
+        except nats.js.errors.APIError as exc:
+            # "stream configuration update can not cancel deny message deletes" (a 500, err 10052)
+            if "deny message deletes" not in (exc.description or "") or config.deny_delete:
+                raise
+            log.warning(
+                "stream %s denies deleting messages (made by an older version) and JetStream cannot lift that;"
+                " its retention is updated but `flywheel forget` cannot erase from it until it is recreated",
+                config.name,
+            )
+            await self.js.update_stream(dataclasses.replace(config, deny_delete=True))
 
     async def close(self) -> None:
         if not self.nc.is_closed:

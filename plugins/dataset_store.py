@@ -13,6 +13,9 @@ a folder under its hash is always whole.
 
 Load a dataset with ``datasets.load_dataset("json", data_files=...)`` or ``"parquet"``, or
 ``load_dataset_dict(settings, hash)``.
+
+A dataset superseded because data in it was forgotten is removed whole (``remove_dataset``):
+its rows held the forgotten text.
 """
 
 from __future__ import annotations
@@ -39,6 +42,8 @@ __all__ = [
     "list_datasets",
     "load_dataset_dict",
     "read_manifest",
+    "read_lineage",
+    "remove_dataset",
     "show_dataset",
     "write_dataset",
 ]
@@ -64,6 +69,7 @@ def _arrow_schema(split: str) -> Any:
         pa.field("role", pa.string()),
         pa.field("domain", pa.string()),
         pa.field("complexity", pa.string()),
+        pa.field("tests", pa.string()),
     ]
     if split.startswith("dpo"):
         return pa.schema(
@@ -171,11 +177,31 @@ def write_dataset(built: BuiltDataset, root: Path) -> tuple[str, Path]:
     return digest, final
 
 
+def remove_dataset(root: Path, digest: str) -> bool:
+    """Delete the folder of dataset ``digest`` under ``root`` (renamed away first, so no reader
+    ever sees half a folder under its hash); False when there was none."""
+    folder = root / digest
+    if not folder.is_dir():
+        return False
+    doomed = root / f".removed-{digest[:12]}-{uuid.uuid4().hex[:8]}"
+    os.rename(folder, doomed)
+    shutil.rmtree(doomed)
+    return True
+
+
 # --------------------------------------------------------------------------- reading
 
 
 def read_manifest(folder: Path) -> dict[str, Any]:
     return dict(orjson.loads((folder / "manifest.json").read_bytes()))
+
+
+def read_lineage(folder: Path) -> list[str] | None:
+    """Every event id a dataset came from (its ``lineage.txt``), or None without a folder."""
+    try:
+        return (folder / "lineage.txt").read_text().split()
+    except FileNotFoundError:
+        return None
 
 
 def find_dataset(settings: Settings, hash_prefix: str) -> Path:

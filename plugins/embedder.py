@@ -6,6 +6,10 @@ redelivered event rewrites the same row. Prompts are gathered into batches of
 ``curation.embedding.batch`` (or whatever arrived within ``flush_s``) because one forward pass
 per prompt is several times slower.
 
+A ``data.forgotten`` drops the listed interactions from the pending batch and deletes their
+vectors from the store (``VectorStore.delete`` also compacts the files that held them); an
+``interaction.anonymized`` of a forgotten interaction that arrives later is not embedded.
+
 The store is a cache of a pure function of the log, not a source of truth: the dataset
 builder embeds (and stores) any interaction it finds missing, so a batch lost in a crash, or a
 deleted state folder, costs time, never correctness.
@@ -22,7 +26,7 @@ from engine.config import Settings
 from engine.hookspecs import hookimpl
 from engine.processor import ProcessContext, Processor
 from plugins.vectors import VectorStore, embedding_text, shared_embedder, vectors_path
-from schemas import Event, InteractionAnonymized
+from schemas import DataForgotten, Event, InteractionAnonymized
 
 __all__ = ["Embedder"]
 
@@ -41,10 +45,14 @@ class Embedder:
         self.task: asyncio.Task[None] | None = None  # the timer's flush, kept so it is not collected
         self.store: VectorStore | None = None
         self.written = 0
+        self.forgotten: set[str] = set()
 
     async def handle(self, event: Event[Any], ctx: ProcessContext) -> list[Any]:
         data = event.data
-        if not isinstance(data, InteractionAnonymized):
+        if isinstance(data, DataForgotten):
+            await self.forget(data.interaction_ids)
+            return []
+        if not isinstance(data, InteractionAnonymized) or data.interaction_id in self.forgotten:
             return []
         self.pending[data.interaction_id] = (data.interaction.role, embedding_text(data.interaction.input))
         if len(self.pending) >= self.config.batch:
@@ -81,6 +89,26 @@ class Embedder:
                 raise
             self.written += len(batch)
 
+    async def forget(self, interaction_ids: list[str]) -> int:
+        """Drop these interactions from the pending batch and delete their stored vectors."""
+        async with self.lock:  # after any flush in progress, so nothing is written back after
+            self.forgotten.update(interaction_ids)
+            for iid in interaction_ids:
+                self.pending.pop(iid, None)
+            deleted = await asyncio.to_thread(self._delete, interaction_ids)
+        if deleted:
+            log.info("embedder: deleted the vectors of %d forgotten interactions", deleted)
+        return deleted
+
+    def _delete(self, interaction_ids: list[str]) -> int:
+        """Delete from every table of the store (older embedding setups keep their own)."""
+        if self.store is None:
+            self.store = VectorStore(vectors_path(self.settings.state_dir), shared_embedder(self.config).key)
+        deleted = self.store.delete(interaction_ids)
+        for key in self.store.other_keys():
+            deleted += VectorStore(self.store.path, key).delete(interaction_ids)
+        return deleted
+
     def _write(self, batch: dict[str, tuple[str, str]]) -> None:
         ids = sorted(batch)
         embedder = shared_embedder(self.config)
@@ -95,7 +123,7 @@ def register_processors(register: Callable[[Processor], None], settings: Setting
     register(
         Processor(
             name="embedder",
-            consumes=("interaction.anonymized",),
+            consumes=("interaction.anonymized", "data.forgotten"),
             handle=Embedder(settings).handle,
             description="embeds every anonymized prompt into LanceDB (dedupe and rehearsal)",
         )

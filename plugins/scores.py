@@ -4,6 +4,10 @@ Each ``quality.assessed`` replaces the interaction's row (the latest assessment 
 wins: the scorer emits a new one whenever evidence changes it). The aggregates for
 ``flywheel stats`` (per model, prompt variant and role, over a window or all time) are
 queries over these rows, so a re-assessed interaction counts once, with its latest score.
+
+A ``data.forgotten`` deletes the rows of the interactions it lists and records their ids
+(event ids, nothing about the subject) so that a score arriving later for one of them is
+ignored; a replay of the log ends in the same rows.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import orjson
 from engine.config import Settings
 from engine.hookspecs import hookimpl
 from engine.projection import Projection
-from schemas import Event
+from schemas import DataForgotten, Event
 from schemas.ids import id_time_ms
 
 #: The columns ``aggregates`` may group by.
@@ -29,7 +33,8 @@ class Scores(Projection):
     """Current score per interaction, with what it is grouped and averaged by."""
 
     name = "scores"
-    consumes = ("quality.assessed",)
+    consumes = ("quality.assessed", "data.forgotten")
+    version = 2
     tables = """
     CREATE TABLE IF NOT EXISTS scores (
         interaction_id TEXT PRIMARY KEY,
@@ -42,10 +47,18 @@ class Scores(Projection):
         assessments INTEGER NOT NULL  -- how many quality.assessed this interaction had
     );
     CREATE INDEX IF NOT EXISTS scores_by_time ON scores (interaction_ms);
+    CREATE TABLE IF NOT EXISTS forgotten (interaction_id TEXT PRIMARY KEY, seq INTEGER NOT NULL);
     """
 
     def apply(self, db: sqlite3.Connection, event: Event[Any], seq: int) -> None:
         d = event.data
+        if isinstance(d, DataForgotten):
+            rows = [(i,) for i in d.interaction_ids]
+            db.executemany("DELETE FROM scores WHERE interaction_id = ?", rows)
+            db.executemany("INSERT OR IGNORE INTO forgotten VALUES (?, ?)", [(i, seq) for i in d.interaction_ids])
+            return
+        if db.execute("SELECT 1 FROM forgotten WHERE interaction_id = ?", (d.interaction_id,)).fetchone():
+            return  # scored after it was forgotten: not kept
         db.execute(
             "INSERT INTO scores VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1)"
             " ON CONFLICT (interaction_id) DO UPDATE SET"

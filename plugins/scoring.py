@@ -19,6 +19,10 @@ changes. Old scores are never rewritten; the ``scores`` projection keeps the lat
   interaction), so an outcome for an interaction that never appears is a clear rejection,
   not a silent drop.
 
+- **Forgetting.** A ``data.forgotten`` deletes the evidence of the interactions it lists
+  (their anonymized bodies, feedback, outcomes, current scores and the recorded outputs) and
+  keeps only their ids, so evidence about them that arrives later is dropped, not scored.
+
 The evidence store is local to the process; running ``scoring`` on several machines needs
 a shared state folder (or one scoring process).
 """
@@ -36,6 +40,7 @@ from engine.hookspecs import hookimpl
 from engine.memo import OutputMemo
 from engine.processor import ProcessContext, Processor
 from schemas import (
+    DataForgotten,
     Event,
     FeedbackAnonymized,
     InteractionAnonymized,
@@ -44,7 +49,7 @@ from schemas import (
     QualityAssessed,
 )
 
-CONSUMES = ("interaction.anonymized", "feedback.anonymized", "outcome.anonymized")
+CONSUMES = ("interaction.anonymized", "feedback.anonymized", "outcome.anonymized", "data.forgotten")
 
 _TABLES = """
 CREATE TABLE IF NOT EXISTS interactions (
@@ -53,6 +58,7 @@ CREATE TABLE IF NOT EXISTS evidence (
     event_id TEXT PRIMARY KEY, interaction_id TEXT NOT NULL, kind TEXT NOT NULL, body BLOB NOT NULL);
 CREATE INDEX IF NOT EXISTS evidence_by_interaction ON evidence (interaction_id, event_id);
 CREATE TABLE IF NOT EXISTS current (interaction_id TEXT PRIMARY KEY, fingerprint BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS forgotten (interaction_id TEXT PRIMARY KEY);
 """
 
 
@@ -78,8 +84,31 @@ class EvidenceStore:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
+        # deleted rows are overwritten with zeros, so forgotten evidence leaves no bytes behind
+        self.db.execute("PRAGMA secure_delete=ON")
         self.db.executescript(_TABLES)
         self.memo = OutputMemo(self.db)
+
+    def is_forgotten(self, interaction_id: str) -> bool:
+        sql = "SELECT 1 FROM forgotten WHERE interaction_id = ?"
+        return self.db.execute(sql, (interaction_id,)).fetchone() is not None
+
+    def forget(self, interaction_ids: list[str], event_ids: list[str]) -> int:
+        """Delete everything kept about these interactions (call inside a transaction); keep
+        their ids so later evidence about them is dropped. Returns the interactions deleted."""
+        ids = [(i,) for i in interaction_ids]
+        # the outputs recorded for the evidence events (scores of the forgotten interactions)
+        evidence_ids = [r[0] for i in interaction_ids for r in self.db.execute(
+            "SELECT event_id FROM interactions WHERE interaction_id = ? UNION"
+            " SELECT event_id FROM evidence WHERE interaction_id = ?", (i, i))]
+        self.db.executemany("DELETE FROM processed WHERE event_id = ?", [(e,) for e in {*evidence_ids, *event_ids}])
+        before = self.db.total_changes
+        self.db.executemany("DELETE FROM interactions WHERE interaction_id = ?", ids)
+        deleted = self.db.total_changes - before
+        self.db.executemany("DELETE FROM evidence WHERE interaction_id = ?", ids)
+        self.db.executemany("DELETE FROM current WHERE interaction_id = ?", ids)
+        self.db.executemany("INSERT OR IGNORE INTO forgotten VALUES (?)", ids)
+        return deleted
 
     def knows(self, interaction_id: str) -> bool:
         sql = "SELECT 1 FROM interactions WHERE interaction_id = ?"
@@ -174,7 +203,23 @@ class Scoring:
         answered = store.memo.recall(event.id)
         if answered is not None:  # a redelivery: produce exactly what the first delivery produced
             return answered  # type: ignore[return-value]
+        if isinstance(event.data, DataForgotten):
+            store.db.execute("BEGIN IMMEDIATE")
+            try:
+                n = store.forget(event.data.interaction_ids, event.data.event_ids)
+                store.record(event.id, "", None, None)
+            except BaseException:
+                store.db.execute("ROLLBACK")
+                raise
+            store.db.execute("COMMIT")
+            # the write-ahead log still holds the old pages until they are checkpointed
+            store.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            ctx.log.info("forgot the evidence of %d interactions (%s)", n, event.id)
+            return []
         iid = interaction_id_of(event.data)
+        if store.is_forgotten(iid):
+            store.record(event.id, iid, None, None)
+            return []  # evidence about a forgotten interaction: dropped
         if not isinstance(event.data, InteractionAnonymized) and not store.knows(iid):
             raise UnknownInteraction(
                 f"{event.type} {event.id} is about interaction {iid}, which scoring has not seen"

@@ -22,6 +22,7 @@ import importlib.util
 import logging
 import os
 import threading
+import warnings
 from collections.abc import Sequence
 from datetime import timedelta
 from pathlib import Path
@@ -214,6 +215,43 @@ class VectorStore:
     def count(self) -> int:
         table = self._open(create=False)
         return 0 if table is None else int(table.count_rows())
+
+    def other_keys(self) -> list[str]:
+        """The embedding setups of the other tables in this store."""
+        listed: Any = self.db.list_tables()
+        names: list[str] = [str(n) for n in getattr(listed, "tables", listed)]
+        return sorted(n.removeprefix("prompts_") for n in names if n.startswith("prompts_") and n != self.table_name)
+
+    def delete(self, ids: Sequence[str]) -> int:
+        """Delete the vectors of ``ids`` for good: the rows, then (compaction and cleanup of old
+        versions) the files that still held them. Returns how many rows there were."""
+        table = self._open(create=False)
+        if table is None or not ids:
+            return 0
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        wanted = sorted(set(ids))
+        data = table.to_arrow().select(["id"])
+        present = int(pc.sum(pc.is_in(data["id"], value_set=pa.array(wanted, pa.string()))).as_py() or 0)
+        if not present:
+            return 0
+        for start in range(0, len(wanted), 500):
+            chunk = wanted[start : start + 500]
+            table.delete("id IN (" + ", ".join(_sql_string(i) for i in chunk) + ")")
+        # A deletion only marks rows; compacting rewrites the files without them, and dropping
+        # the older versions removes the files that still hold the vectors. (LanceDB warns that a
+        # reader still on an older version then fails: the builder's reads are retried, and
+        # every handle here reads the latest version.)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"optimize\(cleanup_older_than=0\)")
+            table.optimize(cleanup_older_than=timedelta(0), delete_unverified=True)
+        return present
+
+
+def _sql_string(value: str) -> str:
+    """``value`` as a SQL string literal (LanceDB filters are SQL)."""
+    return "'" + value.replace("'", "''") + "'"
 
 
 def vectors_for(
