@@ -1,7 +1,8 @@
-"""The demo: the engine on the embedded defaults, driven by a simulated coding agent.
+"""``flywheel demo --bandits``: the engine on the embedded defaults, driven by a simulated agent, no model.
 
 It records interactions with feedback and outcomes through the SDK, lets every enabled
-plugin process them, then prints what reached the log.
+plugin process them, then prints what reached the log and what the bandits learned about
+simulated (model, prompt variant) success rates.
 """
 
 from __future__ import annotations
@@ -79,7 +80,7 @@ async def _drive(
     return chosen
 
 
-async def run_demo(settings: Settings, interactions: int, console: Console) -> None:
+async def run_bandit_demo(settings: Settings, interactions: int, console: Console) -> None:
     started = time.monotonic()
     if not settings.bandit.models and not settings.bandit.prompt_variants:
         settings = settings.model_copy(update={"bandit": DEMO_BANDIT})

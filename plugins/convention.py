@@ -1,0 +1,68 @@
+"""Built-in assessor ``convention``: does a Python answer follow the license-header convention?
+
+The convention: every Python file a coding agent writes starts with an SPDX license header,
+``# SPDX-License-Identifier: <license>`` (e.g. ``Apache-2.0``), on its first non-blank line. It
+is a real and common project rule (the Linux kernel, Zephyr and many companies require it), it is
+checkable by a function, and a small model does not follow it on its own, which makes it a clear
+thing for corrections to teach (``flywheel demo`` measures exactly that).
+
+The assessor scores one dimension, ``header``: 1 when the code of the answer (its fenced code
+blocks if it has any, else the whole answer: ``plugins.sandbox.extract_code``) starts with the
+header, 0 when it does not. It answers only for Python interactions (``context.language`` or
+``domain`` says python, or the answer has a python code fence, or the interaction's tests are
+Python); for anything else it returns None. Like any assessor it moves the reward only when
+``assessment.assessor_weights`` gives it a weight;
+unweighted it is recorded in ``quality.assessed`` as ``convention.header``.
+"""
+
+from __future__ import annotations
+
+import re
+
+from engine.assessment import Assessment, Evidence
+from engine.hookspecs import hookimpl
+from plugins.sandbox import extract_code
+from schemas import InteractionAnonymized
+
+__all__ = ["HEADER", "extract_code", "follows_convention", "header_line"]
+
+VERSION = "1.0.0"
+
+#: the header line the convention asks for, with the license id captured
+HEADER = re.compile(r"^#\s*SPDX-License-Identifier:\s*(\S+)\s*$")
+_PYTHON_FENCE = re.compile(r"```[ \t]*(?:python3?|py)\b", re.I)
+
+
+def header_line(license_id: str) -> str:
+    """The header line for ``license_id``, e.g. ``# SPDX-License-Identifier: Apache-2.0``."""
+    if not license_id or any(c.isspace() for c in license_id):
+        raise ValueError(f"an SPDX license id is one word such as Apache-2.0, got {license_id!r}")
+    return f"# SPDX-License-Identifier: {license_id}"
+
+
+def follows_convention(code: str, license_id: str | None = None) -> bool:
+    """Whether the first non-blank line of ``code`` is an SPDX header (for ``license_id`` if given)."""
+    for line in code.splitlines():
+        if line.strip():
+            match = HEADER.match(line.strip())
+            return match is not None and (license_id is None or match.group(1) == license_id)
+    return False
+
+
+def _is_python(interaction: InteractionAnonymized) -> bool:
+    rec = interaction.interaction
+    said = {(rec.context.language or "").lower(), (rec.domain or "").lower()}
+    if "python" in said:
+        return True
+    if _PYTHON_FENCE.search(rec.output):
+        return True
+    tests = rec.context.tests or ""
+    return "def test" in tests or "assert " in tests
+
+
+@hookimpl
+def assess(interaction: InteractionAnonymized, evidence: Evidence) -> Assessment | None:
+    if not _is_python(interaction):
+        return None
+    code = extract_code(interaction.interaction.output)
+    return Assessment(scores={"header": 1.0 if follows_convention(code) else 0.0}, version=VERSION)
