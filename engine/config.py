@@ -417,7 +417,10 @@ class TrainerConfig(Section):
     max_steps: int | None = Field(default=None, ge=1, description="stop after this many optimizer steps")
     warmup_steps: int = Field(default=0, ge=0)
     max_tokens: int = Field(default=1024, ge=8, description="an example is cut to this many tokens")
-    block_tokens: int = Field(default=1024, ge=8, description="tokens per packed block")
+    block_tokens: int = Field(
+        default=512, ge=8, description="tokens per packed block (an example longer than a block gets its own);"
+        " on SmolLM2-135M/CPU 512-token blocks trained 1.3x faster than 1024 (attention grows with the square)",
+    )
     checkpoint_every: int = Field(default=50, ge=1, description="optimizer steps between checkpoints")
     wall_clock_cap_s: float | None = Field(default=None, gt=0, description="a run that takes longer fails")
     progress_every: int = Field(default=10, ge=1, description="steps between training.progressed events")
@@ -428,7 +431,8 @@ class TrainerConfig(Section):
         " 2 threads ran 1.3-2x faster than 1)",
     )
     precision: Literal["auto", "bf16", "fp32"] = Field(
-        default="auto", description="auto = bf16 autocast where the CPU or GPU supports it"
+        default="auto", description="auto = bf16 autocast on a GPU that supports it or a CPU with AMX; fp32"
+        " elsewhere (without AMX, bf16 autocast was 1.6x slower here)",
     )
     gradient_checkpointing: bool = Field(default=False, description="recompute activations: less memory, slower")
     seed: int = 0

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import asyncio
 import atexit
-import inspect
 import logging
 import sqlite3
 import threading
@@ -402,10 +401,10 @@ class Deployer:
 
 
 def _serve(runtime: Runtime, model: ServedModel, port: int | None) -> str:
-    """``runtime.serve(model)``, on ``port`` when the runtime takes one and it is free."""
-    if port and "port" in inspect.signature(runtime.serve).parameters:
+    """``runtime.serve(model)``, on ``port`` when it is free."""
+    if port:
         try:
-            return runtime.serve(model, port=port)  # type: ignore[call-arg]
+            return runtime.serve(model, port=port)
         except RuntimeUnavailable:
             log.info("port %d is taken; %s gets another", port, model.model_name)
     return runtime.serve(model)

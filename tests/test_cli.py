@@ -20,6 +20,7 @@ runner = CliRunner()
 def env(settings: Settings, nats_server: EmbeddedServer, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
     monkeypatch.setenv("FLYWHEEL_NATS__URL", nats_server.url)
     monkeypatch.setenv("FLYWHEEL_STATE_DIR", str(settings.state_dir))
+    monkeypatch.setenv("FLYWHEEL_DASHBOARD__PORT", "0")  # `up` serves the dashboard: on a free port
     return {}
 
 

@@ -73,7 +73,7 @@ def _settings(state: Path, threads: int | None, epochs: int, precision: str) -> 
     from engine.config import load_settings
 
     return load_settings(state_dir=state, trainer={**LORA, "lr": LR, "epochs": epochs, "batch": 2, "grad_accum": 1,
-                                                   "block_tokens": 1024, "max_tokens": 512, "threads": threads,
+                                                   "max_tokens": 512, "threads": threads,
                                                    "precision": precision, "early_stopping_patience": None,
                                                    "checkpoint_every": 10_000})
 

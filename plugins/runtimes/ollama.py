@@ -223,8 +223,9 @@ class OllamaRuntime:
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "Modelfile").write_text(self.modelfile(base, adapters))
 
-    def serve(self, model: ServedModel) -> str:
-        """Load the version (Ollama answers for it from now on); return Ollama's OpenAI-compatible URL."""
+    def serve(self, model: ServedModel, port: int = 0) -> str:
+        """Load the version (Ollama answers for it from now on); return Ollama's OpenAI-compatible URL.
+        ``port`` is ignored: Ollama serves every model on its own port."""
         status, answer = self._call("POST", "/api/generate", {"model": model.model_name, "stream": False})
         self._ok(f"load {model.model_name}", status, answer)
         return f"{self.url}/v1"
