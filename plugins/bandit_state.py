@@ -24,7 +24,8 @@ class BanditStateProjection(Projection):
     """Arm statistics learned from rewards, and the choices the selectors made."""
 
     name = "bandit_state"
-    consumes = ("quality.assessed", "arm.selected")
+    consumes = ("quality.assessed", "arm.selected", "data.forgotten")
+    version = 2  # forgets the per-interaction credits of data.forgotten
     tables = """
     CREATE TABLE IF NOT EXISTS arms (
         role TEXT NOT NULL, decision TEXT NOT NULL, arm TEXT NOT NULL,
@@ -37,6 +38,10 @@ class BanditStateProjection(Projection):
 
     def apply(self, db: sqlite3.Connection, event: Event[Any], seq: int) -> None:
         d = event.data
+        if event.type == "data.forgotten":
+            # the arms' sums stay (they name no one); the per-interaction credit rows go
+            db.executemany("DELETE FROM credits WHERE interaction_id = ?", [(i,) for i in d.interaction_ids])
+            return
         if event.type == "arm.selected":
             db.execute(
                 "INSERT INTO arms VALUES (?, ?, ?, 0, 0.0, 1) ON CONFLICT (role, decision, arm)"

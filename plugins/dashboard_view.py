@@ -44,6 +44,7 @@ class DashboardView(Projection):
     """Everything the dashboard's pages read, one table per concern."""
 
     name = NAME
+    version = 2  # forgets the per-interaction rows of data.forgotten
     consumes = (
         "interaction.anonymized",
         "quality.assessed",
@@ -57,6 +58,7 @@ class DashboardView(Projection):
         "evaluation.completed",
         *TIMELINE_KINDS,
         "event.rejected",
+        "data.forgotten",
     )
     tables = """
     CREATE TABLE IF NOT EXISTS interactions_hourly (
@@ -147,6 +149,9 @@ class DashboardView(Projection):
                 "INSERT OR REPLACE INTO timeline VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (seq, time, TIMELINE_KINDS[kind], d.role, runtime, adapter, summary),
             )
+        elif kind == "data.forgotten":
+            # hourly and per-arm sums stay (they name no one); the per-interaction rows go
+            db.executemany("DELETE FROM assessments WHERE interaction_id = ?", [(i,) for i in d.interaction_ids])
         elif kind == "event.rejected":
             db.execute(
                 "INSERT OR REPLACE INTO rejections VALUES (?, ?, ?, ?, ?, ?, ?, ?)",

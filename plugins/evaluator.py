@@ -9,8 +9,8 @@ service, or the base model when none is), and measures both on the same items
   example that carries ``tests``, the greedy answer's code is run against them in a sandboxed
   subprocess with time and memory limits;
 - **forgetting**: the dataset's forgetting split (earlier tasks, never trained on) and general
-  prompts shipped with Flywheel: the share of items whose answer loss rose, per set; the gate
-  reads the worse of the two;
+  prompts (shipped with Flywheel, or ``evaluator.general_prompts``): the share of items whose
+  answer loss rose, over both (the gate's figure) and per part;
 - **latency and memory**: milliseconds per generated token, the process's peak RSS, the
   adapter's size;
 - **canary**: prompts that invite secrets or personal data, plus a few training prompts; what
@@ -187,16 +187,17 @@ def _measure(
                 "task_passed": task.passed,
                 "ms_per_token": round(1000 * seconds / tokens, 3) if tokens else None,
             }
-    # earlier tasks and general prompts are rated apart, so the larger set cannot dilute the other
+    # one forgetting set (as the reference design has it) for the gate; each part reported too
     rates = {k: forgetting_rate(losses["candidate"][k], losses["service"][k], cfg.forgetting_tolerance)
              for k in forgetting}
-    measured = [r for r, _ in rates.values() if r is not None]
+    pooled, items = forgetting_rate([x for k in forgetting for x in losses["candidate"][k]],
+                                    [x for k in forgetting for x in losses["service"][k]], cfg.forgetting_tolerance)
     leaks = canary_leaks(canaries, said["candidate"], said["service"])
     for leak in leaks:
         log.warning("canary: %s", leak)
     figures["candidate"].update({
-        "forgetting_rate": max(measured) if measured else None,
-        "forgetting_items": sum(n for _, n in rates.values()),
+        "forgetting_rate": pooled,
+        "forgetting_items": items,
         "forgetting_rate_tasks": rates["tasks"][0],
         "forgetting_rate_general": rates["general"][0],
         "canary_prompts": len(canaries),

@@ -253,7 +253,8 @@ async def test_every_page_shows_the_log_in_plots_and_tables(
             pixels = await page.shot(plot, plot)
             # points and moving-mean lines of two series, spread over the x axis
             assert coloured(pixels, BLUE) > 300 and coloured(pixels, ORANGE) > 300, plot
-            assert columns_with(pixels, BLUE) > 200 and columns_with(pixels, ORANGE) > 200, plot
+            # (a lone point covers about ten columns; 630 px wide in all)
+            assert columns_with(pixels, BLUE) > 120 and columns_with(pixels, ORANGE) > 120, plot
         arms = await page.shot("plot-arms", "overview-arms")
         assert coloured(arms, BLUE, 10) > 500 and coloured(arms, ORANGE, 10) > 500
         arm_rows = await page.rows("arms")

@@ -145,10 +145,23 @@ def write_eval_dataset(root: Path, formatter: Any,  # noqa: F811
     return digest, folder
 
 
+GENERAL = [("What is the capital of France?", "The capital of France is Paris."),
+           ("How many days are there in a week?", "There are seven days in a week.")]
+
+
+def general_file(folder: Path) -> Path:
+    """A small set of general prompts (the tiny model knows no general facts: the forgetting set is
+    mostly the earlier tasks here)."""
+    path = folder / "general.jsonl"
+    path.write_text("".join(json.dumps({"prompt": p, "completion": c}) + "\n" for p, c in GENERAL))
+    return path
+
+
 def eval_settings(tmp_path: Path, base: Path, **trainer: Any) -> Any:
     section = trainer_section(base, epochs=4, lr=5e-3, **trainer)
     return load_settings(state_dir=tmp_path / "state", trainer=section,
-                         evaluator={"max_new_tokens": 24, "canary_max_new_tokens": 8, "canary_from_train": 2})
+                         evaluator={"max_new_tokens": 24, "canary_max_new_tokens": 8, "canary_from_train": 2,
+                                    "general_prompts": general_file(tmp_path)})
 
 
 def test_an_adapter_trained_on_wrong_answers_is_rejected_and_one_on_right_answers_passes(
@@ -171,7 +184,7 @@ def test_an_adapter_trained_on_wrong_answers_is_rejected_and_one_on_right_answer
     for outcome in (wrong, right):
         assert outcome.candidate["task_examples"] == outcome.baseline["task_examples"] == 1
         assert outcome.baseline["model"] == "base"
-        assert outcome.candidate["forgetting_items"] == len(ROWS) + 24
+        assert outcome.candidate["forgetting_items"] == len(ROWS) + len(GENERAL)
         for key in ("ms_per_token", "peak_rss_mb", "adapter_mb", "canary_prompts", "held_out_loss"):
             assert outcome.candidate[key] is not None, key
 
@@ -200,9 +213,10 @@ def test_missing_adapter_dataset_or_base_model_fail_closed(tmp_path: Path, tiny_
 
 
 @pytest.fixture
-def settings(settings_with: Any, knowing_base: Path) -> Any:
+def settings(settings_with: Any, knowing_base: Path, tmp_path: Path) -> Any:
     return settings_with(trainer=trainer_section(knowing_base, epochs=4, lr=5e-3), plugins={"disabled": []},
-                         evaluator={"max_new_tokens": 8, "canary_max_new_tokens": 4, "canary_from_train": 0})
+                         evaluator={"max_new_tokens": 8, "canary_max_new_tokens": 4, "canary_from_train": 0,
+                                    "general_prompts": general_file(tmp_path)})
 
 
 async def test_a_rejected_adapter_is_not_deployed_and_the_base_model_stays_in_service(

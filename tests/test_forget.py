@@ -197,6 +197,18 @@ async def test_forget_leaves_no_trace_of_the_session_and_a_replay_agrees(
     digest, path = await rebuild_dataset(settings, bus, "coder", request.data.log_position)
     assert digest == s.new_hash and _blob(path) == _blob(new)
 
+    # the other projections that keep a row per interaction keep none of the forgotten ones
+    from plugins.bandit_state import BanditStateProjection
+    from plugins.dashboard_view import DashboardView
+
+    for projection, table in ((BanditStateProjection(), "credits"), (DashboardView(), "assessments")):
+        path = tmp_path / f"replayed-{projection.name}.sqlite"
+        await rebuild(bus, projection, path)
+        db = sqlite3.connect(path)
+        kept = {r[0] for r in db.execute(f"SELECT interaction_id FROM {table}")}
+        db.close()
+        assert kept == bob, projection.name
+
     # forgetting again finds nothing new and announces nothing
     again = await forget(settings, bus, session=FORGOTTEN_SESSION)
     assert again.nothing_new and not again.announced
