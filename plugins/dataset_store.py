@@ -42,6 +42,7 @@ __all__ = [
     "list_datasets",
     "load_dataset_dict",
     "read_manifest",
+    "read_split",
     "read_lineage",
     "remove_dataset",
     "show_dataset",
@@ -190,6 +191,17 @@ def remove_dataset(root: Path, digest: str) -> bool:
 
 
 # --------------------------------------------------------------------------- reading
+
+
+def read_split(folder: Path, split: str) -> list[dict[str, Any]]:
+    """The rows of one split of a dataset folder ([] when the split is empty, so not written)."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}: one of {', '.join(SPLITS)}")
+    path = folder / f"{split}.jsonl"
+    if not path.is_file():
+        return []
+    with open(path, "rb") as fh:
+        return [orjson.loads(line) for line in fh if line.strip()]
 
 
 def read_manifest(folder: Path) -> dict[str, Any]:

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import resource
 import sqlite3
@@ -39,7 +38,7 @@ from engine.config import Settings
 from engine.hookspecs import hookimpl
 from engine.memo import OutputMemo
 from engine.processor import ProcessContext, Processor
-from plugins.dataset_store import dataset_root
+from plugins.dataset_store import dataset_root, read_split
 from plugins.evaluation.gate import verdict
 from plugins.evaluation.generation import chat_prompt, generate
 from plugins.evaluation.metrics import (
@@ -51,7 +50,7 @@ from plugins.evaluation.metrics import (
     held_out_loss,
     task_pass_rate,
 )
-from plugins.training.models import BaseModelUnusable, load_base, resolve_base_model
+from plugins.training.models import BaseModelUnusable, load_base, resolve_base_model, torch_threads
 from schemas import EvaluationCompleted, Event, TrainingCompleted
 
 __all__ = ["evaluate_run", "service_adapter"]
@@ -75,31 +74,12 @@ def service_adapter(settings: Settings, role: str) -> Path | None:
     return folder if folder.is_dir() else None
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def _folder_mb(folder: Path) -> float:
     return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) / 2**20
 
 
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-@contextlib.contextmanager
-def _threads(n: int | None) -> Iterator[None]:
-    import torch
-
-    before = torch.get_num_threads()
-    if n is not None:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def evaluate_run(settings: Settings, completed: TrainingCompleted) -> EvaluationCompleted:
@@ -124,7 +104,7 @@ def evaluate_run(settings: Settings, completed: TrainingCompleted) -> Evaluation
         base, tokenizer = load_base(model_dir)
     except BaseModelUnusable as exc:
         return rejected(str(exc))
-    with _threads(cfg.threads):
+    with torch_threads(cfg.threads):
         candidate, baseline = _measure(settings, base, tokenizer, adapter_dir, dataset, completed.role)
     passed, reasons = verdict(candidate, baseline, cfg)
     return EvaluationCompleted(run_id=completed.run_id, role=completed.role, adapter_hash=completed.adapter_hash,
@@ -158,13 +138,13 @@ def _measure(
             with model.disable_adapter():
                 yield model
 
-    validation = _read_jsonl(dataset / "validation.jsonl")
-    forgetting = {"tasks": _read_jsonl(dataset / "forgetting.jsonl"),
+    validation = read_split(dataset, "validation")
+    forgetting = {"tasks": read_split(dataset, "forgetting"),
                   "general": general_rows(tokenizer, cfg.general_prompts)}
     tasks = [r for r in validation if r.get("tests")][: cfg.max_task_examples]
     canaries = [chat_prompt(tokenizer, line) for line in (DATA / "canary_prompts.txt").read_text().splitlines()
                 if line.strip()]
-    canaries += [r["prompt"] for r in _read_jsonl(dataset / "train.jsonl")[: cfg.canary_from_train]]
+    canaries += [r["prompt"] for r in read_split(dataset, "train")[: cfg.canary_from_train]]
     max_tokens = settings.trainer.max_tokens
     figures: dict[str, Figures] = {}
     losses: dict[str, Any] = {}

@@ -32,15 +32,19 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import orjson
-
 from engine.config import Settings, TrainerConfig
 from engine.connection import open_bus
 from engine.hookspecs import hookimpl
 from engine.processor import ProcessContext, Processor
-from plugins.dataset_store import dataset_root
+from plugins.dataset_store import dataset_root, read_split
 from plugins.training.loop import LoopSettings, Progress, WallClockExceeded, train_loop
-from plugins.training.models import BaseModelUnusable, load_base, resolve_base_model, store_adapter
+from plugins.training.models import (
+    BaseModelUnusable,
+    load_base,
+    resolve_base_model,
+    store_adapter,
+    torch_threads,
+)
 from plugins.training.packing import pack, tokenize_rows
 from schemas import (
     DatasetBuilt,
@@ -107,26 +111,6 @@ def use_bf16(precision: str, device: str) -> bool:
     if device == "cuda":
         return bool(torch.cuda.is_bf16_supported())
     return bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())  # private: probe for it
-
-
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    with open(path, "rb") as fh:
-        return [orjson.loads(line) for line in fh if line.strip()]
-
-
-@contextlib.contextmanager
-def _threads(n: int | None) -> Iterator[None]:
-    import torch
-
-    before = torch.get_num_threads()
-    if n is not None:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 @contextlib.contextmanager
@@ -208,13 +192,13 @@ def train_dataset(
         except BaseModelUnusable as exc:
             return failed(str(exc))
         if cfg.method == "dpo":
-            pairs = _read_jsonl(folder / "dpo_train.jsonl")
-            val_pairs = _read_jsonl(folder / "dpo_validation.jsonl")
+            pairs = read_split(folder, "dpo_train")
+            val_pairs = read_split(folder, "dpo_validation")
             if not pairs:
                 return failed(f"dataset {dataset_hash} has no preference pairs (dpo_train) for DPO")
         else:
-            train_rows = _read_jsonl(folder / "train.jsonl")
-            val_rows = _read_jsonl(folder / "validation.jsonl")
+            train_rows = read_split(folder, "train")
+            val_rows = read_split(folder, "validation")
             train = pack(tokenize_rows(train_rows, tokenizer, cfg.max_tokens), cfg.block_tokens)
             validation = pack(tokenize_rows(val_rows, tokenizer, cfg.max_tokens), cfg.block_tokens)
             if not train:
@@ -254,7 +238,7 @@ def train_dataset(
                 on_step(p)
 
         try:
-            with _threads(cfg.threads if device == "cpu" else None):
+            with torch_threads(cfg.threads if device == "cpu" else None):
                 if cfg.method == "dpo":
                     from plugins.training.dpo import train_dpo
 

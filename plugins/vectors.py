@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from engine.config import EmbeddingConfig
+from plugins.training.models import torch_threads
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is fetched from a hub at run time
 
@@ -117,31 +118,26 @@ class TextEmbedder:
                 width = min(cfg.max_tokens, -(-len(seq) // cfg.bucket_tokens) * cfg.bucket_tokens)
                 by_length.setdefault(max(width, len(seq)), []).append(i)
             pad = int(tokenizer.pad_token_id or 0)
-            previous = torch.get_num_threads()
-            torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
-            try:
-                with torch.inference_mode():
-                    for width, members in sorted(by_length.items()):
-                        for start in range(0, len(members), cfg.batch):
-                            chunk = members[start : start + cfg.batch]
-                            input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-                            mask = torch.zeros((len(chunk), width), dtype=torch.long)
-                            for row, i in enumerate(chunk):
-                                n = len(ids[i])
-                                input_ids[row, :n] = torch.tensor(ids[i], dtype=torch.long)
-                                mask[row, :n] = 1
-                            features = {
-                                "input_ids": input_ids,
-                                "attention_mask": mask,
-                                "token_type_ids": torch.zeros_like(input_ids),
-                            }
-                            # bf16 autocast uses the CPU's bf16 matrix units; each text's padding is
-                            # still fixed by the text, so its vector does not depend on the batch.
-                            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.precision == "bfloat16"):
-                                vectors = model(features)["sentence_embedding"]
-                            out[chunk] = vectors.float().numpy()
-            finally:
-                torch.set_num_threads(previous)
+            with torch_threads(cfg.threads or os.cpu_count() or 1), torch.inference_mode():
+                for width, members in sorted(by_length.items()):
+                    for start in range(0, len(members), cfg.batch):
+                        chunk = members[start : start + cfg.batch]
+                        input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+                        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+                        for row, i in enumerate(chunk):
+                            n = len(ids[i])
+                            input_ids[row, :n] = torch.tensor(ids[i], dtype=torch.long)
+                            mask[row, :n] = 1
+                        features = {
+                            "input_ids": input_ids,
+                            "attention_mask": mask,
+                            "token_type_ids": torch.zeros_like(input_ids),
+                        }
+                        # bf16 autocast uses the CPU's bf16 matrix units; each text's padding is
+                        # still fixed by the text, so its vector does not depend on the batch.
+                        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.precision == "bfloat16"):
+                            vectors = model(features)["sentence_embedding"]
+                        out[chunk] = vectors.float().numpy()
         return out
 
 

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from plugins.runtimes.openai_api import post_chat
+
 __all__ = ["Answer", "Answerer", "LocalModel", "ModelUnreachable", "ServedModel"]
 
 
@@ -122,19 +124,9 @@ class ServedModel:
         return [self._ask(p) for p in prompts]
 
     def _ask(self, prompt: str) -> Answer:
-        body = json.dumps({
-            "model": self.name,
-            "messages": [{"role": "user", "content": prompt}],
-            "max_tokens": self.max_new_tokens,
-            "temperature": 0.0,
-        }).encode()
-        request = urllib.request.Request(
-            f"{self.endpoint}/chat/completions", data=body, headers={"Content-Type": "application/json"}
-        )
         began = time.monotonic()
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
-                reply = json.loads(response.read())
+            reply = post_chat(self.endpoint, self.name, prompt, self.max_new_tokens, 0.0, self.timeout_s)
         except (urllib.error.URLError, TimeoutError, json.JSONDecodeError) as exc:
             raise ModelUnreachable(
                 f"the deployed model {self.name} at {self.endpoint} did not answer: {exc}"

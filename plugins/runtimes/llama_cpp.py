@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import json
 import logging
 import os
 import subprocess
@@ -34,6 +33,7 @@ from typing import IO, Any
 
 from plugins.runtimes import RuntimeUnavailable, ServedModel
 from plugins.runtimes.gguf import convert_adapter, convert_base, prune_adapters, scripts_dir
+from plugins.runtimes.openai_api import post_chat
 
 __all__ = ["LlamaCppRuntime", "llama_cpp_installed"]
 
@@ -270,20 +270,9 @@ class LlamaCppRuntime:
             server = self._servers.get(model.model_name)
         if server is None or server.process.poll() is not None:
             raise RuntimeUnavailable(f"{model.model_name} is not being served by llama.cpp: call serve() first")
-        body = {
-            "model": model.model_name,
-            "messages": [{"role": "user", "content": prompt}],
-            "max_tokens": max_tokens,
-            "temperature": temperature,
-        }
-        request = urllib.request.Request(
-            f"{server.url}/chat/completions",
-            data=json.dumps(body).encode(),
-            headers={"Content-Type": "application/json"},
-        )
         try:
-            with urllib.request.urlopen(request, timeout=self.config.request_timeout_s) as response:
-                answer: dict[str, Any] = json.loads(response.read())
+            return post_chat(server.url, model.model_name, prompt, max_tokens, temperature,
+                             self.config.request_timeout_s)
         except urllib.error.HTTPError as exc:
             detail = exc.read().decode(errors="replace")
             raise RuntimeUnavailable(f"llama.cpp server for {model.model_name} answered {exc.code}: {detail}") from exc
@@ -292,7 +281,6 @@ class LlamaCppRuntime:
                 f"llama.cpp server for {model.model_name} did not answer ({exc}); log {server.log_path}:\n"
                 f"{_tail(server.log_path)}"
             ) from exc
-        return answer
 
     def stop(self, model: ServedModel) -> None:
         """Stop serving ``model`` (nothing happens when it is not served)."""

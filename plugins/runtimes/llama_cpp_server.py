@@ -3,7 +3,8 @@
 Run as ``python -m plugins.runtimes.llama_cpp_server --model base.gguf --lora adapter.gguf --alias NAME
 --port-file F`` from the project root (not as a script: its folder's ``llama_cpp.py`` would shadow the package)
 by ``plugins/runtimes/llama_cpp.py``, one process per served version, so a crash in native code takes down one
-version, not the engine. It imports only the standard library and ``llama_cpp``.
+version, not the engine. It imports only the standard library, ``llama_cpp`` and the HTTP handler shared
+with the transformers server (``openai_api.py``, standard library only).
 
 Why not ``python -m llama_cpp.server``: that needs four more packages (its ``server`` extra) and cannot turn the
 extra buffer types off (``use_extra_bufts``, llama-server's ``--no-repack``), the workaround for builds whose
@@ -29,11 +30,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+from plugins.runtimes.openai_api import BadRequest, OpenAIHandler
+
 SAMPLING_KEYS = ("max_tokens", "temperature", "top_p", "top_k", "stop", "seed", "repeat_penalty")
-
-
-class BadRequest(ValueError):
-    """The request cannot be served; answered with 400 and the message."""
 
 
 def _sampling(body: dict[str, Any]) -> dict[str, Any]:
@@ -52,33 +51,14 @@ def _sampling(body: dict[str, Any]) -> dict[str, Any]:
 
 def build_handler(llm: Any, alias: str) -> type[BaseHTTPRequestHandler]:
     lock = threading.Lock()
-    created = int(time.time())
+    started = int(time.time())
 
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
+    class Handler(OpenAIHandler):
+        model_name = alias
+        created = started
 
         def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
             sys.stderr.write(f"{self.address_string()} {format % args}\n")
-
-        def _send(self, status: int, body: dict[str, Any]) -> None:
-            data = json.dumps(body).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def _error(self, status: int, message: str, kind: str = "invalid_request_error") -> None:
-            self._send(status, {"error": {"message": message, "type": kind, "code": status}})
-
-        def do_GET(self) -> None:  # noqa: N802 - http.server's naming
-            if self.path.rstrip("/") == "/v1/models":
-                model = {"id": alias, "object": "model", "created": created, "owned_by": "flywheel"}
-                self._send(200, {"object": "list", "data": [model]})
-            elif self.path.rstrip("/") == "/health":
-                self._send(200, {"status": "ok", "model": alias})
-            else:
-                self._error(404, f"no route GET {self.path}; try /v1/models")
 
         def do_POST(self) -> None:  # noqa: N802
             route = self.path.rstrip("/")
@@ -86,13 +66,8 @@ def build_handler(llm: Any, alias: str) -> type[BaseHTTPRequestHandler]:
                 self._error(404, f"no route POST {self.path}; try /v1/chat/completions")
                 return
             try:
-                length = int(self.headers.get("Content-Length") or 0)
-                body = json.loads(self.rfile.read(length) or b"null")
-                if not isinstance(body, dict):
-                    raise BadRequest("the request body must be a JSON object")
-                if body.get("model") not in (None, alias):
-                    self._error(404, f"model {body['model']!r} is not served here; this server serves {alias!r}",
-                                "model_not_found")
+                body = self._read_request()
+                if body is None:
                     return
                 params = _sampling(body)
                 if route == "/v1/chat/completions":

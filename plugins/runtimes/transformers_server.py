@@ -29,14 +29,11 @@ from pathlib import Path
 from typing import Any
 
 from plugins.runtimes import RuntimeUnavailable, ServedModel
+from plugins.runtimes.openai_api import BadRequest, OpenAIHandler, post_chat
 
 __all__ = ["ChatModel", "TransformersRuntime", "load_chat_model", "serve_chat_model"]
 
 log = logging.getLogger(__name__)
-
-
-class BadRequest(ValueError):
-    """A request the server answers with 400 and this message."""
 
 
 @dataclass
@@ -63,16 +60,10 @@ class ChatModel:
         sampling: dict[str, Any] = {"do_sample": False}
         if temperature > 0:
             sampling = {"do_sample": True, "temperature": temperature}
-        with self.lock, torch.no_grad():
-            before = torch.get_num_threads()
-            if self.threads is not None:
-                torch.set_num_threads(self.threads)
-            try:
-                out = self.model.generate(
-                    **enc, max_new_tokens=max_tokens, pad_token_id=tok.pad_token_id, **sampling
-                )
-            finally:
-                torch.set_num_threads(before)
+        from plugins.training.models import torch_threads
+
+        with self.lock, torch.no_grad(), torch_threads(self.threads):
+            out = self.model.generate(**enc, max_new_tokens=max_tokens, pad_token_id=tok.pad_token_id, **sampling)
         ids = out[0, enc["input_ids"].shape[1]:].tolist()
         if tok.eos_token_id in ids:
             ids = ids[: ids.index(tok.eos_token_id)]
@@ -134,48 +125,22 @@ def _messages(body: dict[str, Any]) -> list[dict[str, str]]:
 
 def build_handler(chat: ChatModel) -> type[BaseHTTPRequestHandler]:
     """The OpenAI-compatible request handler for one served version."""
-    created = int(time.time())
+    started = int(time.time())
 
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
+    class Handler(OpenAIHandler):
+        model_name = chat.name
+        created = started
 
         def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
             log.debug("%s %s", self.address_string(), format % args)
-
-        def _send(self, status: int, body: dict[str, Any]) -> None:
-            data = json.dumps(body).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def _error(self, status: int, message: str, kind: str = "invalid_request_error") -> None:
-            self._send(status, {"error": {"message": message, "type": kind, "code": status}})
-
-        def do_GET(self) -> None:  # noqa: N802 - http.server's naming
-            if self.path.rstrip("/") == "/v1/models":
-                model = {"id": chat.name, "object": "model", "created": created, "owned_by": "flywheel"}
-                self._send(200, {"object": "list", "data": [model]})
-            elif self.path.rstrip("/") == "/health":
-                self._send(200, {"status": "ok", "model": chat.name})
-            else:
-                self._error(404, f"no route GET {self.path}; try /v1/models")
 
         def do_POST(self) -> None:  # noqa: N802
             if self.path.rstrip("/") != "/v1/chat/completions":
                 self._error(404, f"no route POST {self.path}; try /v1/chat/completions")
                 return
             try:
-                length = int(self.headers.get("Content-Length") or 0)
-                body = json.loads(self.rfile.read(length) or b"null")
-                if not isinstance(body, dict):
-                    raise BadRequest("the request body must be a JSON object")
-                if body.get("model") not in (None, chat.name):
-                    self._error(
-                        404, f"model {body['model']!r} is not served here; this server serves {chat.name!r}",
-                        "model_not_found",
-                    )
+                body = self._read_request()
+                if body is None:
                     return
                 if body.get("stream"):
                     raise BadRequest("stream is not supported by this server; send stream: false")
@@ -276,18 +241,8 @@ class TransformersRuntime:
         url = self.url(model)
         if url is None:
             raise RuntimeUnavailable(f"{model.model_name} is not being served by transformers: call serve() first")
-        body = {
-            "model": model.model_name,
-            "messages": [{"role": "user", "content": prompt}],
-            "max_tokens": max_tokens,
-            "temperature": temperature,
-        }
-        request = urllib.request.Request(
-            f"{url}/chat/completions", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
-        )
         try:
-            with urllib.request.urlopen(request, timeout=300) as response:
-                answer = json.loads(response.read())
+            answer = post_chat(url, model.model_name, prompt, max_tokens, temperature, timeout_s=300)
         except urllib.error.HTTPError as exc:
             detail = exc.read().decode(errors="replace")
             raise RuntimeUnavailable(f"{model.model_name} at {url} answered {exc.code}: {detail}") from exc

