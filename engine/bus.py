@@ -17,7 +17,7 @@ import asyncio
 import dataclasses
 import logging
 import ssl
-from collections.abc import Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,7 +26,16 @@ import nats.errors
 import nats.js.errors
 from nats.aio.client import Client
 from nats.js import JetStreamContext
-from nats.js.api import DiscardPolicy, PubAck, RetentionPolicy, StorageType, StreamConfig
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
+    DiscardPolicy,
+    PubAck,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
 
 from engine import telemetry
 from engine.config import NatsConfig, Settings, StreamsConfig
@@ -300,3 +309,50 @@ class Bus:
     async def last_sequence(self, stream: str = "log") -> int:
         info = await self.js.stream_info(self.streams.for_stream(stream))
         return int(info.state.last_seq)
+
+    async def scan(
+        self, stream: str, subjects: Sequence[str], after_seq: int = 0, until_seq: int | None = None
+    ) -> AsyncIterator[tuple[int, bytes]]:
+        """(sequence, data) of every message of ``subjects`` on ``stream`` ("raw" or "log") after
+        ``after_seq`` and up to ``until_seq`` (or the last message when the scan starts), in order,
+        through an ephemeral consumer that acks nothing."""
+        end = await self.last_sequence(stream)
+        if until_seq is not None:
+            end = min(end, until_seq)
+        if end <= after_seq:
+            return
+        config = ConsumerConfig(
+            ack_policy=AckPolicy.NONE,
+            deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+            opt_start_seq=after_seq + 1,
+            inactive_threshold=60.0,
+            mem_storage=True,
+        )
+        if len(subjects) == 1:  # one filter works on servers older than 2.10 too
+            config.filter_subject = subjects[0]
+        else:
+            config.filter_subjects = list(subjects)
+        sub = await self.js.pull_subscribe(
+            subjects[0], stream=self.streams.for_stream(stream), config=config, pending_msgs_limit=4000
+        )
+        try:
+            while True:
+                try:
+                    msgs = await sub.fetch(1000, timeout=1.0)
+                except (TimeoutError, nats.errors.TimeoutError):  # either, by nats-py version and path
+                    info = await sub.consumer_info()
+                    if int(info.num_pending or 0) == 0:
+                        return
+                    continue
+                for msg in msgs:
+                    seq = int(msg.metadata.sequence.stream)
+                    if seq > end:
+                        return
+                    yield seq, msg.data
+                    if seq == end:
+                        return
+        finally:
+            try:
+                await sub.unsubscribe()
+            except nats.errors.Error:
+                pass  # the server drops the inactive consumer anyway

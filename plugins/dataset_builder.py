@@ -37,9 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import nats.errors
 import pluggy
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from engine.bus import Bus
 from engine.config import Settings
@@ -109,49 +107,12 @@ async def read_log(bus: Bus, until_seq: int, types: tuple[str, ...] = READ_TYPES
     """(sequence, event) of every event of ``types`` on the log up to ``until_seq``, in order.
 
     A message that does not validate is skipped (the worker that met it live rejected it)."""
-    last = await bus.last_sequence("log")
-    end = min(until_seq, last)
-    if end <= 0:
-        return []
-    subjects = [subject_for(t) for t in types]
-    config = ConsumerConfig(
-        ack_policy=AckPolicy.NONE,
-        deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
-        opt_start_seq=1,
-        inactive_threshold=60.0,
-        mem_storage=True,
-        filter_subjects=subjects,
-    )
-    sub = await bus.js.pull_subscribe(subjects[0], stream=bus.streams.log, config=config, pending_msgs_limit=4000)
     out: list[tuple[int, Event[Any]]] = []
-    try:
-        while True:
-            try:
-                msgs = await sub.fetch(1000, timeout=1.0)
-            except nats.errors.TimeoutError:
-                info = await sub.consumer_info()
-                if int(info.num_pending or 0) == 0:
-                    break
-                continue
-            done = False
-            for msg in msgs:
-                seq = int(msg.metadata.sequence.stream)
-                if seq > end:
-                    done = True
-                    break
-                try:
-                    out.append((seq, parse_event(msg.data)))
-                except InvalidEvent:
-                    continue
-                if seq == end:
-                    done = True
-            if done:
-                break
-    finally:
+    async for seq, data in bus.scan("log", [subject_for(t) for t in types], until_seq=until_seq):
         try:
-            await sub.unsubscribe()
-        except nats.errors.Error:
-            pass  # the server drops the inactive consumer anyway
+            out.append((seq, parse_event(data)))
+        except InvalidEvent:
+            continue
     return out
 
 

@@ -30,14 +30,12 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import nats.errors
 import nats.js.errors
 import orjson
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from engine.bus import Bus
 from engine.config import Settings
@@ -61,7 +59,7 @@ from schemas import (
 )
 from schemas.events import FORGOTTEN_IDS_MAX
 
-__all__ = ["SOURCE", "ForgetError", "ForgetReport", "forget", "pseudonym", "scan_stream"]
+__all__ = ["SOURCE", "ForgetError", "ForgetReport", "forget", "pseudonym"]
 
 log = logging.getLogger(__name__)
 
@@ -116,47 +114,6 @@ def pseudonym(settings: Settings, value: str) -> str:
     return keyed_hash(value, cfg.hash_key.get_secret_value().encode("utf-8"), cfg.hash_length)
 
 
-async def scan_stream(bus: Bus, stream: str, subjects: list[str]) -> AsyncIterator[tuple[int, bytes]]:
-    """(sequence, data) of every message of ``subjects`` on ``stream`` ("raw" or "log") that
-    was there when the scan started, in order (an ephemeral, ack-less consumer)."""
-    name = bus.streams.for_stream(stream)
-    end = await bus.last_sequence(stream)
-    if end <= 0:
-        return
-    config = ConsumerConfig(
-        ack_policy=AckPolicy.NONE,
-        deliver_policy=DeliverPolicy.ALL,
-        inactive_threshold=60.0,
-        mem_storage=True,
-    )
-    if len(subjects) == 1:
-        config.filter_subject = subjects[0]
-    else:
-        config.filter_subjects = subjects
-    sub = await bus.js.pull_subscribe(subjects[0], stream=name, config=config, pending_msgs_limit=4000)
-    try:
-        while True:
-            try:
-                msgs = await sub.fetch(1000, timeout=1.0)
-            except nats.errors.TimeoutError:
-                info = await sub.consumer_info()
-                if int(info.num_pending or 0) == 0:
-                    return
-                continue
-            for msg in msgs:
-                seq = int(msg.metadata.sequence.stream)
-                if seq > end:
-                    return
-                yield seq, msg.data
-                if seq == end:
-                    return
-    finally:
-        try:
-            await sub.unsubscribe()
-        except nats.errors.Error:
-            pass  # the server drops the inactive consumer anyway
-
-
 def _loose_match(data: bytes, subject: Subject, value: str) -> bool:
     """Whether a raw message that does not validate still names the subject (it is erased too)."""
     try:
@@ -178,7 +135,7 @@ class _Found:
 
 
 async def _scan_raw(bus: Bus, subject: Subject, value: str, found: _Found) -> None:
-    async for seq, data in scan_stream(bus, "raw", ["fw.raw.>"]):
+    async for seq, data in bus.scan("raw", ["fw.raw.>"]):
         try:
             event = parse_event(data)
         except InvalidEvent:
@@ -195,7 +152,7 @@ async def _scan_raw(bus: Bus, subject: Subject, value: str, found: _Found) -> No
 
 
 async def _scan_log(bus: Bus, subject: Subject, hashed: str, found: _Found) -> None:
-    async for seq, data in scan_stream(bus, "log", [subject_for(t) for t in LOG_TYPES]):
+    async for seq, data in bus.scan("log", [subject_for(t) for t in LOG_TYPES]):
         try:
             event = parse_event(data)
         except InvalidEvent:

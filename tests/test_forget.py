@@ -19,7 +19,7 @@ from engine.config import Settings
 from engine.embedded import EmbeddedServer
 from engine.replay import differences, rebuild
 from plugins.dataset_builder import rebuild_dataset
-from plugins.forgetting import forget, pseudonym, scan_stream
+from plugins.forgetting import forget, pseudonym
 from plugins.scores import Scores
 from plugins.training_trigger import request_training
 from plugins.vectors import VectorStore, shared_embedder, vectors_path
@@ -134,7 +134,7 @@ async def test_forget_leaves_no_trace_of_the_session_and_a_replay_agrees(
 
         # one interaction's raw message has expired already: the log still knows it by the keyed hash
         expired = ids[FORGOTTEN_SESSION][2]
-        async for seq, data in scan_stream(bus, "raw", ["fw.raw.interaction.recorded"]):
+        async for seq, data in bus.scan("raw", ["fw.raw.interaction.recorded"]):
             if expired.encode() in data:
                 await bus.js.delete_msg(bus.streams.raw, seq)
         report = await forget(settings, bus, session=FORGOTTEN_SESSION, reason="erasure request",

@@ -13,9 +13,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-import nats.errors
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
-
 from engine.bus import Bus
 from schemas import InvalidEvent, OutcomeAnonymized, QualityAssessed, parse_event, subject_for
 
@@ -26,43 +23,12 @@ CONVENTION_SCORE = "convention.header"
 
 async def read_since(bus: Bus, after_seq: int, types: tuple[str, ...]) -> list[tuple[int, Any]]:
     """(sequence, event) of every event of ``types`` on the log after ``after_seq``, in order."""
-    last = await bus.last_sequence("log")
-    if last <= after_seq:
-        return []
-    config = ConsumerConfig(
-        ack_policy=AckPolicy.NONE,
-        deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
-        opt_start_seq=after_seq + 1,
-        inactive_threshold=60.0,
-        mem_storage=True,
-        filter_subjects=[subject_for(t) for t in types],
-    )
-    sub = await bus.js.pull_subscribe(subject_for(types[0]), stream=bus.streams.log, config=config)
     out: list[tuple[int, Any]] = []
-    try:
-        while True:
-            try:
-                msgs = await sub.fetch(500, timeout=0.5)
-            except (TimeoutError, nats.errors.TimeoutError):  # either, by nats-py version and path
-                info = await sub.consumer_info()
-                if int(info.num_pending or 0) == 0:
-                    break
-                continue
-            for msg in msgs:
-                seq = int(msg.metadata.sequence.stream)
-                if seq > last:
-                    continue
-                try:
-                    out.append((seq, parse_event(msg.data)))
-                except InvalidEvent:
-                    continue
-            if msgs and int(msgs[-1].metadata.sequence.stream) >= last:
-                break
-    finally:
+    async for seq, data in bus.scan("log", [subject_for(t) for t in types], after_seq=after_seq):
         try:
-            await sub.unsubscribe()
-        except nats.errors.Error:
-            pass  # the server drops the inactive consumer anyway
+            out.append((seq, parse_event(data)))
+        except InvalidEvent:
+            continue
     return out
 
 
