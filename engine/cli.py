@@ -6,7 +6,7 @@ import asyncio
 import logging
 import signal
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -79,12 +79,7 @@ def up(
             await bus.ensure_streams()
             engine = Engine(bus, PluginHost(settings), only=set(only) if only else None)
             engine.prepare()
-            stop = asyncio.Event()
-            loop = asyncio.get_running_loop()
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.add_signal_handler(sig, stop.set)
-            if duration:
-                loop.call_later(duration, stop.set)
+            stop = stop_event(duration)
             console.print(
                 f"[bold]flywheel up[/bold] on {url}{' (embedded)' if server else ''}: "
                 f"{len(engine.workers)} processors "
@@ -326,12 +321,27 @@ def status(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
 # --------------------------------------------------------------------------- stats
 
 
-def catch_up_projections(settings: Settings) -> None:
-    """Bring every projection up to the end of the log before reading it."""
+def stop_event(duration: float | None) -> asyncio.Event:
+    """An event set by Ctrl-C or SIGTERM, or after ``duration`` seconds (call inside the running loop)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    if duration:
+        loop.call_later(duration, stop.set)
+    return stop
+
+
+def catch_up_projections(settings: Settings, names: Iterable[str] | None = None) -> None:
+    """Bring the projections (all, or those ``names``) up to the end of the log before reading them;
+    with no bus, say so and leave them as they were."""
+    wanted = set(names) if names is not None else None
 
     async def main() -> None:
         async with open_bus(settings) as bus:
             for projection in PluginHost(settings).projections():
+                if wanted is not None and projection.name not in wanted:
+                    continue
                 runner = ProjectionRunner(bus, projection, projection_path(settings, projection))
                 try:
                     await runner.catch_up()

@@ -9,8 +9,6 @@ buttons can publish.
 
 from __future__ import annotations
 
-import asyncio
-import signal
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from typing import Annotated, Any
@@ -66,7 +64,9 @@ def register(app: typer.Typer, settings: Callable[[], Settings], run: Callable[.
                 stack.push_async_callback(server.stop)
                 mode = "read-only" if loaded.dashboard.read_only else "with actions"
                 console.print(f"[bold]flywheel dashboard[/bold] ({mode}) at {url} — Ctrl-C stops.")
-                await _wait_for_stop(duration)
+                from engine.cli import stop_event
+
+                await stop_event(duration).wait()
 
         run(main)
 
@@ -83,11 +83,3 @@ async def _training_requester(settings: Settings, stack: AsyncExitStack) -> Call
     return requester
 
 
-async def _wait_for_stop(duration: float | None) -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    if duration:
-        loop.call_later(duration, stop.set)
-    await stop.wait()

@@ -7,7 +7,6 @@ that the running deployer answers with ``deployment.rolled_back`` (or ``deployme
 
 from __future__ import annotations
 
-import asyncio
 import sys
 from collections.abc import Callable
 from typing import Annotated, Any
@@ -24,27 +23,6 @@ from engine.connection import open_bus
 
 console = Console()
 err = Console(stderr=True)
-
-
-def _catch_up(settings: Settings) -> None:
-    """Fold the log's deployment events into the projection before reading it (best effort)."""
-    from engine.bus import BusUnavailable
-    from engine.embedded import EmbeddedServerError
-    from engine.projection import ProjectionRunner
-    from plugins.deployments import Deployments, projection_file
-
-    async def main() -> None:
-        async with open_bus(settings) as bus:
-            runner = ProjectionRunner(bus, Deployments(), projection_file(settings))
-            try:
-                await runner.catch_up()
-            finally:
-                runner.close()
-
-    try:
-        asyncio.run(main())
-    except (BusUnavailable, EmbeddedServerError) as exc:
-        err.print(f"[yellow]warning:[/yellow] showing deployments as last folded: {exc}")
 
 
 def deployments_data(settings: Settings, role: str | None = None, history: int = 10) -> list[dict[str, Any]]:
@@ -134,7 +112,9 @@ def register(app: typer.Typer, settings: Callable[[], Settings], run: Callable[.
     ) -> None:
         """What is in service per role: model, runtime, traffic share (canary), versions kept, rollbacks."""
         cfg = settings()
-        _catch_up(cfg)
+        from engine.cli import catch_up_projections
+
+        catch_up_projections(cfg, ["deployments"])
         rows = deployments_data(cfg, role, history)
         if as_json:
             sys.stdout.write(orjson.dumps(rows).decode() + "\n")

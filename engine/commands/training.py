@@ -183,10 +183,10 @@ def register(app: typer.Typer, settings: Callable[[], Settings], run: Callable[.
     ) -> None:
         """Training runs and evaluations with their figures and the gate's verdicts."""
         from engine.cli import catch_up_projections
-        from engine.dashboard.queries import DashboardData, projection_file
+        from engine.dashboard.queries import PROJECTION_NAME, DashboardData, projection_file
 
         cfg = settings()
-        catch_up_projections(cfg)
+        catch_up_projections(cfg, [PROJECTION_NAME])
         data = DashboardData(projection_file(cfg.state_dir))
         runs_ = [r for r in data.page("training").get("runs", []) if role in (None, r.get("role"))]
         evals = [e for e in data.page("evaluations").get("evaluations", []) if role in (None, e.get("role"))]
