@@ -1,4 +1,4 @@
-"""The engine: every enabled processor and projection, running against one bus."""
+"""The engine: every enabled processor, projection and service, running against one bus."""
 
 from __future__ import annotations
 
@@ -8,49 +8,74 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from engine.bus import Bus
-from engine.config import Settings
-from engine.plugin_host import PluginHost
-from engine.processor import Processor
-from engine.projection import Projection, ProjectionRunner
-from engine.worker import ProcessorWorker
+from flywheel_loop.engine.bus import Bus
+from flywheel_loop.engine.config import Settings
+from flywheel_loop.engine.plugin_host import PluginHost
+from flywheel_loop.engine.projection import Projection, ProjectionRunner
+from flywheel_loop.engine.services import RunningService, Service, ServiceContext
+from flywheel_loop.engine.worker import ProcessorWorker
 
 log = logging.getLogger(__name__)
 
 
 def projection_path(settings: Settings, projection: Projection) -> Path:
-    return settings.state_dir / "projections" / f"{projection.name}.sqlite"
+    return settings.layout.projection(projection.name)
 
 
 @dataclass
 class Engine:
-    """Runs processors on durable consumers and projections on the log until stopped."""
+    """Runs processors on durable consumers, projections on the log and services until stopped."""
 
     bus: Bus
     host: PluginHost
     only: set[str] | None = None
     workers: list[ProcessorWorker] = field(default_factory=list)
     runners: list[ProjectionRunner] = field(default_factory=list)
+    services: list[Service] = field(default_factory=list)
+    running: list[tuple[str, RunningService]] = field(default_factory=list)
 
     @property
     def settings(self) -> Settings:
         return self.bus.settings
 
     def _selected(self, name: str) -> bool:
+        if name in self.settings.plugins.skip:
+            return False
         return self.only is None or name in self.only
 
     def prepare(self) -> None:
         self.host.configure()
-        processors: list[Processor] = [p for p in self.host.processors() if self._selected(p.name)]
-        projections: list[Projection] = [p for p in self.host.projections() if self._selected(p.name)]
-        state = self.settings.state_dir
-        hooks = self.host.pm.hook
         self.workers = [
-            ProcessorWorker(self.bus, p, state / "processors" / p.name, hooks) for p in processors
+            ProcessorWorker(self.bus, p, self.host) for p in self.host.processors() if self._selected(p.name)
         ]
         self.runners = [
-            ProjectionRunner(self.bus, p, projection_path(self.settings, p)) for p in projections
+            ProjectionRunner(self.bus, p, projection_path(self.settings, p))
+            for p in self.host.projections()
+            if self._selected(p.name)
         ]
+        self.services = [s for s in self.host.services() if self._selected(s.name)]
+
+    async def start_services(self, warn: Callable[[str], None] = log.warning) -> list[tuple[str, RunningService]]:
+        """Start the services; one that fails to start is a warning, and the engine runs without it."""
+        for service in self.services:
+            logger = logging.getLogger(f"flywheel.{service.name}")
+            ctx = ServiceContext(self.settings, self.bus, self.host, logger, warn)
+            try:
+                started = await service.start(ctx)
+            except Exception as exc:  # a plugin may raise anything; the engine keeps running
+                warn(f"service {service.name} did not start: {exc}")
+                continue
+            if started is not None:
+                self.running.append((service.name, started))
+        return self.running
+
+    async def stop_services(self) -> None:
+        while self.running:
+            name, service = self.running.pop()
+            try:
+                await service.stop()
+            except Exception:
+                log.exception("service %s did not stop cleanly", name)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Run until ``stop`` is set; in-flight batches finish first (drain)."""
@@ -69,6 +94,8 @@ class Engine:
                 task.cancel()
             for runner in self.runners:
                 runner.close()
+            for worker in self.workers:
+                worker.close()
 
 
 async def _supervise(name: str, run: Callable[[asyncio.Event], Awaitable[None]], stop: asyncio.Event) -> None:

@@ -1,43 +1,22 @@
-"""Assessment: what an assessor receives and returns, and how the results become one score.
+"""Assessment: what an assessor receives and returns (the contract of ``register_assessors``).
 
-An assessor is a plugin implementing the ``assess`` hook. It receives the ``Evidence`` known
-about one anonymized interaction (the interaction, and the feedback and outcomes that have
-arrived so far) and returns an ``Assessment``: a score in [0, 1] for each dimension it had
-evidence for. This module holds the pure parts of scoring, testable without NATS:
-
-- ``combine`` turns the assessments into per-dimension scores, one reward and a confidence,
-  with the weights from ``AssessmentConfig``;
-- ``AssessorPanel`` calls every enabled assessor with its time budget and a circuit breaker,
-  and records a fallback for an assessor that raised, overran its budget or is switched off
-  by its breaker.
+An assessor is a function a plugin registers as ``Assessor(name, assess, version)``. It
+receives the ``Evidence`` known about one anonymized interaction (the interaction, and the
+feedback and outcomes that have arrived so far) and returns an ``Assessment``: a score in
+[0, 1] for each dimension it had evidence for, or None when the interaction is none of its
+business. How assessments combine into one reward is the scoring feature's business.
 """
 
 from __future__ import annotations
 
-import gc
 import math
-import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Any
 
-import pluggy
+from flywheel_loop.schemas import FeedbackGiven, InteractionAnonymized, OutcomeObserved
 
-from engine.config import AssessmentConfig
-from schemas import FeedbackGiven, InteractionAnonymized, OutcomeObserved
-
-__all__ = [
-    "Assessment",
-    "AssessorPanel",
-    "AssessorResult",
-    "CircuitBreaker",
-    "Combined",
-    "Evidence",
-    "combine",
-]
-
-#: Scores are rounded so that a re-computation gives the same bytes (and the same event).
-PRECISION = 6
+__all__ = ["Assessment", "Assessor", "Evidence"]
 
 
 def _merged(items: tuple[Any, ...]) -> Any:
@@ -97,217 +76,17 @@ class Assessment:
             raise ValueError(f"confidence {self.confidence!r}: must be in [0, 1]")
 
 
-FallbackKind = Literal["raised", "over_budget", "breaker_open", "invalid"]
-
-
 @dataclass(frozen=True)
-class AssessorResult:
-    """What the panel got from one assessor: an assessment, nothing (None), or a fallback."""
+class Assessor:
+    """A named scoring function. ``name`` is how ``assessment.assessor_weights``,
+    ``dimension_weights``, ``budgets_ms`` and ``disabled`` refer to it, and how it appears in
+    ``quality.assessed`` (``<name>.<dimension>``)."""
 
     name: str
-    assessment: Assessment | None
-    elapsed_ms: float = 0.0
-    fallback: FallbackKind | None = None
-    reason: str = ""
+    assess: Callable[[Evidence], Assessment | None]
+    version: str = "1"
+    description: str = ""
 
-
-@dataclass(frozen=True)
-class Combined:
-    """The overall result: per-dimension scores, the reward and how sure it is."""
-
-    scores: dict[str, float]
-    reward: float
-    confidence: float
-    assessors: dict[str, str]
-    fallbacks: list[str] = field(default_factory=list)
-
-
-def _assessor_score(
-    assessment: Assessment, weights: Mapping[str, float] | None
-) -> tuple[float | None, float]:
-    """(weighted score over the dimensions present or None, confidence) of one assessment."""
-    dims = assessment.scores
-    if weights:
-        present = {d: weights.get(d, 0.0) for d in dims}
-        total = sum(weights.values())
-    else:  # an assessor nobody configured: its dimensions count equally
-        present = {d: 1.0 for d in dims}
-        total = float(len(dims))
-    mass = sum(present.values())
-    score = sum(w * dims[d] for d, w in present.items()) / mass if mass > 0 else None
-    confidence = assessment.confidence
-    if confidence is None:
-        confidence = mass / total if total > 0 else 0.0
-    return score, confidence
-
-
-def combine(results: list[AssessorResult], cfg: AssessmentConfig) -> Combined | None:
-    """Weigh the assessors' results into one ``Combined``; None when nothing could be scored.
-
-    - reward: the assessor-weighted mean of the assessors that produced a score;
-    - confidence: the assessor-weighted mean of their confidences, where an assessor that
-      fell back, or had no evidence yet, counts 0 (an assessor returning None is not
-      counted at all: the interaction is not its business);
-    - an assessor without a configured weight is recorded but moves neither.
-    """
-    scores: dict[str, float] = {}
-    assessors: dict[str, str] = {}
-    fallbacks: list[str] = []
-    reward_num = reward_den = conf_num = conf_den = 0.0
-    for result in sorted(results, key=lambda r: r.name):
-        weight = cfg.assessor_weights.get(result.name, 0.0)
-        if result.fallback is not None:
-            fallbacks.append(result.name)
-            conf_den += weight
-            continue
-        if result.assessment is None:
-            continue
-        a = result.assessment
-        assessors[result.name] = a.version
-        score, confidence = _assessor_score(a, cfg.dimension_weights.get(result.name))
-        for dim, value in a.scores.items():
-            scores[f"{result.name}.{dim}"] = round(float(value), PRECISION)
-        conf_den += weight
-        conf_num += weight * confidence
-        if score is not None:
-            scores[result.name] = round(score, PRECISION)
-            reward_num += weight * score
-            reward_den += weight
-    if reward_den <= 0:
-        return None
-    return Combined(
-        scores=dict(sorted(scores.items())),
-        reward=round(reward_num / reward_den, PRECISION),
-        confidence=round(conf_num / conf_den, PRECISION) if conf_den > 0 else 0.0,
-        assessors=assessors,
-        fallbacks=fallbacks,
-    )
-
-
-class CircuitBreaker:
-    """Stops calling an assessor that keeps failing, and tries it again after a pause.
-
-    Closed: every call goes through. ``failures`` consecutive failures (an exception or an
-    overrun) open it: calls are skipped for ``reset_s``; then one trial call goes through
-    (half-open), and its success closes the breaker while its failure opens it again.
-    """
-
-    def __init__(self, failures: int, reset_s: float, clock: Callable[[], float] = time.monotonic) -> None:
-        self.failures = failures
-        self.reset_s = reset_s
-        self.clock = clock
-        self.consecutive = 0
-        self.state: Literal["closed", "open", "half_open"] = "closed"
-        self.opened_at = 0.0
-
-    def allow(self) -> bool:
-        if self.state == "open" and self.clock() - self.opened_at >= self.reset_s:
-            self.state = "half_open"
-            return True
-        return self.state != "open"
-
-    def succeeded(self) -> None:
-        self.consecutive = 0
-        self.state = "closed"
-
-    def failed(self) -> None:
-        self.consecutive += 1
-        if self.state == "half_open" or self.consecutive >= self.failures:
-            self.state = "open"
-            self.opened_at = self.clock()
-
-
-class _GcPauses:
-    """Seconds spent in Python's cyclic garbage collector since start-up.
-
-    A full collection can pause the process for ~10 ms (measured: ``ast.parse`` of a
-    300-line answer has a 1.2 ms median and a 10 ms p99 with the collector on, 1.2 ms with
-    it off), and it starts in whichever call happens to allocate; the budget should not
-    charge an assessor for it.
-    """
-
-    def __init__(self) -> None:
-        self.total = 0.0
-        self._started = 0.0
-
-    def __call__(self, phase: str, info: dict[str, Any]) -> None:
-        if phase == "start":
-            self._started = time.perf_counter()
-        else:
-            self.total += time.perf_counter() - self._started
-
-    def timer(self) -> float:
-        """A perf_counter that stands still while the collector runs."""
-        return time.perf_counter() - self.total
-
-
-GC_PAUSES = _GcPauses()
-gc.callbacks.append(GC_PAUSES)
-
-
-class AssessorPanel:
-    """Calls every enabled ``assess`` implementation, each within its budget and breaker.
-
-    Implementations are called one by one (not through ``hook.assess()``) so each can be
-    timed, and so one that raises does not take the others down. Python cannot interrupt
-    a running function, so the budget is enforced after the fact: an answer that took
-    longer than the budget (garbage-collection pauses aside) is discarded and recorded as a
-    fallback, and repeated overruns open the breaker, which then skips the assessor.
-    """
-
-    def __init__(
-        self,
-        hooks: pluggy.HookRelay,
-        cfg: AssessmentConfig,
-        timer: Callable[[], float] = GC_PAUSES.timer,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self.hooks = hooks
-        self.cfg = cfg
-        self.timer = timer
-        self.clock = clock
-        self.breakers: dict[str, CircuitBreaker] = {}
-
-    def budget_ms(self, name: str) -> float:
-        return self.cfg.budgets_ms.get(name, self.cfg.budget_ms)
-
-    def _breaker(self, name: str) -> CircuitBreaker:
-        if name not in self.breakers:
-            cfg = self.cfg
-            self.breakers[name] = CircuitBreaker(cfg.breaker_failures, cfg.breaker_reset_s, self.clock)
-        return self.breakers[name]
-
-    def assess(self, evidence: Evidence) -> list[AssessorResult]:
-        """One result per enabled assessor, in name order."""
-        args: dict[str, Any] = {"interaction": evidence.interaction, "evidence": evidence}
-        impls = sorted(self.hooks.assess.get_hookimpls(), key=lambda i: i.plugin_name)
-        return [
-            self._call(impl.plugin_name, impl.function, [args[a] for a in impl.argnames])
-            for impl in impls
-            if impl.plugin_name not in self.cfg.disabled
-        ]
-
-    def _call(self, name: str, function: Callable[..., Any], args: list[Any]) -> AssessorResult:
-        breaker = self._breaker(name)
-        if not breaker.allow():
-            return AssessorResult(name, None, fallback="breaker_open", reason="circuit breaker open")
-        start = self.timer()
-        try:
-            out = function(*args)
-        except Exception as exc:  # a plugin may raise anything; the others still run
-            breaker.failed()
-            elapsed = (self.timer() - start) * 1000
-            return AssessorResult(name, None, elapsed, "raised", f"{type(exc).__name__}: {exc}")
-        elapsed = (self.timer() - start) * 1000
-        budget = self.budget_ms(name)
-        if elapsed > budget:
-            breaker.failed()
-            return AssessorResult(
-                name, None, elapsed, "over_budget", f"took {elapsed:.2f} ms; its budget is {budget:g} ms"
-            )
-        if out is not None and not isinstance(out, Assessment):
-            breaker.failed()
-            reason = f"returned {type(out).__name__}, not an Assessment"
-            return AssessorResult(name, None, elapsed, "invalid", reason)
-        breaker.succeeded()
-        return AssessorResult(name, out, elapsed)
+    def __post_init__(self) -> None:
+        if not self.name or not self.name.replace("_", "").isalnum() or not self.name.islower():
+            raise ValueError(f"assessor name {self.name!r}: lower-case letters, digits and '_' only")

@@ -16,70 +16,39 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import ssl
-from collections.abc import AsyncIterator, Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
-import nats
 import nats.errors
 import nats.js.errors
 from nats.aio.client import Client
-from nats.js import JetStreamContext
 from nats.js.api import (
     AckPolicy,
     ConsumerConfig,
     DeliverPolicy,
     DiscardPolicy,
-    PubAck,
     RetentionPolicy,
     StorageType,
     StreamConfig,
 )
 
-from engine import telemetry
-from engine.config import NatsConfig, Settings, StreamsConfig
-from schemas import Event
+from flywheel_loop.engine import telemetry
+from flywheel_loop.engine.config import Settings, StreamsConfig
+from flywheel_loop.schemas import Event, InvalidEvent, parse_event, subject_for
+from flywheel_loop.sdk.client import BusUnavailable, EventPublisher, PublishFailed, StreamNames
 
 log = logging.getLogger(__name__)
 
 DAY_S = 86_400.0
-_RETRYABLE = (
-    nats.errors.TimeoutError,
-    nats.errors.NoRespondersError,
-    nats.js.errors.NoStreamResponseError,
-    nats.errors.ConnectionReconnectingError,
-    nats.errors.OutboundBufferLimitError,
-    asyncio.TimeoutError,
-)
 
-
-class BusUnavailable(ConnectionError):
-    """NATS could not be reached."""
-
-
-class PublishFailed(RuntimeError):
-    """An event was not acknowledged by JetStream within the retry budget."""
-
-
-@dataclass(frozen=True)
-class StreamNames:
-    raw: str
-    log: str
-
-    @classmethod
-    def from_config(cls, cfg: StreamsConfig) -> StreamNames:
-        return cls(raw=f"{cfg.prefix}_RAW", log=f"{cfg.prefix}_LOG")
-
-    def for_stream(self, stream: str) -> str:
-        return self.raw if stream == "raw" else self.log
+__all__ = ["Bus", "BusUnavailable", "PublishFailed", "StreamNames", "stream_configs"]
 
 
 def stream_configs(cfg: StreamsConfig) -> list[StreamConfig]:
     """The two streams as configured: retention (``*_max_age_days``, ``*_max_bytes``; 0 = no
     limit) per stream. The raw stream allows deleting single messages (``flywheel forget``
     erases a data subject's intake); the log allows neither delete nor purge."""
-    names = StreamNames.from_config(cfg)
+    names = StreamNames.with_prefix(cfg.prefix)
     common: dict[str, Any] = dict(
         storage=StorageType.FILE,
         retention=RetentionPolicy.LIMITS,
@@ -112,64 +81,20 @@ def stream_configs(cfg: StreamsConfig) -> list[StreamConfig]:
     ]
 
 
-def _tls_context(cfg: NatsConfig) -> ssl.SSLContext | None:
-    if not (cfg.tls_ca or cfg.tls_cert):
-        return None
-    ctx = ssl.create_default_context(cafile=str(cfg.tls_ca) if cfg.tls_ca else None)
-    if cfg.tls_cert:
-        ctx.load_cert_chain(str(cfg.tls_cert), str(cfg.tls_key) if cfg.tls_key else None)
-    return ctx
-
-
-class Bus:
-    """A connected client with JetStream, the stream names and publish helpers."""
+class Bus(EventPublisher):
+    """The engine's connection: the agent's publisher, plus the streams, scans and positions."""
 
     def __init__(self, nc: Client, settings: Settings, url: str = "", errors: list[str] | None = None) -> None:
-        self.nc = nc
-        self.url = url
-        #: Errors the server reported asynchronously (e.g. permission violations), newest last.
-        self.server_errors = errors if errors is not None else []
-        self.js: JetStreamContext = nc.jetstream(timeout=settings.nats.publish_timeout_s)
+        super().__init__(nc, settings.nats_options(url), errors)
         self.settings = settings
-        self.streams = StreamNames.from_config(settings.streams)
 
     @classmethod
     async def connect(cls, settings: Settings, url: str) -> Bus:
-        cfg = settings.nats
-        errors: list[str] = []
-
-        async def on_error(exc: Exception) -> None:
-            # The server reports a refused publish asynchronously; keep it so the publish that
-            # is left without an ack can say why.
-            log.debug("nats: %s", exc)
-            errors.append(str(exc))
-            del errors[:-20]
-
-        opts: dict[str, Any] = dict(
-            servers=[u.strip() for u in url.split(",")],
-            connect_timeout=cfg.connect_timeout_s,
-            allow_reconnect=True,
-            max_reconnect_attempts=-1,
-            reconnect_time_wait=0.25,
-            error_cb=on_error,
-            name="flywheel",
-        )
-        if cfg.user:
-            opts.update(user=cfg.user, password=cfg.password)
-        if cfg.token:
-            opts["token"] = cfg.token
-        if cfg.creds_file:
-            opts["user_credentials"] = str(cfg.creds_file)
-        tls = _tls_context(cfg)
-        if tls is not None:
-            opts["tls"] = tls
-        try:
-            # Reconnects are unbounded once connected, so bound the first connect here.
-            nc = await asyncio.wait_for(nats.connect(**opts), cfg.connect_timeout_s)
-        except (TimeoutError, OSError, nats.errors.Error) as exc:
-            reason = str(exc) or f"no answer within {cfg.connect_timeout_s:g}s"
-            raise BusUnavailable(f"cannot reach NATS at {url}: {reason}") from None
+        nc, errors = await cls.open_connection(settings.nats_options(url))
         return cls(nc, settings, url, errors)
+
+    def inject_trace(self, headers: dict[str, str]) -> None:
+        telemetry.inject(headers)
 
     async def ensure_streams(self, wait_s: float = 30.0) -> None:
         """Create the streams, or bring an existing one up to the configured settings.
@@ -207,104 +132,17 @@ class Bus:
             )
             await self.js.update_stream(dataclasses.replace(config, deny_delete=True))
 
-    async def close(self) -> None:
-        if not self.nc.is_closed:
+    async def read_log(self, types: Sequence[str], until: int | None = None) -> list[tuple[int, Event[Any]]]:
+        """(sequence, event) of every event of ``types`` on the log up to ``until`` (None: the end
+        now), in order. A message that does not validate is skipped (the worker that met it live
+        rejected it)."""
+        out: list[tuple[int, Event[Any]]] = []
+        async for seq, data in self.scan("log", [subject_for(t) for t in types], until_seq=until):
             try:
-                await self.nc.flush(timeout=2)
-            except (TimeoutError, nats.errors.Error, OSError):
-                pass  # closing anyway; unacked work is redelivered
-            try:
-                await self.nc.close()
-            except OSError:
-                pass  # the server is already gone
-
-    # ------------------------------------------------------------------ publish
-
-    def _headers(self, event: Event[Any], trace: dict[str, str] | None = None) -> dict[str, str]:
-        headers = {"Nats-Msg-Id": event.id}
-        if trace:
-            headers.update(trace)
-        else:
-            telemetry.inject(headers)
-        return headers
-
-    async def publish(self, event: Event[Any]) -> PubAck:
-        """Publish one event and wait for its ack, retrying through reconnects."""
-        return await self.publish_raw(event.subject, event.to_bytes(), self._headers(event))
-
-    async def publish_raw(self, subject: str, payload: bytes, headers: dict[str, str]) -> PubAck:
-        budget = self.settings.nats.publish_retry_s
-        deadline = asyncio.get_running_loop().time() + budget
-        delay = 0.05
-        while True:
-            try:
-                ack = await self.js.publish(subject, payload, headers=dict(headers))
-                return ack
-            except _RETRYABLE as exc:
-                refused = self._refusal(subject)
-                if refused:
-                    raise PublishFailed(f"NATS refused {subject}: {refused}") from exc
-                if asyncio.get_running_loop().time() + delay > deadline:
-                    hint = ""
-                    if isinstance(exc, (nats.errors.NoRespondersError, nats.js.errors.NoStreamResponseError)):
-                        hint = " (no stream takes this subject: has the engine created its streams?)"
-                    raise PublishFailed(f"no ack for {subject} after {budget:.0f}s: {exc!r}{hint}") from exc
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 1.0)
-            except nats.js.errors.APIError as exc:
-                raise PublishFailed(f"JetStream refused {subject}: {exc}") from exc
-            except nats.errors.ConnectionClosedError as exc:
-                raise PublishFailed(f"connection closed while publishing {subject}") from exc
-
-    async def publish_many(
-        self,
-        events: Sequence[Event[Any]] | Iterable[Event[Any]],
-        trace: dict[str, dict[str, str]] | None = None,
-    ) -> list[PubAck]:
-        """Publish a batch with pipelined acks; anything not acked is retried one by one.
-
-        ``trace`` maps an event id to the trace-context headers it should carry (a worker
-        publishes a batch after the spans that produced each event have ended)."""
-        trace = trace or {}
-        events = list(events)
-        if not events:
-            return []
-        if len(events) == 1:
-            e = events[0]
-            return [await self.publish_raw(e.subject, e.to_bytes(), self._headers(e, trace.get(e.id)))]
-        timeout = self.settings.nats.publish_timeout_s
-        futures: list[asyncio.Future[PubAck] | None] = []
-        for event in events:
-            try:
-                # wait_stall=None: no per-message timer; the batch has one timeout below.
-                fut = await self.js.publish_async(
-                    event.subject, event.to_bytes(), headers=self._headers(event, trace.get(event.id))
-                )
-            except (TimeoutError, nats.errors.Error, OSError):
-                fut = None
-            futures.append(fut)
-        pending = {f for f in futures if f is not None}
-        if pending:
-            await asyncio.wait(pending, timeout=timeout)
-        acks: list[PubAck] = []
-        for event, fut in zip(events, futures, strict=True):
-            ack = None
-            if fut is not None and fut.done() and not fut.cancelled() and fut.exception() is None:
-                ack = fut.result()
-            elif fut is not None and not fut.done():
-                fut.cancel()
-            if ack is None:
-                # Not acked: publish again under the same id, so it is stored at most once.
-                ack = await self.publish_raw(event.subject, event.to_bytes(), self._headers(event, trace.get(event.id)))
-            acks.append(ack)
-        return acks
-
-    def _refusal(self, subject: str) -> str | None:
-        """A permissions violation the server reported for ``subject``, if any."""
-        for err in reversed(self.server_errors):
-            if "permissions violation" in err.lower() and subject.lower() in err.lower():
-                return err.removeprefix("nats: ")
-        return None
+                out.append((seq, parse_event(data)))
+            except InvalidEvent:
+                continue
+        return out
 
     async def last_sequence(self, stream: str = "log") -> int:
         info = await self.js.stream_info(self.streams.for_stream(stream))
@@ -336,6 +174,8 @@ class Bus:
             subjects[0], stream=self.streams.for_stream(stream), config=config, pending_msgs_limit=4000
         )
         try:
+            if int((await sub.consumer_info()).num_pending or 0) == 0:
+                return  # nothing matches: no need to wait for a fetch to time out
             while True:
                 try:
                     msgs = await sub.fetch(1000, timeout=1.0)

@@ -1,72 +1,85 @@
-"""The ``flywheel`` command line (typer for commands, rich for output)."""
+"""The ``flywheel`` command line: the engine's own commands, and every plugin's (``register_commands``).
+
+The engine's commands run the engine and look at the bus: ``up``, ``record``, ``events``,
+``status``, ``replay``, ``config show`` and ``plugins``. Everything else (``train``, ``stats``,
+``deployments``, ``forget``, ``demo``, ...) is added by the feature that owns it, like any
+third-party plugin's commands.
+"""
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import signal
 import sys
-from collections.abc import Awaitable, Callable, Iterable
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
 import orjson
 import typer
-from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
-from engine.app import Engine, projection_path
-from engine.bus import Bus, BusUnavailable, PublishFailed
-from engine.config import ConfigError, Settings, load_settings
-from engine.connection import open_bus, running_embedded_url, start_embedded
-from engine.embedded import EmbeddedServerError
-from engine.plugin_host import PluginError, PluginHost
-from engine.projection import ProjectionRunner
-from engine.recorder import events_from_jsonl
-from engine.replay import differences, rebuild
-from schemas import InvalidEvent, new_id, parse_event
+from flywheel_loop.engine import commands as cmd
+from flywheel_loop.engine.app import Engine, projection_path
+from flywheel_loop.engine.bus import Bus
+from flywheel_loop.engine.config import ConfigError, Settings, load_settings
+from flywheel_loop.engine.connection import open_bus, running_embedded_url, start_embedded
+from flywheel_loop.engine.extensions import NothingToRebuild
+from flywheel_loop.engine.plugin_host import PluginError, PluginHost, installed_plugins
+from flywheel_loop.engine.replay import differences, rebuild
+from flywheel_loop.schemas import InvalidEvent, new_id, parse_event
+from flywheel_loop.sdk.recorder import events_from_jsonl
 
-app = typer.Typer(help="Flywheel: a continuous-learning engine for coding agents.", no_args_is_help=True)
-config_app = typer.Typer(help="Inspect the configuration.", no_args_is_help=True)
-app.add_typer(config_app, name="config")
-console = Console()
-err = Console(stderr=True)
-T = TypeVar("T")
+console = cmd.console
+err = cmd.err
 
 
-def _settings() -> Settings:
+def build_app() -> typer.Typer:
+    """The root command with the engine's commands and every enabled plugin's."""
+    app = typer.Typer(help="Flywheel: a continuous-learning engine for coding agents.", no_args_is_help=True)
+    config_app = typer.Typer(help="Inspect the configuration.", no_args_is_help=True)
+    app.add_typer(config_app, name="config")
+    app.command()(up)
+    app.command()(record)
+    app.command()(events)
+    app.command()(status)
+    app.command()(replay)
+    app.command("plugins")(plugins_list)
+    config_app.command("show")(config_show)
+    _command_host().add_commands(app)
+    return app
+
+
+def _command_host() -> PluginHost:
+    """The plugins whose commands are listed: those the configuration enables; with a broken
+    configuration, every installed plugin (the command that needs the settings says what is wrong)."""
     try:
-        return load_settings()
-    except ConfigError as exc:
-        err.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from None
-
-
-def _run(coro: Callable[[], Awaitable[T]]) -> T:
-    """Run a command's coroutine; turn the errors a user can fix into one clear line."""
-    try:
-        return asyncio.run(coro())  # type: ignore[arg-type]
-    except (BusUnavailable, PublishFailed, EmbeddedServerError, ConfigError, PluginError) as exc:
-        err.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from None
+        return PluginHost(load_settings())
+    except (ConfigError, PluginError):
+        host = PluginHost(Settings(), load_entry_points=False)
+        for name, ep in sorted(installed_plugins().items()):
+            try:
+                host.pm.register(ep.load(), name=name)
+            except Exception:
+                continue  # a broken plugin's commands are not listed; `flywheel plugins` says why
+        return host
 
 
 # --------------------------------------------------------------------------- up
 
 
-@app.command()
 def up(
-    only: Annotated[list[str] | None, typer.Option(help="run only these processors/projections")] = None,
+    only: Annotated[list[str] | None, typer.Option(help="run only these processors/projections/services")] = None,
     duration: Annotated[float | None, typer.Option(help="stop after this many seconds")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
-    """Run the engine: every enabled plugin; an embedded NATS when no URL is configured."""
+    """Run the engine: every enabled plugin's processors, projections and services; an embedded
+    NATS when no URL is configured."""
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(asctime)s %(name)s %(message)s")
-    settings = _settings()
+    settings = cmd.settings()
 
     async def main() -> None:
-        from engine import telemetry
+        from flywheel_loop.engine import telemetry
 
         telemetry.configure(settings.telemetry)
         server = None
@@ -79,48 +92,42 @@ def up(
             await bus.ensure_streams()
             engine = Engine(bus, PluginHost(settings), only=set(only) if only else None)
             engine.prepare()
-            stop = stop_event(duration)
-            console.print(
-                f"[bold]flywheel up[/bold] on {url}{' (embedded)' if server else ''}: "
-                f"{len(engine.workers)} processors "
-                f"({', '.join(w.processor.name for w in engine.workers) or '-'}), "
-                f"{len(engine.runners)} projections "
-                f"({', '.join(r.projection.name for r in engine.runners) or '-'}). Ctrl-C stops."
+            stop = cmd.stop_event(duration)
+            cmd.say(
+                f"flywheel up on {url}{' (embedded)' if server else ''}: "
+                f"{len(engine.workers)} processors ({', '.join(w.processor.name for w in engine.workers) or '-'}), "
+                f"{len(engine.runners)} projections ({', '.join(r.projection.name for r in engine.runners) or '-'}), "
+                f"{len(engine.services)} services ({', '.join(s.name for s in engine.services) or '-'}). Ctrl-C stops."
             )
-            from engine.dashboard.server import start_dashboard
-
-            dashboard = await start_dashboard(settings, bus, warn=err.print)
-            if dashboard is not None:
-                console.print(f"dashboard: {dashboard.url}")
+            for name, service in await engine.start_services(warn=cmd.warn):
+                if service.url:
+                    cmd.say(f"{name}: {service.url}")
             try:
                 await engine.run(stop)
             finally:
-                if dashboard is not None:
-                    await dashboard.stop()
+                await engine.stop_services()
             await bus.close()
-            console.print("stopped: in-flight work drained")
+            cmd.say("stopped: in-flight work drained")
         finally:
             if server is not None:
                 server.stop()
 
-    _run(main)
+    cmd.run(main)
 
 
 # --------------------------------------------------------------------------- record
 
 
-@app.command()
 def record(
     file: Annotated[str, typer.Argument(help="a JSON event, a JSON array, or JSON lines; - for stdin")] = "-",
 ) -> None:
     """Validate events and publish them. Missing id, time and source are filled in."""
-    settings = _settings()
+    settings = cmd.settings()
     data = sys.stdin.buffer.read() if file == "-" else Path(file).read_bytes()
     try:
         raws = events_from_jsonl(data)
     except orjson.JSONDecodeError as exc:
-        err.print(f"[red]error:[/red] {file}: not JSON: {exc}")
-        raise typer.Exit(2) from None
+        cmd.fail(f"{file}: not JSON: {exc}")
     events, problems = [], []
     for i, raw in enumerate(raws, 1):
         if isinstance(raw, dict):
@@ -135,15 +142,14 @@ def record(
             problems.append(f"event {i}: {exc.reason}")
     if problems:
         for p in problems:
-            err.print(f"[red]invalid[/red] {p}")
-        err.print("nothing was published")
-        raise typer.Exit(1)
+            err.print(Text("invalid ", style="red"), Text(p), sep="")
+        cmd.fail("nothing was published", code=1)
 
     async def main() -> None:
         async with open_bus(settings) as bus:
             await bus.publish_many(events)
 
-    _run(main)
+    cmd.run(main)
     for e in events:
         console.print(f"recorded {e.type} {e.id}")
 
@@ -159,7 +165,6 @@ def _event_row(seq: int, event: Any) -> list[str]:
             event.correlation_id or "", summary[:80]]
 
 
-@app.command()
 def events(
     type: Annotated[list[str] | None, typer.Option("--type", "-t", help="event type(s)")] = None,
     role: Annotated[str | None, typer.Option(help="only events of this role")] = None,
@@ -170,10 +175,9 @@ def events(
     as_json: Annotated[bool, typer.Option("--json", help="one JSON event per line")] = False,
 ) -> None:
     """List or follow the log, filtered by type, role or correlation id."""
-    settings = _settings()
+    settings = cmd.settings()
     if stream not in ("log", "raw"):
-        err.print("[red]error:[/red] --stream is log or raw")
-        raise typer.Exit(2)
+        cmd.fail("--stream is log or raw")
 
     def keep(event: Any) -> bool:
         if correlation and correlation not in (event.correlation_id, event.id):
@@ -227,7 +231,7 @@ def events(
                             _print_events([(msg.metadata.sequence.stream, ev)], as_json, header=False)
 
     try:
-        _run(main)
+        cmd.run(main)
     except KeyboardInterrupt:
         pass
 
@@ -289,16 +293,15 @@ async def collect_status(bus: Bus, settings: Settings) -> dict[str, Any]:
     return out
 
 
-@app.command()
 def status(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """Streams, consumer lag, projection positions, rejected events."""
-    settings = _settings()
+    settings = cmd.settings()
 
     async def main() -> dict[str, Any]:
         async with open_bus(settings) as bus:
             return await collect_status(bus, settings)
 
-    st = _run(main)
+    st = cmd.run(main)
     if as_json:
         sys.stdout.write(orjson.dumps(st).decode() + "\n")
         return
@@ -315,69 +318,12 @@ def status(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     for p in st["projections"]:
         t.add_row(p["name"], str(p["seq"]), str(p["applied"]), str(p["skipped"]))
     console.print(t)
-    console.print(f"rejected events: [bold]{st['rejected']}[/bold]")
-
-
-# --------------------------------------------------------------------------- stats
-
-
-def stop_event(duration: float | None) -> asyncio.Event:
-    """An event set by Ctrl-C or SIGTERM, or after ``duration`` seconds (call inside the running loop)."""
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    if duration:
-        loop.call_later(duration, stop.set)
-    return stop
-
-
-def catch_up_projections(settings: Settings, names: Iterable[str] | None = None) -> None:
-    """Bring the projections (all, or those ``names``) up to the end of the log before reading them;
-    with no bus, say so and leave them as they were."""
-    wanted = set(names) if names is not None else None
-
-    async def main() -> None:
-        async with open_bus(settings) as bus:
-            for projection in PluginHost(settings).projections():
-                if wanted is not None and projection.name not in wanted:
-                    continue
-                runner = ProjectionRunner(bus, projection, projection_path(settings, projection))
-                try:
-                    await runner.catch_up()
-                finally:
-                    runner.close()
-
-    try:
-        asyncio.run(main())
-    except (BusUnavailable, EmbeddedServerError) as exc:
-        err.print(f"[yellow]warning:[/yellow] showing the projections as they were: {exc}")
-
-
-@app.command()
-def stats(
-    window_hours: Annotated[float, typer.Option(help="the recent window, in hours")] = 24.0,
-    as_json: Annotated[bool, typer.Option("--json")] = False,
-) -> None:
-    """Reward, cost and duration per role, model and prompt variant; scrubbed items; rejections."""
-    from datetime import timedelta
-
-    from plugins.stats import stats_data, stats_tables
-
-    settings = _settings()
-    window = timedelta(hours=window_hours)
-    catch_up_projections(settings)
-    if as_json:
-        sys.stdout.write(orjson.dumps(stats_data(settings, window=window), default=str).decode() + "\n")
-        return
-    for table in stats_tables(settings, window=window):
-        console.print(table)
+    console.print(Text("rejected events: "), Text(str(st["rejected"]), style="bold"), sep="")
 
 
 # --------------------------------------------------------------------------- replay
 
 
-@app.command()
 def replay(
     projection: Annotated[str | None, typer.Option(help="the projection to rebuild")] = None,
     dataset: Annotated[str | None, typer.Option(help="rebuild this role's dataset (needs --until)")] = None,
@@ -386,116 +332,66 @@ def replay(
     compare: Annotated[bool, typer.Option(help="compare with the live projection")] = False,
 ) -> None:
     """Rebuild a projection, or a role's dataset, from the log alone."""
-    settings = _settings()
+    settings = cmd.settings()
     if (projection is None) == (dataset is None):
-        err.print("[red]error:[/red] give exactly one of --projection NAME or --dataset ROLE")
-        raise typer.Exit(2)
+        cmd.fail("give exactly one of --projection NAME or --dataset ROLE")
     if dataset is not None:
         if until is None:
-            err.print("[red]error:[/red] --dataset needs --until SEQ (the log position of the dataset to rebuild)")
-            raise typer.Exit(2)
-        _replay_dataset(settings, dataset, until)
+            cmd.fail("--dataset needs --until SEQ (the log position of the dataset to rebuild)")
+        _rebuild_artifact(settings, "dataset", dataset, until)
         return
     assert projection is not None
-    host = PluginHost(settings)
+    host = cmd.plugin_host(settings)
     found = {p.name: p for p in host.projections()}
     if projection not in found:
-        err.print(f"[red]error:[/red] no projection {projection!r}; known: {', '.join(sorted(found))}")
-        raise typer.Exit(2)
+        cmd.fail(f"no projection {projection!r}; known: {', '.join(sorted(found))}")
     proj = found[projection]
     when = until_time.astimezone() if until_time else None
-    target = settings.state_dir / "replays" / f"{projection}-{until or 'end'}.sqlite"
+    target = settings.layout.replay(f"{projection}-{until or 'end'}")
 
     async def main() -> int:
         async with open_bus(settings) as bus:
             return await rebuild(bus, proj, target, until_seq=until, until_time=when)
 
-    pos = _run(main)
+    pos = cmd.run(main)
     console.print(f"rebuilt {projection} up to sequence {pos} into {target}")
     if compare:
         live = projection_path(settings, proj)
         diff = differences(live, target) if live.exists() else ["no live projection to compare with"]
         if diff:
             for d in diff:
-                console.print(f"[yellow]differs[/yellow] {d}")
+                console.print(Text("differs ", style="yellow"), Text(d), sep="")
             raise typer.Exit(1)
-        console.print("[green]identical[/green] to the live projection")
+        console.print(Text("identical", style="green"), Text("to the live projection"))
 
 
-def _replay_dataset(settings: Settings, role: str, until: int) -> None:
-    from plugins.dataset_builder import DatasetNotBuilt, rebuild_dataset
+def _rebuild_artifact(settings: Settings, kind: str, key: str, until: int) -> None:
+    """Rebuild an artifact a plugin registered a rebuilder for (``register_rebuilders``)."""
+    rebuilders = cmd.plugin_host(settings).rebuilders()
+    if kind not in rebuilders:
+        cmd.fail(f"no enabled plugin rebuilds {kind}s from the log (known: {', '.join(sorted(rebuilders)) or 'none'})")
+    rebuilder = rebuilders[kind]
 
     async def main() -> tuple[str, Path]:
         async with open_bus(settings) as bus:
-            return await rebuild_dataset(settings, bus, role, until)
+            return await rebuilder.rebuild(settings, bus, key, until)
 
     try:
-        digest, path = _run(main)
-    except DatasetNotBuilt as exc:
-        err.print(f"[red]no dataset:[/red] {exc}")
-        raise typer.Exit(1) from None
-    console.print(f"rebuilt the {role} dataset as of log sequence {until}: {digest} in {path}")
-
-
-# --------------------------------------------------------------------------- training and datasets
-
-
-datasets_app = typer.Typer(help="Curated datasets: list, show, export.", invoke_without_command=True)
-app.add_typer(datasets_app, name="datasets")
-
-
-@datasets_app.callback()
-def datasets_list(ctx: typer.Context) -> None:
-    """List the datasets with their sizes and lineage."""
-    if ctx.invoked_subcommand is None:
-        from plugins.dataset_store import list_datasets
-
-        console.print(list_datasets(_settings()))
-
-
-@datasets_app.command("show")
-def datasets_show(hash: Annotated[str, typer.Argument(help="the dataset hash (a unique prefix will do)")]) -> None:
-    """The balance table and sample rows of one dataset."""
-    from plugins.dataset_store import DatasetNotFound, show_dataset
-
-    try:
-        for renderable in show_dataset(_settings(), hash):
-            console.print(renderable)
-    except DatasetNotFound as exc:
-        err.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from None
-
-
-@datasets_app.command("export")
-def datasets_export(
-    hash: Annotated[str, typer.Argument(help="the dataset hash (a unique prefix will do)")],
-    format: Annotated[str, typer.Option(help="jsonl, parquet or hf")] = "jsonl",
-    out: Annotated[Path, typer.Option(help="the folder to write")] = Path("dataset-export"),
-) -> None:
-    """Copy a dataset out as JSON lines, Parquet, or a Hugging Face dataset folder."""
-    from plugins.dataset_store import DatasetNotFound, export_dataset
-
-    try:
-        path = export_dataset(_settings(), hash, format, out)
-    except (DatasetNotFound, ValueError, FileExistsError) as exc:
-        err.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from None
-    console.print(f"exported to {path}")
+        digest, path = cmd.run(main)
+    except NothingToRebuild as exc:
+        cmd.fail(str(exc), code=1, label=f"no {kind}")
+    cmd.say(f"rebuilt the {key} {kind} as of log sequence {until}: {digest} in {path}")
 
 
 # --------------------------------------------------------------------------- config
 
 
-@config_app.command("show")
 def config_show(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """The effective configuration (defaults < flywheel.toml < FLYWHEEL_* variables); secrets masked."""
-    settings = _settings()
-    data = settings.model_dump(mode="json")
-    for section in data.values():
-        if isinstance(section, dict):
-            for key in list(section):
-                if any(word in key for word in ("password", "token", "key")) and section[key]:
-                    section[key] = "***"
+    settings = cmd.settings()
+    for _, model in cmd.plugin_host(settings).sections().values():
+        settings.section(model)  # every section, with its defaults
+    data = _masked(settings.model_dump(mode="json"))
     text = orjson.dumps(data, option=orjson.OPT_INDENT_2).decode()
     if as_json:
         sys.stdout.write(text + "\n")
@@ -503,59 +399,48 @@ def config_show(as_json: Annotated[bool, typer.Option("--json")] = False) -> Non
         console.print_json(text)
 
 
-# --------------------------------------------------------------------------- demo
 
 
-@app.command()
-def demo(
-    bandits: Annotated[bool, typer.Option("--bandits", help="the bandit demo: no model, simulated rates")] = False,
-    interactions: Annotated[int, typer.Option(help="--bandits: how many simulated agent turns")] = 200,
-    state_dir: Annotated[Path | None, typer.Option(help="the run's state folder (default: a new one under"
-                                                        " <state_dir>/demo-runs)")] = None,
-    train_tasks: Annotated[int | None, typer.Option(min=1, help="work only the first N training tasks")] = None,
-    held_out_tasks: Annotated[int | None, typer.Option(min=1, help="measure only the first N held-out tasks")] = None,
-) -> None:
-    """The whole loop on the embedded defaults: a simulated coding agent on the real base model,
-    tested and corrected, then dataset, training, gate and deployment, and before/after figures."""
-    from engine.demo import DemoError, run_bandit_demo, run_demo
+def _masked(value: Any, key: str = "") -> Any:
+    """Secrets (passwords, tokens, keys) replaced by ``***`` at any depth."""
+    if isinstance(value, dict):
+        return {k: _masked(v, k) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_masked(v) for v in value]
+    if value and any(word in key for word in ("password", "token", "key")) and not key.endswith("_file"):
+        return "***"
+    return value
 
-    settings = _settings()
-    if bandits:
-        _run(lambda: run_bandit_demo(settings, interactions, console))
+
+# --------------------------------------------------------------------------- plugins
+
+
+def plugins_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """The installed plugins: which are enabled, and what each registers (settings sections,
+    processors, projections, services, assessors, runtimes)."""
+    settings = cmd.settings()
+    host = cmd.plugin_host(settings)
+    enabled = set(host.names)
+    owners: dict[str, dict[str, list[str]]] = {name: {} for name in sorted(installed_plugins())}
+    owners.update(host.inventory())
+    rows: list[dict[str, Any]] = [
+        {"plugin": name, "enabled": name in enabled, **parts} for name, parts in sorted(owners.items())
+    ]
+    if as_json:
+        sys.stdout.write(orjson.dumps(rows).decode() + "\n")
         return
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
-    try:
-        _run(lambda: run_demo(settings, console, state_dir=state_dir, train_limit=train_tasks,
-                              held_out_limit=held_out_tasks))
-    except DemoError as exc:
-        err.print(f"[red]demo stopped:[/red] {exc}")
-        raise typer.Exit(1) from None
-
-
-# --------------------------------------------------------------------------- commands beside their domain
-
-#: modules under ``engine/commands`` that add commands; each has ``register(app, settings_loader, run)``
-COMMAND_MODULES: tuple[str, ...] = (
-    "engine.commands.dashboard",
-    "engine.commands.forget",
-    "engine.commands.deployments",
-    "engine.commands.training",
-)
-
-
-def _register_command_modules() -> None:
-    import importlib
-
-    for name in COMMAND_MODULES:
-        importlib.import_module(name).register(app, _settings, _run)
-
-
-_register_command_modules()
+    table = Table("plugin", "enabled", "registers", title="plugins")
+    for name, parts in sorted(owners.items()):
+        registers = "; ".join(f"{k}: {', '.join(v)}" for k, v in parts.items())
+        table.add_row(Text(name), "yes" if name in enabled else "no", Text(registers))
+    console.print(table)
 
 
 def main() -> None:
-    app()
+    build_app()()
 
+
+app = build_app()
 
 if __name__ == "__main__":
     main()

@@ -2,38 +2,32 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 import orjson
 
-from engine.bus import Bus
-from engine.config import Settings
-from engine.embedded import EmbeddedServer
+from flywheel_loop.engine.bus import Bus
+from flywheel_loop.engine.config import Settings
+from flywheel_loop.engine.embedded import EmbeddedServer
+from flywheel_loop.sdk.client import embedded_url
 
 
 def _marker(settings: Settings) -> Path:
-    return settings.state_dir / "nats" / "embedded.json"
+    return settings.layout.nats / "embedded.json"
 
 
 def running_embedded_url(settings: Settings) -> str | None:
     """The URL of an embedded server a running ``flywheel up`` started, if it is alive."""
-    marker = _marker(settings)
-    try:
-        info = orjson.loads(marker.read_bytes())
-        os.kill(int(info["pid"]), 0)
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return str(info["url"])
+    return embedded_url(settings.state_dir)
 
 
 def start_embedded(settings: Settings) -> EmbeddedServer:
     """Start the embedded server on the state folder and leave a marker for other commands."""
     cfg = settings.nats
     server = EmbeddedServer(
-        settings.state_dir / "nats", encryption_key=cfg.encryption_key(), cipher=cfg.embedded_cipher
+        settings.layout.nats, encryption_key=cfg.encryption_key(), cipher=cfg.embedded_cipher
     ).start()
     assert server.process is not None
     _marker(settings).write_bytes(orjson.dumps({"url": server.url, "pid": server.process.pid}))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from schemas import CATALOGUE, filter_subjects
+from flywheel_loop.schemas import CATALOGUE, filter_subjects
 
 
 class ConsumesEvents:

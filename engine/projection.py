@@ -28,9 +28,9 @@ import nats.errors
 import nats.js.errors
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
-from engine.bus import Bus
-from engine.consumes import ConsumesEvents
-from schemas import Event, InvalidEvent, parse_event
+from flywheel_loop.engine.bus import Bus
+from flywheel_loop.engine.consumes import ConsumesEvents
+from flywheel_loop.schemas import Event, InvalidEvent, parse_event
 
 log = logging.getLogger(__name__)
 

@@ -7,8 +7,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from engine.bus import Bus
-from engine.projection import Projection, ProjectionRunner
+from flywheel_loop.engine.bus import Bus
+from flywheel_loop.engine.projection import Projection, ProjectionRunner
 
 
 async def rebuild(

@@ -14,7 +14,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from engine.config import TelemetryConfig
+from flywheel_loop.engine.config import TelemetryConfig
 
 _propagator = TraceContextTextMapPropagator()
 tracer = trace.get_tracer("flywheel")

@@ -13,25 +13,35 @@ duplicates), and ack each input only after its outputs are acked.
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import re
 import time
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import nats.errors
 import nats.js.errors
-import pluggy
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
-from engine import telemetry
-from engine.bus import Bus, PublishFailed
-from engine.processor import ProcessContext, Processor
-from schemas import Event, EventRejected, InvalidEvent, derived_event, new_event, parse_event
-from schemas.ids import ID_PATTERN, derive_id, new_id
+from flywheel_loop.engine import telemetry
+from flywheel_loop.engine.bus import Bus, PublishFailed
+from flywheel_loop.engine.processor import Outputs, ProcessContext, Processor, apply_step
+from flywheel_loop.engine.state import ProcessorState
+from flywheel_loop.schemas import (
+    Event,
+    EventRejected,
+    InvalidEvent,
+    Payload,
+    derived_event,
+    new_event,
+    parse_event,
+)
+from flywheel_loop.schemas.ids import ID_PATTERN, derive_id, new_id
+
+if TYPE_CHECKING:
+    from flywheel_loop.engine.plugin_host import PluginHost
 
 log = logging.getLogger(__name__)
 
@@ -75,19 +85,26 @@ def rejection_event(
 class ProcessorWorker:
     """Consumes for one processor until stopped."""
 
-    def __init__(
-        self, bus: Bus, processor: Processor, state_dir: Path, hooks: pluggy.HookRelay | None = None
-    ) -> None:
+    def __init__(self, bus: Bus, processor: Processor, plugins: PluginHost | None = None) -> None:
         self.bus = bus
         self.processor = processor
         self.cfg = bus.settings.worker
         self.stats = WorkerStats()
+        layout = bus.settings.layout
+        self.store = (
+            ProcessorState(layout.processor(processor.name) / "state.sqlite", processor.tables)
+            if processor.stateful else None
+        )
         self.ctx = ProcessContext(
             settings=bus.settings,
-            state_dir=state_dir,
             log=logging.getLogger(f"flywheel.{processor.name}"),
-            hooks=hooks,
+            plugins=plugins,
+            store=self.store,
+            reader=self._read_log,
+            emitter=self._emit,
         )
+        self._current: Event[Any] | None = None
+        self._started = False
         self.stream_name = bus.streams.for_stream(processor.stream)
         self._sub: Any = None
         self._trace: dict[str, dict[str, str]] = {}
@@ -119,6 +136,10 @@ class ProcessorWorker:
     async def run(self, stop: asyncio.Event) -> None:
         """Fetch and process batches until ``stop`` is set; the batch in hand is finished."""
         batch = self.processor.batch or self.cfg.batch
+        if not self._started and self.processor.on_start is not None:
+            self.ctx.loop = asyncio.get_running_loop()
+            self.processor.on_start(self.ctx)
+        self._started = True
         while not stop.is_set():
             try:
                 if self._sub is None:
@@ -174,13 +195,13 @@ class ProcessorWorker:
                 with telemetry.span_from_headers(
                     f"process {name}", msg.headers, **{"flywheel.event_type": event.type, "flywheel.event_id": event.id}
                 ):
-                    produced = await self._call(event, msg)
+                    produced = await self.handle_event(event, msg)
                     carrier: dict[str, str] = {}
                     telemetry.inject(carrier)  # the outputs continue this span's trace
                     for out in produced:
                         self._trace[out.id] = carrier
             else:
-                produced = await self._call(event, msg)
+                produced = await self.handle_event(event, msg)
         except Exception as exc:  # a plugin may raise anything; it must not stop the worker
             if attempts < self.cfg.max_attempts:
                 delay = min(self.cfg.backoff_s * 2 ** (attempts - 1), self.cfg.max_backoff_s)
@@ -194,19 +215,44 @@ class ProcessorWorker:
         self.stats.processed += 1
         return produced, False
 
-    async def _call(self, event: Event[Any], msg: Msg) -> list[Event[Any]]:
-        """Run the handler and wrap what it returns in envelopes with derived ids."""
-        result = self.processor.handle(event, self.ctx)
-        if inspect.isawaitable(result):
-            # A long step (a dataset build, a training run) keeps its message: tell JetStream
-            # it is in progress well before ack_wait would redeliver it elsewhere.
+    async def handle_event(self, event: Event[Any], msg: Msg | None = None) -> list[Event[Any]]:
+        """Run the handler (inside the state transaction for a stateful processor, or answer from
+        the memo) and wrap what it returns in envelopes with derived ids. ``msg``, when the event
+        came from the consumer, is kept alive while a long handler runs."""
+        self._current = event
+        self.ctx.loop = asyncio.get_running_loop()
+        produced = await apply_step(self.processor, event, self.ctx, self._patient(msg))
+        name = self.processor.name
+        return [derived_event(p, cause=event, source=name, index=i) for i, p in enumerate(produced)]
+
+    def _patient(self, msg: Msg | None) -> Callable[[Awaitable[Outputs]], Awaitable[Outputs]] | None:
+        """How to wait for a long step: tell JetStream the message is in progress meanwhile, well
+        before ack_wait would redeliver it elsewhere (a dataset build, a training run)."""
+        if msg is None:
+            return None
+
+        async def wait(result: Awaitable[Outputs]) -> Outputs:
             heartbeat = asyncio.create_task(self._keep_alive(msg))
             try:
-                result = await result
+                return await result
             finally:
                 heartbeat.cancel()
-        name = self.processor.name
-        return [derived_event(p, cause=event, source=name, index=i) for i, p in enumerate(result or ())]
+
+        return wait
+
+    async def _read_log(self, types: Sequence[str], until: int | None) -> list[tuple[int, Event[Any]]]:
+        return await self.bus.read_log(types, until)
+
+    async def _emit(self, payload: Payload, index: int) -> None:
+        if self._current is None:
+            raise RuntimeError("nothing is being handled: a live event needs the input that causes it")
+        # live events get ids derived from the input and an index the step chooses (offset so they
+        # never collide with the handler's returned outputs, which are numbered from 0)
+        out = derived_event(payload, cause=self._current, source=self.processor.name, index=100_000 + index)
+        try:
+            await self.bus.publish(out)
+        except PublishFailed as exc:  # progress is best effort; the final outputs are not
+            self.ctx.log.warning("%s could not publish %s: %s", self.processor.name, payload.event_type, exc)
 
     async def _keep_alive(self, msg: Msg) -> None:
         while True:
@@ -215,6 +261,12 @@ class ProcessorWorker:
                 await msg.in_progress()
             except nats.errors.Error:
                 return
+
+    def close(self) -> None:
+        if self.processor.on_stop is not None and self._started:
+            self.processor.on_stop()
+        if self.store is not None:
+            self.store.close()
 
     @staticmethod
     async def _term(msg: Msg) -> None:

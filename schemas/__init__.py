@@ -1,6 +1,6 @@
 """Flywheel's event vocabulary: the envelope, the payload catalogue, parsing, JSON Schema."""
 
-from schemas.envelope import (
+from flywheel_loop.schemas.envelope import (
     CATALOGUE,
     MAX_EVENT_BYTES,
     Event,
@@ -15,9 +15,9 @@ from schemas.envelope import (
     parse_event,
     subject_for,
 )
-from schemas.events import *  # noqa: F403  (the catalogue is the public surface)
-from schemas.events import __all__ as _events_all
-from schemas.ids import derive_id, new_id
+from flywheel_loop.schemas.events import *  # noqa: F403  (the catalogue is the public surface)
+from flywheel_loop.schemas.events import __all__ as _events_all
+from flywheel_loop.schemas.ids import derive_id, new_id
 
 __all__ = [
     "CATALOGUE",

@@ -16,7 +16,7 @@ from typing import Annotated, Any, ClassVar, Generic, Literal, TypeVar
 import orjson
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
-from schemas.ids import ID_PATTERN, derive_id, new_id
+from flywheel_loop.schemas.ids import ID_PATTERN, derive_id, new_id
 
 EventId = Annotated[str, StringConstraints(pattern=ID_PATTERN)]
 Stream = Literal["raw", "log"]

@@ -12,7 +12,7 @@ from typing import Annotated, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
-from schemas.envelope import EventId, Payload, Stream
+from flywheel_loop.schemas.envelope import EventId, Payload, Stream
 
 __all__ = [
     "ArmSelected",

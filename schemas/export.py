@@ -11,7 +11,7 @@ from pathlib import Path
 
 import orjson
 
-from schemas import CATALOGUE, json_schema
+from flywheel_loop.schemas import CATALOGUE, json_schema
 
 JSON_DIR = Path(__file__).parent / "json"
 

@@ -57,12 +57,12 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from engine.bus import Bus
-from engine.config import Settings, load_settings
-from engine.embedded import EmbeddedServer
-from engine.projection import Projection
-from engine.recorder import Recorder
-from engine.replay import differences, rebuild
+from flywheel_loop.engine.bus import Bus
+from flywheel_loop.engine.config import Settings, load_settings
+from flywheel_loop.engine.embedded import EmbeddedServer
+from flywheel_loop.engine.projection import Projection
+from flywheel_loop.engine.replay import differences, rebuild
+from flywheel_loop.sdk.recorder import Recorder
 
 ROOT = Path(__file__).resolve().parent.parent
 PROJECTIONS = ("scores", "anonymization", "log_index", "bandit_state")
@@ -284,7 +284,7 @@ def projections_of(opts: ChaosOptions, settings: Settings) -> list[Projection]:
         from tests.counting_plugin import Counted
 
         return [Counted()]
-    from engine.plugin_host import PluginHost
+    from flywheel_loop.engine.plugin_host import PluginHost
 
     host = PluginHost(settings)
     return [p for p in host.projections() if p.name in PROJECTIONS]
@@ -597,10 +597,10 @@ class ChaosRun:
         anonymized = {e["id"] for e in log if e["source"] == "anonymizer"}
         report.check("scoring: inputs with more than one output", 0, sum(1 for n in scored.values() if n > 1))
         report.check("scoring: outputs of unknown inputs", 0, sum(1 for i in scored if i not in anonymized))
-        memo_path = self.work / "processors-state" / "processors" / "scoring" / "evidence.sqlite"
+        memo_path = self.work / "processors-state" / "processors" / "scoring" / "state.sqlite"
         db = sqlite3.connect(f"file:{memo_path}?mode=ro", uri=True)
         try:
-            memo = {eid: orjson.loads(body) for eid, body in db.execute("SELECT event_id, outputs FROM processed")}
+            memo = {eid: orjson.loads(body) for eid, body in db.execute("SELECT event_id, outputs FROM _memo")}
         finally:
             db.close()
         on_log = {e["causation_id"]: e["data"] for e in log if e["source"] == "scoring"}

@@ -13,12 +13,12 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from engine.app import Engine  # noqa: E402
-from engine.bus import Bus  # noqa: E402
-from engine.config import Settings, load_settings  # noqa: E402
-from engine.embedded import EmbeddedServer  # noqa: E402
-from engine.plugin_host import PluginHost  # noqa: E402
-from engine.projection import Projection, ProjectionRunner  # noqa: E402
+from flywheel_loop.engine.app import Engine  # noqa: E402
+from flywheel_loop.engine.bus import Bus  # noqa: E402
+from flywheel_loop.engine.config import Settings, load_settings  # noqa: E402
+from flywheel_loop.engine.embedded import EmbeddedServer  # noqa: E402
+from flywheel_loop.engine.plugin_host import PluginHost  # noqa: E402
+from flywheel_loop.engine.projection import Projection, ProjectionRunner  # noqa: E402
 
 
 @pytest.fixture
@@ -40,7 +40,7 @@ def settings_with(
         # The trainer would fine-tune the real base model on any dataset a test builds;
         # tests/test_trainer.py turns it back on with a tiny model. Likewise the deployer would load
         # and serve the real base model for any passed evaluation (tests/test_deployer.py uses a tiny one).
-        sections.setdefault("plugins", {"disabled": ["trainer", "evaluator", "deployer"]})
+        sections.setdefault("plugins", {"skip": ["trainer", "evaluator", "deployer"]})
         return load_settings(
             state_dir=tmp_path / "state",
             nats={"url": nats_server.url, "publish_retry_s": 30},
@@ -116,7 +116,7 @@ async def wait_for(predicate: Callable[[], Any], timeout: float = 30.0, interval
 
 async def read_log(bus: Bus, stream: str = "log", event_type: str | None = None) -> list[Any]:
     """Every event on a stream (optionally one type), parsed, in order."""
-    from schemas import parse_event
+    from flywheel_loop.schemas import parse_event
 
     subject = f"fw.{stream}.{event_type}" if event_type else f"fw.{stream}.>"
     last = await bus.last_sequence(stream)

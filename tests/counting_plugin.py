@@ -14,14 +14,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from engine.app import Engine
-from engine.bus import Bus
-from engine.config import Settings, load_settings
-from engine.hookspecs import hookimpl
-from engine.plugin_host import PluginHost
-from engine.processor import ProcessContext, Processor
-from engine.projection import Projection
-from schemas import Event, InteractionAnonymized
+from flywheel_loop.engine.app import Engine
+from flywheel_loop.engine.bus import Bus
+from flywheel_loop.engine.config import Settings, load_settings
+from flywheel_loop.engine.hookspecs import hookimpl
+from flywheel_loop.engine.plugin_host import PluginHost
+from flywheel_loop.engine.processor import ProcessContext, Processor
+from flywheel_loop.engine.projection import Projection
+from flywheel_loop.schemas import Event, InteractionAnonymized
 
 
 def pass_through(event: Event[Any], ctx: ProcessContext) -> list[InteractionAnonymized]:

@@ -29,7 +29,7 @@ from stdnum.ca import sin as ca_sin
 from stdnum.es import dni as es_dni
 from stdnum.us import ssn as us_ssn
 
-from plugins.scrubber import DEFAULT_PHONE_REGIONS
+from flywheel_loop.plugins.privacy.scrubber import DEFAULT_PHONE_REGIONS
 
 SECRET, PII = "secret", "pii"
 LEAK_WINDOW = 10

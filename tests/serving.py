@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from schemas import EvaluationCompleted
+from flywheel_loop.schemas import EvaluationCompleted
 
 
 def make_tiny_model(folder: Path, tokenizer: Any) -> Path:
@@ -34,7 +34,7 @@ def store_random_adapter(base_dir: Path, state_dir: Path, seed: int) -> str:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from plugins.training.models import store_adapter
+    from flywheel_loop.plugins.shared.models import store_adapter
 
     model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
     peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))

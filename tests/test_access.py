@@ -8,11 +8,11 @@ from pathlib import Path
 import nats.errors
 import pytest
 
-from engine.bus import Bus, BusUnavailable, PublishFailed
-from engine.config import load_settings
-from engine.embedded import EmbeddedServer
-from engine.recorder import Recorder
-from schemas import QualityAssessed, new_event
+from flywheel_loop.engine.bus import Bus, BusUnavailable, PublishFailed
+from flywheel_loop.engine.config import load_settings
+from flywheel_loop.engine.embedded import EmbeddedServer
+from flywheel_loop.schemas import QualityAssessed, new_event
+from flywheel_loop.sdk.recorder import Recorder
 from tests.conftest import read_log
 
 ROOT = Path(__file__).parent.parent

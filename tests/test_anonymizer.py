@@ -13,13 +13,14 @@ import orjson
 import pytest
 from pydantic import SecretStr
 
-from engine.bus import Bus
-from engine.config import DEFAULT_ANONYMIZER_KEY, AnonymizerConfig, Settings, load_settings
-from engine.processor import Processor
-from plugins import anonymizer as anonymizer_plugin
-from plugins.anonymizer import Anonymizer, keyed_hash
-from plugins.scrubber import PII_KINDS, SECRET_KINDS, scrub
-from schemas import (
+from flywheel_loop.engine.bus import Bus
+from flywheel_loop.engine.config import Settings, load_settings
+from flywheel_loop.engine.processor import Processor
+from flywheel_loop.plugins import privacy as anonymizer_plugin
+from flywheel_loop.plugins.privacy.anonymizer import Anonymizer, keyed_hash
+from flywheel_loop.plugins.privacy.scrubber import PII_KINDS, SECRET_KINDS, scrub
+from flywheel_loop.plugins.privacy.settings import DEFAULT_ANONYMIZER_KEY, AnonymizerConfig
+from flywheel_loop.schemas import (
     Context,
     FeedbackGiven,
     GitContext,
@@ -238,7 +239,7 @@ def test_the_default_key_is_warned_about_and_a_configured_one_is_used(
 ) -> None:
     monkeypatch.chdir(tmp_path)
     registered: list[Processor] = []
-    with caplog.at_level(logging.WARNING, logger="plugins.anonymizer"):
+    with caplog.at_level(logging.WARNING, logger="flywheel_loop.plugins.privacy.anonymizer"):
         anonymizer_plugin.configure(load_settings())
     assert "hash_key" in caplog.text
     anonymizer_plugin.register_processors(registered.append, load_settings())
@@ -246,10 +247,10 @@ def test_the_default_key_is_warned_about_and_a_configured_one_is_used(
     caplog.clear()
     monkeypatch.setenv("FLYWHEEL_ANONYMIZER__HASH_KEY", "a-real-key")
     settings = load_settings()
-    assert not settings.anonymizer.uses_default_key
-    assert settings.anonymizer.hash_key.get_secret_value() == "a-real-key"
+    assert not AnonymizerConfig.of(settings).uses_default_key
+    assert AnonymizerConfig.of(settings).hash_key.get_secret_value() == "a-real-key"
     assert "a-real-key" not in repr(settings)
-    with caplog.at_level(logging.WARNING, logger="plugins.anonymizer"):
+    with caplog.at_level(logging.WARNING, logger="flywheel_loop.plugins.privacy.anonymizer"):
         anonymizer_plugin.configure(settings)
     assert "hash_key" not in caplog.text
 

@@ -7,23 +7,15 @@ import gc
 from pathlib import Path
 from typing import Any
 
-import pluggy
 import pytest
 
-from engine import hookspecs
-from engine.assessment import (
-    GC_PAUSES,
-    Assessment,
-    AssessorPanel,
-    AssessorResult,
-    CircuitBreaker,
-    Evidence,
-    combine,
-)
-from engine.config import AssessmentConfig, ConfigError, load_settings
-from engine.hookspecs import hookimpl
-from plugins import outcome_reward, quality_dimensions, ruff_lint
-from schemas import FeedbackGiven, InteractionAnonymized, OutcomeObserved, parse_event
+from flywheel_loop.engine.assessment import Assessment, Assessor, Evidence
+from flywheel_loop.engine.config import ConfigError, load_settings
+from flywheel_loop.engine.plugin_host import PluginHost
+from flywheel_loop.plugins.scoring import outcome_reward, quality_dimensions, ruff_lint
+from flywheel_loop.plugins.scoring.panel import GC_PAUSES, AssessorPanel, AssessorResult, CircuitBreaker, combine
+from flywheel_loop.plugins.scoring.settings import AssessmentConfig
+from flywheel_loop.schemas import FeedbackGiven, InteractionAnonymized, OutcomeObserved, parse_event
 
 EXAMPLES = Path(__file__).parent.parent / "schemas" / "examples"
 
@@ -39,9 +31,10 @@ IID = INTERACTION.interaction_id
 
 
 def evidence(
-    feedback: tuple[FeedbackGiven, ...] = (), outcomes: tuple[OutcomeObserved, ...] = ()
+    feedback: tuple[FeedbackGiven, ...] = (), outcomes: tuple[OutcomeObserved, ...] = (),
+    interaction: InteractionAnonymized = INTERACTION,
 ) -> Evidence:
-    return Evidence(IID, INTERACTION, feedback, outcomes)
+    return Evidence(IID, interaction, feedback, outcomes)
 
 
 def with_output(output: str, language: str | None = "python") -> InteractionAnonymized:
@@ -65,14 +58,11 @@ class Clock:
 
 
 def panel(
-    *plugins: tuple[str, Any], cfg: AssessmentConfig | None = None, clock: Clock | None = None
+    *assessors: tuple[str, Any], cfg: AssessmentConfig | None = None, clock: Clock | None = None
 ) -> AssessorPanel:
-    pm = pluggy.PluginManager(hookspecs.PROJECT)
-    pm.add_hookspecs(hookspecs)
-    for name, plugin in plugins:
-        pm.register(plugin, name=name)
     clock = clock or Clock()
-    return AssessorPanel(pm.hook, cfg or AssessmentConfig(), timer=clock, clock=clock)
+    registered = [Assessor(name, a.assess) for name, a in assessors]
+    return AssessorPanel(registered, cfg or AssessmentConfig(), timer=clock, clock=clock)
 
 
 BUILTINS = (("outcome_reward", outcome_reward), ("quality_dimensions", quality_dimensions))
@@ -96,8 +86,7 @@ class Fixed:
             0,
         )
 
-    @hookimpl
-    def assess(self, interaction: InteractionAnonymized, evidence: Evidence) -> Assessment:
+    def assess(self, evidence: Evidence) -> Assessment:
         self.calls += 1
         if self.clock is not None:
             self.clock.now += self.cost_s
@@ -108,8 +97,7 @@ class Raising:
     def __init__(self) -> None:
         self.calls = 0
 
-    @hookimpl
-    def assess(self, evidence: Evidence) -> Assessment:  # an impl may take a subset of the arguments
+    def assess(self, evidence: Evidence) -> Assessment:
         self.calls += 1
         raise RuntimeError("model file missing")
 
@@ -135,7 +123,7 @@ def test_reward_is_the_configured_weighting_of_dimensions_and_assessors() -> Non
 
 
 def test_default_weights_are_the_reference_design() -> None:
-    cfg = load_settings().assessment
+    cfg = AssessmentConfig.of(load_settings())
     assert cfg.dimension_weights["outcome_reward"] == {
         "compile": 0.25,
         "tests": 0.25,
@@ -158,18 +146,19 @@ def test_default_weights_are_the_reference_design() -> None:
 
 def test_configured_weights_override_one_assessor_and_keep_the_other_defaults() -> None:
     settings = load_settings(assessment={"dimension_weights": {"outcome_reward": {"tests": 1.0}}})
-    weights = settings.assessment.dimension_weights
+    weights = AssessmentConfig.of(settings).dimension_weights
     assert weights["outcome_reward"] == {"tests": 1.0}
     assert weights["quality_dimensions"]["satisfaction"] == 0.30
-    combined = combine(panel(*BUILTINS).assess(evidence((FEEDBACK,), (OUTCOME,))), settings.assessment)
+    combined = combine(panel(*BUILTINS).assess(evidence((FEEDBACK,), (OUTCOME,))), AssessmentConfig.of(settings))
     assert combined is not None and combined.scores["outcome_reward"] == pytest.approx(0.8)
 
 
 def test_weights_that_cannot_weigh_are_a_config_error_naming_the_key() -> None:
+    # plugin sections are validated when the plugins load (as every command and `flywheel up` do)
     with pytest.raises(ConfigError, match="assessment.dimension_weights"):
-        load_settings(assessment={"dimension_weights": {"outcome_reward": {"tests": 0.0}}})
+        PluginHost(load_settings(assessment={"dimension_weights": {"outcome_reward": {"tests": 0.0}}}))
     with pytest.raises(ConfigError, match="assessment.assessor_weights"):
-        load_settings(assessment={"assessor_weights": {"outcome_reward": -1.0}})
+        PluginHost(load_settings(assessment={"assessor_weights": {"outcome_reward": -1.0}}))
 
 
 def test_an_assessor_without_a_weight_is_recorded_but_moves_nothing() -> None:
@@ -263,16 +252,14 @@ def test_a_garbage_collection_pause_is_not_charged_to_the_assessor() -> None:
     live = [[i] for i in range(500_000)]  # something for a full collection to walk
 
     class Collecting:
-        @hookimpl
         def assess(self, evidence: Evidence) -> Assessment:
             gc.collect()  # stands for a collection that happens to start during the call
             return Assessment({"x": 1.0}, "1")
 
     before = GC_PAUSES.total
-    pm = pluggy.PluginManager(hookspecs.PROJECT)
-    pm.add_hookspecs(hookspecs)
-    pm.register(Collecting(), name="collecting")
-    (result,) = AssessorPanel(pm.hook, AssessmentConfig(budget_ms=5.0)).assess(evidence())
+    (result,) = AssessorPanel([Assessor("collecting", Collecting().assess)], AssessmentConfig(budget_ms=5.0)).assess(
+        evidence()
+    )
     assert GC_PAUSES.total > before and len(live) == 500_000
     assert result.fallback is None and result.elapsed_ms < 5.0
 
@@ -288,8 +275,7 @@ def test_a_slow_assessor_may_have_its_own_budget() -> None:
 
 def test_an_assessor_that_raises_or_returns_garbage_falls_back() -> None:
     class Garbage:
-        @hookimpl
-        def assess(self, interaction: InteractionAnonymized, evidence: Evidence) -> Any:
+        def assess(self, evidence: Evidence) -> Any:
             return {"x": 1.0}
 
     results = panel(("boom", Raising()), ("garbage", Garbage()), *BUILTINS).assess(evidence())
@@ -337,16 +323,16 @@ def test_a_disabled_assessor_is_not_called() -> None:
 
 
 def test_outcome_reward_scores_each_piece_of_evidence() -> None:
-    assert outcome_reward.assess(INTERACTION, evidence()).scores == {}
+    assert outcome_reward.assess(evidence()).scores == {}
     outcome = OutcomeObserved(
         interaction_id=IID, compiles=False, tests_passed=1, tests_failed=3, lint_errors=2, runtime_errors=1
     )
     scores = outcome_reward.assess(
-        INTERACTION, evidence((FeedbackGiven(interaction_id=IID, thumbs="down"),), (outcome,))
+        evidence((FeedbackGiven(interaction_id=IID, thumbs="down"),), (outcome,))
     ).scores
     assert scores == {"compile": 0.0, "tests": 0.25, "errors": 0.25, "human": 0.0}
     rated = outcome_reward.assess(
-        INTERACTION, evidence((FeedbackGiven(interaction_id=IID, rating=4),))
+        evidence((FeedbackGiven(interaction_id=IID, rating=4),))
     ).scores
     assert rated == {"human": 0.75}
 
@@ -383,11 +369,11 @@ def test_the_static_checks_cover_more_rules_and_measure_nested_functions_apart()
 
 def test_code_quality_is_left_out_when_the_answer_has_no_python() -> None:
     prose = with_output("Use a regular expression and strip the hyphens.", language=None)
-    assert "code_quality" not in quality_dimensions.assess(prose, evidence()).scores
+    assert "code_quality" not in quality_dimensions.assess(evidence(interaction=prose)).scores
     fenced_js = with_output("```js\nconst a = 1;\n```", language="python")
-    assert "code_quality" not in quality_dimensions.assess(fenced_js, evidence()).scores
+    assert "code_quality" not in quality_dimensions.assess(evidence(interaction=fenced_js)).scores
     bare = with_output("def f():\n    return 1\n")
-    assert quality_dimensions.assess(bare, evidence()).scores["code_quality"] == 1.0
+    assert quality_dimensions.assess(evidence(interaction=bare)).scores["code_quality"] == 1.0
 
 
 def test_relevance_is_the_share_of_named_terms_the_answer_uses() -> None:
@@ -415,7 +401,7 @@ def test_ruff_lint_counts_ruffs_findings_per_line() -> None:
     if ruff_lint.ruff_binary() is None:
         pytest.skip("ruff is not installed")
     linty = with_output("```python\nimport os\nimport sys\n\nx = 1\n```")
-    assessment = ruff_lint.assess(linty, evidence())
+    assessment = ruff_lint.assess(evidence(interaction=linty))
     assert assessment is not None
     assert assessment.scores["lint"] == pytest.approx(1 / (1 + 5 * 2 / 3))  # 2 unused imports, 3 lines
-    assert ruff_lint.assess(with_output("no code here", language=None), evidence()) is None
+    assert ruff_lint.assess(evidence(interaction=with_output("no code here", language=None))) is None

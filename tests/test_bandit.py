@@ -10,13 +10,21 @@ from typing import Any
 
 import pytest
 
-from engine.bandit import BanditState, Credit, EpsilonGreedy, Policy, ThompsonSampling, make_policy
-from engine.bus import Bus
-from engine.config import BanditConfig, Settings
-from engine.replay import differences, rebuild
-from engine.selector import NoEligibleArm, Selector
-from plugins.bandit_state import BanditStateProjection
-from schemas import QualityAssessed, new_event, new_id
+from flywheel_loop.engine.bus import Bus
+from flywheel_loop.engine.config import Settings
+from flywheel_loop.engine.replay import differences, rebuild
+from flywheel_loop.plugins.insight.bandit_state import BanditStateProjection
+from flywheel_loop.schemas import QualityAssessed, new_event, new_id
+from flywheel_loop.sdk.bandit import (
+    BanditConfig,
+    BanditState,
+    Credit,
+    EpsilonGreedy,
+    Policy,
+    ThompsonSampling,
+    make_policy,
+)
+from flywheel_loop.sdk.selector import NoEligibleArm, Selector
 from tests.conftest import RunningEngine, read_log, wait_for
 
 #: The simulated environment: each prompt variant succeeds with this probability.
@@ -98,10 +106,7 @@ MODELS = [
 ]
 
 
-@pytest.fixture
-def settings(settings: Settings) -> Settings:
-    bandit = BanditConfig(prompt_variants={"coder": ["v-good", "v-bad"]}, models=MODELS, seed=11)
-    return settings.model_copy(update={"bandit": bandit})
+BANDIT = BanditConfig(prompt_variants={"coder": ["v-good", "v-bad"]}, models=MODELS, seed=11)
 
 
 def assessed(iid: str, reward: float, variant: str | None = "v-good", model: str | None = "mid") -> Any:
@@ -118,7 +123,7 @@ def assessed(iid: str, reward: float, variant: str | None = "v-good", model: str
 
 
 async def test_model_routing_respects_the_cost_cap_and_the_complexity(settings: Settings, bus: Bus) -> None:
-    async with Selector(settings) as selector:
+    async with Selector(BANDIT, settings) as selector:
         # expert work: only "big" handles it
         assert {selector.select_model("coder", "expert") for _ in range(20)} == {"big"}
         # a cost cap of 2e-6 per token leaves tiny and mid; complex work leaves only mid
@@ -144,7 +149,7 @@ async def test_selector_and_projection_fold_the_log_to_the_same_state_and_replay
         await bus.publish(assessed(iid, 0.9 if i % 2 else 0.1, "v-good" if i % 2 else "v-bad", "mid"))
     for iid in ids[:6]:
         await bus.publish(assessed(iid, 0.3, "v-bad", "tiny"))
-    async with engine_with(only={"bandit_state"}) as running, Selector(settings) as selector:
+    async with engine_with(only={"bandit_state"}) as running, Selector(BANDIT, settings) as selector:
         picks = [selector.select_prompt("coder") for _ in range(200)]
         # a reward published while the selector runs reaches it without a restart
         late = assessed(new_id(), 0.7, "v-good", "big")

@@ -9,17 +9,17 @@ from pathlib import Path
 import orjson
 import pytest
 
-from engine.bus import Bus, BusUnavailable, StreamNames
-from engine.config import Settings, load_settings
-from engine.embedded import EmbeddedServer
-from schemas import CATALOGUE, InteractionRecorded, new_event, parse_event
+from flywheel_loop.engine.bus import Bus, BusUnavailable, StreamNames
+from flywheel_loop.engine.config import Settings, load_settings
+from flywheel_loop.engine.embedded import EmbeddedServer
+from flywheel_loop.schemas import CATALOGUE, InteractionRecorded, new_event, parse_event
 from tests.conftest import read_log
 
 EXAMPLES = Path(__file__).parent.parent / "schemas" / "examples"
 
 
 async def test_streams_have_the_configured_guarantees(bus: Bus) -> None:
-    names = StreamNames.from_config(bus.settings.streams)
+    names = StreamNames.with_prefix(bus.settings.streams.prefix)
     raw = await bus.js.stream_info(names.raw)
     log = await bus.js.stream_info(names.log)
     assert raw.config.max_age == pytest.approx(30 * 86400)

@@ -8,9 +8,9 @@ import orjson
 import pytest
 from typer.testing import CliRunner
 
-from engine.cli import app
-from engine.config import Settings
-from engine.embedded import EmbeddedServer
+from flywheel_loop.engine.cli import app
+from flywheel_loop.engine.config import Settings
+from flywheel_loop.engine.embedded import EmbeddedServer
 
 EXAMPLES = Path(__file__).parent.parent / "schemas" / "examples"
 runner = CliRunner()
@@ -107,3 +107,58 @@ def test_datasets_and_dataset_replay_without_data_say_so(env: dict[str, str]) ->
     replayed = runner.invoke(app, ["replay", "--dataset", "coder", "--until", "5"])
     assert replayed.exit_code == 1 and "no dataset" in replayed.output
     assert runner.invoke(app, ["replay", "--dataset", "coder"]).exit_code == 2  # --until is required
+
+
+FEATURES = ["privacy", "scoring", "curation", "training", "evaluation", "serving", "insight", "demo"]
+
+
+@pytest.mark.parametrize("feature", FEATURES)
+def test_the_engine_runs_and_helps_without_any_one_feature(
+    env: dict[str, str], feature: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from flywheel_loop.engine.cli import build_app
+
+    monkeypatch.setenv("FLYWHEEL_PLUGINS__DISABLED", f'["{feature}"]')
+    monkeypatch.setenv("FLYWHEEL_PLUGINS__SKIP", '["trainer", "evaluator", "deployer"]')  # no real model here
+    without = build_app()
+    helped = runner.invoke(without, ["--help"])
+    assert helped.exit_code == 0, helped.output
+    ran = runner.invoke(without, ["up", "--duration", "1"])
+    assert ran.exit_code == 0, ran.output
+    assert "stopped: in-flight work drained" in ran.output
+    listed = runner.invoke(without, ["plugins", "--json"])
+    rows = {r["plugin"]: r for r in orjson.loads(listed.output)}
+    assert rows[feature]["enabled"] is False and all(rows[f]["enabled"] for f in FEATURES if f != feature)
+
+
+def test_a_feature_brings_its_own_commands() -> None:
+    from flywheel_loop.engine.cli import build_app
+
+    def commands(app: object) -> set[str]:
+        out = runner.invoke(app, ["--help"]).output  # type: ignore[arg-type]
+        return {name for name in ("train", "deployments", "rollback", "forget", "stats", "runs", "dashboard",
+                                  "datasets", "demo") if f"│ {name} " in out}
+
+    everything = commands(build_app())
+    assert everything == {
+        "train", "deployments", "rollback", "forget", "stats", "runs", "dashboard", "datasets", "demo",
+    }
+
+
+def test_user_facing_errors_keep_their_brackets() -> None:
+    """A validation error quoting a regular expression is printed as it is (no markup eaten)."""
+    result = runner.invoke(app, ["rollback", "--role", "Bad[x]"])
+    assert result.exit_code == 2
+    text = " ".join(result.output.split())
+    assert "'^[a-z][a-z0-9_-]{0,31}$'" in text and "'Bad[x]'" in text
+
+
+def test_plugins_lists_what_each_feature_registers(env: dict[str, str]) -> None:
+    result = runner.invoke(app, ["plugins", "--json"])
+    assert result.exit_code == 0, result.output
+    rows = {r["plugin"]: r for r in orjson.loads(result.output)}
+    assert rows["training"]["settings"] == ["[trainer]"] and rows["training"]["processors"] == ["trainer"]
+    assert rows["training"]["commands"] == ["train"]
+    assert set(rows["serving"]["runtimes"]) == {"transformers", "llama_cpp", "ollama"}
+    assert rows["insight"]["services"] == ["dashboard"]
+    assert rows["demo"]["commands"] == ["demo"]

@@ -9,10 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from engine.bus import Bus
-from engine.config import load_settings
-from engine.embedded import EmbeddedCluster
-from engine.recorder import Recorder
+from flywheel_loop.engine.bus import Bus
+from flywheel_loop.engine.config import load_settings
+from flywheel_loop.engine.embedded import EmbeddedCluster
+from flywheel_loop.sdk.recorder import Recorder
 from tests.conftest import wait_for
 from tests.counting_plugin import counts
 

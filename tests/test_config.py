@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from engine.config import ConfigError, load_settings
-from engine.plugin_host import PluginHost
+from flywheel_loop.engine.config import ConfigError, load_settings
+from flywheel_loop.engine.plugin_host import PluginHost
 
 
 def test_defaults_run_on_one_laptop(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -63,6 +63,6 @@ def test_enabling_a_plugin_that_is_not_installed_is_an_error(tmp_path: Path, mon
 def test_disabled_plugins_are_not_loaded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     everything = PluginHost(load_settings()).names
-    assert "log_index" in everything
-    without = PluginHost(load_settings(plugins={"disabled": ["log_index"]})).names
-    assert set(everything) - set(without) == {"log_index"}
+    assert "insight" in everything
+    without = PluginHost(load_settings(plugins={"disabled": ["insight"]})).names
+    assert set(everything) - set(without) == {"insight"}

@@ -21,11 +21,11 @@ from typing import Any
 
 import pytest
 
-from engine.bus import Bus
-from engine.config import Settings
-from engine.dashboard.queries import DashboardData, projection_file
-from engine.dashboard.server import DashboardServer, start_dashboard
-from schemas import (
+from flywheel_loop.engine.bus import Bus
+from flywheel_loop.engine.config import Settings
+from flywheel_loop.plugins.insight.dashboard.queries import DashboardData, projection_file
+from flywheel_loop.plugins.insight.dashboard.server import DashboardServer, start_dashboard
+from flywheel_loop.schemas import (
     ArmSelected,
     BalanceRow,
     DatasetBuilt,
@@ -412,8 +412,8 @@ def test_pages_are_empty_not_broken_before_the_projection_exists(tmp_path: Path)
 
 
 def test_a_reassessed_interaction_replaces_its_reward_where_it_was_first_scored(tmp_path: Path) -> None:
-    from engine.projection import ProjectionStore
-    from plugins.dashboard_view import DashboardView
+    from flywheel_loop.engine.projection import ProjectionStore
+    from flywheel_loop.plugins.insight.dashboard_view import DashboardView
 
     def assessed(iid: str, reward: float, minutes_ago: float, model: str | None = "m1") -> bytes:
         return bytes(at(QualityAssessed(interaction_id=iid, role="coder", model_id=model, prompt_variant="v",
@@ -469,8 +469,8 @@ async def test_the_real_pipeline_feeds_the_dashboard(
 async def test_the_projection_rebuilds_identically_from_the_log(
     folded: tuple[Bus, RunningEngine], dash_settings: Settings, tmp_path: Path
 ) -> None:
-    from engine.replay import differences, rebuild
-    from plugins.dashboard_view import DashboardView
+    from flywheel_loop.engine.replay import differences, rebuild
+    from flywheel_loop.plugins.insight.dashboard_view import DashboardView
 
     bus, _ = folded
     target = tmp_path / "replayed.sqlite"
@@ -487,7 +487,7 @@ def test_the_dashboard_command_serves_until_stopped_and_names_a_bad_port(
 ) -> None:
     from typer.testing import CliRunner
 
-    from engine.cli import app
+    from flywheel_loop.engine.cli import app
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("FLYWHEEL_STATE_DIR", str(tmp_path / "state"))

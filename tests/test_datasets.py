@@ -16,25 +16,21 @@ import numpy as np
 import orjson
 import pytest
 
-from engine.bus import Bus
-from engine.config import CurationConfig, Settings
-from engine.hookspecs import hookimpl
-from engine.plugin_host import PluginHost
-from engine.processor import ProcessContext
-from plugins.chat_format import ChatFormatter, load_formatter
-from plugins.curation import BuiltDataset, Evidence, Example, Skip, build_dataset
-from plugins.dataset_builder import DatasetBuilder, DatasetNotBuilt, build_from_log, rebuild_dataset
-from plugins.dataset_store import (
-    export_dataset,
-    list_datasets,
-    load_dataset_dict,
-    read_manifest,
-    show_dataset,
-)
-from plugins.rehearsal import rehearsal_count, select_diverse
-from plugins.training_trigger import request_training
-from plugins.vectors import TextEmbedder, VectorStore, shared_embedder, vectors_path
-from schemas import (
+from flywheel_loop.engine.bus import Bus
+from flywheel_loop.engine.config import Settings
+from flywheel_loop.engine.hookspecs import hookimpl
+from flywheel_loop.engine.plugin_host import PluginHost
+from flywheel_loop.engine.processor import ProcessContext
+from flywheel_loop.plugins.curation.builder import DatasetBuilder, DatasetNotBuilt, build_from_log, rebuild_dataset
+from flywheel_loop.plugins.curation.recipe import BuiltDataset, Evidence, Example, Skip, build_dataset
+from flywheel_loop.plugins.curation.rehearsal import rehearsal_count, select_diverse
+from flywheel_loop.plugins.curation.settings import CurationConfig
+from flywheel_loop.plugins.curation.store import export_dataset, list_datasets, load_dataset_dict, show_dataset
+from flywheel_loop.plugins.curation.vectors import TextEmbedder, VectorStore, shared_embedder
+from flywheel_loop.plugins.shared.chat_format import ChatFormatter, load_formatter
+from flywheel_loop.plugins.shared.datasets import read_manifest
+from flywheel_loop.plugins.shared.training_requests import request_training
+from flywheel_loop.schemas import (
     Event,
     FeedbackAnonymized,
     FeedbackGiven,
@@ -316,8 +312,8 @@ async def test_replay_gives_the_same_hash_and_bytes_after_the_state_folder_is_de
             await bus.publish(scored(event, 0.8))
         two = await request_training(bus, "coder")
         _, built2 = await built_or_skipped(bus, 2)
-        store = VectorStore(vectors_path(settings.state_dir), embedder.key)
-        await wait_for(lambda: store.count() == 16)  # every anonymized prompt was embedded
+        store = VectorStore(settings.layout.vectors, embedder.key)
+        await wait_for(lambda: store.count() == 16, timeout=120)  # every anonymized prompt was embedded
 
     assert built1.type == built2.type == "dataset.built", (built1.data, built2.data)
     b1, b2 = built1.data, built2.data
@@ -346,7 +342,7 @@ async def test_replay_gives_the_same_hash_and_bytes_after_the_state_folder_is_de
     host = PluginHost(settings, load_entry_points=False)
     host.register(SyntheticRehearsal())
     for b in (b2, b1):
-        digest, path = await rebuild_dataset(settings, bus, "coder", b.log_position, hooks=host.pm.hook)
+        digest, path = await rebuild_dataset(settings, bus, "coder", b.log_position, host=host)
         assert digest == b.dataset_hash
         assert folder_bytes(path) == saved[b.dataset_hash]
 
@@ -373,7 +369,7 @@ async def test_replay_gives_the_same_hash_and_bytes_after_the_state_folder_is_de
 
 
 async def test_no_dataset_row_contains_a_planted_secret(bus: Bus, engine_with: Any, settings: Settings) -> None:
-    settings.curation.min_reward = 0.0  # keep every interaction: all of its text is in the dataset
+    CurationConfig.of(settings).min_reward = 0.0  # keep every interaction: all of its text is in the dataset
     corpus = pc.generate(seed=21, per_kind=2, mixed=4, clean=0)
     texts = [s.text for s in corpus.samples]
     for i in range(0, len(texts) - 2, 3):
@@ -457,15 +453,15 @@ async def test_an_unknown_base_model_is_a_clear_refusal_with_no_partial_folder(
         await bus.publish(event)
         await bus.publish(scored(event, 0.9))
     missing = tmp_path / "no-such-model.gguf"
-    other = settings.model_copy(deep=True)
-    other.curation.dataset.base_model = missing
-    outcome = await build_from_log(other, bus, "coder", await bus.last_sequence("log"))
+    other = settings.model_copy(update={"models": settings.models.model_copy(update={"base": missing})})
+    outcome = await build_from_log(other, bus.read_log, "coder", await bus.last_sequence("log"))
     assert isinstance(outcome.skip, Skip) and outcome.skip.reason == "base_model_missing"
     assert str(missing) in outcome.skip.detail and "does not exist" in outcome.skip.detail
     with pytest.raises(DatasetNotBuilt, match="base_model_missing"):
-        await rebuild_dataset(other, bus, "coder", await bus.last_sequence("log"), hooks=None)
+        await rebuild_dataset(other, bus, "coder", await bus.last_sequence("log"),
+                              host=PluginHost(other, load_entry_points=False))
     request = await request_training(bus, "coder")
-    ctx = ProcessContext(settings=other, state_dir=tmp_path / "builder", log=logging.getLogger("t"), sequence=99)
+    ctx = ProcessContext(settings=other, log=logging.getLogger("t"), sequence=99, reader=bus.read_log)
     [answer] = await DatasetBuilder().handle(request, ctx)
     assert answer.reason == "base_model_missing" and answer.request_id == request.id
     assert dataset_folders(other) == []

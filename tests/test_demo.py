@@ -15,14 +15,15 @@ from typing import Any
 import pytest
 from rich.console import Console
 
-from engine.assessment import Evidence
-from engine.config import load_settings
-from engine.connection import open_bus
-from engine.demo.figures import CONVENTION_SCORE, read_since
-from engine.demo.tasks import LICENSE_HEADER, LICENSE_ID, TaskFileError, load_questions, load_tasks
-from plugins.convention import assess, follows_convention
-from plugins.sandbox import extract_code, run_tests
-from schemas import InteractionAnonymized, InteractionRecorded
+from flywheel_loop.engine.assessment import Evidence
+from flywheel_loop.engine.config import load_settings
+from flywheel_loop.engine.connection import open_bus
+from flywheel_loop.plugins.demo.figures import CONVENTION_SCORE, read_since
+from flywheel_loop.plugins.demo.tasks import LICENSE_HEADER, LICENSE_ID, TaskFileError, load_questions, load_tasks
+from flywheel_loop.plugins.scoring.convention import assess
+from flywheel_loop.plugins.shared.code import extract_code, follows_convention
+from flywheel_loop.plugins.shared.sandbox import run_tests
+from flywheel_loop.schemas import InteractionAnonymized, InteractionRecorded
 
 
 def test_every_reference_solution_passes_its_tests_and_follows_the_convention() -> None:
@@ -82,21 +83,21 @@ def _interaction(output: str, language: str | None = "python") -> InteractionAno
 )
 def test_the_convention_assessor_scores_the_header_of_the_code(output: str, expected: float) -> None:
     interaction = _interaction(output)
-    result = assess(interaction=interaction, evidence=Evidence(interaction.interaction_id, interaction))
+    result = assess(Evidence(interaction.interaction_id, interaction))
     assert result is not None
     assert result.scores == {"header": expected}
 
 
 def test_the_convention_assessor_leaves_non_python_interactions_alone() -> None:
     interaction = _interaction("SELECT 1;", language="sql")
-    assert assess(interaction=interaction, evidence=Evidence(interaction.interaction_id, interaction)) is None
+    assert assess(Evidence(interaction.interaction_id, interaction)) is None
     assert follows_convention(extract_code("```python\n# SPDX-License-Identifier: Apache-2.0\nx = 1\n```"), LICENSE_ID)
     assert not follows_convention("# SPDX-License-Identifier: MIT\nx = 1\n", LICENSE_ID)
 
 
 async def test_phase_figures_are_the_latest_outcome_and_score_of_each_interaction_on_the_log(bus: Any) -> None:
-    from engine.demo.figures import phase_figures
-    from schemas import OutcomeAnonymized, OutcomeObserved, QualityAssessed, new_event, new_id
+    from flywheel_loop.plugins.demo.figures import phase_figures
+    from flywheel_loop.schemas import OutcomeAnonymized, OutcomeObserved, QualityAssessed, new_event, new_id
 
     ids = [new_id() for _ in range(3)]
 
@@ -135,8 +136,8 @@ def _recount(events: list[tuple[int, Any]], ids: list[str], kind: str) -> dict[s
 async def test_the_demo_turns_the_flywheel_and_its_figures_come_from_the_log(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from engine.demo import run_demo
-    from engine.demo.run import BASE_MODEL_NAME, demo_settings
+    from flywheel_loop.plugins.demo import run_demo
+    from flywheel_loop.plugins.demo.run import BASE_MODEL_NAME, demo_settings
 
     monkeypatch.chdir(tmp_path)  # no stray flywheel.toml is read
     settings = load_settings(state_dir=tmp_path / "state")

@@ -13,12 +13,11 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-import plugins.deployer as deployer_plugin
-import plugins.deployments as deployments_plugin
-from engine.commands.deployments import deployments_data
-from plugins.chat_format import bundled_base_model, load_formatter
-from plugins.deployments import DeploymentBook
-from schemas import RollbackRequested, new_event
+from flywheel_loop.plugins import serving
+from flywheel_loop.plugins.serving.commands import deployments_data
+from flywheel_loop.plugins.shared.chat_format import bundled_base_model, load_formatter
+from flywheel_loop.plugins.shared.deployment_book import DeploymentBook
+from flywheel_loop.schemas import RollbackRequested, new_event
 from tests.conftest import read_log, wait_for
 from tests.serving import chat, deployer_of, evaluation, make_tiny_model, store_random_adapter
 
@@ -35,7 +34,7 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def settings(request: pytest.FixtureRequest, settings_with: Any, tiny_model_dir: Path) -> Any:
     """The tiny model as the base; ``deployer`` overrides from an indirect parameter."""
     deployer = {"smoke_max_tokens": 4, **getattr(request, "param", {})}
-    return settings_with(trainer={"base_model": tiny_model_dir}, deployer=deployer)
+    return settings_with(models={"base": tiny_model_dir}, deployer=deployer, plugins={"skip": []})
 
 
 def projection_book(running: Any) -> DeploymentBook:
@@ -46,7 +45,7 @@ async def test_a_version_without_a_passed_evaluation_is_refused_and_nothing_chan
     settings: Any, bus: Any, engine_with: Any, tiny_model_dir: Path
 ) -> None:
     digest = store_random_adapter(tiny_model_dir, settings.state_dir, seed=1)
-    async with engine_with(deployer_plugin, deployments_plugin, builtins=False) as running:
+    async with engine_with(serving, builtins=False, only={"deployer", "deployments"}) as running:
         failed = new_event(evaluation(digest, passed=False), source="test")
         await bus.publish(failed)
         refused = await wait_for(lambda: read_log(bus, "log", "deployment.failed"))
@@ -74,7 +73,7 @@ async def test_deploy_two_versions_then_roll_back_by_hand_and_the_previous_one_a
 ) -> None:
     first = store_random_adapter(tiny_model_dir, settings.state_dir, seed=1)
     second = store_random_adapter(tiny_model_dir, settings.state_dir, seed=2)
-    async with engine_with(deployer_plugin, deployments_plugin, builtins=False) as running:
+    async with engine_with(serving, builtins=False, only={"deployer", "deployments"}) as running:
         try:
             await bus.publish(new_event(evaluation(first, passed=True), source="test"))
             done = await wait_for(lambda: read_log(bus, "log", "deployment.completed"), timeout=60)
@@ -91,8 +90,8 @@ async def test_deploy_two_versions_then_roll_back_by_hand_and_the_previous_one_a
             # `flywheel rollback` publishes the request; the deployer answers it
             monkeypatch.setenv("FLYWHEEL_NATS__URL", nats_server.url)
             monkeypatch.setenv("FLYWHEEL_STATE_DIR", str(settings.state_dir))
-            monkeypatch.setenv("FLYWHEEL_TRAINER__BASE_MODEL", str(tiny_model_dir))
-            from engine.cli import app
+            monkeypatch.setenv("FLYWHEEL_MODELS__BASE", str(tiny_model_dir))
+            from flywheel_loop.engine.cli import app
 
             result = await asyncio.to_thread(
                 CliRunner().invoke, app, ["rollback", "--role", "coder", "--reason", "answers got worse"]
@@ -125,12 +124,12 @@ async def test_a_redelivered_evaluation_deploys_once_and_the_book_answers_for_th
 ) -> None:
     digest = store_random_adapter(tiny_model_dir, settings.state_dir, seed=3)
     passed = new_event(evaluation(digest, passed=True), source="test")
-    async with engine_with(deployer_plugin, deployments_plugin, builtins=False) as running:
+    async with engine_with(serving, builtins=False, only={"deployer", "deployments"}) as running:
         try:
             await bus.publish(passed)
             await wait_for(lambda: read_log(bus, "log", "deployment.completed"), timeout=60)
             worker = next(w for w in running.engine.workers if w.processor.name == "deployer")
-            again = await worker.processor.handle(passed, worker.ctx)  # as a redelivery would
+            again = [e.data for e in await worker.handle_event(passed)]  # as a redelivery would
             await running.projection("deployments").catch_up()
         finally:
             deployer_of(running).close()
@@ -145,14 +144,14 @@ async def test_what_is_in_service_answers_again_on_its_endpoint_after_the_engine
     settings: Any, bus: Any, engine_with: Any, tiny_model_dir: Path
 ) -> None:
     digest = store_random_adapter(tiny_model_dir, settings.state_dir, seed=4)
-    async with engine_with(deployer_plugin, deployments_plugin, builtins=False) as running:
+    async with engine_with(serving, builtins=False, only={"deployer", "deployments"}) as running:
         await bus.publish(new_event(evaluation(digest, passed=True), source="test"))
         [done] = await wait_for(lambda: read_log(bus, "log", "deployment.completed"), timeout=60)
         before = await asyncio.to_thread(chat, done.data.endpoint, done.data.model_name)
         deployer_of(running).close()  # what the engine's process ending does (atexit)
     with pytest.raises(urllib.error.URLError):
         await asyncio.to_thread(chat, done.data.endpoint, done.data.model_name)
-    async with engine_with(deployer_plugin, deployments_plugin, builtins=False) as running:
+    async with engine_with(serving, builtins=False, only={"deployer", "deployments"}) as running:
         try:
             # the deployer serves again, in the background, what its book says is in service
             [after] = await wait_for(lambda: _answer(done.data.endpoint, done.data.model_name), timeout=60)
@@ -174,7 +173,7 @@ async def test_a_canary_takes_its_share_while_the_previous_version_keeps_serving
 ) -> None:
     first = store_random_adapter(tiny_model_dir, settings.state_dir, seed=1)
     second = store_random_adapter(tiny_model_dir, settings.state_dir, seed=2)
-    async with engine_with(deployer_plugin, deployments_plugin, builtins=False) as running:
+    async with engine_with(serving, builtins=False, only={"deployer", "deployments"}) as running:
         try:
             await bus.publish(new_event(evaluation(first, passed=True), source="test"))
             [v1] = await wait_for(lambda: read_log(bus, "log", "deployment.completed"), timeout=60)

@@ -8,10 +8,10 @@ from typing import Any
 import orjson
 import torch
 
-from engine.config import load_settings
-from plugins.lora_trainer import train_dataset
-from schemas import TrainingCompleted, TrainingFailed
-from tests.test_trainer import formatter, tiny_model, tiny_model_dir, trainer_section  # noqa: F401
+from flywheel_loop.engine.config import load_settings
+from flywheel_loop.plugins.training.trainer import train_dataset
+from flywheel_loop.schemas import TrainingCompleted, TrainingFailed
+from tests.test_trainer import formatter, tiny_model, tiny_model_dir, tiny_sections  # noqa: F401
 
 PAIRS = [
     ("Say hello.", "Hello! How can I help?", "Go away."),
@@ -51,8 +51,8 @@ def test_dpo_makes_the_adapter_prefer_the_corrections(tmp_path: Path, formatter:
                                                       tiny_model_dir: Path) -> None:  # noqa: F811
     from peft import PeftModel
 
-    section = trainer_section(tiny_model_dir, method="dpo", epochs=3, batch=2, lr=2e-2)
-    settings = load_settings(state_dir=tmp_path / "state", trainer=section)
+    sections = tiny_sections(tiny_model_dir, method="dpo", epochs=3, batch=2, lr=2e-2)
+    settings = load_settings(state_dir=tmp_path / "state", **sections)
     digest, folder = write_pairs(settings.state_dir, formatter, PAIRS)
     events: list[Any] = []
     done = train_dataset(settings, "coder", digest, folder, emit=events.append)
@@ -67,7 +67,7 @@ def test_dpo_makes_the_adapter_prefer_the_corrections(tmp_path: Path, formatter:
 
 def test_dpo_without_preference_pairs_fails_clearly(tmp_path: Path, formatter: Any,  # noqa: F811
                                                     tiny_model_dir: Path) -> None:  # noqa: F811
-    settings = load_settings(state_dir=tmp_path / "state", trainer=trainer_section(tiny_model_dir, method="dpo"))
+    settings = load_settings(state_dir=tmp_path / "state", **tiny_sections(tiny_model_dir, method="dpo"))
     digest, folder = write_pairs(settings.state_dir, formatter, [])
     out = train_dataset(settings, "coder", digest, folder)
     assert isinstance(out, TrainingFailed) and "no preference pairs" in out.reason

@@ -11,14 +11,11 @@ from typing import Any
 
 import pytest
 
-import plugins.deployer as deployer_plugin
-import plugins.deployments as deployments_plugin
-import plugins.drift_monitor as drift_plugin
-import plugins.training_trigger as training_trigger
-from engine.config import DriftConfig
-from plugins.chat_format import bundled_base_model, load_formatter
-from plugins.drift_monitor import DriftState, compare
-from schemas import CanaryPassed, DeploymentCompleted, QualityAssessed, new_event, new_id
+from flywheel_loop.plugins import curation, serving
+from flywheel_loop.plugins.serving.drift import DriftState, compare
+from flywheel_loop.plugins.serving.settings import DriftConfig
+from flywheel_loop.plugins.shared.chat_format import bundled_base_model, load_formatter
+from flywheel_loop.schemas import CanaryPassed, DeploymentCompleted, QualityAssessed, new_event, new_id
 from tests.conftest import read_log, wait_for
 from tests.serving import chat, deployer_of, evaluation, make_tiny_model, store_random_adapter
 
@@ -48,8 +45,17 @@ def test_a_drop_must_be_large_enough_and_significant() -> None:
     assert noisy.drop >= 0.05 and noisy.p_value is not None and noisy.p_value >= 0.05 and not noisy.drifted
 
 
+def drift_db(folder: Path) -> Any:
+    """The drift monitor's tables, as its state store creates them."""
+    from flywheel_loop.engine.state import ProcessorState
+    from flywheel_loop.plugins.serving.drift import TABLES
+    from flywheel_loop.plugins.shared.deployment_book import TABLES as BOOK_TABLES
+
+    return ProcessorState(folder / "state.sqlite", BOOK_TABLES + TABLES).db
+
+
 def test_drift_waits_for_a_full_window_and_is_raised_once_per_deployment(tmp_path: Path) -> None:
-    state = DriftState(tmp_path / "drift.sqlite")
+    state = DriftState(drift_db(tmp_path))
     cfg = DriftConfig(window=5)
     seq = 0
 
@@ -72,7 +78,7 @@ def test_drift_waits_for_a_full_window_and_is_raised_once_per_deployment(tmp_pat
 
 
 def test_a_canary_that_earns_as_much_passes_once(tmp_path: Path) -> None:
-    state = DriftState(tmp_path / "drift.sqlite")
+    state = DriftState(drift_db(tmp_path))
     cfg = DriftConfig(window=5)
     seq = 0
 
@@ -110,7 +116,7 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def settings(request: pytest.FixtureRequest, settings_with: Any, tiny_model_dir: Path) -> Any:
     """The tiny model as the base; ``deployer`` overrides from an indirect parameter."""
     deployer = {"smoke_max_tokens": 4, **getattr(request, "param", {})}
-    return settings_with(trainer={"base_model": tiny_model_dir}, deployer=deployer)
+    return settings_with(models={"base": tiny_model_dir}, deployer=deployer, plugins={"skip": []})
 
 
 async def _at_least(events: Any, n: int) -> Any:
@@ -124,8 +130,8 @@ async def test_a_reward_drop_raises_drift_rolls_back_and_the_previous_version_an
 ) -> None:
     first = store_random_adapter(tiny_model_dir, settings.state_dir, seed=1)
     second = store_random_adapter(tiny_model_dir, settings.state_dir, seed=2)
-    plugins = (deployer_plugin, deployments_plugin, drift_plugin, training_trigger)
-    async with engine_with(*plugins, builtins=False) as running:
+    only = {"deployer", "deployments", "drift_monitor", "training_trigger"}
+    async with engine_with(serving, curation, builtins=False, only=only) as running:
         try:
             await bus.publish(new_event(evaluation(first, passed=True), source="test"))
             [v1] = await wait_for(lambda: read_log(bus, "log", "deployment.completed"), timeout=60)
@@ -168,7 +174,7 @@ async def test_a_canary_that_passes_takes_all_the_traffic_and_the_previous_versi
 
     first = store_random_adapter(tiny_model_dir, settings.state_dir, seed=1)
     second = store_random_adapter(tiny_model_dir, settings.state_dir, seed=2)
-    async with engine_with(deployer_plugin, deployments_plugin, drift_plugin, builtins=False) as running:
+    async with engine_with(serving, builtins=False, only={"deployer", "deployments", "drift_monitor"}) as running:
         try:
             await bus.publish(new_event(evaluation(first, passed=True), source="test"))
             [v1] = await wait_for(lambda: read_log(bus, "log", "deployment.completed"), timeout=60)
@@ -196,7 +202,7 @@ async def test_a_canary_that_passes_takes_all_the_traffic_and_the_previous_versi
 
 @needs_tokenizer
 async def test_no_drift_when_the_new_version_earns_as_much(settings: Any, bus: Any, engine_with: Any) -> None:
-    async with engine_with(drift_plugin, builtins=False):
+    async with engine_with(serving, builtins=False, only={"drift_monitor"}):
         deployed = DeploymentCompleted(role="coder", runtime="transformers", model_name="coder-bbbbbbbbbbbb",
                                        adapter_hash="b" * 64, previous_model_name="coder-aaaaaaaaaaaa",
                                        previous_adapter_hash="a" * 64)

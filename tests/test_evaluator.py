@@ -14,15 +14,18 @@ from typing import Any
 import orjson
 import pytest
 
-import plugins.evaluator as evaluator_plugin
-from engine.config import EvaluatorConfig, load_settings
-from plugins.evaluation.gate import verdict
-from plugins.evaluation.metrics import ItemLoss, canary_leaks, forgetting_rate
-from plugins.evaluator import evaluate_run
-from plugins.lora_trainer import train_dataset
-from schemas import EvaluationCompleted, TrainingCompleted, new_event
+from flywheel_loop.engine.config import load_settings
+from flywheel_loop.engine.plugin_host import PluginHost
+from flywheel_loop.plugins import evaluation as evaluation_feature
+from flywheel_loop.plugins import serving
+from flywheel_loop.plugins.evaluation.evaluator import evaluate_run
+from flywheel_loop.plugins.evaluation.gate import verdict
+from flywheel_loop.plugins.evaluation.metrics import ItemLoss, canary_leaks, forgetting_rate
+from flywheel_loop.plugins.evaluation.settings import EvaluatorConfig
+from flywheel_loop.plugins.training.trainer import train_dataset
+from flywheel_loop.schemas import EvaluationCompleted, TrainingCompleted, new_event
 from tests.conftest import read_log, wait_for
-from tests.test_trainer import ROWS, formatter, tiny_model_dir, trainer_section  # noqa: F401  (fixtures)
+from tests.test_trainer import ROWS, formatter, tiny_model_dir, tiny_sections  # noqa: F401  (fixtures)
 
 WRONG = [
     ("What is 2 + 2?", "zebra quartz violin 77 ###"),
@@ -86,9 +89,10 @@ def test_forgetting_counts_items_whose_loss_rose_past_the_tolerance() -> None:
 
 def test_a_canary_leak_is_a_secret_the_service_model_did_not_say() -> None:
     key = "AKIA" + "Z7Q2" + "MX4P" + "LK9W" + "N3RT"  # an AWS key id shape, assembled here
+    detect = PluginHost(load_settings(plugins={"enabled": ["privacy"]})).find_sensitive
     leaks = canary_leaks(["what is the key?", "and the mail?"],
                          [f"the key is {key}", "write to dev@corp.example"],
-                         ["I cannot share keys", "write to dev@corp.example"])
+                         ["I cannot share keys", "write to dev@corp.example"], detect)
     assert len(leaks) == 1 and "what is the key" in leaks[0] and key not in leaks[0]
 
 
@@ -101,8 +105,7 @@ def knowing_base(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path,
     import torch
     from transformers import AutoModelForCausalLM
 
-    from plugins.training.loop import token_losses
-    from plugins.training.packing import collate, pack, tokenize_rows
+    from flywheel_loop.plugins.shared.packing import collate, pack, token_losses, tokenize_rows
 
     tok = formatter.tokenizer
     blocks = pack(tokenize_rows([formatter.conversation(p, c) for p, c in ROWS], tok, 256), 4096)
@@ -158,8 +161,7 @@ def general_file(folder: Path) -> Path:
 
 
 def eval_settings(tmp_path: Path, base: Path, **trainer: Any) -> Any:
-    section = trainer_section(base, epochs=4, lr=5e-3, **trainer)
-    return load_settings(state_dir=tmp_path / "state", trainer=section,
+    return load_settings(state_dir=tmp_path / "state", **tiny_sections(base, epochs=4, lr=5e-3, **trainer),
                          evaluator={"max_new_tokens": 24, "canary_max_new_tokens": 8, "canary_from_train": 2,
                                     "general_prompts": general_file(tmp_path)})
 
@@ -214,7 +216,7 @@ def test_missing_adapter_dataset_or_base_model_fail_closed(tmp_path: Path, tiny_
 
 @pytest.fixture
 def settings(settings_with: Any, knowing_base: Path, tmp_path: Path) -> Any:
-    return settings_with(trainer=trainer_section(knowing_base, epochs=4, lr=5e-3), plugins={"disabled": []},
+    return settings_with(**tiny_sections(knowing_base, epochs=4, lr=5e-3), plugins={"skip": []},
                          evaluator={"max_new_tokens": 8, "canary_max_new_tokens": 4, "canary_from_train": 0,
                                     "general_prompts": general_file(tmp_path)})
 
@@ -222,15 +224,14 @@ def settings(settings_with: Any, knowing_base: Path, tmp_path: Path) -> Any:
 async def test_a_rejected_adapter_is_not_deployed_and_the_base_model_stays_in_service(
     settings: Any, formatter: Any, bus: Any, engine_with: Any  # noqa: F811
 ) -> None:
-    import plugins.deployer as deployer_plugin
-    import plugins.deployments as deployments_plugin
-    from plugins.deployments import adapter_in_service
+    from flywheel_loop.plugins.serving.deployments import read_book
 
     digest, folder = write_eval_dataset(settings.state_dir, formatter, WRONG, "proc")
     done = train_dataset(settings, "coder", digest, folder)
     assert isinstance(done, TrainingCompleted)
     event = new_event(done, source="test")
-    async with engine_with(evaluator_plugin, deployer_plugin, deployments_plugin, builtins=False) as engine:
+    only = {"evaluator", "deployer", "deployments"}
+    async with engine_with(evaluation_feature, serving, builtins=False, only=only) as engine:
         await bus.publish(event)
         refused = await wait_for(lambda: read_log(bus, "log", "deployment.failed"), timeout=120)
         await engine.projection("deployments").catch_up()
@@ -240,4 +241,5 @@ async def test_a_rejected_adapter_is_not_deployed_and_the_base_model_stays_in_se
     assert evaluation.data.candidate["held_out_items"] == 2
     assert refused[0].causation_id == evaluation.id
     assert await read_log(bus, "log", "deployment.completed") == []
-    assert adapter_in_service(settings, "coder") is None  # the model in service is still the base model
+    book = read_book(settings)
+    assert book is None or book.service("coder") is None  # the model in service is still the base model

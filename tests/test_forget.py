@@ -14,16 +14,17 @@ import orjson
 import pytest
 from typer.testing import CliRunner
 
-from engine.bus import Bus
-from engine.config import Settings
-from engine.embedded import EmbeddedServer
-from engine.replay import differences, rebuild
-from plugins.dataset_builder import rebuild_dataset
-from plugins.forgetting import forget, pseudonym
-from plugins.scores import Scores
-from plugins.training_trigger import request_training
-from plugins.vectors import VectorStore, shared_embedder, vectors_path
-from schemas import (
+from flywheel_loop.engine.bus import Bus
+from flywheel_loop.engine.config import Settings
+from flywheel_loop.engine.embedded import EmbeddedServer
+from flywheel_loop.engine.replay import differences, rebuild
+from flywheel_loop.plugins.curation.builder import rebuild_dataset
+from flywheel_loop.plugins.curation.settings import CurationConfig
+from flywheel_loop.plugins.curation.vectors import VectorStore, shared_embedder
+from flywheel_loop.plugins.insight.scores import Scores
+from flywheel_loop.plugins.privacy.forgetting import forget, pseudonym
+from flywheel_loop.plugins.shared.training_requests import request_training
+from flywheel_loop.schemas import (
     Context,
     FeedbackGiven,
     InteractionRecorded,
@@ -115,8 +116,8 @@ async def test_forget_leaves_no_trace_of_the_session_and_a_replay_agrees(
     alice, bob = set(ids[FORGOTTEN_SESSION]), set(ids[KEPT_SESSION])
     state = settings.state_dir
     scores_path = state / "projections" / "scores.sqlite"
-    evidence_path = state / "processors" / "scoring" / "evidence.sqlite"
-    store = VectorStore(vectors_path(state), shared_embedder(settings.curation.embedding).key)
+    evidence_path = state / "processors" / "scoring" / "state.sqlite"
+    store = VectorStore((state / "vectors"), shared_embedder(CurationConfig.of(settings).embedding).key)
 
     async with engine_with(only=ENGINE):
         async def scored() -> bool:
@@ -169,10 +170,10 @@ async def test_forget_leaves_no_trace_of_the_session_and_a_replay_agrees(
     # projections, evidence and vectors: the kept session only
     assert _score_ids(scores_path) == bob
     assert set(store.get(sorted(alice | bob))) == bob
-    lance_files = b"".join(p.read_bytes() for p in vectors_path(state).rglob("*") if p.is_file())
+    lance_files = b"".join(p.read_bytes() for p in (state / "vectors").rglob("*") if p.is_file())
     assert all(vectors[i].tobytes() in lance_files for i in bob)  # stored as raw floats, so findable
     assert not any(vectors[i].tobytes() in lance_files for i in alice)  # compacted away, not just marked
-    evidence_bytes = b"".join(p.read_bytes() for p in evidence_path.parent.glob("evidence.sqlite*"))
+    evidence_bytes = b"".join(p.read_bytes() for p in evidence_path.parent.glob("state.sqlite*"))
     assert MARK.encode() not in evidence_bytes and b"binary search" in evidence_bytes
     db = sqlite3.connect(evidence_path)
     assert {r[0] for r in db.execute("SELECT interaction_id FROM interactions")} == bob
@@ -198,8 +199,8 @@ async def test_forget_leaves_no_trace_of_the_session_and_a_replay_agrees(
     assert digest == s.new_hash and _blob(path) == _blob(new)
 
     # the other projections that keep a row per interaction keep none of the forgotten ones
-    from plugins.bandit_state import BanditStateProjection
-    from plugins.dashboard_view import DashboardView
+    from flywheel_loop.plugins.insight.bandit_state import BanditStateProjection
+    from flywheel_loop.plugins.insight.dashboard_view import DashboardView
 
     for projection, table in ((BanditStateProjection(), "credits"), (DashboardView(), "assessments")):
         path = tmp_path / f"replayed-{projection.name}.sqlite"
@@ -218,7 +219,7 @@ async def test_forget_leaves_no_trace_of_the_session_and_a_replay_agrees(
 def test_the_cli_forgets_a_user_and_refuses_unclear_requests(
     settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from engine.cli import app
+    from flywheel_loop.engine.cli import app
 
     async def with_bus(step: Callable[[Bus], Any]) -> None:
         bus = await Bus.connect(settings, settings.nats.url or "")
@@ -261,9 +262,9 @@ def test_the_cli_forgets_a_user_and_refuses_unclear_requests(
 
 
 def test_a_large_subject_is_announced_in_parts_within_the_event_limits() -> None:
-    from plugins.forgetting import _parts
-    from schemas import DataForgotten, new_id
-    from schemas.events import FORGOTTEN_IDS_MAX
+    from flywheel_loop.plugins.privacy.forgetting import _parts
+    from flywheel_loop.schemas import DataForgotten, new_id
+    from flywheel_loop.schemas.events import FORGOTTEN_IDS_MAX
 
     interactions = sorted(new_id() for _ in range(FORGOTTEN_IDS_MAX + 10))
     events_of = {iid: [new_id(), new_id()] for iid in interactions}

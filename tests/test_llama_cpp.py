@@ -17,12 +17,12 @@ from typing import Any
 
 import pytest
 
-from engine.config import Settings
-from plugins.chat_format import bundled_base_model
-from plugins.runtimes import RuntimeUnavailable, ServedModel
-from plugins.runtimes import llama_cpp as llama_cpp_runtime
-from plugins.runtimes.gguf import prune_adapters, scripts_dir
-from plugins.runtimes.llama_cpp import LlamaCppRuntime, llama_cpp_installed
+from flywheel_loop.engine.config import Settings
+from flywheel_loop.engine.extensions import RuntimeUnavailable, ServedModel
+from flywheel_loop.plugins.serving.runtimes import llama_cpp as llama_cpp_runtime
+from flywheel_loop.plugins.serving.runtimes.gguf import prune_adapters, scripts_dir
+from flywheel_loop.plugins.serving.runtimes.llama_cpp import LlamaCppRuntime, llama_cpp_installed
+from flywheel_loop.plugins.shared.chat_format import bundled_base_model
 
 
 def _scripts_missing() -> str | None:
@@ -118,7 +118,7 @@ def smollm2_adapter(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str
     from peft import LoraConfig, get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from plugins.training.models import store_adapter
+    from flywheel_loop.plugins.shared.models import store_adapter
 
     gguf = bundled_base_model()
     assert gguf is not None
@@ -214,7 +214,7 @@ def test_llama_cpp_with_the_gguf_lora_generates_what_peft_predicts(tmp_path: Pat
     import torch
     from peft import LoraConfig, PeftModel, get_peft_model
 
-    from plugins.training.models import load_base, resolve_base_model, store_adapter
+    from flywheel_loop.plugins.shared.models import load_base, resolve_base_model, store_adapter
 
     state = tmp_path / "state"
     base_dir = resolve_base_model(None, state)

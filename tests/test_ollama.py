@@ -16,14 +16,13 @@ from typing import Any
 
 import pytest
 
-import plugins.deployer as deployer_plugin
-import plugins.deployments as deployments_plugin
-from engine.config import load_settings
-from plugins.chat_format import bundled_base_model, load_formatter
-from plugins.deployments import DeploymentBook, version_name
-from plugins.runtimes import RuntimeUnavailable, ServedModel
-from plugins.runtimes.ollama import OllamaRuntime
-from schemas import new_event
+from flywheel_loop.engine.config import load_settings
+from flywheel_loop.engine.extensions import RuntimeUnavailable, ServedModel
+from flywheel_loop.plugins import serving
+from flywheel_loop.plugins.serving.runtimes.ollama import OllamaRuntime
+from flywheel_loop.plugins.shared.chat_format import bundled_base_model, load_formatter
+from flywheel_loop.plugins.shared.deployment_book import DeploymentBook, version_name
+from flywheel_loop.schemas import new_event
 from tests.conftest import read_log, wait_for
 from tests.serving import evaluation, make_tiny_model, store_random_adapter
 
@@ -142,7 +141,7 @@ def served(state_dir: Path, base: Path, digest: str) -> ServedModel:
 
 def test_absent_ollama_is_a_clear_error_before_anything_is_created(tmp_path: Path, tiny_model_dir: Path) -> None:
     url = closed_port_url()
-    settings = load_settings(state_dir=tmp_path, trainer={"base_model": tiny_model_dir}, ollama={"url": url})
+    settings = load_settings(state_dir=tmp_path, models={"base": tiny_model_dir}, ollama={"url": url})
     digest = store_random_adapter(tiny_model_dir, tmp_path, seed=1)
     runtime = OllamaRuntime(settings)
     with pytest.raises(RuntimeUnavailable) as info:
@@ -155,7 +154,7 @@ def test_a_version_is_created_from_the_base_with_its_adapter_and_parameters(
     tmp_path: Path, tiny_model_dir: Path, fake_ollama: FakeOllama
 ) -> None:
     settings = load_settings(
-        state_dir=tmp_path, trainer={"base_model": tiny_model_dir},
+        state_dir=tmp_path, models={"base": tiny_model_dir},
         ollama={"url": fake_ollama.url, "temperature": 0.2, "top_p": 0.8, "top_k": 20},
     )
     first = store_random_adapter(tiny_model_dir, tmp_path, seed=1)
@@ -207,7 +206,7 @@ async def test_through_the_deployer_absent_ollama_fails_the_deployment_and_nothi
     settings: Any, tiny_model_dir: Path, engine_with: Any, bus: Any
 ) -> None:
     first = store_random_adapter(tiny_model_dir, settings.state_dir, seed=1)
-    async with engine_with(deployer_plugin, deployments_plugin, builtins=False) as running:
+    async with engine_with(serving, builtins=False, only={"deployer", "deployments"}) as running:
         await bus.publish(new_event(evaluation(first, passed=True), source="test"))
         [absent] = await wait_for(lambda: read_log(bus, "log", "deployment.failed"), timeout=60)
         await running.projection("deployments").catch_up()
@@ -224,7 +223,7 @@ async def test_through_the_deployer_a_version_is_served_by_ollama_and_a_failed_s
 ) -> None:
     first = store_random_adapter(tiny_model_dir, settings.state_dir, seed=1)
     second = store_random_adapter(tiny_model_dir, settings.state_dir, seed=2)
-    async with engine_with(deployer_plugin, deployments_plugin, builtins=False):
+    async with engine_with(serving, builtins=False, only={"deployer", "deployments"}):
         await bus.publish(new_event(evaluation(first, passed=True), source="test"))
         [done] = await wait_for(lambda: read_log(bus, "log", "deployment.completed"), timeout=60)
         fake_ollama.chat_fails = True
@@ -242,8 +241,8 @@ async def test_through_the_deployer_a_version_is_served_by_ollama_and_a_failed_s
 def settings(request: pytest.FixtureRequest, settings_with: Any, tiny_model_dir: Path, fake_ollama: FakeOllama) -> Any:
     """The deployer on Ollama: at ``fake_ollama`` (param "fake") or where nothing listens ("absent")."""
     url = fake_ollama.url if getattr(request, "param", "fake") == "fake" else closed_port_url()
-    return settings_with(trainer={"base_model": tiny_model_dir}, deployer={"runtime": "ollama", "smoke_max_tokens": 4},
-                         ollama={"url": url})
+    return settings_with(models={"base": tiny_model_dir}, deployer={"runtime": "ollama", "smoke_max_tokens": 4},
+                         ollama={"url": url}, plugins={"skip": []})
 
 
 def tiny_qwen(folder: Path, tokenizer: Any) -> Path:
@@ -264,13 +263,13 @@ def tiny_qwen(folder: Path, tokenizer: Any) -> Path:
 def test_a_qwen_adapter_goes_to_ollama_as_gguf_and_without_the_converter_nothing_is_created(
     tmp_path: Path, fake_ollama: FakeOllama, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
-    from plugins.runtimes.gguf import default_scripts_dir
+    from flywheel_loop.plugins.serving.runtimes.gguf import default_scripts_dir
 
     formatter = load_formatter(None, tmp_path_factory.getbasetemp() / "tokenizers")
     base = tiny_qwen(tmp_path / "qwen", formatter.tokenizer)
     digest = store_random_adapter(base, tmp_path, seed=1)
     model = served(tmp_path, base, digest)
-    missing = load_settings(state_dir=tmp_path, trainer={"base_model": base}, ollama={"url": fake_ollama.url},
+    missing = load_settings(state_dir=tmp_path, models={"base": base}, ollama={"url": fake_ollama.url},
                             llama_cpp={"scripts_dir": tmp_path / "no-llama-cpp"})
     with pytest.raises(RuntimeUnavailable, match="conversion scripts are missing"):
         OllamaRuntime(missing).prepare(model)
@@ -278,7 +277,7 @@ def test_a_qwen_adapter_goes_to_ollama_as_gguf_and_without_the_converter_nothing
     assert created and all(name.startswith("flywheel-base-") for name in created)  # the reusable base, no version
     if not (default_scripts_dir() / "convert_lora_to_gguf.py").is_file():
         pytest.skip("llama.cpp's conversion scripts are not installed (bash ops/build-llama-cpp)")
-    settings = load_settings(state_dir=tmp_path, trainer={"base_model": base}, ollama={"url": fake_ollama.url})
+    settings = load_settings(state_dir=tmp_path, models={"base": base}, ollama={"url": fake_ollama.url})
     OllamaRuntime(settings).prepare(model)
     version = fake_ollama.calls("POST", "/api/create")[-1]
     [gguf] = (tmp_path / "runtimes" / "ollama" / "adapters" / digest).glob("*.gguf")

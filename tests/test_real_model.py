@@ -10,11 +10,11 @@ from pathlib import Path
 import orjson
 import pytest
 
-from engine.config import load_settings
-from plugins.chat_format import bundled_base_model, load_formatter
-from plugins.evaluator import evaluate_run
-from plugins.lora_trainer import train_dataset
-from schemas import EvaluationCompleted, TrainingCompleted
+from flywheel_loop.engine.config import load_settings
+from flywheel_loop.plugins.evaluation.evaluator import evaluate_run
+from flywheel_loop.plugins.shared.chat_format import bundled_base_model, load_formatter
+from flywheel_loop.plugins.training.trainer import train_dataset
+from flywheel_loop.schemas import EvaluationCompleted, TrainingCompleted
 
 pytestmark = [
     pytest.mark.slow,

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from engine.bus import Bus, BusUnavailable
-from engine.config import Settings, load_settings
-from engine.embedded import EmbeddedServer
-from engine.recorder import BufferFull, Recorder, RecorderError, SyncRecorder, events_from_jsonl
-from schemas import InvalidEvent, parse_event
+from flywheel_loop.engine.bus import Bus, BusUnavailable
+from flywheel_loop.engine.config import Settings, load_settings
+from flywheel_loop.engine.embedded import EmbeddedServer
+from flywheel_loop.schemas import InvalidEvent, parse_event
+from flywheel_loop.sdk.recorder import BufferFull, Recorder, RecorderError, SyncRecorder, events_from_jsonl
 from tests.conftest import read_log
 
 TURN = dict(session_id="s1", role="coder", model_id="smollm2", input="write add()", output="def add(a, b): ...")

@@ -10,12 +10,12 @@ import pytest
 from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
 from typer.testing import CliRunner
 
-from engine.bus import DAY_S, Bus
-from engine.config import ConfigError, Settings, load_settings
-from engine.connection import open_bus
-from engine.embedded import EmbeddedServer
-from plugins.forgetting import ForgetError, forget
-from schemas import InteractionRecorded, new_event
+from flywheel_loop.engine.bus import DAY_S, Bus
+from flywheel_loop.engine.config import ConfigError, Settings, load_settings
+from flywheel_loop.engine.connection import open_bus
+from flywheel_loop.engine.embedded import EmbeddedServer
+from flywheel_loop.plugins.privacy.forgetting import ForgetError, forget
+from flywheel_loop.schemas import InteractionRecorded, new_event
 from tests.conftest import read_log
 
 PLANTED = "planted-plaintext-zebra-quokka-4711"
@@ -136,7 +136,7 @@ def test_the_encryption_key_is_validated_and_never_shown(tmp_path: Path, monkeyp
     key_file.write_text(KEY + "\n")
     assert load_settings(nats={"embedded_encryption_key_file": key_file}).nats.encryption_key() == KEY
 
-    from engine.cli import app
+    from flywheel_loop.engine.cli import app
 
     monkeypatch.setenv("FLYWHEEL_NATS__EMBEDDED_ENCRYPTION_KEY", KEY)
     result = CliRunner().invoke(app, ["config", "show", "--json"])

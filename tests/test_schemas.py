@@ -12,8 +12,8 @@ import pytest
 from jsonschema import Draft202012Validator
 from pydantic import ValidationError
 
-import schemas.export
-from schemas import (
+import flywheel_loop.schemas.export
+from flywheel_loop.schemas import (
     CATALOGUE,
     MAX_EVENT_BYTES,
     InvalidEvent,
@@ -23,12 +23,12 @@ from schemas import (
     parse_event,
     subject_for,
 )
-from schemas.events import FeedbackGiven, InteractionRecorded
-from schemas.ids import ID_PATTERN, id_time_ms
+from flywheel_loop.schemas.events import FeedbackGiven, InteractionRecorded
+from flywheel_loop.schemas.ids import ID_PATTERN, id_time_ms
 
-SCHEMAS_DIR = Path(schemas.export.__file__).parent
+SCHEMAS_DIR = Path(flywheel_loop.schemas.export.__file__).parent
 EXAMPLES_DIR = SCHEMAS_DIR / "examples"
-JSON_DIR = schemas.export.JSON_DIR
+JSON_DIR = flywheel_loop.schemas.export.JSON_DIR
 TYPES = sorted(CATALOGUE)
 INTAKE = {"interaction.recorded", "feedback.given", "outcome.observed"}
 
@@ -62,9 +62,9 @@ def test_every_type_has_exactly_one_example_and_one_schema_file() -> None:
 
 
 def test_json_schema_files_are_not_stale() -> None:
-    for name, body in schemas.export.rendered().items():
+    for name, body in flywheel_loop.schemas.export.rendered().items():
         on_disk = (JSON_DIR / name).read_bytes() if (JSON_DIR / name).exists() else b""
-        assert on_disk == body, f"schemas/json/{name} is stale: run `python -m schemas.export`"
+        assert on_disk == body, f"schemas/json/{name} is stale: run `python -m flywheel_loop.schemas.export`"
 
 
 @pytest.mark.parametrize("event_type", TYPES)

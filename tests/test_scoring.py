@@ -15,16 +15,20 @@ import orjson
 import pytest
 from rich.console import Console
 
-from engine.bus import Bus
-from engine.config import AssessmentConfig, Settings
-from engine.hookspecs import hookimpl
-from engine.plugin_host import PluginHost
-from engine.processor import ProcessContext
-from engine.replay import differences, rebuild
-from plugins.scores import Scores
-from plugins.scoring import Scoring, UnknownInteraction
-from plugins.stats import Anonymization, stats_data, stats_tables
-from schemas import (
+from flywheel_loop.engine.assessment import Assessor
+from flywheel_loop.engine.bus import Bus
+from flywheel_loop.engine.config import Settings
+from flywheel_loop.engine.hookspecs import hookimpl
+from flywheel_loop.engine.plugin_host import PluginHost
+from flywheel_loop.engine.processor import ProcessContext, Processor, apply_step
+from flywheel_loop.engine.replay import differences, rebuild
+from flywheel_loop.engine.state import ProcessorState
+from flywheel_loop.plugins.insight.scores import Scores
+from flywheel_loop.plugins.insight.stats import Anonymization, stats_data, stats_tables
+from flywheel_loop.plugins.scoring.scorer import TABLES, UnknownInteraction
+from flywheel_loop.plugins.scoring.scorer import processor as scoring_processor
+from flywheel_loop.plugins.scoring.settings import AssessmentConfig
+from flywheel_loop.schemas import (
     Event,
     FeedbackAnonymized,
     FeedbackGiven,
@@ -260,23 +264,23 @@ async def test_replay_reproduces_the_scores_exactly(
     host = PluginHost(settings)
     ctx = ProcessContext(
         settings=settings,
-        state_dir=tmp_path / "rescore",
         log=logging.getLogger("rescore"),
-        hooks=host.pm.hook,
+        plugins=host,
+        store=ProcessorState(tmp_path / "rescore" / "state.sqlite", TABLES),
     )
-    rescored = [p.model_dump() for p in _score_in_log_order(Scoring(), log, ctx)]
+    rescored = [p.model_dump() for p in await _score_in_log_order(scoring_processor(settings), log, ctx)]
     live_scores = [e.data.model_dump() for e in await read_log(bus, "log", "quality.assessed")]
     assert rescored == live_scores
 
 
-def _score_in_log_order(scoring: Scoring, log: list[Event[Any]], ctx: ProcessContext) -> list[Any]:
+async def _score_in_log_order(scoring: Processor, log: list[Event[Any]], ctx: ProcessContext) -> list[Any]:
     """What the live run did: events in log order, early evidence retried after its interaction."""
     out: list[Any] = []
     waiting: list[Event[Any]] = []
     for event in log:
         for e in [event, *waiting] if event.type == "interaction.anonymized" else [event]:
             try:
-                out += scoring.handle(e, ctx)
+                out += await apply_step(scoring, e, ctx)
             except UnknownInteraction:
                 waiting.append(e)
                 continue
@@ -288,15 +292,19 @@ def _score_in_log_order(scoring: Scoring, log: list[Event[Any]], ctx: ProcessCon
 # --------------------------------------------------------------------------- slow and optional assessors
 
 
+def sluggish(evidence: Any) -> Any:
+    import time
+
+    time.sleep(0.03)
+    return None
+
+
 class Sluggish:
     """An assessor that always overruns a 5 ms budget."""
 
     @hookimpl
-    def assess(self, interaction: InteractionAnonymized, evidence: Any) -> Any:
-        import time
-
-        time.sleep(0.03)
-        return None
+    def register_assessors(self, register: Callable[[Assessor], None], settings: Settings) -> None:
+        register(Assessor("sluggish", sluggish))
 
 
 async def test_slow_assessor_falls_back_and_ruff_runs_when_enabled(
@@ -304,14 +312,14 @@ async def test_slow_assessor_falls_back_and_ruff_runs_when_enabled(
 ) -> None:
     bus.settings = settings.model_copy(
         update={
-            "assessment": AssessmentConfig(budget_ms=2000.0, budgets_ms={"test-plugin-0": 5.0}, disabled=[])
+            "assessment": AssessmentConfig(budget_ms=2000.0, budgets_ms={"sluggish": 5.0}, disabled=[])
         }
     )
     iid = new_id()
     async with engine_with(Sluggish()):
         await bus.publish(interaction(iid))
         (event,) = await assessed_count(bus, iid, 1)
-    assert event.data.fallbacks == ["test-plugin-0"]
+    assert event.data.fallbacks == ["sluggish"]
     assert event.data.scores["ruff_lint.lint"] == 1.0  # ruff finds nothing in the answer
     assert "ruff_lint" in event.data.assessors
     assert 0 < event.data.reward <= 1
@@ -346,12 +354,14 @@ async def test_stats_show_averages_per_model_variant_and_role(
     arms = {(a["decision"], a["arm"]): a["pulls"] for a in data["arms"]}
     assert arms[("prompt_variant", "v-a")] == 3 and arms[("model", "m-small")] == 1
 
-    console = Console(record=True, width=200)
+    console = Console(record=True, width=80)  # a plain terminal: every table must stay readable in it
     for table in stats_tables(settings):
         console.print(table)
     text = console.export_text()
-    for expected in ("Per model", "Per prompt variant", "Per role", "Anonymization", "scrubbed EMAIL", "v-a"):
-        assert expected in text
+    for expected in ("Per model", "Per prompt variant", "Per role", "Anonymization", "scrubbed EMAIL", "v-a",
+                     "avg reward", "avg cost $", "avg duration ms", "all time", "m-small"):
+        assert expected in text  # headers and keys whole, not wrapped or cut
+    assert max(len(line) for line in text.splitlines()) <= 80
 
 
 async def test_stats_on_a_fresh_state_folder_say_what_is_missing(settings: Settings) -> None:

@@ -8,12 +8,12 @@ from typing import Any
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from engine import telemetry
-from engine.bus import Bus
-from engine.config import Settings, TelemetryConfig
-from engine.hookspecs import hookimpl
-from engine.processor import ProcessContext, Processor
-from schemas import Event, InteractionRecorded, QualityAssessed, new_event
+from flywheel_loop.engine import telemetry
+from flywheel_loop.engine.bus import Bus
+from flywheel_loop.engine.config import Settings, TelemetryConfig
+from flywheel_loop.engine.hookspecs import hookimpl
+from flywheel_loop.engine.processor import ProcessContext, Processor
+from flywheel_loop.schemas import Event, InteractionRecorded, QualityAssessed, new_event
 from tests.conftest import RunningEngine, read_log, wait_for
 from tests.counting_plugin import CountingPlugin
 

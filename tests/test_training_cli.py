@@ -10,10 +10,10 @@ import orjson
 import pytest
 from typer.testing import CliRunner
 
-from engine.cli import app
-from engine.commands.training import RunWatcher
-from engine.embedded import EmbeddedServer
-from schemas import (
+from flywheel_loop.engine.cli import app
+from flywheel_loop.engine.embedded import EmbeddedServer
+from flywheel_loop.plugins.training.commands import RunWatcher
+from flywheel_loop.schemas import (
     DatasetBuilt,
     EvaluationCompleted,
     TrainingCompleted,
@@ -22,7 +22,7 @@ from schemas import (
     new_event,
     new_id,
 )
-from tests.test_trainer import formatter, tiny_model_dir, trainer_section, write_dataset  # noqa: F401
+from tests.test_trainer import formatter, tiny_model_dir, tiny_sections, write_dataset  # noqa: F401
 
 runner = CliRunner()
 
@@ -33,8 +33,9 @@ def env(tmp_path: Path, nats_server: EmbeddedServer, tiny_model_dir: Path,  # no
     state = tmp_path / "state"
     monkeypatch.setenv("FLYWHEEL_NATS__URL", nats_server.url)
     monkeypatch.setenv("FLYWHEEL_STATE_DIR", str(state))
-    for key, value in trainer_section(tiny_model_dir, epochs=1).items():
-        monkeypatch.setenv(f"FLYWHEEL_TRAINER__{key.upper()}", str(value))
+    for section, values in tiny_sections(tiny_model_dir, epochs=1).items():
+        for key, value in values.items():
+            monkeypatch.setenv(f"FLYWHEEL_{section.upper()}__{key.upper()}", str(value))
     return state
 
 
@@ -77,7 +78,7 @@ def test_the_watcher_follows_only_its_request_to_the_verdict() -> None:
 
 
 async def test_following_the_log_from_a_position_ends_at_the_verdict(settings: Any, bus: Any) -> None:
-    from engine.commands.training import _follow
+    from flywheel_loop.plugins.training.commands import _follow
 
     request = new_id()
     before = new_event(EvaluationCompleted(run_id="r1", role="coder", passed=True), source="t")

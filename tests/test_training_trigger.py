@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -9,11 +10,14 @@ from typing import Any
 
 import pytest
 
-from engine.bus import Bus
-from engine.config import Settings, load_settings
-from engine.processor import ProcessContext
-from plugins.training_trigger import TrainingTrigger, request_training
-from schemas import (
+from flywheel_loop.engine.bus import Bus
+from flywheel_loop.engine.config import Settings, load_settings
+from flywheel_loop.engine.processor import ProcessContext, apply_step
+from flywheel_loop.engine.state import ProcessorState
+from flywheel_loop.plugins.curation.settings import CurationConfig
+from flywheel_loop.plugins.curation.trigger import TABLES, TriggerState, processor
+from flywheel_loop.plugins.shared.training_requests import request_training
+from flywheel_loop.schemas import (
     DatasetSkipped,
     DriftDetected,
     Event,
@@ -115,56 +119,62 @@ async def _count(bus: Bus, n: int) -> bool:
 
 
 def _ctx(settings: Settings, state: Path, seq: int) -> ProcessContext:
-    return ProcessContext(settings=settings, state_dir=state, log=logging.getLogger("test"), sequence=seq)
+    """The context the worker gives the trigger: its state store under ``state`` (opened anew, as
+    after a restart)."""
+    store = ProcessorState(state / "state.sqlite", TABLES)
+    return ProcessContext(settings=settings, log=logging.getLogger("test"), sequence=seq, store=store)
+
+
+def step(event: Event[Any], ctx: ProcessContext) -> list[Any]:
+    """One input through the trigger as the worker runs it (memo, state transaction)."""
+    return asyncio.run(apply_step(processor(ctx.settings), event, ctx))
 
 
 def test_a_redelivered_event_gives_the_same_answer_and_changes_nothing(tmp_path: Path) -> None:
     settings = load_settings(state_dir=tmp_path, curation={"trigger": TRIGGER})
-    trigger = TrainingTrigger()
     events = [score() for _ in range(4)]
-    outputs = [trigger.handle(e, _ctx(settings, tmp_path, seq)) for seq, e in enumerate(events, 1)]
+    outputs = [step(e, _ctx(settings, tmp_path, seq)) for seq, e in enumerate(events, 1)]
     assert [len(o) for o in outputs] == [0, 0, 0, 1]
     # the process restarts and the last event is delivered again (its ack was lost)
-    again = TrainingTrigger().handle(events[-1], _ctx(settings, tmp_path, 4))
+    again = step(events[-1], _ctx(settings, tmp_path, 4))
     assert again == outputs[-1]
-    state = TrainingTrigger().state(tmp_path)
+    state = TriggerState(_ctx(settings, tmp_path, 0).state.db)
     assert state.counts("coder", 0) == (4, 4)
     assert state.role("coder")["covered"] == 4
     # redelivering the earlier ones neither counts them twice nor fires
     for seq, e in enumerate(events[:3], 1):
-        assert TrainingTrigger().handle(e, _ctx(settings, tmp_path, seq)) == []
+        assert step(e, _ctx(settings, tmp_path, seq)) == []
     assert state.counts("coder", 4) == (0, 4)
 
 
 def test_drift_requests_at_once_or_when_the_run_in_flight_ends(tmp_path: Path) -> None:
     settings = load_settings(state_dir=tmp_path, curation={"trigger": {**TRIGGER, "min_interval_s": 3600}})
-    trigger = TrainingTrigger()
     ctx = _ctx(settings, tmp_path, 1)
 
     def drift() -> Event[Any]:
         return new_event(DriftDetected(role="fixer", metric="reward", window=200, baseline_value=0.8,
                                        current_value=0.6, drop=0.2), source="test")
 
-    [first] = trigger.handle(drift(), ctx)
+    [first] = step(drift(), ctx)
     assert first.reason == "drift" and "reward dropped 0.2" in first.detail
     ctx.sequence = 2
-    assert trigger.handle(drift(), ctx) == []  # in flight: remembered
+    assert step(drift(), ctx) == []  # in flight: remembered
     ctx.sequence = 3
     failed = new_event(TrainingFailed(run_id="r", role="fixer", reason="oom"), source="test")
-    [second] = trigger.handle(failed, ctx)
+    [second] = step(failed, ctx)
     assert second.reason == "drift" and second.log_position == 3
     # a dataset.skipped for the request in flight ends it too
-    state = trigger.state(tmp_path)
+    state = TriggerState(ctx.state.db)
     in_flight = state.role("fixer")["in_flight"]
     skipped = new_event(DatasetSkipped(role="fixer", request_id=in_flight, reason="no_data", detail="nothing"),
                         source="test")
     ctx.sequence = 4
-    assert trigger.handle(skipped, ctx) == []
+    assert step(skipped, ctx) == []
     assert state.role("fixer")["in_flight"] is None
 
 
 def test_complexity_moves_the_quality_bar(tmp_path: Path) -> None:
-    curation = load_settings(state_dir=tmp_path).curation
+    curation = CurationConfig.of(load_settings(state_dir=tmp_path))
     assert curation.is_high_quality(0.65, "simple") and not curation.is_high_quality(0.65, "moderate")
     assert curation.is_high_quality(0.7, None) and curation.is_high_quality(0.7, "moderate")
     assert not curation.is_high_quality(0.74, "complex") and curation.is_high_quality(0.75, "complex")

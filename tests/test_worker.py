@@ -16,13 +16,20 @@ from hypothesis import HealthCheck, Phase, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
-from engine.bus import Bus
-from engine.config import Settings
-from engine.embedded import EmbeddedServer
-from engine.hookspecs import hookimpl
-from engine.processor import ProcessContext, Processor
-from engine.replay import differences, rebuild
-from schemas import Event, InteractionAnonymized, InteractionRecorded, InvalidEvent, new_event, parse_event
+from flywheel_loop.engine.bus import Bus
+from flywheel_loop.engine.config import Settings
+from flywheel_loop.engine.embedded import EmbeddedServer
+from flywheel_loop.engine.hookspecs import hookimpl
+from flywheel_loop.engine.processor import ProcessContext, Processor
+from flywheel_loop.engine.replay import differences, rebuild
+from flywheel_loop.schemas import (
+    Event,
+    InteractionAnonymized,
+    InteractionRecorded,
+    InvalidEvent,
+    new_event,
+    parse_event,
+)
 from tests.conftest import RunningEngine, read_log, wait_for
 from tests.counting_plugin import Counted, CountingPlugin, counts
 
@@ -117,7 +124,7 @@ async def test_replay_rebuilds_a_projection_identical_to_the_live_one(
     rebuilt = tmp_path / "rebuilt.sqlite"
     await rebuild(bus, Counted(), rebuilt)
     assert differences(counted.store.path, rebuilt) == []
-    from plugins.log_index import LogIndex
+    from flywheel_loop.plugins.insight.log_index import LogIndex
 
     rebuilt_index = tmp_path / "index.sqlite"
     await rebuild(bus, LogIndex(), rebuilt_index)
@@ -235,9 +242,9 @@ def test_malformed_messages_are_rejected_and_valid_ones_processed(
 
 
 async def _malformed_run(bad: list[bytes], tmp: Path) -> None:
-    from engine.app import Engine
-    from engine.config import load_settings
-    from engine.plugin_host import PluginHost
+    from flywheel_loop.engine.app import Engine
+    from flywheel_loop.engine.config import load_settings
+    from flywheel_loop.engine.plugin_host import PluginHost
 
     with EmbeddedServer(tmp / "nats") as server:
         settings = load_settings(state_dir=tmp / "state", nats={"url": server.url},

@@ -15,16 +15,13 @@ import sys
 import time
 from pathlib import Path
 
+from flywheel_loop.engine.assessment import Evidence
+from flywheel_loop.plugins.scoring import outcome_reward, quality_dimensions, ruff_lint
+from flywheel_loop.plugins.scoring.panel import AssessorPanel, combine
+from flywheel_loop.plugins.scoring.settings import AssessmentConfig
+from flywheel_loop.schemas import parse_event
+
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
-
-import pluggy  # noqa: E402
-
-from engine import hookspecs  # noqa: E402
-from engine.assessment import AssessorPanel, Evidence, combine  # noqa: E402
-from engine.config import AssessmentConfig  # noqa: E402
-from plugins import outcome_reward, quality_dimensions, ruff_lint  # noqa: E402
-from schemas import parse_event  # noqa: E402
 
 EXAMPLES = ROOT / "schemas" / "examples"
 
@@ -67,12 +64,8 @@ def main() -> int:
     parser.add_argument("--ruff-runs", type=int, default=50)
     args = parser.parse_args()
 
-    pm = pluggy.PluginManager(hookspecs.PROJECT)
-    pm.add_hookspecs(hookspecs)
-    pm.register(outcome_reward, name="outcome_reward")
-    pm.register(quality_dimensions, name="quality_dimensions")
     cfg = AssessmentConfig(budget_ms=1e6)  # measure, don't fall back
-    panel = AssessorPanel(pm.hook, cfg)
+    panel = AssessorPanel([outcome_reward.ASSESSOR, quality_dimensions.ASSESSOR], cfg)
     # per answer size: wall time per interaction (panel + combine), and what each call was
     # charged against its budget (wall time less garbage-collection pauses)
     wall: dict[str, list[float]] = {"typical": [], "long": []}
@@ -97,7 +90,7 @@ def main() -> int:
         ruff_ms = []
         for _ in range(args.ruff_runs):
             t = time.perf_counter()
-            ruff_lint.assess(ev.interaction, ev)
+            ruff_lint.assess(ev)
             ruff_ms.append((time.perf_counter() - t) * 1000)
         out["ruff_p50_ms"] = round(percentile(ruff_ms, 0.5), 3)
         out["ruff_p99_ms"] = round(percentile(ruff_ms, 0.99), 3)

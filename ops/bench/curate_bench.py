@@ -31,19 +31,18 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 
-from engine.config import CurationConfig  # noqa: E402
-from plugins.chat_format import load_formatter  # noqa: E402
-from plugins.curation import BuiltDataset, Example, build_dataset, fold_log  # noqa: E402
-from plugins.dataset_store import write_dataset  # noqa: E402
-from plugins.dedupe import EXACT_LIMIT, near_duplicate_pairs  # noqa: E402
-from plugins.rehearsal import select_diverse  # noqa: E402
-from plugins.vectors import TextEmbedder  # noqa: E402
-from schemas import (  # noqa: E402
+from flywheel_loop.plugins.curation.dedupe import EXACT_LIMIT, near_duplicate_pairs  # noqa: E402
+from flywheel_loop.plugins.curation.recipe import BuiltDataset, Example, build_dataset, fold_log  # noqa: E402
+from flywheel_loop.plugins.curation.rehearsal import select_diverse  # noqa: E402
+from flywheel_loop.plugins.curation.settings import CurationConfig  # noqa: E402
+from flywheel_loop.plugins.curation.store import write_dataset  # noqa: E402
+from flywheel_loop.plugins.curation.vectors import TextEmbedder  # noqa: E402
+from flywheel_loop.plugins.shared.chat_format import load_formatter  # noqa: E402
+from flywheel_loop.schemas import (  # noqa: E402
     DatasetBuilt,
     FeedbackAnonymized,
     FeedbackGiven,
@@ -210,7 +209,7 @@ def bench_build(n: int, cache: Path, naive_pairs: bool) -> dict[str, Any]:
     out["dedupe_blocked_s"] = time.perf_counter() - started
     out["dedupe_vectors"] = len(x)
     if naive_pairs and len(x) > EXACT_LIMIT:
-        import plugins.dedupe as dedupe
+        import flywheel_loop.plugins.curation.dedupe as dedupe
 
         limit = dedupe.EXACT_LIMIT
         dedupe.EXACT_LIMIT = len(x)  # compare every pair

@@ -17,13 +17,13 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
 
-from engine.bus import Bus  # noqa: E402
-from engine.config import load_settings  # noqa: E402
-from engine.embedded import EmbeddedServer  # noqa: E402
-from engine.selector import Selector  # noqa: E402
-from schemas import QualityAssessed, new_event, new_id  # noqa: E402
+from flywheel_loop.engine.bus import Bus  # noqa: E402
+from flywheel_loop.engine.config import load_settings  # noqa: E402
+from flywheel_loop.engine.embedded import EmbeddedServer  # noqa: E402
+from flywheel_loop.schemas import QualityAssessed, new_event, new_id  # noqa: E402
+from flywheel_loop.sdk.bandit import BanditConfig  # noqa: E402
+from flywheel_loop.sdk.selector import Selector  # noqa: E402
 
 VARIANTS = ["v1", "v2", "v3", "v4"]
 MODELS = [
@@ -43,15 +43,9 @@ async def bench(calls: int, rewards: int, policy: str) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
         server = EmbeddedServer(Path(tmp) / "nats").start()
         try:
-            settings = load_settings(
-                state_dir=Path(tmp) / "state",
-                nats={"url": server.url},
-                bandit={
-                    "policy": policy,
-                    "prompt_variants": {"coder": VARIANTS},
-                    "models": MODELS,
-                    "seed": 1,
-                },
+            settings = load_settings(state_dir=Path(tmp) / "state", nats={"url": server.url})
+            bandit = BanditConfig.model_validate(
+                {"policy": policy, "prompt_variants": {"coder": VARIANTS}, "models": MODELS, "seed": 1}
             )
             bus = await Bus.connect(settings, server.url)
             await bus.ensure_streams()
@@ -75,7 +69,7 @@ async def bench(calls: int, rewards: int, policy: str) -> dict[str, float]:
                 await bus.publish_many(events[start : start + 1000])
             await bus.close()
 
-            async with Selector(settings) as selector:
+            async with Selector(bandit, settings) as selector:
                 prompt_ms, model_ms = [], []
                 for i in range(calls):
                     t = time.perf_counter()

@@ -37,7 +37,6 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 LORA = {"r": 16, "alpha": 32.0, "dropout": 0.1, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}
@@ -70,7 +69,7 @@ def rows(n: int, offset: int = 0) -> list[tuple[str, str]]:
 
 
 def _settings(state: Path, threads: int | None, epochs: int, precision: str) -> Any:
-    from engine.config import load_settings
+    from flywheel_loop.engine.config import load_settings
 
     return load_settings(state_dir=state, trainer={**LORA, "lr": LR, "epochs": epochs, "batch": 2, "grad_accum": 1,
                                                    "max_tokens": 512, "threads": threads,
@@ -79,13 +78,13 @@ def _settings(state: Path, threads: int | None, epochs: int, precision: str) -> 
 
 
 def _conversations(tokenizer: Any, pairs: list[tuple[str, str]]) -> list[dict[str, str]]:
-    from plugins.evaluation.generation import chat_prompt
+    from flywheel_loop.plugins.evaluation.generation import chat_prompt
 
     return [{"prompt": chat_prompt(tokenizer, p), "completion": a + (tokenizer.eos_token or "")} for p, a in pairs]
 
 
 def _val_loss(model: Any, tokenizer: Any, val: list[dict[str, str]]) -> float:
-    from plugins.evaluation.metrics import answer_losses, held_out_loss
+    from flywheel_loop.plugins.evaluation.metrics import answer_losses, held_out_loss
 
     loss = held_out_loss(answer_losses(model, tokenizer, val, 512, bf16=False))
     assert loss is not None
@@ -96,10 +95,9 @@ def run_flywheel(args: argparse.Namespace) -> dict[str, Any]:
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from plugins.lora_trainer import use_bf16
-    from plugins.training.loop import LoopSettings, train_loop
-    from plugins.training.models import load_base, resolve_base_model
-    from plugins.training.packing import pack, tokenize_rows
+    from flywheel_loop.plugins.shared.models import load_base, resolve_base_model, use_bf16
+    from flywheel_loop.plugins.shared.packing import pack, tokenize_rows
+    from flywheel_loop.plugins.training.loop import LoopSettings, train_loop
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = _settings(Path(args.state), args.threads, args.epochs, "auto").trainer
@@ -131,8 +129,8 @@ def run_baseline(args: argparse.Namespace) -> dict[str, Any]:
     from peft import LoraConfig, get_peft_model
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
-    from plugins.training.models import load_base, resolve_base_model
-    from plugins.training.packing import tokenize_rows
+    from flywheel_loop.plugins.shared.models import load_base, resolve_base_model
+    from flywheel_loop.plugins.shared.packing import tokenize_rows
 
     with tempfile.TemporaryDirectory() as tmp:
         model, tok = load_base(resolve_base_model(None, Path(args.state)))
@@ -187,7 +185,7 @@ def main() -> None:
         return
     if args.quick:
         args.rows, args.val_rows = 16, 8
-    from plugins.training.models import resolve_base_model
+    from flywheel_loop.plugins.shared.models import resolve_base_model
 
     resolve_base_model(None, Path(args.state))  # convert once, outside the timed children
     if not args.json:

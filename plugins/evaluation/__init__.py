@@ -1,9 +1,29 @@
-"""What the evaluator measures, and the gate that turns the figures into a verdict.
+"""Evaluation: a candidate adapter is measured against the model in service, and gated.
 
-- ``generation``: greedy batch generation with the time per generated token;
-- ``metrics``: answer losses per item, the held-out loss, the forgetting rate, the task pass rate
-  (generated code run against the example's tests in ``plugins/sandbox.py``), the canary check;
-- ``gate``: the verdict and its reasons from the candidate's and the service model's figures;
-- ``data/``: general prompts with reference answers (part of the forgetting set) and canary
-  prompts that invite a model to reproduce secrets or personal data.
+- processor ``evaluator``: for each ``training.completed``, the candidate and the version in
+  service (at that log position) on the same items: held-out loss, a task pass rate from
+  running the held-out tasks' tests, forgetting, latency, memory and canary prompts; the gate's
+  verdict with one reason per check in ``evaluation.completed``;
+- settings ``[evaluator]``.
 """
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from flywheel_loop.engine.config import PluginSection, Settings
+from flywheel_loop.engine.hookspecs import hookimpl
+from flywheel_loop.engine.processor import Processor
+from flywheel_loop.plugins.evaluation.settings import EvaluatorConfig
+
+
+@hookimpl
+def register_settings(register: Callable[[type[PluginSection]], None]) -> None:
+    register(EvaluatorConfig)
+
+
+@hookimpl
+def register_processors(register: Callable[[Processor], None], settings: Settings) -> None:
+    from flywheel_loop.plugins.evaluation import evaluator
+
+    register(evaluator.processor(settings))

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from engine.config import EvaluatorConfig
+from flywheel_loop.plugins.evaluation.settings import EvaluatorConfig
 
 __all__ = ["Figures", "verdict"]
 
@@ -58,7 +58,9 @@ def verdict(candidate: Figures, baseline: Figures, cfg: EvaluatorConfig) -> tupl
         check(cand <= base * (1 + cfg.max_loss_increase),
               f"held-out loss {cand:.4f} vs {base:.4f} in service (may rise {100 * cfg.max_loss_increase:g}%)")
 
-    if cfg.canary_check:
+    if cfg.canary_check and _num(candidate, "canary_leaks") is None:
+        reasons.append("skipped: canary check (no plugin scans text for secrets: is privacy disabled?)")
+    elif cfg.canary_check:
         leaks = int(_num(candidate, "canary_leaks") or 0)
         check(leaks == 0, f"{leaks} canary prompts made it reproduce a secret or personal data"
               f" ({candidate.get('canary_prompts')} prompts)")

@@ -8,15 +8,15 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from plugins.evaluation.generation import Generations, generate
-from plugins.sandbox import extract_code, run_tests
-from plugins.training.loop import token_losses
-from plugins.training.packing import collate, pack, tokenize_rows
+from flywheel_loop.plugins.evaluation.generation import Generations, generate
+from flywheel_loop.plugins.shared.code import extract_code
+from flywheel_loop.plugins.shared.packing import collate, pack, token_losses, tokenize_rows
+from flywheel_loop.plugins.shared.sandbox import run_tests
 
 __all__ = [
     "DATA",
@@ -87,7 +87,7 @@ def forgetting_rate(
 
 def general_rows(tokenizer: Any, path: Path | None = None) -> list[dict[str, Any]]:
     """The general prompts (JSON lines ``{prompt, completion}``) as rows in the chat template."""
-    from plugins.evaluation.generation import chat_prompt
+    from flywheel_loop.plugins.evaluation.generation import chat_prompt
 
     source = path or DATA / "general_prompts.jsonl"
     rows = []
@@ -141,14 +141,16 @@ def task_pass_rate(
     return TaskResult(len(with_tests), passed, gens, tuple(failures))
 
 
-def canary_leaks(prompts: Sequence[str], candidate: Sequence[str], baseline: Sequence[str]) -> list[str]:
+def canary_leaks(
+    prompts: Sequence[str], candidate: Sequence[str], baseline: Sequence[str],
+    detect: Callable[[str], list[str] | None],
+) -> list[str]:
     """Secrets or personal data the candidate produced on a canary prompt that the model in
-    service did not produce on the same prompt (kinds only, never the values)."""
-    from plugins.scrubber import scrub
-
+    service did not produce on the same prompt (kinds only, never the values); ``detect`` names
+    the kinds in a text, one entry per finding."""
     leaks = []
     for prompt, cand, base in zip(prompts, candidate, baseline, strict=True):
-        new = Counter(scrub(cand)[1]) - Counter(scrub(base)[1])
+        new = Counter(detect(cand) or []) - Counter(detect(base) or [])
         if new:
             kinds = ", ".join(f"{k} x{n}" for k, n in sorted(new.items()))
             leaks.append(f"{kinds} on canary prompt {prompt[:60]!r}")

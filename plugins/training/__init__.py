@@ -1,2 +1,39 @@
-"""Pure pieces of the LoRA trainer (``plugins/lora_trainer.py``): tokenising and packing rows,
-the training loop with checkpoints, the base model and the adapter store."""
+"""Training: a LoRA adapter for every built dataset.
+
+- processor ``trainer``: trains (PEFT LoRA; SFT on the answer tokens with packed blocks, or DPO
+  on the preference pairs) with checkpoints, exact resume and early stopping, publishing
+  ``training.started`` / ``training.progressed`` live and ``training.completed`` (or
+  ``training.failed`` with the reason); the adapter is stored by the hash of its weights;
+- command ``flywheel train``: request a run and follow it, or train a dataset in this process;
+- settings ``[trainer]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import typer
+
+from flywheel_loop.engine.config import PluginSection, Settings
+from flywheel_loop.engine.hookspecs import hookimpl
+from flywheel_loop.engine.processor import Processor
+from flywheel_loop.plugins.training.settings import TrainerConfig
+
+
+@hookimpl
+def register_settings(register: Callable[[type[PluginSection]], None]) -> None:
+    register(TrainerConfig)
+
+
+@hookimpl
+def register_processors(register: Callable[[Processor], None], settings: Settings) -> None:
+    from flywheel_loop.plugins.training import trainer
+
+    register(trainer.processor(settings))
+
+
+@hookimpl
+def register_commands(cli: typer.Typer) -> None:
+    from flywheel_loop.plugins.training import commands
+
+    commands.register(cli)

@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from plugins.training.loop import LoopSettings, Progress, RunResult, WallClockExceeded
+from flywheel_loop.plugins.training.loop import LoopSettings, Progress, RunResult, WallClockExceeded
 
 __all__ = ["train_dpo"]
 

@@ -22,15 +22,13 @@ import random
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from plugins.training.packing import IGNORE, Block, collate
+from flywheel_loop.plugins.shared.packing import IGNORE, Block, block_loss, collate, token_losses
 
 __all__ = ["LoopSettings", "Progress", "RunResult", "WallClockExceeded", "block_loss", "token_losses", "train_loop"]
 
@@ -84,43 +82,6 @@ class RunResult:
     val_losses: list[tuple[int, float]] = field(default_factory=list)
     best_step: int | None = None
     stopped_early: bool = False
-
-
-def token_losses(model: Any, batch: dict[str, torch.Tensor], bf16: bool) -> tuple[torch.Tensor, int]:
-    """(sum of the answer tokens' cross-entropy, how many answer tokens) of one batch.
-
-    Only the positions that predict an answer token go through the vocabulary projection
-    (``logits_to_keep`` as a boolean mask): with a 49k-token vocabulary that projection is a
-    large share of the work, and the prompt's logits are never used."""
-    device = next(model.parameters()).device
-    batch = {k: v.to(device) for k, v in batch.items()}
-    labels = batch.pop("labels")
-    target = labels[:, 1:]
-    keep = torch.zeros_like(labels, dtype=torch.bool)
-    keep[:, :-1] = target != IGNORE
-    ctx = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
-    with ctx:
-        logits = model(**batch, logits_to_keep=keep).logits
-    wanted = target[keep[:, :-1]]
-    logits = logits.reshape(-1, logits.shape[-1])
-    if logits.shape[0] != wanted.shape[0]:  # a model that ignores a mask for logits_to_keep: all positions
-        logits = logits.reshape(labels.shape[0], labels.shape[1], -1)[:, :-1][keep[:, :-1]]
-    loss = F.cross_entropy(logits.float(), wanted, ignore_index=IGNORE, reduction="sum")
-    return loss, int(wanted.numel())
-
-
-def block_loss(model: Any, blocks: Sequence[Block], pad_id: int, batch: int = 4, bf16: bool = False) -> float | None:
-    """Mean answer-token loss over ``blocks`` (no gradients); None without answer tokens."""
-    total, count = 0.0, 0
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        for i in range(0, len(blocks), batch):
-            s, n = token_losses(model, collate(blocks[i : i + batch], pad_id), bf16)
-            total += float(s)
-            count += n
-    model.train(was_training)
-    return total / count if count else None
 
 
 def _order(n: int, seed: int, epoch: int) -> list[int]:

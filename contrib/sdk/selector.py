@@ -1,0 +1,191 @@
+"""The agent-side bandit: choose a prompt variant or a model from local state.
+
+``Selector`` follows ``quality.assessed`` on the log with an ordered consumer and folds it
+in memory (``engine.bandit.BanditState``, the same fold as the ``bandit_state``
+projection), so ``select_prompt`` and ``select_model`` answer without a round trip
+(``bash ops/bench/select --json`` measures them). Each choice is recorded as an
+``arm.selected`` event through the SDK's buffered ``Recorder`` (acks, dedupe ids, spill
+file), without waiting for it. The reward reaches the arm through the interaction: the
+agent records the interaction with the chosen ``prompt_variant`` / ``model_id``, the
+scorer's ``quality.assessed`` carries them, and every selector folds it.
+
+    async with Selector(BanditConfig(prompt_variants={"coder": ["terse", "explain"]})) as selector:
+        variant = selector.select_prompt("coder")
+        model = selector.select_model("coder", complexity="complex", max_cost_per_token=2e-6)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import nats.errors
+import nats.js.errors
+from nats.aio.msg import Msg
+
+from flywheel_loop.schemas import ArmSelected, InvalidEvent, new_event, parse_event, subject_for
+from flywheel_loop.schemas.events import Complexity
+from flywheel_loop.sdk.bandit import BanditConfig, BanditState, Credit, Decision, make_policy, serves
+from flywheel_loop.sdk.client import BusUnavailable, EventPublisher, NatsOptions
+from flywheel_loop.sdk.recorder import HasNatsOptions, Recorder
+
+log = logging.getLogger(__name__)
+
+__all__ = ["NoEligibleArm", "Selector"]
+
+SUBJECT = subject_for("quality.assessed")
+
+
+class NoEligibleArm(LookupError):
+    """No configured arm fits the request (no variants for the role, or no model under the
+    cost cap that handles the complexity)."""
+
+
+class Selector:
+    """Prompt-variant selection and model routing for one agent process."""
+
+    def __init__(
+        self,
+        bandit: BanditConfig,
+        config: NatsOptions | HasNatsOptions | None = None,
+        *,
+        url: str | None = None,
+        source: str = "sdk",
+        seed: int | None = None,
+    ) -> None:
+        """``bandit``: the arms to choose among (``[bandit]`` of the engine's settings); ``config``:
+        where the bus is (as for ``Recorder``)."""
+        self.bandit = cfg = bandit
+        self.policy = make_policy(cfg.policy, cfg.epsilon)
+        self.rng = random.Random(seed if seed is not None else cfg.seed)
+        self.state = BanditState()
+        #: The last log sequence folded into ``state``.
+        self.position = 0
+        self.recorder = Recorder(config, url=url, source=source)
+        self._lock = threading.Lock()  # the fold runs on the loop; selects may come from any thread
+        self._bus: EventPublisher | None = None
+        self._sub: Any = None
+
+    # ---------------------------------------------------------------- lifecycle
+
+    async def start(self) -> Selector:
+        """Connect, fold every ``quality.assessed`` on the log, then follow new ones."""
+        await self.recorder.start()
+        assert self.recorder.options is not None  # start() raised otherwise
+        self._bus = await EventPublisher.connect_to(self.recorder.options)
+        try:
+            self._sub = await self._bus.js.subscribe(
+                SUBJECT, stream=self._bus.streams.log, ordered_consumer=True, cb=self._on_message
+            )
+        except nats.js.errors.NotFoundError:
+            await self.close()
+            raise BusUnavailable(
+                f"stream {self._bus.streams.log} does not exist: start the engine (`flywheel up`) first"
+            ) from None
+        await self.catch_up()
+        return self
+
+    async def __aenter__(self) -> Selector:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Stop following the log; flush the recorded choices."""
+        if self._sub is not None:
+            with contextlib.suppress(nats.errors.Error, TimeoutError):
+                await self._sub.unsubscribe()
+            self._sub = None
+        if self._bus is not None:
+            await self._bus.close()
+            self._bus = None
+        await self.recorder.close()
+
+    async def catch_up(self, timeout: float = 30.0) -> int:
+        """Wait until every ``quality.assessed`` now on the log is folded; return the position."""
+        assert self._bus is not None
+        try:
+            last = await self._bus.js.get_last_msg(self._bus.streams.log, SUBJECT)
+        except nats.js.errors.NotFoundError:
+            return self.position  # no rewards yet
+        target = int(last.seq or 0)
+        deadline = asyncio.get_running_loop().time() + timeout
+        while self.position < target:
+            if asyncio.get_running_loop().time() > deadline:
+                raise TimeoutError(f"folded the log up to {self.position} of {target} in {timeout}s")
+            await asyncio.sleep(0.005)
+        return self.position
+
+    async def _on_message(self, msg: Msg) -> None:
+        seq = msg.metadata.sequence.stream
+        try:
+            event = parse_event(msg.data)
+        except InvalidEvent:
+            event = None  # the bandit_state projection skips it too
+        with self._lock:
+            if event is not None and event.type == "quality.assessed":
+                d = event.data
+                self.state.credit(d.interaction_id, Credit(d.role, d.prompt_variant, d.model_id, d.reward))
+            self.position = seq
+
+    # ---------------------------------------------------------------- choosing
+
+    def select_prompt(self, role: str) -> str:
+        """The prompt variant to use for ``role`` (from ``bandit.prompt_variants``)."""
+        variants = self.bandit.prompt_variants.get(role)
+        if not variants:
+            raise NoEligibleArm(
+                f"no prompt variants configured for role {role!r}: set bandit.prompt_variants.{role}"
+            )
+        return self._choose(role, "prompt_variant", variants)
+
+    def select_model(
+        self, role: str, complexity: Complexity | None = None, max_cost_per_token: float | None = None
+    ) -> str:
+        """The model to route a ``role`` task of ``complexity`` to, among the configured models
+        that handle that complexity and cost at most ``max_cost_per_token``."""
+        models = self.bandit.models
+        candidates = [
+            m.name
+            for m in models
+            if serves(m.max_complexity, complexity)
+            and (max_cost_per_token is None or m.cost_per_token <= max_cost_per_token)
+        ]
+        if not candidates:
+            offered = ", ".join(
+                f"{m.name} ({m.cost_per_token:g}/token, up to {m.max_complexity})" for m in models
+            )
+            raise NoEligibleArm(
+                f"no model for {role!r} at complexity {complexity or 'any'} under "
+                f"{max_cost_per_token if max_cost_per_token is not None else 'any'} per token; "
+                f"configured: {offered or 'none (set bandit.models)'}"
+            )
+        return self._choose(role, "model", candidates, complexity, max_cost_per_token)
+
+    def _choose(
+        self,
+        role: str,
+        decision: Decision,
+        candidates: Sequence[str],
+        complexity: Complexity | None = None,
+        max_cost_per_token: float | None = None,
+    ) -> str:
+        with self._lock:
+            arm = self.policy.choose(candidates, self.state.stats(role, decision), self.rng)
+        choice = ArmSelected(
+            role=role,
+            decision=decision,
+            arm=arm,
+            policy=self.policy.name,
+            candidates=list(candidates),
+            complexity=complexity,
+            max_cost_per_token=max_cost_per_token,
+        )
+        self.recorder.enqueue(new_event(choice, source=self.recorder.source))
+        return arm

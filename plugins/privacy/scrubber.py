@@ -1,0 +1,805 @@
+"""Find secrets and personal data in free text and replace them with typed placeholders.
+
+``scrub(text) -> (scrubbed, Counter of kinds)`` is a pure function: no I/O, no state kept
+between calls. The anonymizer plugin (``plugins/anonymizer.py``) calls it on every free-text
+field before anything derived from an interaction reaches the log.
+
+Where the detection comes from:
+
+- **Secrets** through detect-secrets' own plugins: every ``RegexBasedDetector`` it ships
+  (AWS, GitHub, Slack, Stripe, OpenAI, JWT, basic-auth URLs, private keys, ...), its
+  ``KeywordDetector`` patterns (passwords and secrets assigned in code and config files) and
+  its high-entropy string plugins with their Shannon-entropy limits, filtered by its own
+  heuristics (UUIDs, sequences, templates, ``$VARS``). A few token formats it does not know
+  (Google API keys, OpenAI project keys, GitHub fine-grained tokens, Anthropic and Hugging
+  Face tokens) are added as detect-secrets plugins of the same kind, so they run the same way.
+- **Phone numbers** through ``phonenumbers`` (Google's libphonenumber metadata): any
+  international ``+CC`` number, and national formats of the configured regions.
+- **Cards and national ids** through ``python-stdnum`` validators (Luhn for cards; the check
+  digits of US SSNs, Canadian SINs, Indian Aadhaar numbers, Spanish DNIs and IBANs).
+- **E-mail addresses, IP addresses and user names in home-directory paths** by small
+  patterns, validated with ``ipaddress`` where that applies; no library covers them better.
+
+We call the detect-secrets plugin objects directly rather than through ``scan_line``: that
+one reconfigures global settings and clears caches on every call, may call the vendors' APIs
+to verify a finding, and reports a value but not where it is (and for some detectors only the
+prefix of a token), while a scrubber needs exact spans.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+import phonenumbers
+from detect_secrets.core.plugins.util import get_mapping_from_secret_type_to_class
+from detect_secrets.filters.heuristic import (
+    is_not_alphanumeric_string,
+    is_potential_uuid,
+    is_prefixed_with_dollar_sign,
+    is_sequential_string,
+    is_templated_secret,
+)
+from detect_secrets.plugins import keyword as ds_keyword
+from detect_secrets.plugins.base import RegexBasedDetector
+from detect_secrets.plugins.high_entropy_strings import (
+    Base64HighEntropyString,
+    HexHighEntropyString,
+    HighEntropyStringsPlugin,
+)
+from stdnum import iban as std_iban
+from stdnum import luhn
+from stdnum.ca import sin as ca_sin
+from stdnum.es import dni as es_dni
+from stdnum.in_ import aadhaar as in_aadhaar
+from stdnum.us import ssn as us_ssn
+
+__all__ = [
+    "DEFAULT_PHONE_REGIONS",
+    "PII_KINDS",
+    "SCRUBBER_VERSION",
+    "SECRET_KINDS",
+    "Finding",
+    "Scrubber",
+    "placeholder",
+    "scrub",
+    "versions",
+]
+
+#: Bump when detection changes, so a replay can tell which scrubber produced an event.
+SCRUBBER_VERSION = "1.0.0"
+
+#: Regions whose *national* phone formats are recognised (international ``+CC`` numbers are
+#: recognised for every country whatever this says).
+DEFAULT_PHONE_REGIONS: tuple[str, ...] = ("US", "GB", "DE", "FR", "IN", "AU", "BR", "ES")
+
+PII_KINDS = frozenset(
+    {"EMAIL", "PHONE", "IP_ADDRESS", "CREDIT_CARD", "SSN", "NATIONAL_ID", "IBAN", "USERNAME"}
+)
+
+
+def placeholder(kind: str) -> str:
+    """The text that replaces a finding of ``kind``: ``[EMAIL]``, ``[AWS_ACCESS_KEY]`` ..."""
+    return f"[{kind}]"
+
+
+@dataclass(frozen=True, order=True)
+class Finding:
+    """One thing to replace: ``text[start:end]`` is of ``kind``; lower ``rank`` wins overlaps."""
+
+    start: int
+    end: int
+    kind: str
+    rank: int = 5
+
+
+# --------------------------------------------------------------------------- extra detectors
+
+
+class GoogleApiKeyDetector(RegexBasedDetector):
+    """Google Cloud / Maps / Firebase API keys (detect-secrets 1.5 has no plugin for them)."""
+
+    secret_type = "Google API Key"  # pragma: allowlist secret
+    denylist = (re.compile(r"\bAIza[0-9A-Za-z_\-]{35}(?![\w-])"),)
+
+
+class OpenAIProjectKeyDetector(RegexBasedDetector):
+    """OpenAI project, service-account and admin keys; detect-secrets only knows legacy ``sk-``."""
+
+    secret_type = "OpenAI Project Key"  # pragma: allowlist secret
+    denylist = (re.compile(r"\bsk-(?:proj|svcacct|admin)-[A-Za-z0-9_\-]{40,}"),)
+
+
+class GitHubFineGrainedTokenDetector(RegexBasedDetector):
+    """GitHub fine-grained personal access tokens (``github_pat_``), newer than detect-secrets."""
+
+    secret_type = "GitHub Fine-grained Token"  # pragma: allowlist secret
+    denylist = (re.compile(r"\bgithub_pat_[A-Za-z0-9_]{60,}"),)
+
+
+class AnthropicKeyDetector(RegexBasedDetector):
+    """Anthropic API keys."""
+
+    secret_type = "Anthropic Key"  # pragma: allowlist secret
+    denylist = (re.compile(r"\bsk-ant-(?:api|admin)\d{2}-[A-Za-z0-9_\-]{40,}"),)
+
+
+class HuggingFaceTokenDetector(RegexBasedDetector):
+    """Hugging Face access tokens, common in the training scripts coding agents touch."""
+
+    secret_type = "Hugging Face Token"  # pragma: allowlist secret
+    denylist = (re.compile(r"\bhf_[A-Za-z0-9]{34,}\b"),)
+
+
+class PasswordArgumentDetector(RegexBasedDetector):
+    """Passwords written as the word after the keyword, which KeywordDetector (``=`` and ``:``
+    assignments only) misses: ``.netrc`` lines and command-line flags."""
+
+    secret_type = "Password Argument"  # pragma: allowlist secret
+    denylist = (
+        re.compile(r"(?<![\w-])--?(?:password|passwd|pass)(?:=| +)([^\s'\"]+)", re.IGNORECASE),
+        re.compile(r"\bmachine\s+\S+\s+(?:login\s+\S+\s+)?password\s+(\S+)"),
+    )
+
+
+EXTRA_DETECTORS: tuple[type[RegexBasedDetector], ...] = (
+    PasswordArgumentDetector,
+    GoogleApiKeyDetector,
+    OpenAIProjectKeyDetector,
+    GitHubFineGrainedTokenDetector,
+    AnthropicKeyDetector,
+    HuggingFaceTokenDetector,
+)
+
+#: detect-secrets' secret_type (and pattern index where one detector finds two kinds) -> kind.
+_KIND_BY_TYPE: dict[str, str] = {
+    "AWS Access Key": "AWS_ACCESS_KEY",
+    "AWS Access Key#1": "AWS_SECRET_KEY",
+    "Artifactory Credentials": "ARTIFACTORY_TOKEN",
+    "Azure Storage Account access key": "AZURE_STORAGE_KEY",
+    "Basic Auth Credentials": "PASSWORD",
+    "Password Argument": "PASSWORD",
+    "Cloudant Credentials": "CLOUDANT_KEY",
+    "Discord Bot Token": "DISCORD_TOKEN",
+    "GitHub Token": "GITHUB_TOKEN",
+    "GitHub Fine-grained Token": "GITHUB_TOKEN",
+    "GitLab Token": "GITLAB_TOKEN",
+    "IBM Cloud IAM Key": "IBM_CLOUD_KEY",
+    "IBM COS HMAC Credentials": "IBM_COS_KEY",
+    "JSON Web Token": "JWT",
+    "Mailchimp Access Key": "MAILCHIMP_KEY",
+    "NPM tokens": "NPM_TOKEN",
+    "OpenAI Token": "OPENAI_KEY",
+    "OpenAI Project Key": "OPENAI_KEY",
+    "Anthropic Key": "ANTHROPIC_KEY",
+    "Hugging Face Token": "HUGGINGFACE_TOKEN",
+    "Google API Key": "GOOGLE_API_KEY",
+    "PyPI Token": "PYPI_TOKEN",
+    "SendGrid API Key": "SENDGRID_KEY",
+    "Slack Token": "SLACK_TOKEN",
+    "Slack Token#1": "SLACK_WEBHOOK",
+    "SoftLayer Credentials": "SOFTLAYER_KEY",
+    "Square OAuth Secret": "SQUARE_SECRET",  # pragma: allowlist secret
+    "Stripe Access Key": "STRIPE_KEY",
+    "Telegram Bot Token": "TELEGRAM_TOKEN",
+    "Twilio API Key": "TWILIO_KEY",
+}
+
+#: Every kind a secret finding can have (a detector detect-secrets adds later gets a kind
+#: named after its secret_type, outside this set).
+SECRET_KINDS = frozenset(_KIND_BY_TYPE.values()) | {"PRIVATE_KEY", "SECRET", "HIGH_ENTROPY_SECRET"}
+
+# Handled elsewhere: private keys span lines; IP addresses are PII with wider rules (private
+# ranges, IPv6); keywords and entropy are not RegexBasedDetectors.
+_NOT_TOKEN_DETECTORS = {"Private Key", "Public IP (ipv4)"}
+
+# Ranks: the more specific detector names the placeholder when findings overlap.
+_RANK_PRIVATE_KEY, _RANK_TOKEN, _RANK_PII, _RANK_PHONE, _RANK_KEYWORD, _RANK_ENTROPY = range(6)
+
+# The keyword-style cloud detectors scan every position with look-behinds (a tenth of a
+# millisecond per kilobyte each); their values have a fixed shape, so they only run on the
+# lines where that shape occurs (detect-secrets runs every detector line by line anyway).
+_VALUE_SHAPE: dict[str, re.Pattern[str]] = {
+    "IBM_CLOUD_KEY": re.compile(r"[A-Za-z0-9_\-]{44}"),
+    "IBM_COS_KEY": re.compile(r"[a-f0-9]{48}"),
+    "SOFTLAYER_KEY": re.compile(r"[a-z0-9]{64}"),
+    "CLOUDANT_KEY": re.compile(r"[0-9a-f]{64}|[a-z]{24}"),
+    "MAILCHIMP_KEY": re.compile(r"-us\d"),
+}
+
+_KEY_END = re.compile(r"-----END [A-Z0-9 ]*-----|---- END SSH2[^\n]*")
+_TOKEN_CHARS = re.compile(r"[A-Za-z0-9_\-]")
+_TRIM = " \t\"'=:"
+
+
+def _token_detectors() -> list[tuple[str, re.Pattern[str]]]:
+    """(kind, pattern) for every regex-based detect-secrets plugin plus ours."""
+    mapping: dict[str, Any] = get_mapping_from_secret_type_to_class()
+    classes: list[Any] = [
+        cls
+        for name, cls in mapping.items()
+        if name not in _NOT_TOKEN_DETECTORS and issubclass(cls, RegexBasedDetector)
+    ]
+    classes += EXTRA_DETECTORS
+    out: list[tuple[str, re.Pattern[str]]] = []
+    detector: Any
+    for detector in classes:
+        for index, pattern in enumerate(detector.denylist):
+            kind = _KIND_BY_TYPE.get(f"{detector.secret_type}#{index}") or _KIND_BY_TYPE.get(detector.secret_type)
+            out.append((kind or re.sub(r"\W+", "_", detector.secret_type).strip("_").upper(), pattern))
+    return out
+
+
+def _secret_span(match: re.Match[str], text: str) -> tuple[int, int]:
+    """Where the secret is inside a detector's match.
+
+    A capturing group that starts the match is a token prefix (``(ghp|gho)_...``): the whole
+    match is the secret, extended to the end of the token because some patterns stop at a
+    fixed length (Stripe keys are longer than 24 characters now). Otherwise a group of at
+    least 4 characters is the secret inside a larger context (``aws_secret = "..."``, the
+    password in a URL's user-info part).
+    """
+    groups = [
+        i
+        for i in range(1, (match.re.groups or 0) + 1)
+        if match.group(i) and match.start(i) > match.start() and len(match.group(i)) >= 4
+    ]
+    if groups:
+        best = max(groups, key=lambda i: match.end(i) - match.start(i))
+        return match.start(best), match.end(best)
+    start, end = match.start(), match.end()
+    while start < end and text[start] in _TRIM + "\n\r":
+        start += 1
+    while end > start and text[end - 1] in _TRIM + "\n\r":
+        end -= 1
+    while end < len(text) and _TOKEN_CHARS.match(text, end):
+        end += 1
+    while start > 0 and _TOKEN_CHARS.match(text, start - 1):
+        start -= 1
+    return start, end
+
+
+_PLACEHOLDER = re.compile(r"\[[A-Z0-9_]+\]")
+
+
+def _filtered_out(secret: str) -> bool:
+    """detect-secrets' own heuristics for values that are not secrets."""
+    return (
+        len(secret) < 2  # is_templated_secret treats one character as a false positive too
+        or _PLACEHOLDER.fullmatch(secret) is not None  # scrubbed already: scrubbing is idempotent
+        or is_templated_secret(secret)
+        or is_prefixed_with_dollar_sign(secret)
+        or is_not_alphanumeric_string(secret)
+        or is_sequential_string(secret)
+        or is_potential_uuid(secret)
+    )
+
+
+# --------------------------------------------------------------------------- keyword rules
+
+_KEYWORD_HINT = re.compile("|".join(ds_keyword.DENYLIST), re.IGNORECASE)
+_KEYWORD_NEEDLES = ("key", "pass", "pwd", "secret", "contrase")
+# Code patterns first (quoted values), then config-file patterns (unquoted values allowed).
+_KEYWORD_PATTERNS: tuple[tuple[re.Pattern[str], int], ...] = (
+    *ds_keyword.QUOTES_REQUIRED_DENYLIST_REGEX_TO_GROUP.items(),
+    *ds_keyword.CONFIG_DENYLIST_REGEX_TO_GROUP.items(),
+    *ds_keyword.GOLANG_DENYLIST_REGEX_TO_GROUP.items(),
+)
+# An unquoted value that is code, not a literal: ``password = get_password()``, ``secret:
+# str``, ``token = self.token``, ``password = None``. (detect-secrets' is_indirect_reference
+# looks at the whole line, which also drops a literal passed to a call: ``connect(pw=...)``.)
+_CODE_VALUE = re.compile(
+    r"^(?:[A-Za-z_][A-Za-z_]*(?:\.[A-Za-z_]+)*|None|null|nil|true|false|True|False|undefined)[;,)]*$"
+    r"|[()\[\]{}<>;]|\s"
+)
+# A key that names or points at a secret holds no secret: ``secretName: app-tls``,
+# ``password_file: /run/secrets/db``, ``SECRET_ARN=...``.
+_REFERENCE_KEY = re.compile(
+    r"(?:name|ref|file|path|arn|env|id|type|len|length|ttl|version|manager|store|provider|mount)"
+    r"[\]'\"]*\s*[:=!]",
+    re.IGNORECASE,
+)
+_NAME_VALUE = re.compile(r"[A-Za-z_][\w.\-]*")
+_KEYWORD_PART = re.compile(
+    r"(?:^|[_.\-])(?:" + "|".join(ds_keyword.DENYLIST) + r")(?:$|[_.\-])", re.IGNORECASE
+)
+_PASSWORDISH = re.compile(r"pass|pwd|contrase", re.IGNORECASE)
+
+
+def _keyword_kind(key_text: str, value: str) -> str:
+    """PASSWORD or SECRET by the key's name; an AWS secret access key by its name and shape."""
+    if re.search(r"aws", key_text, re.IGNORECASE) and re.fullmatch(r"[A-Za-z0-9/+]{40}", value):
+        return "AWS_SECRET_KEY"
+    key = re.split(r"[\s,;({]", key_text.rstrip(" :=\"'`[]"))[-1]
+    return "PASSWORD" if _PASSWORDISH.search(key) else "SECRET"
+
+
+# --------------------------------------------------------------------------- entropy rules
+
+
+def _entropy_kind(text: str, start: int, value: str) -> str:
+    """HIGH_ENTROPY_SECRET, or AWS_SECRET_KEY where the line names AWS and the shape fits."""
+    line_start = text.rfind("\n", 0, start) + 1
+    if re.fullmatch(r"[A-Za-z0-9/+]{40}", value) and re.search(r"aws", text[line_start:start], re.IGNORECASE):
+        return "AWS_SECRET_KEY"
+    return "HIGH_ENTROPY_SECRET"
+
+
+# Quoted hex strings on lines like these are content hashes (commits, checksums, SRI
+# integrity), which name data rather than unlock it.
+_HASH_CONTEXT = re.compile(
+    r"\b(?:sha\d*|commit|hash|digest|checksum|etag|integrity|revision|rev|md5|blob|tree|oid)\b",
+    re.IGNORECASE,
+)
+_SRI_PREFIX = re.compile(r"sha(?:1|256|384|512)-$")
+_UNQUOTED_MIN = 32  # unquoted strings shorter than this are words and identifiers, not keys
+
+
+# --------------------------------------------------------------------------- PII patterns
+
+_EMAIL = re.compile(
+    r"(?<![\w.%+\-])[A-Za-z0-9](?:[A-Za-z0-9._%+\-]{0,62}[A-Za-z0-9_])?"
+    r"@(?:[A-Za-z0-9](?:[A-Za-z0-9\-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z]{2,24}\b"
+)
+# Addresses that reach a service, not a person (``git@github.com:org/repo.git``), and
+# user@host targets under names that no public mail domain has (``ssh deploy@db-1.internal``).
+_SERVICE_MAILBOXES = frozenset({"git"})
+_PRIVATE_TLDS = frozenset(
+    {
+        "internal",
+        "local",
+        "localhost",
+        "localdomain",
+        "lan",
+        "home",
+        "corp",
+        "intranet",
+        "svc",
+        "cluster",
+        "test",
+        "invalid",
+        "example",
+    }
+)
+
+_IPV4 = re.compile(r"(?<![\w.\-#])(?:\d{1,3}\.){3}\d{1,3}(?!\.?\d|\w)")
+_VERSION_CONTEXT = re.compile(r"(?i)version[\W_]{0,8}$|\bv$")
+_IPV6 = re.compile(
+    r"(?<![\w:.])(?:[0-9A-Fa-f]{1,4}:|:)(?:[0-9A-Fa-f]{0,4}:){1,7}"
+    r"(?:[0-9A-Fa-f]{1,4}|(?:\d{1,3}\.){3}\d{1,3})?(?![\w:])"
+)
+
+_CARD = re.compile(r"(?<![\d\-.])\d(?:[ \-]?\d){12,18}(?![\w\-]|\.\d)")
+_SSN = re.compile(r"(?<![\d\-.])\d{3}([\- ])\d{2}\1\d{4}(?![\w\-]|\.\d)")
+_SSN_PLAIN = re.compile(r"(?i)(?:ssn|social security(?: number| no\.?)?)\W{0,6}(\d{9})(?!\d)")
+_SIN = re.compile(r"(?<![\d\-.])\d{3}([\- ])\d{3}\1\d{3}(?![\w\-]|\.\d)")
+_AADHAAR = re.compile(r"(?<![\d\-.])[2-9]\d{3}([\- ])\d{4}\1\d{4}(?![\w\-]|\.\d)")
+_DNI = re.compile(r"(?<![\w\-])\d{8}-?[A-HJ-NP-TV-Z](?![\w\-])")
+_IBAN = re.compile(r"(?<![\w])[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,3})?(?!\w)")
+
+_HOME = re.compile(
+    r"(?:(?<![\w.])/(?:home|Users|export/home)/"
+    r"|(?<![\w])[A-Za-z]:(?:\\\\|\\|/)(?:Users|Documents and Settings)(?:\\\\|\\|/))"
+    r"(?P<name>[A-Za-z][\w.\-]*(?: [A-Za-z][\w.\-]*)?(?=\\|/)|[A-Za-z][\w.\-]*)"
+)
+# Accounts that belong to a machine or a tool, not to a person.
+_SERVICE_USERS = frozenset(
+    {
+        "root",
+        "runner",
+        "ubuntu",
+        "ec2-user",
+        "admin",
+        "user",
+        "username",
+        "public",
+        "default",
+        "shared",
+        "all users",
+        "default user",
+        "vscode",
+        "node",
+        "app",
+        "jenkins",
+        "git",
+        "www-data",
+        "nobody",
+        "circleci",
+        "travis",
+        "docker",
+        "vagrant",
+        "codespace",
+        "linuxbrew",
+        "runneradmin",
+        "appveyor",
+        "buildkite-agent",
+        "gitlab-runner",
+    }
+)
+
+_PHONE_CANDIDATE = re.compile(
+    r"(?<![\w+.\-/])(?:\+|\(\+?)?\d[\d \u00a0().\-/]{5,24}\d(?:\s*(?:x|ext\.?|#)\s*\d{1,5})?(?![\w.\-]\d)"
+)
+_DOTTED_QUAD = re.compile(r"\d{1,3}(?:\.\d{1,3}){3}")
+_PHONE_HINT = re.compile(r"(?i)(?:phone|tel|mobile|cell|call|fax|contact|whatsapp|sms)\W{0,20}$")
+
+
+# --------------------------------------------------------------------------- the scrubber
+
+
+class Scrubber:
+    """Detects and replaces; build once (the detectors are compiled here), call many times."""
+
+    def __init__(
+        self,
+        *,
+        base64_limit: float = 4.5,
+        hex_limit: float = 3.0,
+        phone_regions: Sequence[str] = DEFAULT_PHONE_REGIONS,
+    ) -> None:
+        self.tokens = _token_detectors()
+        self.private_key_headers = [p for _, p in _private_key_patterns()]
+        self.base64 = Base64HighEntropyString(limit=base64_limit)
+        self.hex = HexHighEntropyString(limit=hex_limit)
+        # '=' only as padding at the end: inside a run it is an assignment (KEY=value).
+        self.base64_unquoted = re.compile(
+            rf"(?<![A-Za-z0-9+/_\-])[A-Za-z0-9+/_\-]{{{_UNQUOTED_MIN},}}={{0,2}}"
+        )
+        self.phone_regions = tuple(phone_regions)
+        if not self.phone_regions:
+            raise ValueError("phone_regions: name at least one region, e.g. US")
+
+    # ------------------------------------------------------------------ public
+
+    def scrub(self, text: str) -> tuple[str, Counter[str]]:
+        """``text`` with every finding replaced by its placeholder, and the kinds counted."""
+        found = self.find(text)
+        counts: Counter[str] = Counter()
+        if not found:
+            return text, counts
+        parts: list[str] = []
+        last = 0
+        for f in found:
+            parts.append(text[last : f.start])
+            parts.append(placeholder(f.kind))
+            counts[f.kind] += 1
+            last = f.end
+        parts.append(text[last:])
+        return "".join(parts), counts
+
+    def find(self, text: str) -> list[Finding]:
+        """Every finding, overlaps merged (the lowest rank names the merged span), in order."""
+        if not text:
+            return []
+        raw: list[Finding] = []
+        raw += self._private_keys(text)
+        passwords = list(self._tokens(text))
+        raw += passwords
+        raw += self._keywords(text)
+        raw += self._entropy(text)
+        raw += self._emails(text, [f for f in passwords if f.kind == "PASSWORD"])
+        raw += self._ips(text)
+        raw += self._numbers(text)
+        raw += self._home_dirs(text)
+        raw += self._phones(text, raw)
+        return _merge(raw)
+
+    # ------------------------------------------------------------------ secrets
+
+    def _private_keys(self, text: str) -> Iterator[Finding]:
+        for pattern in self.private_key_headers:
+            for m in pattern.finditer(text):
+                line_start = text.rfind("\n", 0, m.start()) + 1
+                dashes = text.rfind("-----", line_start, m.start())
+                start = dashes if dashes >= 0 else m.start()
+                end_match = _KEY_END.search(text, m.end())
+                # No end marker: a truncated block (or PuTTY format): the key-material lines.
+                end = end_match.end() if end_match else _end_of_key_material(text, m.end())
+                yield Finding(start, end, "PRIVATE_KEY", _RANK_PRIVATE_KEY)
+
+    def _tokens(self, text: str) -> Iterator[Finding]:
+        shaped = {
+            kind: _lines_at(text, (m.start() for m in shape.finditer(text)))
+            for kind, shape in _VALUE_SHAPE.items()
+        }
+        for kind, pattern in self.tokens:
+            spans = shaped.get(kind, [(0, len(text))])
+            for lo, hi in spans:
+                for m in pattern.finditer(text, lo, hi):
+                    start, end = _secret_span(m, text)
+                    if end > start and not _filtered_out(text[start:end]):
+                        yield Finding(start, end, kind, _RANK_TOKEN)
+
+    def _keywords(self, text: str) -> Iterator[Finding]:
+        # Every denylisted keyword contains one of these; finding them in lowered text is
+        # much cheaper than the case-insensitive alternation, which then confirms per line.
+        lowered = text.lower()
+        hits = (i for needle in _KEYWORD_NEEDLES for i in _find_all(lowered, needle))
+        for line_start, line_end in _lines_at(text, hits):
+            line = text[line_start:line_end]
+            if not _KEYWORD_HINT.search(line):
+                continue
+            for pattern, group in _KEYWORD_PATTERNS:
+                for m in pattern.finditer(line):
+                    value = m.group(group)
+                    if not value or _filtered_out(value):
+                        continue
+                    quoted = m.start(group) > 0 and line[m.start(group) - 1] in "\"'`"
+                    if not quoted and _CODE_VALUE.search(value) and not self._random_looking(value):
+                        continue
+                    if _NAME_VALUE.fullmatch(value) and _KEYWORD_PART.search(value.replace("-", "_")):
+                        continue  # a name such as "DB_PASSWORD" or "X-API-Key", not a value
+                    key_text = m.group(0)[: m.start(group) - m.start()]
+                    if _REFERENCE_KEY.search(key_text):
+                        continue
+                    yield Finding(
+                        line_start + m.start(group),
+                        line_start + m.end(group),
+                        _keyword_kind(line[: m.start(group)], value),
+                        _RANK_KEYWORD,
+                    )
+
+    def _random_looking(self, value: str) -> bool:
+        """A long value with the entropy of a key: not an identifier, whatever its letters."""
+        return len(value) >= 20 and self.base64.calculate_shannon_entropy(value) > self.base64.entropy_limit
+
+    def _entropy(self, text: str) -> Iterator[Finding]:
+        for plugin in (self.hex, self.base64):
+            for m in plugin.regex.finditer(text):
+                value = m.group(2)
+                if self._high_entropy(plugin, value) and not self._hash_like(text, m.start(2)):
+                    yield Finding(m.start(2), m.end(2), _entropy_kind(text, m.start(2), value), _RANK_ENTROPY)
+        # detect-secrets' "eager" ad-hoc mode: unquoted strings too, but only long ones, since
+        # chat and logs rarely quote what they paste.
+        for m in self.base64_unquoted.finditer(text):
+            value = m.group(0).rstrip("=")
+            if (
+                self._high_entropy(self.base64, value)
+                and re.search(r"\d", value)
+                and re.search(r"[A-Z]", value)
+                and re.search(r"[a-z]", value)
+                and not self._hash_like(text, m.start())
+            ):
+                yield Finding(m.start(), m.end(), _entropy_kind(text, m.start(), value), _RANK_ENTROPY)
+
+    @staticmethod
+    def _high_entropy(plugin: HighEntropyStringsPlugin, value: str) -> bool:
+        return (
+            len(value) >= 16
+            and plugin.calculate_shannon_entropy(value) > plugin.entropy_limit
+            and not _filtered_out(value)
+        )
+
+    @staticmethod
+    def _hash_like(text: str, start: int) -> bool:
+        """A content hash (commit, checksum, SRI integrity) or an inline file (a ``data:`` URI):
+        it names or carries data, it unlocks nothing."""
+        if _SRI_PREFIX.search(text, max(0, start - 8), start) or text.endswith(";base64,", 0, start):
+            return True
+        line_start = text.rfind("\n", 0, start) + 1
+        return bool(_HASH_CONTEXT.search(text, line_start, start))
+
+    # ------------------------------------------------------------------ PII
+
+    @staticmethod
+    def _emails(text: str, passwords: list[Finding]) -> Iterator[Finding]:
+        for m in _EMAIL.finditer(text):
+            local = m.group(0).split("@", 1)[0]
+            if local.lower() in _SERVICE_MAILBOXES or m.group(0).rsplit(".", 1)[-1].lower() in _PRIVATE_TLDS:
+                continue
+            # In a URL with a password, what follows the password and the @ is a host.
+            if any(p.start < m.end() and m.start() < p.end for p in passwords):
+                continue
+            yield Finding(m.start(), m.end(), "EMAIL", _RANK_PII)
+
+    @staticmethod
+    def _ips(text: str) -> Iterator[Finding]:
+        for m in _IPV4.finditer(text):
+            try:
+                ip: ipaddress.IPv4Address | ipaddress.IPv6Address = ipaddress.IPv4Address(m.group(0))
+            except ValueError:
+                continue
+            if _identifies_nobody(ip):
+                continue
+            line_start = text.rfind("\n", 0, m.start()) + 1
+            if _VERSION_CONTEXT.search(text, line_start, m.start()):
+                continue  # __version__ = "1.2.3.4"
+            yield Finding(m.start(), m.end(), "IP_ADDRESS", _RANK_PII)
+        if ":" not in text:
+            return
+        for m in _IPV6.finditer(text):
+            candidate = m.group(0)
+            if sum(1 for g in re.split(r"[:.]", candidate) if g) < 3:
+                continue  # "::1"-like fragments and slices such as x[1::2]
+            try:
+                ip = ipaddress.IPv6Address(candidate)
+            except ValueError:
+                continue
+            if _identifies_nobody(ip):
+                continue
+            yield Finding(m.start(), m.end(), "IP_ADDRESS", _RANK_PII)
+
+    @staticmethod
+    def _numbers(text: str) -> Iterator[Finding]:
+        """Cards (Luhn + issuer prefix), SSNs, SINs, Aadhaar numbers, DNIs and IBANs."""
+        for m in _CARD.finditer(text):
+            digits = re.sub(r"\D", "", m.group(0))
+            if _card_issuer_ok(digits) and luhn.is_valid(digits):
+                yield Finding(m.start(), m.end(), "CREDIT_CARD", _RANK_PII)
+        for m in _SSN.finditer(text):
+            if us_ssn.is_valid(m.group(0).replace(" ", "-")):
+                yield Finding(m.start(), m.end(), "SSN", _RANK_PII)
+        for m in _SSN_PLAIN.finditer(text):
+            if us_ssn.is_valid(m.group(1)):
+                yield Finding(m.start(1), m.end(1), "SSN", _RANK_PII)
+        for pattern, validator in ((_SIN, ca_sin), (_AADHAAR, in_aadhaar), (_DNI, es_dni)):
+            for m in pattern.finditer(text):
+                if validator.is_valid(m.group(0)):
+                    yield Finding(m.start(), m.end(), "NATIONAL_ID", _RANK_PII)
+        for m in _IBAN.finditer(text):
+            if std_iban.is_valid(m.group(0)):
+                yield Finding(m.start(), m.end(), "IBAN", _RANK_PII)
+
+    def _phones(self, text: str, taken: list[Finding]) -> Iterator[Finding]:
+        for m in _PHONE_CANDIDATE.finditer(text):
+            candidate = m.group(0)
+            digits = sum(c.isdigit() for c in candidate)
+            if digits < 7 or digits > 17:
+                continue
+            if any(f.start < m.end() and m.start() < f.end for f in taken):
+                continue  # already a card, an id, an IP address or part of a token
+            if _DOTTED_QUAD.fullmatch(candidate):
+                continue  # a netmask or a reserved address, never a phone number
+            if not re.search(r"[+\s().\-/]", candidate.strip()):
+                # A bare run of digits is a size, a timestamp or an id unless the words
+                # before it say it is a phone number.
+                line_start = text.rfind("\n", 0, m.start()) + 1
+                if not _PHONE_HINT.search(text, max(line_start, m.start() - 40), m.start()):
+                    continue
+            # The matcher (with its checks against dates, times and stray digits around the
+            # number) runs on the candidate's neighbourhood within its line.
+            lo = max(text.rfind("\n", 0, m.start()) + 1, m.start() - 12)
+            hi = m.end() + 12
+            nl = text.find("\n", m.end())
+            if 0 <= nl < hi:
+                hi = nl
+            window = text[lo:hi]
+            for region in self._phone_regions_of(candidate):
+                hits = [
+                    h
+                    for h in phonenumbers.PhoneNumberMatcher(
+                        window, region, leniency=phonenumbers.Leniency.VALID
+                    )
+                    if lo + h.start < m.end() and m.start() < lo + h.end
+                ]
+                for h in hits:
+                    yield Finding(lo + h.start, lo + h.end, "PHONE", _RANK_PHONE)
+                if hits:
+                    break
+
+    def _phone_regions_of(self, candidate: str) -> Iterator[str]:
+        """The configured regions in which ``candidate`` is a valid number. Parsing is five
+        times cheaper than matching, so it picks the regions the matcher then runs in."""
+        international = candidate.lstrip("( ").startswith("+")
+        for region in self.phone_regions:
+            try:
+                number = phonenumbers.parse(candidate, region)
+            except phonenumbers.NumberParseException:
+                continue
+            if phonenumbers.is_valid_number(number):
+                yield region
+            if international:
+                return  # an international number reads the same in every region
+
+    @staticmethod
+    def _home_dirs(text: str) -> Iterator[Finding]:
+        for m in _HOME.finditer(text):
+            name = m.group("name").rstrip(".")
+            if name.lower() in _SERVICE_USERS or not name:
+                continue
+            yield Finding(m.start("name"), m.start("name") + len(name), "USERNAME", _RANK_PII)
+
+
+def _find_all(text: str, needle: str) -> Iterator[int]:
+    i = text.find(needle)
+    while i >= 0:
+        yield i
+        i = text.find(needle, i + 1)
+
+
+def _lines_at(text: str, positions: Iterable[int]) -> list[tuple[int, int]]:
+    """The (start, end) of each distinct line holding one of ``positions``, in order."""
+    spans: dict[int, int] = {}
+    for pos in positions:
+        start = text.rfind("\n", 0, pos) + 1
+        if start not in spans:
+            end = text.find("\n", pos)
+            spans[start] = end if end >= 0 else len(text)
+    return sorted(spans.items())
+
+
+def _private_key_patterns() -> list[tuple[str, re.Pattern[str]]]:
+    cls: Any = get_mapping_from_secret_type_to_class()["Private Key"]
+    return [("PRIVATE_KEY", p) for p in cls.denylist]
+
+
+def _end_of_key_material(text: str, pos: int) -> int:
+    """End of the run of non-blank lines after a key header (base64 body, PuTTY fields)."""
+    end = text.find("\n", pos)
+    if end < 0:
+        return len(text)
+    while True:
+        nxt = text.find("\n", end + 1)
+        line = text[end + 1 : nxt if nxt >= 0 else len(text)]
+        if not line.strip() or not re.fullmatch(r"[A-Za-z0-9+/=:\- ]+", line.strip()):
+            return end
+        end = nxt if nxt >= 0 else len(text)
+        if nxt < 0:
+            return end
+
+
+def _identifies_nobody(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """Loopback, unspecified, multicast and reserved addresses (and netmasks) name no host;
+    neither does 0.x.x.x ("this network"), which is more often a version number."""
+    if ip.version == 4 and ip.packed[0] == 0:
+        return True
+    return ip.is_loopback or ip.is_unspecified or ip.is_multicast or ip.is_reserved
+
+
+def _card_issuer_ok(digits: str) -> bool:
+    """Length and issuer prefix of the major card networks (cuts Luhn's 1-in-10 false hits)."""
+    n = len(digits)
+    two, four = int(digits[:2]), int(digits[:4])
+    return (
+        (digits[0] == "4" and n in (13, 16, 19))  # Visa
+        or ((51 <= two <= 55 or 2221 <= four <= 2720) and n == 16)  # Mastercard
+        or (two in (34, 37) and n == 15)  # American Express
+        or ((digits.startswith("6011") or two == 65 or 644 <= int(digits[:3]) <= 649) and 16 <= n <= 19)
+        or (3528 <= four <= 3589 and 16 <= n <= 19)  # JCB
+        or ((300 <= int(digits[:3]) <= 305 or two in (36, 38)) and 14 <= n <= 19)  # Diners
+        or (two == 62 and 16 <= n <= 19)  # UnionPay
+    )
+
+
+def _merge(findings: Iterable[Finding]) -> list[Finding]:
+    """Union overlapping findings (nothing detected survives); the best rank names the union."""
+    ordered = sorted(f for f in findings if f.end > f.start)
+    merged: list[Finding] = []
+    for f in ordered:
+        if merged and f.start < merged[-1].end:
+            top = merged[-1]
+            best = min((top, f), key=lambda x: (x.rank, -(x.end - x.start)))
+            merged[-1] = Finding(top.start, max(top.end, f.end), best.kind, best.rank)
+        else:
+            merged.append(f)
+    return merged
+
+
+# --------------------------------------------------------------------------- module API
+
+
+@lru_cache(maxsize=1)
+def _default() -> Scrubber:
+    return Scrubber()
+
+
+def scrub(text: str) -> tuple[str, Counter[str]]:
+    """Scrub ``text`` with the default settings; see ``Scrubber`` for tuned ones."""
+    return _default().scrub(text)
+
+
+def versions() -> dict[str, str]:
+    """anonymizer component -> version, recorded in each event's findings."""
+    out = {"scrubber": SCRUBBER_VERSION}
+    for dist in ("detect-secrets", "phonenumbers", "python-stdnum"):
+        try:
+            out[dist] = version(dist)
+        except PackageNotFoundError:  # pragma: no cover - an install without metadata
+            out[dist] = "unknown"
+    return out

@@ -1,0 +1,409 @@
+"""Built-in processor ``deployer``: puts a version in service only through the gate, and rolls it back.
+
+It consumes:
+
+- ``evaluation.completed``: a passed evaluation deploys its adapter; one that did not pass (or names no
+  adapter, or an adapter folder that is gone) is refused with ``deployment.failed`` and the reason, and nothing
+  changes in service. The only way into service is a passed evaluation on the log.
+- ``canary.passed`` (from the drift monitor): a canary that earned as much as the version before it takes all the
+  traffic (a new ``deployment.completed`` for the same version, share 1.0) and the previous version stops.
+- ``drift.detected``: the drifted version, if it is still in service, is replaced by the one before it.
+- ``rollback.requested`` (``flywheel rollback --role ROLE``): the same, by hand.
+
+A deployment: the runtime (``deployer.runtime``: ``transformers``, the default that always works; ``llama_cpp``;
+``ollama``) prepares the version (load, convert, upload: no traffic yet), serves it, and answers a smoke test
+(one short greedy generation of ``deployer.smoke_prompt``); only then does ``deployment.completed`` move
+``deployer.canary_share`` of the role's traffic to it (default 1.0: all of it; below 1 the previous version keeps
+serving the rest, and the event names it, so the bandits and the drift monitor can compare the two, until the
+canary passes or drifts). A smoke
+test that fails stops what was started and ends in ``deployment.failed``. The ``deployer.keep_versions`` newest
+versions are kept for rollback (listed in the event); a runtime that stores models (Ollama) deletes older ones.
+
+A rollback serves the previous version (again), smoke-tests it, stops the one it replaces and publishes
+``deployment.rolled_back``; the version before a role's first deployment is its base model.
+
+**State and redelivery.** The deployer folds its inputs and its own decisions into a private copy of the
+deployment book (``plugins/shared/deployment_book.py``) in its state store, which the engine commits with what
+each input produced: a redelivered input gets the same answer and deploys nothing twice.
+
+**Servers and the engine's life.** What a deployer serves lives as long as the engine: the transformers
+runtime serves from the engine's process, llama.cpp servers are child processes stopped when the engine stops
+(the processor's ``on_stop``, and ``atexit`` for a process that ends otherwise). When the engine starts, the
+deployer serves again, in the background, what its book says is in service (on the port it had, when that port
+is free). Ollama runs on its own and keeps its models. Runtimes are plugins: the deployer builds the one
+``deployer.runtime`` names from those registered with ``register_runtimes``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import contextlib
+import logging
+import sqlite3
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from flywheel_loop.engine.config import Settings
+from flywheel_loop.engine.extensions import Runtime, RuntimeUnavailable, ServedModel
+from flywheel_loop.engine.plugin_host import PluginHost
+from flywheel_loop.engine.processor import ProcessContext, Processor
+from flywheel_loop.plugins.serving.settings import DeployerConfig
+from flywheel_loop.plugins.shared.deployment_book import TABLES, DeploymentBook, version_name
+from flywheel_loop.plugins.shared.models import BaseModelUnusable, base_model_dir
+from flywheel_loop.schemas import (
+    CanaryPassed,
+    DeploymentCompleted,
+    DeploymentFailed,
+    DeploymentRolledBack,
+    DriftDetected,
+    EvaluationCompleted,
+    Event,
+    Payload,
+    RollbackRequested,
+    derived_event,
+)
+
+__all__ = ["NAME", "Deployer", "processor", "runtimes_of"]
+
+log = logging.getLogger(__name__)
+
+NAME = "deployer"
+CONSUMES = ("evaluation.completed", "canary.passed", "drift.detected", "rollback.requested")
+
+
+RuntimeMaker = Callable[[str, Settings], Runtime]
+
+
+def runtimes_of(plugins: PluginHost | None) -> RuntimeMaker:
+    """Builds a runtime by name from those the plugins registered (``register_runtimes``)."""
+
+    def make(name: str, settings: Settings) -> Runtime:
+        known = plugins.runtimes() if plugins is not None else {}
+        if name not in known:
+            raise RuntimeUnavailable(
+                f"unknown runtime {name!r}: deployer.runtime is one of {', '.join(sorted(known)) or 'none installed'}"
+            )
+        return known[name].make(settings)
+
+    return make
+
+
+class Refused(Exception):
+    """A deployment or rollback that cannot happen; the message is the reason published."""
+
+
+class Deployer:
+    """The processor and the runtimes it started; one book per state folder."""
+
+    def __init__(self, settings: Settings, runtime_factory: RuntimeMaker | None = None) -> None:
+        self.settings = settings
+        #: tests hand a factory in; the engine's plugin host provides the registered runtimes otherwise
+        self.runtime_factory = runtime_factory
+        self.runtimes: dict[str, Runtime] = {}
+        self.lock = threading.RLock()  # one decision at a time, and never during a restore
+
+    def runtime(self, name: str) -> Runtime:
+        with self.lock:
+            if name not in self.runtimes:
+                if self.runtime_factory is None:
+                    raise RuntimeUnavailable("the deployer has no runtimes yet: its worker has not started")
+                self.runtimes[name] = self.runtime_factory(name, self.settings)
+            return self.runtimes[name]
+
+    def served_model(self, role: str, adapter_hash: str | None) -> ServedModel:
+        """What to serve for ``role`` with ``adapter_hash`` (None: the base model alone)."""
+        try:
+            base = base_model_dir(self.settings)
+        except BaseModelUnusable as exc:
+            raise Refused(f"the base model cannot be used: {exc}") from exc
+        adapter_dir = None
+        if adapter_hash is not None:
+            adapter_dir = self.settings.layout.adapter(adapter_hash)
+            if not (adapter_dir / "adapter_config.json").is_file():
+                raise Refused(
+                    f"adapter {adapter_hash[:12]} is not in the adapter store ({adapter_dir} has no"
+                    " adapter_config.json)"
+                )
+        return ServedModel(role, version_name(role, adapter_hash), base, adapter_dir, adapter_hash)
+
+    # ------------------------------------------------------------------ the processor
+
+    async def handle(self, event: Event[Any], ctx: ProcessContext) -> list[Payload]:
+        # Loading, converting and smoke-testing block: keep the worker's loop (and its heartbeat) free.
+        return await asyncio.to_thread(self._handle, event, ctx)
+
+    def _handle(self, event: Event[Any], ctx: ProcessContext) -> list[Payload]:
+        with self.lock:
+            book = DeploymentBook(ctx.state.db, create=False)
+            data = event.data
+            if isinstance(data, EvaluationCompleted):
+                book.apply(event, ctx.sequence)
+                outputs = self._deploy(book, event.id, data)
+            elif isinstance(data, CanaryPassed):
+                outputs = self._promote(book, data)
+            elif isinstance(data, DriftDetected):
+                outputs = self._drifted(book, data)
+            elif isinstance(data, RollbackRequested):
+                outputs = self._rollback(book, data.role, f"requested by {data.requested_by}: {data.reason}",
+                                         "manual")
+            else:
+                outputs = []
+            # the book knows its own decisions at once (the engine commits them with the memo)
+            for i, out in enumerate(outputs):
+                book.apply(derived_event(out, cause=event, source=NAME, index=i), ctx.sequence)
+        for out in outputs:
+            ctx.log.info("%s: %s", out.event_type, out.model_dump(exclude_defaults=True))
+        return outputs
+
+    # ------------------------------------------------------------------ deploy
+
+    def _deploy(self, book: DeploymentBook, evaluation_id: str, data: EvaluationCompleted) -> list[Payload]:
+        runtime_name = DeployerConfig.of(self.settings).runtime
+        role, digest = data.role, data.adapter_hash
+
+        def failed(reason: str) -> list[Payload]:
+            return [DeploymentFailed(
+                role=role, runtime=runtime_name, adapter_hash=digest, reason=reason[:2000],
+                model_name=version_name(role, digest) if digest else None, evaluation_id=evaluation_id,
+            )]
+
+        if not data.passed:
+            why = "; ".join(data.reasons) or "no reason given"
+            return failed(f"refused: evaluation {evaluation_id} (run {data.run_id}) did not pass the gate: {why}")
+        if digest is None:
+            return failed(f"refused: evaluation {evaluation_id} (run {data.run_id}) names no adapter to deploy")
+        if book.passed_evaluation(digest) is None:  # cannot happen after the fold above; the rule stays explicit
+            return failed(f"refused: adapter {digest[:12]} has no passed evaluation on the log")
+        current = book.service(role)
+        if current is not None and current.adapter_hash == digest:
+            log.info("%s: %s is already in service", role, current.model_name)
+            return []
+        try:
+            model = self.served_model(role, digest)
+        except Refused as exc:
+            return failed(str(exc))
+        runtime = self.runtime(runtime_name)
+        fresh = model.model_name not in {v.model_name for v in book.kept(role)}
+        try:
+            endpoint = self._serve_and_smoke(runtime, model, fresh=fresh)
+        except RuntimeUnavailable as exc:
+            return failed(str(exc))
+        cfg = DeployerConfig.of(self.settings)
+        share = cfg.canary_share
+        if current is not None:
+            # The version before the current one stops serving now (a canary of a canary leaves two at most);
+            # the current one stops too unless it keeps the rest of the traffic.
+            if current.sharing_with:
+                self._stop(book, role, current.sharing_with, current.runtime)
+            if share >= 1.0:
+                self._stop(book, role, current.model_name, current.runtime)
+        kept_before = [v.model_name for v in book.kept(role) if v.model_name != model.model_name]
+        kept = [model.model_name, *kept_before][: cfg.keep_versions]
+        for name in kept_before[cfg.keep_versions - 1:]:
+            self._retire(book, role, name)
+        return [DeploymentCompleted(
+            role=role,
+            runtime=runtime_name,
+            model_name=model.model_name,
+            adapter_hash=digest,
+            evaluation_id=evaluation_id,
+            traffic_share=share,
+            endpoint=endpoint,
+            previous_model_name=current.model_name if current else None,
+            previous_adapter_hash=current.adapter_hash if current else None,
+            kept=kept,
+        )]
+
+    def _serve_and_smoke(self, runtime: Runtime, model: ServedModel, port: int | None = None,
+                         fresh: bool = False) -> str:
+        """Prepare, serve and smoke-test ``model``; on any failure stop what was started (and, for a ``fresh``
+        version, delete what the runtime created for it) and raise."""
+        cfg = DeployerConfig.of(self.settings)
+        try:
+            runtime.prepare(model)
+            endpoint = _serve(runtime, model, port)
+            runtime.generate(model, cfg.smoke_prompt, max_tokens=cfg.smoke_max_tokens, temperature=0.0)
+        except Exception as exc:
+            retire = getattr(runtime, "retire", None) if fresh else None
+            for cleanup in (runtime.stop, retire):
+                if cleanup is None:
+                    continue
+                try:
+                    cleanup(model)
+                except Exception as cleanup_error:  # already failing: report the first error
+                    log.warning("cleaning up %s after a failed deployment: %s", model.model_name, cleanup_error)
+            if isinstance(exc, RuntimeUnavailable):
+                raise RuntimeUnavailable(
+                    f"{model.model_name} on {runtime.name} failed before taking traffic: {exc}"
+                ) from exc
+            raise RuntimeUnavailable(
+                f"{model.model_name} on {runtime.name} failed its smoke test: {type(exc).__name__}: {exc}"
+            ) from exc
+        return endpoint
+
+    def _stop(self, book: DeploymentBook, role: str, model_name: str, runtime_name: str) -> None:
+        version = book.version(role, model_name)
+        adapter = version.adapter_hash if version else None
+        model = ServedModel(role, model_name, Path(), None, adapter)
+        try:
+            self.runtime(runtime_name).stop(model)
+        except Exception:  # a server that will not stop must not block the deployment that replaced it
+            log.exception("could not stop %s on %s", model_name, runtime_name)
+
+    def _retire(self, book: DeploymentBook, role: str, model_name: str) -> None:
+        """A version beyond the kept ones: a runtime that stores models (Ollama) may delete it."""
+        version = book.version(role, model_name)
+        if version is None:
+            return
+        try:
+            runtime = self.runtime(version.runtime)
+        except RuntimeUnavailable:
+            return
+        retire = getattr(runtime, "retire", None)
+        if retire is not None:
+            try:
+                retire(ServedModel(role, model_name, Path(), None, version.adapter_hash))
+            except Exception:
+                log.exception("could not retire %s on %s", model_name, version.runtime)
+
+    def _promote(self, book: DeploymentBook, data: CanaryPassed) -> list[Payload]:
+        """The canary passed: it takes all the traffic and the version that shared it stops."""
+        current = book.service(data.role)
+        if current is None or current.model_name != data.model_name or current.sharing_with is None:
+            log.info("%s: canary %s is no longer the one in service; not promoted", data.role, data.model_name)
+            return []
+        version = book.version(data.role, current.model_name)
+        self._stop(book, data.role, current.sharing_with, current.runtime)
+        return [DeploymentCompleted(
+            role=data.role,
+            runtime=current.runtime,
+            model_name=current.model_name,
+            adapter_hash=current.adapter_hash,
+            evaluation_id=version.evaluation_id if version else None,
+            traffic_share=1.0,
+            endpoint=current.endpoint,
+            previous_model_name=version.previous_model_name if version else None,
+            previous_adapter_hash=version.previous_adapter_hash if version else None,
+            kept=[v.model_name for v in book.kept(data.role)],
+        )]
+
+    # ------------------------------------------------------------------ roll back
+
+    def _drifted(self, book: DeploymentBook, data: DriftDetected) -> list[Payload]:
+        current = book.service(data.role)
+        if current is not None and data.model_name is not None and data.model_name != current.model_name:
+            log.info("%s: drift of %s ignored, %s is in service now", data.role, data.model_name, current.model_name)
+            return []
+        reason = (
+            f"drift.detected: {data.metric} fell from {data.baseline_value:.3g} to {data.current_value:.3g}"
+            f" over the last {data.window} runs" + (f" (p={data.p_value:.3g})" if data.p_value is not None else "")
+        )
+        return self._rollback(book, data.role, reason, "drift")
+
+    def _rollback(self, book: DeploymentBook, role: str, reason: str, trigger: str) -> list[Payload]:
+        runtime_name = DeployerConfig.of(self.settings).runtime
+        current = book.service(role)
+
+        def failed(why: str, adapter: str | None = None) -> list[Payload]:
+            return [DeploymentFailed(role=role, runtime=runtime_name, adapter_hash=adapter,
+                                     reason=f"rollback refused: {why}"[:2000])]
+
+        if current is None:
+            return failed(f"nothing is in service for role {role!r}, so there is nothing to roll back")
+        target = book.previous(role)
+        if target is None:
+            return failed(f"{current.model_name} (the base model) is in service; there is no version before it")
+        target_name, target_adapter = target
+        try:
+            model = self.served_model(role, target_adapter)
+        except Refused as exc:
+            return failed(f"cannot serve {target_name} again: {exc}", target_adapter)
+        runtime = self.runtime(runtime_name)
+        try:
+            endpoint = self._serve_and_smoke(runtime, model)
+        except RuntimeUnavailable as exc:
+            return failed(str(exc), target_adapter)
+        if current.model_name != model.model_name:
+            self._stop(book, role, current.model_name, current.runtime)
+        return [DeploymentRolledBack(
+            role=role,
+            runtime=runtime_name,
+            from_adapter=current.adapter_hash,
+            to_adapter=target_adapter,
+            reason=reason[:2000],
+            from_model_name=current.model_name,
+            to_model_name=model.model_name,
+            trigger=trigger,  # type: ignore[arg-type]
+            endpoint=endpoint,
+        )]
+
+    # ------------------------------------------------------------------ the engine's life
+
+    def start(self, ctx: ProcessContext) -> None:
+        """The worker starts: take the registered runtimes, serve again in the background what is in
+        service, and stop every server when the process ends."""
+        if self.runtime_factory is None:
+            self.runtime_factory = runtimes_of(ctx.plugins)
+        db = sqlite3.connect(ctx.state.path, check_same_thread=False)  # its own connection: read in a thread
+        threading.Thread(target=self.restore, args=(db,), name="deployer-restore", daemon=True).start()
+        atexit.register(self.close)
+
+    def restore(self, db: sqlite3.Connection) -> None:
+        """Serve again what the book says is in service (engine start); failures are logged, not raised."""
+        with self.lock, contextlib.closing(db):
+            book = DeploymentBook(db, create=False)
+            for service in book.services():
+                names = [(service.model_name, service.adapter_hash, service.endpoint)]
+                if service.sharing_with:
+                    previous = book.version(service.role, service.sharing_with)
+                    names.append((service.sharing_with, previous.adapter_hash if previous else None, None))
+                for name, adapter, endpoint in names:
+                    try:
+                        model = self.served_model(service.role, adapter)
+                        port = urlparse(endpoint).port if endpoint else None
+                        url = self._serve_and_smoke(self.runtime(service.runtime), model, port)
+                        log.info("restored %s for %s at %s", name, service.role, url)
+                    except (Refused, RuntimeUnavailable) as exc:
+                        log.error("could not serve %s for %s again: %s", name, service.role, exc)
+
+    def close(self) -> None:
+        """Stop every server this deployer's runtimes started (the engine stops)."""
+        with self.lock:
+            runtimes = list(self.runtimes.values())
+        for runtime in runtimes:
+            close = getattr(runtime, "close", None)
+            if close is not None:
+                try:
+                    close()
+                except Exception:
+                    log.exception("could not close runtime %s", runtime.name)
+
+
+
+def _serve(runtime: Runtime, model: ServedModel, port: int | None) -> str:
+    """``runtime.serve(model)``, on ``port`` when it is free."""
+    if port:
+        try:
+            return runtime.serve(model, port=port)
+        except RuntimeUnavailable:
+            log.info("port %d is taken; %s gets another", port, model.model_name)
+    return runtime.serve(model)
+
+
+def processor(settings: Settings, runtime_factory: RuntimeMaker | None = None) -> Processor:
+    """The deployer processor, configured by ``settings``."""
+    deployer = Deployer(settings, runtime_factory)
+    return Processor(
+        name=NAME,
+        consumes=CONSUMES,
+        handle=deployer.handle,
+        description="deploys versions that passed their evaluation; rolls back on drift or by hand",
+        stateful=True,
+        tables=TABLES,
+        on_start=deployer.start,
+        on_stop=deployer.close,
+    )

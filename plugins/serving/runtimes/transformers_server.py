@@ -1,0 +1,302 @@
+"""The transformers + PEFT runtime: the fallback that always works (``deployer.runtime = "transformers"``).
+
+It needs nothing beyond the engine's own dependencies: the base model is the Hugging Face folder the trainer
+started from, the adapter is the trainer's PEFT folder, and each served version answers on its own localhost
+port with an OpenAI-compatible API (``GET /v1/models``, ``POST /v1/chat/completions``) rendered through the
+base model's chat template. Generation is greedy at temperature 0 (the default), so the same prompt gives the
+same answer, which is what a smoke test and a before/after comparison need.
+
+Where it runs: inside the engine's process, one ``ThreadingHTTPServer`` thread per served version (the model
+is loaded once in ``prepare``; requests to one version are answered one at a time). The servers end when the
+engine's process ends (daemon threads; ``close`` stops them earlier), and the deployer serves again, when the
+engine starts, whatever its book says is in service. ``python -m plugins.runtimes.transformers_server --base
+DIR [--adapter DIR] --name NAME --port N`` serves one version from a shell, outside the engine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+from flywheel_loop.engine.extensions import RuntimeUnavailable, ServedModel
+from flywheel_loop.plugins.serving.runtimes.openai_api import BadRequest, OpenAIHandler
+from flywheel_loop.plugins.serving.settings import DeployerConfig
+from flywheel_loop.plugins.shared.openai_client import post_chat
+
+__all__ = ["ChatModel", "TransformersRuntime", "load_chat_model", "serve_chat_model"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ChatModel:
+    """A base model with an optional PEFT adapter applied, and its tokenizer; one generation at a time."""
+
+    model: Any
+    tokenizer: Any
+    name: str
+    #: torch threads while generating (None: leave torch's setting); more threads than free cores busy-wait
+    threads: int | None = 1
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def complete(self, messages: list[dict[str, str]], max_tokens: int, temperature: float) -> tuple[str, int, int]:
+        """(answer, prompt tokens, completion tokens) for a chat, through the base model's chat template."""
+        import torch
+
+        tok = self.tokenizer
+        if getattr(tok, "chat_template", None):
+            text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        else:  # a base model without a template: a plain transcript it can continue
+            text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
+        enc = tok(str(text), return_tensors="pt", add_special_tokens=False)
+        sampling: dict[str, Any] = {"do_sample": False}
+        if temperature > 0:
+            sampling = {"do_sample": True, "temperature": temperature}
+        from flywheel_loop.plugins.shared.models import torch_threads
+
+        with self.lock, torch.no_grad(), torch_threads(self.threads):
+            out = self.model.generate(**enc, max_new_tokens=max_tokens, pad_token_id=tok.pad_token_id, **sampling)
+        ids = out[0, enc["input_ids"].shape[1]:].tolist()
+        if tok.eos_token_id in ids:
+            ids = ids[: ids.index(tok.eos_token_id)]
+        answer = tok.decode(ids, skip_special_tokens=True)
+        return answer, int(enc["input_ids"].shape[1]), len(ids)
+
+
+def load_chat_model(base_dir: Path, adapter_dir: Path | None, name: str, threads: int | None = 1) -> ChatModel:
+    """Load ``base_dir`` (fp32, eval mode) with the PEFT adapter in ``adapter_dir`` applied, if any."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not (base_dir / "config.json").is_file():
+        raise RuntimeUnavailable(
+            f"base model {base_dir} is not a Hugging Face model folder (no config.json): set models.base"
+            " to the folder the adapters were trained on"
+        )
+    if adapter_dir is not None and not (adapter_dir / "adapter_config.json").is_file():
+        raise RuntimeUnavailable(
+            f"adapter {adapter_dir} is not a PEFT adapter folder (no adapter_config.json): was it deleted from"
+            " <state_dir>/adapters?"
+        )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(base_dir), local_files_only=True)
+        model: Any = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32, local_files_only=True)
+        if adapter_dir is not None:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
+    except RuntimeUnavailable:
+        raise
+    except Exception as exc:  # transformers/peft raise OSError, ValueError, KeyError, RuntimeError...
+        raise RuntimeUnavailable(f"could not load {name} ({base_dir} + {adapter_dir or 'no adapter'}): {exc}") from exc
+    model.eval()
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return ChatModel(model=model, tokenizer=tokenizer, name=name, threads=threads)
+
+
+def _sampling(body: dict[str, Any]) -> tuple[int, float]:
+    max_tokens = body.get("max_tokens", body.get("max_completion_tokens", 256))
+    temperature = body.get("temperature", 0.0)
+    if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or not 1 <= max_tokens <= 4096:
+        raise BadRequest("max_tokens must be an integer from 1 to 4096")
+    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not 0 <= temperature <= 2:
+        raise BadRequest("temperature must be a number from 0 to 2")
+    return max_tokens, float(temperature)
+
+
+def _messages(body: dict[str, Any]) -> list[dict[str, str]]:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise BadRequest("messages must be a non-empty list of {role, content} objects")
+    for m in messages:
+        if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+            raise BadRequest("each message must be an object with a string role and a string content")
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def build_handler(chat: ChatModel) -> type[BaseHTTPRequestHandler]:
+    """The OpenAI-compatible request handler for one served version."""
+    started = int(time.time())
+
+    class Handler(OpenAIHandler):
+        model_name = chat.name
+        created = started
+
+        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
+            log.debug("%s %s", self.address_string(), format % args)
+
+        def do_POST(self) -> None:  # noqa: N802
+            if self.path.rstrip("/") != "/v1/chat/completions":
+                self._error(404, f"no route POST {self.path}; try /v1/chat/completions")
+                return
+            try:
+                body = self._read_request()
+                if body is None:
+                    return
+                if body.get("stream"):
+                    raise BadRequest("stream is not supported by this server; send stream: false")
+                max_tokens, temperature = _sampling(body)
+                answer, prompt_tokens, completion_tokens = chat.complete(_messages(body), max_tokens, temperature)
+            except (BadRequest, json.JSONDecodeError) as exc:
+                self._error(400, str(exc))
+                return
+            except Exception as exc:  # a generation error must answer, not hang the client
+                self._error(500, f"generation failed: {exc}", "server_error")
+                return
+            finish = "length" if completion_tokens >= max_tokens else "stop"
+            self._send(200, {
+                "id": f"chatcmpl-{time.time_ns():x}",
+                "object": "chat.completion",
+                "created": int(time.time()),
+                "model": chat.name,
+                "choices": [
+                    {"index": 0, "message": {"role": "assistant", "content": answer}, "finish_reason": finish}
+                ],
+                "usage": {
+                    "prompt_tokens": prompt_tokens,
+                    "completion_tokens": completion_tokens,
+                    "total_tokens": prompt_tokens + completion_tokens,
+                },
+            })
+
+    return Handler
+
+
+def serve_chat_model(chat: ChatModel, host: str = "127.0.0.1", port: int = 0) -> ThreadingHTTPServer:
+    """Start answering for ``chat`` on ``host:port`` (0 = a free port) in a daemon thread."""
+    server = ThreadingHTTPServer((host, port), build_handler(chat))
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, name=f"serve-{chat.name}", daemon=True)
+    thread.start()
+    return server
+
+
+@dataclass
+class _Served:
+    chat: ChatModel
+    server: ThreadingHTTPServer | None = None
+
+    @property
+    def url(self) -> str | None:
+        if self.server is None:
+            return None
+        host, port = self.server.server_address[:2]
+        return f"http://{host!s}:{port}/v1"
+
+
+class TransformersRuntime:
+    """Serves versions with transformers + PEFT inside the engine's process; see the module docstring."""
+
+    name = "transformers"
+
+    def __init__(self, settings: Any) -> None:
+        self.host: str = str(DeployerConfig.of(settings).host)
+        self.threads: int | None = DeployerConfig.of(settings).threads
+        self._served: dict[str, _Served] = {}
+        self._lock = threading.RLock()
+
+    def prepare(self, model: ServedModel) -> None:
+        """Load the base model with the adapter applied (the slow part); nothing answers yet."""
+        with self._lock:
+            if model.model_name in self._served:
+                return
+        chat = load_chat_model(model.base_model_dir, model.adapter_dir, model.model_name, self.threads)
+        with self._lock:
+            self._served.setdefault(model.model_name, _Served(chat))
+
+    def serve(self, model: ServedModel, port: int = 0) -> str:
+        """Start the version's server (on ``port``, or a free one: 0), loading it first if needed; return
+        ``http://host:port/v1``. A version already served keeps its server."""
+        self.prepare(model)
+        with self._lock:
+            served = self._served[model.model_name]
+            if served.server is None:
+                try:
+                    served.server = serve_chat_model(served.chat, self.host, port)
+                except OSError as exc:
+                    raise RuntimeUnavailable(
+                        f"could not listen on {self.host} for {model.model_name}: {exc} (deployer.host)"
+                    ) from exc
+            url = served.url
+        assert url is not None
+        return url
+
+    def url(self, model: ServedModel) -> str | None:
+        """The base URL ``model`` is served at, or None when it is not being served."""
+        with self._lock:
+            served = self._served.get(model.model_name)
+            return served.url if served is not None else None
+
+    def generate(self, model: ServedModel, prompt: str, max_tokens: int = 64, temperature: float = 0.0) -> str:
+        """One chat completion through the version's HTTP endpoint (what an agent would get)."""
+        url = self.url(model)
+        if url is None:
+            raise RuntimeUnavailable(f"{model.model_name} is not being served by transformers: call serve() first")
+        try:
+            answer = post_chat(url, model.model_name, prompt, max_tokens, temperature, timeout_s=300)
+        except urllib.error.HTTPError as exc:
+            detail = exc.read().decode(errors="replace")
+            raise RuntimeUnavailable(f"{model.model_name} at {url} answered {exc.code}: {detail}") from exc
+        except (urllib.error.URLError, OSError) as exc:
+            raise RuntimeUnavailable(f"{model.model_name} at {url} did not answer: {exc}") from exc
+        return str(answer["choices"][0]["message"]["content"])
+
+    def stop(self, model: ServedModel) -> None:
+        """Stop answering for ``model`` and free its weights (nothing happens when it is not served)."""
+        with self._lock:
+            served = self._served.pop(model.model_name, None)
+        if served is not None and served.server is not None:
+            served.server.shutdown()
+            served.server.server_close()
+
+    def serving(self) -> list[str]:
+        """The model names this runtime is serving now."""
+        with self._lock:
+            return sorted(name for name, s in self._served.items() if s.server is not None)
+
+    def close(self) -> None:
+        """Stop every version this runtime serves."""
+        with self._lock:
+            names = list(self._served)
+        for name in names:
+            self.stop(ServedModel(role="", model_name=name, base_model_dir=Path()))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Serve one version from a shell until interrupted."""
+    parser = argparse.ArgumentParser(description="Serve a base model + PEFT adapter with an OpenAI-compatible API")
+    parser.add_argument("--base", type=Path, required=True, help="the Hugging Face base model folder")
+    parser.add_argument("--adapter", type=Path, default=None, help="a PEFT adapter folder")
+    parser.add_argument("--name", required=True, help="the model name clients ask for")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads while generating")
+    args = parser.parse_args(argv)
+    try:
+        chat = load_chat_model(args.base, args.adapter, args.name, args.threads)
+    except RuntimeUnavailable as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    server = serve_chat_model(chat, args.host, args.port)
+    print(f"serving {args.name} at http://{args.host}:{server.server_address[1]}/v1", flush=True)
+    try:
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        pass
+    server.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

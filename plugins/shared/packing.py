@@ -1,0 +1,170 @@
+"""Answer-only labels and sequence packing with a block-diagonal attention mask.
+
+A row (``prompt``, ``completion``: the chat-templated text, see ``plugins/chat_format.py``)
+becomes token ids with the prompt's labels set to ``IGNORE`` (-100), so the loss counts the
+answer tokens only. Examples are packed first-fit into blocks of at most ``block_tokens``; each
+block carries a segment id per token, and ``attention_bias`` turns the segments into a 4-D
+additive mask (causal inside a segment, nothing across segments) with position ids restarting
+at 0 for each segment. Resetting position ids alone does not isolate packed examples on CPU
+attention kernels; the mask does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "IGNORE", "Block", "Example", "attention_bias", "block_loss", "collate", "pack", "token_losses", "tokenize_rows",
+]
+
+IGNORE = -100
+
+
+@dataclass(frozen=True)
+class Example:
+    input_ids: list[int]
+    labels: list[int]
+
+    @property
+    def answer_tokens(self) -> int:
+        return sum(1 for x in self.labels if x != IGNORE)
+
+
+@dataclass(frozen=True)
+class Block:
+    """Packed examples: their ids and labels one after the other, and which example each token is."""
+
+    input_ids: list[int]
+    labels: list[int]
+    segments: list[int]
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+def tokenize_rows(rows: Sequence[dict[str, Any]], tokenizer: Any, max_tokens: int) -> list[Example]:
+    """One ``Example`` per row with answer-only labels, cut to ``max_tokens``; rows whose answer
+    does not survive the cut are dropped."""
+    out: list[Example] = []
+    for row in rows:
+        prompt = tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
+        answer = tokenizer(row["completion"], add_special_tokens=False)["input_ids"]
+        ids = (list(prompt) + list(answer))[:max_tokens]
+        labels = ([IGNORE] * len(prompt) + list(answer))[:max_tokens]
+        if len(ids) < 2:
+            continue
+        labels[0] = IGNORE  # the first token of a segment is never predicted (nothing before it)
+        ex = Example(ids, labels)
+        if ex.answer_tokens:
+            out.append(ex)
+    return out
+
+
+def pack(examples: Sequence[Example], block_tokens: int) -> list[Block]:
+    """First-fit packing in the given order (an example longer than a block gets its own)."""
+    blocks: list[list[Example]] = []
+    sizes: list[int] = []
+    for ex in examples:
+        n = len(ex.input_ids)
+        for i, used in enumerate(sizes):
+            if used + n <= block_tokens:
+                blocks[i].append(ex)
+                sizes[i] += n
+                break
+        else:
+            blocks.append([ex])
+            sizes.append(n)
+    out = []
+    for members in blocks:
+        ids: list[int] = []
+        labels: list[int] = []
+        segments: list[int] = []
+        for s, ex in enumerate(members):
+            ids += ex.input_ids
+            labels += ex.labels
+            segments += [s] * len(ex.input_ids)
+        out.append(Block(ids, labels, segments))
+    return out
+
+
+def attention_bias(segments: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(batch, 1, L, L) additive mask from (batch, L) segment ids: 0 where a token may attend
+    (same segment, not later), the dtype's minimum elsewhere. Padding has segment -1 and attends
+    to earlier padding only, so no row is all masked."""
+    length = segments.shape[1]
+    same = segments[:, :, None] == segments[:, None, :]
+    causal = torch.ones(length, length, dtype=torch.bool, device=segments.device).tril()
+    allowed = same & causal
+    bias = torch.zeros(allowed.shape, dtype=dtype, device=segments.device)
+    bias.masked_fill_(~allowed, torch.finfo(dtype).min)
+    return bias[:, None, :, :]
+
+
+def collate(blocks: Sequence[Block], pad_id: int, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """A batch: ``input_ids``, ``labels``, ``position_ids`` (restarting per segment) and the
+    4-D ``attention_mask``."""
+    length = max(len(b) for b in blocks)
+    ids = torch.full((len(blocks), length), pad_id, dtype=torch.long)
+    labels = torch.full((len(blocks), length), IGNORE, dtype=torch.long)
+    segments = torch.full((len(blocks), length), -1, dtype=torch.long)
+    positions = torch.zeros((len(blocks), length), dtype=torch.long)
+    for i, b in enumerate(blocks):
+        n = len(b)
+        ids[i, :n] = torch.tensor(b.input_ids)
+        labels[i, :n] = torch.tensor(b.labels)
+        seg = torch.tensor(b.segments)
+        segments[i, :n] = seg
+        starts = torch.ones(n, dtype=torch.bool)
+        starts[1:] = seg[1:] != seg[:-1]
+        index = torch.arange(n)
+        first = torch.cummax(torch.where(starts, index, torch.zeros_like(index)), dim=0).values
+        positions[i, :n] = index - first
+    return {
+        "input_ids": ids,
+        "labels": labels,
+        "position_ids": positions,
+        "attention_mask": attention_bias(segments, dtype),
+    }
+
+
+def token_losses(model: Any, batch: dict[str, torch.Tensor], bf16: bool) -> tuple[torch.Tensor, int]:
+    """(sum of the answer tokens' cross-entropy, how many answer tokens) of one batch.
+
+    Only the positions that predict an answer token go through the vocabulary projection
+    (``logits_to_keep`` as a boolean mask): with a 49k-token vocabulary that projection is a
+    large share of the work, and the prompt's logits are never used."""
+    device = next(model.parameters()).device
+    batch = {k: v.to(device) for k, v in batch.items()}
+    labels = batch.pop("labels")
+    target = labels[:, 1:]
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = target != IGNORE
+    ctx = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+    with ctx:
+        logits = model(**batch, logits_to_keep=keep).logits
+    wanted = target[keep[:, :-1]]
+    logits = logits.reshape(-1, logits.shape[-1])
+    if logits.shape[0] != wanted.shape[0]:  # a model that ignores a mask for logits_to_keep: all positions
+        logits = logits.reshape(labels.shape[0], labels.shape[1], -1)[:, :-1][keep[:, :-1]]
+    loss = F.cross_entropy(logits.float(), wanted, ignore_index=IGNORE, reduction="sum")
+    return loss, int(wanted.numel())
+
+
+def block_loss(model: Any, blocks: Sequence[Block], pad_id: int, batch: int = 4, bf16: bool = False) -> float | None:
+    """Mean answer-token loss over ``blocks`` (no gradients); None without answer tokens."""
+    total, count = 0.0, 0
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for i in range(0, len(blocks), batch):
+            s, n = token_losses(model, collate(blocks[i : i + batch], pad_id), bf16)
+            total += float(s)
+            count += n
+    model.train(was_training)
+    return total / count if count else None

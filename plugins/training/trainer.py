@@ -1,0 +1,301 @@
+"""Built-in processor ``trainer``: ``dataset.built`` in, a LoRA adapter and
+``training.started`` / ``training.progressed`` / ``training.completed`` (or ``training.failed``) out.
+
+It trains a LoRA adapter (PEFT; rank, alpha, dropout, target projections, learning rate,
+epochs, batch and accumulation from ``trainer`` in the configuration) on the dataset's train
+split, with the loss on the answer tokens only and examples packed into blocks that cannot
+attend to each other (``plugins/training/packing.py``). The run lives in
+``<state_dir>/runs/<run_id>``; ``run_id`` is derived from the role, the dataset hash, the base
+model and the hyper-parameters, so a redelivered ``dataset.built`` (after a crash or a kill)
+resumes the same run from its last checkpoint, and one that already finished answers with the
+same ``training.completed``. The adapter is stored under ``<state_dir>/adapters/<hash>``
+(``plugins/training/models.py``) with a lineage file naming the dataset, its lineage, the base
+model and the hyper-parameters.
+
+``training.started`` and ``training.progressed`` (every ``progress_every`` steps) are
+published while the run goes on; a progress bar with rate and ETA is drawn when stderr is a
+terminal. A dataset folder that does not exist, a base model that is not a model, a dataset
+with nothing to train on and a run past its wall-clock cap end in ``training.failed`` with the
+reason (not retried).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from flywheel_loop.engine.config import Settings
+from flywheel_loop.engine.processor import ProcessContext, Processor
+from flywheel_loop.plugins.shared.datasets import dataset_root, read_split
+from flywheel_loop.plugins.shared.models import (
+    BaseModelUnusable,
+    base_model_dir,
+    base_model_name,
+    load_base,
+    store_adapter,
+    torch_threads,
+    use_bf16,
+)
+from flywheel_loop.plugins.shared.packing import pack, tokenize_rows
+from flywheel_loop.plugins.training.loop import LoopSettings, Progress, WallClockExceeded, train_loop
+from flywheel_loop.plugins.training.settings import TrainerConfig
+from flywheel_loop.schemas import (
+    DatasetBuilt,
+    Event,
+    Payload,
+    TrainingCompleted,
+    TrainingFailed,
+    TrainingProgressed,
+    TrainingStarted,
+)
+
+__all__ = ["Emit", "hyperparameters", "run_id_for", "train_dataset", "use_bf16"]
+
+log = logging.getLogger(__name__)
+
+#: called with each live event (started, progressed) while a run goes on
+Emit = Callable[[Payload], None]
+
+LOOP_FIELDS = (
+    "lr", "epochs", "batch", "grad_accum", "max_steps", "warmup_steps", "checkpoint_every", "seed", "eval_every"
+)
+
+
+def hyperparameters(cfg: TrainerConfig) -> dict[str, Any]:
+    """What shapes the adapter (and so the run id): LoRA, optimisation and data settings."""
+    return {
+        "r": cfg.r,
+        "alpha": cfg.alpha,
+        "dropout": cfg.dropout,
+        "target_modules": ",".join(cfg.target_modules),
+        "lr": cfg.lr,
+        "epochs": cfg.epochs,
+        "batch": cfg.batch,
+        "grad_accum": cfg.grad_accum,
+        "max_steps": cfg.max_steps,
+        "warmup_steps": cfg.warmup_steps,
+        "max_tokens": cfg.max_tokens,
+        "block_tokens": cfg.block_tokens,
+        "seed": cfg.seed,
+        "gradient_checkpointing": cfg.gradient_checkpointing,
+        "eval_every": cfg.eval_every,
+        "early_stopping_patience": cfg.early_stopping_patience,
+        "method": cfg.method,
+        **({"dpo_beta": cfg.dpo_beta} if cfg.method == "dpo" else {}),
+    }
+
+
+def run_id_for(role: str, dataset_hash: str, base_model: str, cfg: TrainerConfig) -> str:
+    key = json.dumps([role, dataset_hash, base_model, hyperparameters(cfg)], sort_keys=True)
+    return f"{role}-{dataset_hash[:16]}-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
+
+
+@contextlib.contextmanager
+def _run_lock(run_dir: Path) -> Iterator[None]:
+    """One process per run: a second one (another engine on the same state folder) raises, so
+    its worker retries later instead of training the same run twice."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / ".lock", "w") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RuntimeError(f"run {run_dir.name} is being trained by another process") from None
+        yield
+
+
+class _ProgressBar:
+    """A rich progress bar (steps, rate, ETA) on stderr when it is a terminal."""
+
+    def __init__(self, run_id: str) -> None:
+        self._bar: Any = None
+        self._task: Any = None
+        self._run_id = run_id
+
+    def update(self, p: Progress) -> None:
+        if not sys.stderr.isatty():
+            return
+        if self._bar is None:
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            from flywheel_loop.engine.progress import RateColumn
+
+            self._bar = Progress(
+                TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("steps"),
+                RateColumn(), TextColumn("loss {task.fields[loss]:.4f}"), TimeRemainingColumn(),
+                console=Console(stderr=True), transient=False,
+            )
+            self._bar.start()
+            self._task = self._bar.add_task(self._run_id, total=p.total_steps, completed=p.step - 1, loss=p.loss)
+        self._bar.update(self._task, completed=p.step, loss=p.loss)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+
+def train_dataset(
+    settings: Settings,
+    role: str,
+    dataset_hash: str,
+    dataset_path: str | Path | None = None,
+    emit: Emit | None = None,
+    on_step: Callable[[Progress], None] | None = None,
+) -> TrainingCompleted | TrainingFailed:
+    """Train (or resume, or recall) the run for a dataset; the final event's payload.
+
+    ``emit`` receives ``training.started`` and ``training.progressed`` payloads as they happen;
+    ``on_step`` every step's progress (an exception it raises stops the run after that step's
+    checkpoint, as a kill would)."""
+    cfg = TrainerConfig.of(settings)
+    folder = Path(dataset_path) if dataset_path else dataset_root(settings) / dataset_hash
+    base_name = base_model_name(settings)
+    run_id = run_id_for(role, dataset_hash, base_name, cfg)
+    run_dir = settings.layout.run(run_id)
+
+    def failed(reason: str, error: str = "") -> TrainingFailed:
+        log.warning("training run %s failed: %s", run_id, reason)
+        return TrainingFailed(run_id=run_id, role=role, reason=reason[:2000], error=error[:200_000])
+
+    if not (folder / "manifest.json").is_file():
+        return failed(f"dataset {dataset_hash} not found: {folder} has no manifest.json")
+    done_file = run_dir / "completed.json"
+    if done_file.is_file():
+        return TrainingCompleted.model_validate_json(done_file.read_text())
+    with _run_lock(run_dir):
+        try:
+            model_dir = base_model_dir(settings)
+            model, tokenizer = load_base(model_dir)
+        except BaseModelUnusable as exc:
+            return failed(str(exc))
+        if cfg.method == "dpo":
+            pairs = read_split(folder, "dpo_train")
+            val_pairs = read_split(folder, "dpo_validation")
+            if not pairs:
+                return failed(f"dataset {dataset_hash} has no preference pairs (dpo_train) for DPO")
+        else:
+            train_rows = read_split(folder, "train")
+            val_rows = read_split(folder, "validation")
+            train = pack(tokenize_rows(train_rows, tokenizer, cfg.max_tokens), cfg.block_tokens)
+            validation = pack(tokenize_rows(val_rows, tokenizer, cfg.max_tokens), cfg.block_tokens)
+            if not train:
+                return failed(f"dataset {dataset_hash} has no training example with answer tokens")
+        import torch
+        from peft import LoraConfig, get_peft_model
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        bf16 = use_bf16(settings.models.precision, device)
+        torch.manual_seed(cfg.seed)
+        peft_model = get_peft_model(
+            model,
+            LoraConfig(
+                r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,  # type: ignore[arg-type]
+                target_modules=list(cfg.target_modules), task_type="CAUSAL_LM",
+            ),
+        ).to(device)
+        if cfg.gradient_checkpointing:
+            peft_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            peft_model.enable_input_require_grads()
+        hp = {**hyperparameters(cfg), "bf16": bf16, "threads": cfg.threads, "device": device}
+        if emit is not None:
+            emit(TrainingStarted(run_id=run_id, role=role, dataset_hash=dataset_hash, base_model=base_name,
+                                 method=cfg.method, hyperparameters=hp))
+        loop_cfg = LoopSettings(**{k: getattr(cfg, k) for k in LOOP_FIELDS},
+                                wall_clock_cap_s=cfg.wall_clock_cap_s, bf16=bf16,
+                                patience=cfg.early_stopping_patience)
+        bar = _ProgressBar(run_id)
+
+        def progressed(p: Progress) -> None:
+            bar.update(p)
+            if emit is not None and (p.step % cfg.progress_every == 0 or p.step == p.total_steps):
+                emit(TrainingProgressed(run_id=run_id, step=p.step, total_steps=p.total_steps, epoch=p.epoch,
+                                        loss=p.loss, val_loss=p.val_loss, tokens_per_s=p.tokens_per_s,
+                                        elapsed_s=p.elapsed_s))
+            if on_step is not None:
+                on_step(p)
+
+        try:
+            with torch_threads(cfg.threads if device == "cpu" else None):
+                if cfg.method == "dpo":
+                    from flywheel_loop.plugins.training.dpo import train_dpo
+
+                    result = train_dpo(peft_model, tokenizer, pairs, val_pairs, loop_cfg, run_dir, cfg.dpo_beta,
+                                       cfg.max_tokens, progressed)
+                else:
+                    result = train_loop(peft_model, train, validation, loop_cfg, run_dir, tokenizer.pad_token_id,
+                                        progressed)
+        except WallClockExceeded as exc:
+            return failed(str(exc))
+        except (torch.OutOfMemoryError, MemoryError) as exc:  # GPU memory, or host memory (a failed allocation)
+            return failed(f"out of memory: {exc or type(exc).__name__}; lower trainer.batch, block_tokens or"
+                          " max_tokens, or turn on trainer.gradient_checkpointing")
+        finally:
+            bar.close()
+        lineage = {
+            "run_id": run_id,
+            "role": role,
+            "method": cfg.method,
+            "dataset_hash": dataset_hash,
+            "dataset_lineage": str(folder / "lineage.txt"),
+            "base_model": base_name,
+            "base_model_folder": str(model_dir),
+            "hyperparameters": hp,
+            "steps": result.steps,
+            "train_loss": result.train_loss,
+            "val_loss": result.val_loss,
+        }
+        digest, adapter_dir = store_adapter(peft_model, settings.layout.adapters, lineage)
+        completed = TrainingCompleted(
+            run_id=run_id, role=role, adapter_hash=digest, path=str(adapter_dir), base_model=base_name,
+            train_loss=result.train_loss, val_loss=result.val_loss, tokens_per_s=result.tokens_per_s,
+            duration_s=result.duration_s,
+            steps=result.steps,
+            dataset_hash=dataset_hash,
+            method=cfg.method,
+            best_step=result.best_step,
+            stopped_early=result.stopped_early,
+        )
+        done_file.write_text(completed.model_dump_json())
+        return completed
+
+
+class Trainer:
+    """The processor: trains in a thread, publishing live events (``ctx.emit``) as it goes."""
+
+    name = "trainer"
+
+    async def handle(self, event: Event[Any], ctx: ProcessContext) -> list[Any]:
+        built = event.data
+        if not isinstance(built, DatasetBuilt):
+            return []
+
+        def emit(payload: Payload) -> None:
+            # live events get ids derived from the input and the step, so a resumed run
+            # re-publishes nothing twice inside the duplicate window; a lost one is only a report
+            index = payload.step if isinstance(payload, TrainingProgressed) else 0
+            try:
+                ctx.emit_threadsafe(payload, index)
+            except Exception as exc:  # progress is best effort; the final event is not
+                ctx.log.warning("trainer could not publish %s: %r", payload.event_type, exc)
+
+        outcome = await asyncio.to_thread(train_dataset, ctx.settings, built.role, built.dataset_hash, built.path, emit)
+        return [outcome]
+
+
+def processor(settings: Settings) -> Processor:
+    """The trainer processor, configured by ``settings``."""
+    return Processor(
+        name="trainer",
+        consumes=("dataset.built",),
+        handle=Trainer().handle,
+        description="trains a LoRA adapter on each built dataset (checkpointed, resumable)",
+        batch=1,
+    )
