@@ -55,10 +55,14 @@ from detect_secrets.plugins.high_entropy_strings import (
 )
 from stdnum import iban as std_iban
 from stdnum import luhn
+from stdnum.br import cpf as br_cpf
 from stdnum.ca import sin as ca_sin
 from stdnum.es import dni as es_dni
+from stdnum.fr import nir as fr_nir
 from stdnum.in_ import aadhaar as in_aadhaar
 from stdnum.us import ssn as us_ssn
+
+from plugins.scrubber_context import CONTEXT_RULES, key_kind
 
 __all__ = [
     "DEFAULT_PHONE_REGIONS",
@@ -148,7 +152,32 @@ class PasswordArgumentDetector(RegexBasedDetector):
     )
 
 
+class ProviderTokenDetector(RegexBasedDetector):
+    """Token formats providers document that detect-secrets 1.5 lacks or only knows in part
+    (Stripe test keys, Slack app tokens); each starts with a fixed prefix."""
+
+    secret_type = "Provider Token"  # pragma: allowlist secret
+    denylist = (
+        re.compile(r"\b[sr]k_test_[0-9a-zA-Z]{24,}"),  # Stripe test mode: still a live credential
+        re.compile(r"\bxapp-\d-[A-Z0-9]+-\d+-[a-f0-9]{32,}"),  # Slack app-level tokens
+        re.compile(r"\bdapi[a-f0-9]{32}(?:-\d)?\b"),  # Databricks
+        re.compile(r"\bshp(?:at|ca|pa|ss)_[a-fA-F0-9]{32}\b"),  # Shopify
+        re.compile(r"\bPMAK-[a-f0-9]{24}-[a-f0-9]{34}\b"),  # Postman
+        re.compile(r"\bkey-[0-9a-f]{32}\b"),  # Mailgun
+        re.compile(r"\bdo[opr]_v1_[a-f0-9]{64}\b"),  # DigitalOcean
+        re.compile(r"\bhv[sbr]\.[A-Za-z0-9_\-]{24,}"),  # HashiCorp Vault
+        re.compile(r"\bgl(?:sa|c)_[A-Za-z0-9_+/]{32,}={0,2}"),  # Grafana service accounts, Cloud
+        re.compile(r"\bya29\.[0-9A-Za-z_\-]{20,}"),  # Google OAuth access tokens
+        re.compile(r"\bdp\.(?:pt|st|sa|ct|scim|audit)\.[A-Za-z0-9]{40,}"),  # Doppler
+        re.compile(r"\blin_(?:api|oauth)_[A-Za-z0-9]{40}\b"),  # Linear
+        re.compile(r"\bGOCSPX-[A-Za-z0-9_\-]{28}"),  # Google OAuth client secrets
+        re.compile(r"\bATATT3[A-Za-z0-9_\-=]{100,}"),  # Atlassian API tokens
+        re.compile(r"\bAKCp[A-Za-z0-9]{69}\b"),  # JFrog
+    )
+
+
 EXTRA_DETECTORS: tuple[type[RegexBasedDetector], ...] = (
+    ProviderTokenDetector,
     PasswordArgumentDetector,
     GoogleApiKeyDetector,
     OpenAIProjectKeyDetector,
@@ -179,6 +208,7 @@ _KIND_BY_TYPE: dict[str, str] = {
     "OpenAI Project Key": "OPENAI_KEY",
     "Anthropic Key": "ANTHROPIC_KEY",
     "Hugging Face Token": "HUGGINGFACE_TOKEN",
+    "Provider Token": "API_TOKEN",
     "Google API Key": "GOOGLE_API_KEY",
     "PyPI Token": "PYPI_TOKEN",
     "SendGrid API Key": "SENDGRID_KEY",
@@ -193,14 +223,20 @@ _KIND_BY_TYPE: dict[str, str] = {
 
 #: Every kind a secret finding can have (a detector detect-secrets adds later gets a kind
 #: named after its secret_type, outside this set).
-SECRET_KINDS = frozenset(_KIND_BY_TYPE.values()) | {"PRIVATE_KEY", "SECRET", "HIGH_ENTROPY_SECRET"}
+SECRET_KINDS = frozenset(_KIND_BY_TYPE.values()) | {
+    "PRIVATE_KEY",
+    "SECRET",
+    "HIGH_ENTROPY_SECRET",
+    "BEARER_TOKEN",
+    "BASIC_AUTH",
+}
 
 # Handled elsewhere: private keys span lines; IP addresses are PII with wider rules (private
 # ranges, IPv6); keywords and entropy are not RegexBasedDetectors.
 _NOT_TOKEN_DETECTORS = {"Private Key", "Public IP (ipv4)"}
 
 # Ranks: the more specific detector names the placeholder when findings overlap.
-_RANK_PRIVATE_KEY, _RANK_TOKEN, _RANK_PII, _RANK_PHONE, _RANK_KEYWORD, _RANK_ENTROPY = range(6)
+_RANK_PRIVATE_KEY, _RANK_TOKEN, _RANK_PII, _RANK_PHONE, _RANK_CONTEXT, _RANK_KEYWORD, _RANK_ENTROPY = range(7)
 
 # The keyword-style cloud detectors scan every position with look-behinds (a tenth of a
 # millisecond per kilobyte each); their values have a fixed shape, so they only run on the
@@ -220,9 +256,10 @@ _TRIM = " \t\"'=:"
 
 def _token_detectors() -> list[tuple[str, re.Pattern[str]]]:
     """(kind, pattern) for every regex-based detect-secrets plugin plus ours."""
+    mapping: dict[str, Any] = get_mapping_from_secret_type_to_class()
     classes: list[Any] = [
         cls
-        for name, cls in get_mapping_from_secret_type_to_class().items()
+        for name, cls in mapping.items()
         if name not in _NOT_TOKEN_DETECTORS and issubclass(cls, RegexBasedDetector)
     ]
     classes += EXTRA_DETECTORS
@@ -379,13 +416,27 @@ _SSN = re.compile(r"(?<![\d\-.])\d{3}([\- ])\d{2}\1\d{4}(?![\w\-]|\.\d)")
 _SSN_PLAIN = re.compile(r"(?i)(?:ssn|social security(?: number| no\.?)?)\W{0,6}(\d{9})(?!\d)")
 _SIN = re.compile(r"(?<![\d\-.])\d{3}([\- ])\d{3}\1\d{3}(?![\w\-]|\.\d)")
 _AADHAAR = re.compile(r"(?<![\d\-.])[2-9]\d{3}([\- ])\d{4}\1\d{4}(?![\w\-]|\.\d)")
+# Twelve bare digits are as often an AWS account or an order number: only after the word.
+_AADHAAR_PLAIN = re.compile(r"(?i)(?:aadhaa?r|uidai|\buid)\b[^\d\n]{0,20}([2-9]\d{11})(?!\d)")
+_CPF = re.compile(r"(?<![\d.\-])\d{3}\.\d{3}\.\d{3}-\d{2}(?![\d\-]|\.\d)")
+_CPF_PLAIN = re.compile(r"(?i)\bcpf\b[^\d\n]{0,20}(\d{11})(?!\d)")
+_NIR = re.compile(  # French social security numbers: sex, year, month, department, commune, order, key
+    r"(?<![\w\-.])[1-478] ?\d{2} ?(?:0[1-9]|1[0-2]|[2-9]\d) ?(?:\d{2}|2[AB]) ?\d{3} ?\d{3} ?\d{2}(?![\w\-]|\.\d)"
+)
 _DNI = re.compile(r"(?<![\w\-])\d{8}-?[A-HJ-NP-TV-Z](?![\w\-])")
+_NATIONAL_IDS: tuple[tuple[re.Pattern[str], Any], ...] = (
+    (_SIN, ca_sin),
+    (_AADHAAR, in_aadhaar),
+    (_DNI, es_dni),
+    (_CPF, br_cpf),
+    (_NIR, fr_nir),
+)
 _IBAN = re.compile(r"(?<![\w])[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,3})?(?!\w)")
 
 _HOME = re.compile(
     r"(?:(?<![\w.])/(?:home|Users|export/home)/"
     r"|(?<![\w])[A-Za-z]:(?:\\\\|\\|/)(?:Users|Documents and Settings)(?:\\\\|\\|/))"
-    r"(?P<name>[A-Za-z][\w.\-]*(?: [A-Za-z][\w.\-]*)?(?=\\|/)|[A-Za-z][\w.\-]*)"
+    r"(?P<name>[^\W\d_][\w.\-]*(?: [^\W\d_][\w.\-]*)?(?=\\|/)|[^\W\d_][\w.\-]*)"
 )
 # Accounts that belong to a machine or a tool, not to a person.
 _SERVICE_USERS = frozenset(
@@ -423,10 +474,19 @@ _SERVICE_USERS = frozenset(
 )
 
 _PHONE_CANDIDATE = re.compile(
-    r"(?<![\w+.\-/])(?:\+|\(\+?)?\d[\d \u00a0().\-/]{5,24}\d(?:\s*(?:x|ext\.?|#)\s*\d{1,5})?(?![\w.\-]\d)"
+    r"(?<![\w+.\-/])(?:\+|\(\+?)?\d[\d \u00a0().\-/]{5,24}\d(?:[ \t]*(?:x|ext\.?|#)[ \t]*\d{1,5})?(?![\w.\-]\d)"
 )
+# A record whose fields are named earlier on the line: INSERT INTO t (name, phone) VALUES (...).
+_PHONE_FIELD = re.compile(
+    r"(?i)\b(?:phone|tel|mobile|cell|telefone|telefon|t[ée]l[ée]phone)(?:_?number|_?no)?\b[^\n]*$"
+)
+_YEAR_RANGE = re.compile(r"(?:1[89]|20)\d\d ?[-–] ?(?:1[89]|20)\d\d")
 _DOTTED_QUAD = re.compile(r"\d{1,3}(?:\.\d{1,3}){3}")
-_PHONE_HINT = re.compile(r"(?i)(?:phone|tel|mobile|cell|call|fax|contact|whatsapp|sms)\W{0,20}$")
+# The words before a bare run of digits that make it a phone number ("call me on", "phone:").
+_PHONE_HINT = re.compile(
+    r"(?i)(?:phone|tel|mobile|cell|call|fax|contact|whatsapp|sms|ring|text me|reach me|my number|number is"
+    r"|telefon|t[ée]l[ée]phone|tel[ée]fono|telefone|celular|handy|portable|m[óo]vil)[^\d\n]{0,20}$"
+)
 
 
 # --------------------------------------------------------------------------- the scrubber
@@ -478,7 +538,7 @@ class Scrubber:
             return []
         raw: list[Finding] = []
         raw += self._private_keys(text)
-        passwords = list(self._tokens(text))
+        passwords = list(self._tokens(text)) + list(self._context(text))
         raw += passwords
         raw += self._keywords(text)
         raw += self._entropy(text)
@@ -515,6 +575,13 @@ class Scrubber:
                     if end > start and not _filtered_out(text[start:end]):
                         yield Finding(start, end, kind, _RANK_TOKEN)
 
+    @staticmethod
+    def _context(text: str) -> Iterator[Finding]:
+        """Secrets known by where they stand: auth headers, URL user-info, CLI flags, config keys."""
+        for rule in CONTEXT_RULES:
+            for start, end, kind in rule.findings(text, 0, len(text)):
+                yield Finding(start, end, kind, _RANK_CONTEXT)
+
     def _keywords(self, text: str) -> Iterator[Finding]:
         # Every denylisted keyword contains one of these; finding them in lowered text is
         # much cheaper than the case-insensitive alternation, which then confirms per line.
@@ -535,8 +602,9 @@ class Scrubber:
                     if _NAME_VALUE.fullmatch(value) and _KEYWORD_PART.search(value.replace("-", "_")):
                         continue  # a name such as "DB_PASSWORD" or "X-API-Key", not a value
                     key_text = m.group(0)[: m.start(group) - m.start()]
-                    if _REFERENCE_KEY.search(key_text):
-                        continue
+                    key = re.split(r"[^\w.\-]+", key_text.strip(" :=\"'`[]"))[-1]
+                    if _REFERENCE_KEY.search(key_text) or key_kind(key) is None:
+                        continue  # "secretName: ...", "detect-secrets: filename=..."
                     yield Finding(
                         line_start + m.start(group),
                         line_start + m.end(group),
@@ -551,21 +619,23 @@ class Scrubber:
     def _entropy(self, text: str) -> Iterator[Finding]:
         for plugin in (self.hex, self.base64):
             for m in plugin.regex.finditer(text):
-                value = m.group(2)
-                if self._high_entropy(plugin, value) and not self._hash_like(text, m.start(2)):
-                    yield Finding(m.start(2), m.end(2), _entropy_kind(text, m.start(2), value), _RANK_ENTROPY)
+                for start, value in _segments(m.start(2), m.group(2)):
+                    if self._high_entropy(plugin, value) and not self._hash_like(text, start):
+                        yield Finding(start, start + len(value), _entropy_kind(text, start, value), _RANK_ENTROPY)
         # detect-secrets' "eager" ad-hoc mode: unquoted strings too, but only long ones, since
         # chat and logs rarely quote what they paste.
         for m in self.base64_unquoted.finditer(text):
-            value = m.group(0).rstrip("=")
-            if (
-                self._high_entropy(self.base64, value)
-                and re.search(r"\d", value)
-                and re.search(r"[A-Z]", value)
-                and re.search(r"[a-z]", value)
-                and not self._hash_like(text, m.start())
-            ):
-                yield Finding(m.start(), m.end(), _entropy_kind(text, m.start(), value), _RANK_ENTROPY)
+            for start, segment in _segments(m.start(), m.group(0)):
+                value = segment.rstrip("=")
+                if (
+                    len(value) >= _UNQUOTED_MIN
+                    and self._high_entropy(self.base64, value)
+                    and re.search(r"\d", value)
+                    and re.search(r"[A-Z]", value)
+                    and re.search(r"[a-z]", value)
+                    and not self._hash_like(text, start)
+                ):
+                    yield Finding(start, start + len(segment), _entropy_kind(text, start, value), _RANK_ENTROPY)
 
     @staticmethod
     def _high_entropy(plugin: HighEntropyStringsPlugin, value: str) -> bool:
@@ -637,10 +707,14 @@ class Scrubber:
         for m in _SSN_PLAIN.finditer(text):
             if us_ssn.is_valid(m.group(1)):
                 yield Finding(m.start(1), m.end(1), "SSN", _RANK_PII)
-        for pattern, validator in ((_SIN, ca_sin), (_AADHAAR, in_aadhaar), (_DNI, es_dni)):
+        for pattern, validator in _NATIONAL_IDS:
             for m in pattern.finditer(text):
                 if validator.is_valid(m.group(0)):
                     yield Finding(m.start(), m.end(), "NATIONAL_ID", _RANK_PII)
+        for pattern, validator in ((_AADHAAR_PLAIN, in_aadhaar), (_CPF_PLAIN, br_cpf)):
+            for m in pattern.finditer(text):
+                if validator.is_valid(m.group(1)):
+                    yield Finding(m.start(1), m.end(1), "NATIONAL_ID", _RANK_PII)
         for m in _IBAN.finditer(text):
             if std_iban.is_valid(m.group(0)):
                 yield Finding(m.start(), m.end(), "IBAN", _RANK_PII)
@@ -659,8 +733,12 @@ class Scrubber:
                 # A bare run of digits is a size, a timestamp or an id unless the words
                 # before it say it is a phone number.
                 line_start = text.rfind("\n", 0, m.start()) + 1
-                if not _PHONE_HINT.search(text, max(line_start, m.start() - 40), m.start()):
+                if not _PHONE_HINT.search(text, max(line_start, m.start() - 40), m.start()) and not (
+                    _PHONE_FIELD.search(text, max(line_start, m.start() - 160), m.start())
+                ):
                     continue
+            if _YEAR_RANGE.fullmatch(candidate.strip()):
+                continue  # 1800-2009
             # The matcher (with its checks against dates, times and stray digits around the
             # number) runs on the candidate's neighbourhood within its line.
             lo = max(text.rfind("\n", 0, m.start()) + 1, m.start() - 12)
@@ -705,6 +783,19 @@ class Scrubber:
             yield Finding(m.start("name"), m.start("name") + len(name), "USERNAME", _RANK_PII)
 
 
+def _segments(start: int, value: str) -> Iterator[tuple[int, str]]:
+    """``value``, or its ``/``-separated parts when it mixes base64's ``/`` with base64url's
+    ``-`` or ``_``: no encoded key does, while paths and model ids
+    (``HuggingFaceTB/SmolLM2-135M-Instruct``) do, and only a part of them can be a secret."""
+    if "/" not in value or ("-" not in value and "_" not in value):
+        yield start, value
+        return
+    for part in value.split("/"):
+        if part:
+            yield start, part
+        start += len(part) + 1
+
+
 def _find_all(text: str, needle: str) -> Iterator[int]:
     i = text.find(needle)
     while i >= 0:
@@ -725,7 +816,11 @@ def _lines_at(text: str, positions: Iterable[int]) -> list[tuple[int, int]]:
 
 def _private_key_patterns() -> list[tuple[str, re.Pattern[str]]]:
     cls: Any = get_mapping_from_secret_type_to_class()["Private Key"]
-    return [("PRIVATE_KEY", p) for p in cls.denylist]
+    # detect-secrets lists the headers it knows; PKCS#8 encrypted keys and others differ only
+    # in the words before PRIVATE KEY.
+    return [("PRIVATE_KEY", p) for p in cls.denylist] + [
+        ("PRIVATE_KEY", re.compile(r"BEGIN [A-Z0-9 ]*PRIVATE KEY(?: BLOCK)?-----"))
+    ]
 
 
 def _end_of_key_material(text: str, pos: int) -> int:
@@ -760,7 +855,7 @@ def _card_issuer_ok(digits: str) -> bool:
         or ((51 <= two <= 55 or 2221 <= four <= 2720) and n == 16)  # Mastercard
         or (two in (34, 37) and n == 15)  # American Express
         or ((digits.startswith("6011") or two == 65 or 644 <= int(digits[:3]) <= 649) and 16 <= n <= 19)
-        or (3528 <= four <= 3589 and 16 <= n <= 19)  # JCB
+        or (digits.startswith("35") and 16 <= n <= 19)  # JCB (3528-3589 issued; generators use all of 35)
         or ((300 <= int(digits[:3]) <= 305 or two in (36, 38)) and 14 <= n <= 19)  # Diners
         or (two == 62 and 16 <= n <= 19)  # UnionPay
     )
@@ -796,7 +891,7 @@ def scrub(text: str) -> tuple[str, Counter[str]]:
 def versions() -> dict[str, str]:
     """anonymizer component -> version, recorded in each event's findings."""
     out = {"scrubber": SCRUBBER_VERSION}
-    for dist in ("detect-secrets", "phonenumbers", "python-stdnum"):
+    for dist in ("detect-secrets", "phonenumbers", "python-stdnum", "hyperscan"):
         try:
             out[dist] = version(dist)
         except PackageNotFoundError:  # pragma: no cover - an install without metadata

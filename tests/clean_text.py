@@ -227,8 +227,8 @@ class _Shapes:
             f"{n}=={v} \\",
             f"    --hash=sha256:{self.hex(64)}",
             f"  Downloading https://files.pythonhosted.org/packages/{self.hex(2)}/{self.hex(2)}/{self.hex(60)}/{wheel}",
-            f"     ━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━ {size}/{size} {self.rng.randint(1, 90)}.{self.rng.randint(0, 9)}"
-            " MB/s eta 0:00:00",
+            f"     ━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━ {size}/{size} "
+            f"{self.rng.randint(1, 90)}.{self.rng.randint(0, 9)} MB/s eta 0:00:00",
             f"ERROR: pip's dependency resolver does not currently take into account all the packages that are "
             f"installed. {n} {v} requires {m}<{w}, which is not installed.",
             f"Installing collected packages: {n}, {m}",
@@ -286,7 +286,7 @@ class _Shapes:
             f"{path}:{self.rng.randint(1, 900)}: in {self.func()}",
             f"    def {self.func()}(tmp_path, monkeypatch):",
             f"  {self.module_path()}:{self.rng.randint(1, 900)}: DeprecationWarning: {self.faker.sentence()}",
-            f"-- Docs: https://docs.pytest.org/en/stable/how-to/capture-warnings.html",
+            "-- Docs: https://docs.pytest.org/en/stable/how-to/capture-warnings.html",
             f"Hypothesis: seed={self.rng.randint(0, 2**64)}",
             f"Falsifying example: test_roundtrip(data=b'\\x{self.hex(2)}\\x{self.hex(2)}', n={n})",
         ])
@@ -324,7 +324,8 @@ class _Shapes:
             f"docker pull python:3.11-slim@sha256:{self.hex(64)}",
             f"{self.hex(64)}  {n}-{v}.tar.gz",
             f"{self.hex(32)}  {self.faker.file_name()}",
-            f"pod/{self.faker.word()}-api-{self.hex(10)}-{self.hex(5)}   1/1     Running   0   {self.rng.randint(1, 90)}m",
+            f"pod/{self.faker.word()}-api-{self.hex(10)}-{self.hex(5)}   1/1     Running   0   "
+            f"{self.rng.randint(1, 90)}m",
             f"arn:aws:s3:::{self.faker.word()}-{self.faker.word()}-{self.rng.randint(100, 999)}/exports/{u}.parquet",
             f"import {self.pick(self.modules).split('/')[0]}",
             f'    "{n}": "^{v}",',

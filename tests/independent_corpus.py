@@ -260,7 +260,9 @@ class Put:
 Piece = str | Put
 
 # IANA's allocations of global unicast IPv6 to the regional registries (the /12s and 2001::/16).
-IPV6_BLOCKS = ("2001", "2400", "2401", "2404", "2600", "2601", "2602", "2605", "2800", "2803", "2a00", "2a01", "2a02", "2c0f")
+IPV6_BLOCKS = (
+    "2001", "2400", "2401", "2404", "2600", "2601", "2602", "2605", "2800", "2803", "2a00", "2a01", "2a02", "2c0f"
+)
 
 CARD_TYPES = ("visa16", "visa16", "visa19", "mastercard", "mastercard", "amex", "discover", "jcb16", "diners")
 
@@ -452,9 +454,7 @@ class Values:
     def card(self) -> Put:
         digits = self.faker("en_US").credit_card_number(self.pick(CARD_TYPES))
         sep = self.pick(["", " ", "-", " "])
-        if len(digits) == 15:
-            groups = [digits[:4], digits[4:10], digits[10:]]
-        elif len(digits) == 14:
+        if len(digits) == 15 or len(digits) == 14:
             groups = [digits[:4], digits[4:10], digits[10:]]
         else:
             groups = [digits[i : i + 4] for i in range(0, len(digits), 4)]
@@ -586,7 +586,7 @@ def curl_basic(v: Values, b: Builder) -> None:
         b.line(f"curl -u {v.pick(['api', ''])}:", v.any_secret(), f" {_api_url(v)} -d amount=2000")
     else:
         _, put = v.basic_auth()
-        b.line(f"curl -H 'Authorization: Basic ", put, f"' {_api_url(v)}")
+        b.line("curl -H 'Authorization: Basic ", put, f"' {_api_url(v)}")
 
 
 def code_http_client(v: Values, b: Builder) -> None:
@@ -607,7 +607,7 @@ def code_http_client(v: Values, b: Builder) -> None:
         b.line("  headers: { Authorization: \"Bearer ", token, '", "Content-Type": "application/json" },')
         b.line("});")
     elif lang == "axios":
-        b.line(f"axios.defaults.headers.common['Authorization'] = 'Bearer ", token, "';")
+        b.line("axios.defaults.headers.common['Authorization'] = 'Bearer ", token, "';")
         b.line(f"const {{ data }} = await axios.get('{url}');")
     elif lang == "go":
         b.line(f'req, _ := http.NewRequest("GET", "{url}", nil)')
@@ -717,7 +717,7 @@ def cli_password(v: Values, b: Builder) -> None:
         [f"redis-cli -h {host} -a ", *w, " INFO"],
         [f"mongosh \"mongodb://{host}:27017\" --username {user} --password '", pw, "'"],
         [f"docker login -u {user} -p ", *w, " registry.gitlab.com"],
-        [f"echo '", pw, f"' | docker login --username {user} --password-stdin ghcr.io"],
+        ["echo '", pw, f"' | docker login --username {user} --password-stdin ghcr.io"],
         ["sshpass -p '", pw, f"' ssh {user}@{host}"],
         [f"./manage.py createsuperuser --username {user} --password ", *w],
         [f"az login --service-principal -u {v.faker().uuid4()} --password ", *w, " --tenant contoso.onmicrosoft.com"],
@@ -728,7 +728,7 @@ def cli_password(v: Values, b: Builder) -> None:
     ]
     b.line("$ ", *forms[v.rng.randrange(len(forms))])
     if v.rng.random() < 0.5:
-        b.line(v.pick(["ERROR 1045 (28000): Access denied", "Login Succeeded", "OK", "psql: error: connection refused"]))
+        b.line(v.pick(["ERROR 1045 (28000): Access denied", "Login Succeeded", "psql: error: connection refused"]))
 
 
 def config_files(v: Values, b: Builder) -> None:
@@ -778,6 +778,10 @@ def _maybe_quoted(v: Values, put: Put) -> list[Piece]:
     return [q, put, q]
 
 
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
 def cloud_connection_strings(v: Values, b: Builder) -> None:
     f = v.faker()
     account = re.sub(r"[^a-z0-9]", "", f.domain_word().lower())[:18] + str(v.rng.randint(1, 99))
@@ -787,7 +791,7 @@ def cloud_connection_strings(v: Values, b: Builder) -> None:
                ";AccountKey=", v.azure_key(), ";EndpointSuffix=core.windows.net\"")
     elif form == "servicebus":
         b.line(f"Endpoint=sb://{account}.servicebus.windows.net/;SharedAccessKeyName=RootManageSharedAccessKey;"
-               "SharedAccessKey=", Put("azure_shared_access_key", SECRET, base64.b64encode(v.rng.randbytes(32)).decode()))
+               "SharedAccessKey=", Put("azure_shared_access_key", SECRET, _b64(v.rng.randbytes(32))))
     elif form == "sas":
         sig = quote(base64.b64encode(v.rng.randbytes(32)).decode(), safe="")
         b.line(f"https://{account}.blob.core.windows.net/backups/db.bak?sv=2022-11-02&ss=b&srt=co&sp=rl"
@@ -964,7 +968,7 @@ def pii_records(v: Values, b: Builder) -> None:
                phone, "', '", third, "');")
     elif form == "fixture":
         b.line("def test_signup(client):")
-        b.line(f'    resp = client.post("/signup", json={{"email": "', email, '", "phone": "', phone, '",')
+        b.line('    resp = client.post("/signup", json={"email": "', email, '", "phone": "', phone, '",')
         b.line(f'                                         "{extra}": "', third, '"})')
     else:
         b.line(f"{f.iso8601()} WARN signup rejected email=", email, " phone=\"", phone, f"\" {extra}=", third)
@@ -992,7 +996,7 @@ def git_and_mail(v: Values, b: Builder) -> None:
         b.line(f"Subject: {f.sentence(nb_words=5)}")
         b.line("Call me on ", v.phone(), " if the deploy fails again.")
     elif form == "ssh":
-        b.line(f"$ ssh -i ~/.ssh/deploy ubuntu@", v.ip())
+        b.line("$ ssh -i ~/.ssh/deploy ubuntu@", v.ip())
         b.line("Warning: Permanently added '", v.ip(), "' (ED25519) to the list of known hosts.")
     else:
         user = v.home_user()

@@ -1,0 +1,360 @@
+"""Secrets found by where they stand, whatever their shape.
+
+A password in ``postgresql://app:<it>@db/orders``, the token after ``Authorization: Bearer``, the
+word after ``mysql -p`` or ``--password=``, the value of ``DB_PASSWORD=`` in a ``.env`` file or
+of ``AccountKey=`` in an Azure connection string: none has a format a token detector knows, so
+they are recognised by their context. ``plugins/scrubber.py`` runs these rules with the others.
+
+Every rule is a pattern with a ``value`` group; a finding is kept when the value is not a
+reference (``$VAR``, ``${{ secrets.X }}``, ``os.environ[...]``, ``<password>``), not code
+(``password=password``, ``token = self.token``) and not a placeholder (``***``, ``changeme``
+is kept: it is a real, if weak, password).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from detect_secrets.filters.heuristic import is_sequential_string, is_templated_secret
+
+__all__ = ["CONTEXT_RULES", "ContextRule", "key_kind", "plausible_value"]
+
+_PASSWORD_WORDS = frozenset(
+    {
+        "password", "passwd", "pwd", "pass", "passphrase", "passwort", "contraseña", "contrasena",
+        "motdepasse", "senha", "pw",
+    }
+)
+_SECRET_WORDS = frozenset(
+    {
+        "secret", "token", "apikey", "credential", "credentials", "creds", "sig", "signature", "sas", "bearer", "oauth",
+        "auth", "authorization",
+    }
+)
+# "key" is a secret only with one of these before it: api_key, AccountKey, SECRET_KEY; a bare
+# "key" names dictionary entries, sort orders and cache entries far more often.
+_KEY_QUALIFIERS = frozenset(
+    {
+        "api", "access", "secret", "private", "priv", "auth", "encryption", "signing", "master", "app",
+        "account", "shared", "storage", "subscription", "license", "client", "service", "session", "webhook",
+        "hmac", "jwt", "crypt", "sas", "primary", "secondary", "admin", "db", "database", "consumer",
+        "instrumentation", "ingest", "write", "read", "deploy", "sendgrid", "stripe", "openai", "anthropic",
+        "mailgun", "aws", "azure", "gcp", "google",
+    }
+)
+# A key holding one of these words names, points at or describes a secret; it holds none.
+_METADATA_WORDS = frozenset(
+    {
+        "name", "names", "ref", "file", "path", "dir", "arn", "env", "id", "ids", "type", "len", "length",
+        "ttl", "version", "manager", "store", "provider", "mount", "url", "uri", "endpoint", "expiry",
+        "expires", "expiration", "expire", "header", "prefix", "field", "fields", "count", "limit", "size",
+        "format", "kind", "mode", "lifetime", "timeout", "min", "max", "policy", "rotation", "param", "label",
+        "description", "enabled", "required", "regex", "pattern", "validator", "strength", "reset", "hint",
+        "variable", "var", "hash", "hashed", "salt", "algorithm", "alg", "location", "source", "class",
+        "method", "scheme", "style", "placeholder", "prompt", "help", "question", "tokens", "secrets",
+        "passwords", "keys", "usage", "error", "errors", "reason", "changed", "input", "widget", "form",
+        "flag", "option", "options", "set", "get", "check", "verify", "is", "has", "use", "uses", "index",
+        "pos", "position", "start", "end", "byte", "bytes", "bits", "char", "chars", "encoding", "encoder",
+        "decoder", "parser", "cls", "fn", "func", "callback", "handler", "filter", "dict", "map", "list",
+        "str", "bool", "int", "example", "sample", "dummy", "mock", "fake", "sep", "separator", "delimiter",
+        "quote", "generator", "gen", "factory", "cache", "regexp", "status", "state", "level", "score",
+        "backend", "backends", "module", "plugin", "settings", "config", "configuration", "params", "idx",
+        "fingerprint", "digest", "checksum", "public", "pub",
+    }
+)
+
+
+def _words(key: str) -> list[str]:
+    """``AWS_SECRET_ACCESS_KEY`` -> aws, secret, access, key; ``apiKey`` -> api, key."""
+    spaced = re.sub(r"([a-z0-9])([A-Z])", r"\1 \2", key)
+    return [w for w in re.split(r"[\W_]+", spaced.lower()) if w]
+
+
+_PASSWORD_PART = re.compile(r"passw|pwd|passphrase|contrase|senha|motdepasse")
+_SECRET_PART = re.compile(r"secret|token(?!s|iz|is)|apikey|credential|authorization")
+
+
+def key_kind(key: str) -> str | None:
+    """PASSWORD or SECRET when ``key`` names a secret it holds, else None."""
+    words = _words(key)
+    if not words or any(w in _METADATA_WORDS for w in words):
+        return None
+    joined = "".join(words)
+    if any(w in _PASSWORD_WORDS for w in words) or _PASSWORD_PART.search(joined):
+        return "PASSWORD"
+    if any(w in _SECRET_WORDS for w in words) or _SECRET_PART.search(joined):
+        return "SECRET"
+    for before, word in zip(words, words[1:], strict=False):
+        if word in ("key", "keys") and before in _KEY_QUALIFIERS:
+            return "SECRET"
+    if words[-1] in ("apikey", "accesskey", "secretkey", "privatekey", "authkey", "masterkey", "accountkey"):
+        return "SECRET"
+    return None
+
+
+_REFERENCE = re.compile(
+    r"^(?:\$\{[^}]*\}$|\$\(.*\)$|\$[A-Za-z_][A-Za-z0-9_]*$|%\(|%s$|\{\{|\{%|<[^>]*>$|\*+$|x{3,}$|X{3,}$|\.{3}|…|ENC\[|vault:|arn:|ref\+|secret:|op://|"
+    r"(?:os|process|ENV|env|settings|config|cfg|conf|self|this|ctx|args|opts|options|params)\b[.\[(])"
+)
+_CODE = re.compile(
+    r"^(?:[A-Za-z_][A-Za-z_0-9]*(?:\.[A-Za-z_][A-Za-z_0-9]*)*(?:\(\)?|\[)?|None|null|nil|true|false|True|False|"
+    r"undefined|NULL|required|optional|string|str|bytes|int|boolean|number|any)[;,)]*$"
+)
+# One word, or lower-case words joined: prose and names, not passwords ("BlE6QdWzqJRnSu" is
+# long enough to count).
+_CALL_OR_ATTRIBUTE = re.compile(r"^[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*[ \t]*[(\[]|^[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)+[;,)]*$")
+
+
+def looks_generated(value: str) -> bool:
+    """A name-shaped value that is not a name: its letters and digits change class as often as
+    a random string's do (``beYmsVDjZaWQ``, ``b94c3cb6ee02``), not once a word (``getPassword``)."""
+    chars = [c for c in value if c.isalnum()]
+    if len(chars) < 12:
+        return False
+    kinds = ["d" if c.isdigit() else "u" if c.isupper() else "l" for c in chars]
+    changes = sum(a != b for a, b in zip(kinds, kinds[1:], strict=False))
+    return changes * 3 >= len(chars)
+
+_PLAIN_WORDS = re.compile(r"^[A-Za-z]{1,15}$|^[a-z]+(?:[ _\-][a-z]+)+$")
+_NUMBERISH = re.compile(r"^\d{1,7}$|^\d+(?:\.\d+)?(?:[a-z]{1,2}|%)?$|^0x[0-9a-fA-F]+$")
+_PATH = re.compile(r"^(?:~|\.{1,2}|[A-Za-z]:)?(?:[/\\][A-Za-z0-9_.\-]+){2,}[/\\]?$")
+_PLACEHOLDERS = frozenset(
+    {
+        "password", "passwd", "secret", "token", "changeit", "redacted", "hidden", "none", "your_password",
+        "yourpassword", "your-password", "your_token", "your_api_key", "mypassword", "my_password", "example",
+        "placeholder", "dummy", "masked", "removed", "empty", "notset", "not-set", "unset", "default",
+        "string", "value", "foo", "bar", "foobar", "test", "testing", "xxxxxx", "password123",
+    }
+)
+
+
+def plausible_value(value: str, quoted: bool, key: str = "", code: bool = False) -> bool:
+    """Whether ``value`` can be the secret itself rather than a reference, code or a placeholder.
+
+    ``code``: the value may be an expression (an assignment in a program), so an unquoted name
+    is a variable unless it mixes cases and digits the way generated secrets do.
+    """
+    if len(value) < 4 or len(value) > 1024:
+        return False
+    if _REFERENCE.search(value) or is_templated_secret(value) or "://" in value:
+        return False
+    if re.search(r"\[[A-Z0-9_]+(?:\]|$)", value):
+        return False  # a placeholder of an earlier scrub: scrubbing is idempotent
+    lowered = value.lower()
+    if lowered in _PLACEHOLDERS or lowered.strip("_-*<>") in _PLACEHOLDERS or lowered == key.lower():
+        return False
+    if _NUMBERISH.match(value) or _PATH.match(value) or _PLAIN_WORDS.match(value):
+        return False
+    if code and not quoted:
+        if _CALL_OR_ATTRIBUTE.match(value):
+            return False  # token = self.token, password = get_password(), sig = signature(f)
+        if _CODE.match(value) and not looks_generated(value):
+            return False  # password=password, secret: str, token = None
+    if not any(c.isalnum() for c in value) or is_sequential_string(value):
+        return False
+    # A name such as DB_PASSWORD or X-API-Key is a key, not a value.
+    return not (re.fullmatch(r"[A-Za-z][\w.\-]*", value) and key_kind(value) is not None)
+
+
+@dataclass(frozen=True)
+class ContextRule:
+    """A pattern whose ``value`` group is a secret when the rule's checks pass.
+
+    ``kind`` names the finding; None takes it from the ``key`` group (``key_kind``), and a key
+    that names no secret drops the finding.
+    """
+
+    name: str
+    pattern: re.Pattern[str]
+    kind: str | None = "PASSWORD"
+    needles: tuple[str, ...] = ()  # lower-case words one of which every match holds
+    code: bool = False  # values may be expressions (see plausible_value)
+
+    def findings(self, text: str, lo: int, hi: int) -> Iterator[tuple[int, int, str]]:
+        for m in self.pattern.finditer(text, lo, hi):
+            start, end = m.span("value")
+            value = m.group("value")
+            quoted = value[:1] in "\"'`" and value[-1:] == value[:1] and len(value) >= 2
+            if quoted:
+                start, end, value = start + 1, end - 1, value[1:-1]
+            elif start > 0 and text[start - 1] in "\"'`":
+                quoted = True
+            key = m.group("key") if "key" in self.pattern.groupindex and m.group("key") else ""
+            kind = self.kind or key_kind(key)
+            if kind is not None and plausible_value(value, quoted, key, self.code):
+                yield start, end, kind
+
+
+_VALUE = r"""(?P<value>"[^"\n]{1,512}"|'[^'\n]{1,512}'|`[^`\n]{1,512}`|[^\s"'`;,)}\]<>|&]{1,512})"""
+_CLI_VALUE = r"""(?P<value>'[^'\n]{1,256}'|"[^"\n]{1,256}"|[^\s'"|;&)\-][^\s'"|;&)]{0,255})"""
+
+CONTEXT_RULES: tuple[ContextRule, ...] = (
+    # Authorization: Bearer <token> / Basic <base64> / token <t>, in headers, code and curl.
+    ContextRule(
+        "authorization header",
+        re.compile(
+            r"(?i)\b(?:proxy-)?authorization\b[\"'\]]*\s*[:=,]\s*(?:[frb]?[\"'`])?\s*"
+            r"(?:bearer|token|basic|digest|bot|sso-key|ssws|apikey|api-key|key|jwt|gitlab-token)\s+"
+            r"(?P<value>[A-Za-z0-9._~+/\-]{8,}=*)"
+        ),
+        "BEARER_TOKEN",
+        ("authorization",),
+    ),
+    ContextRule(
+        "bearer token",
+        re.compile(r"\b[Bb]earer\s+(?P<value>(?=[A-Za-z0-9._~+/\-]*[0-9])[A-Za-z0-9._~+/\-]{16,}=*)"),
+        "BEARER_TOKEN",
+        ("bearer",),
+    ),
+    ContextRule(
+        "basic auth header",
+        re.compile(r"\bBasic\s+(?P<value>[A-Za-z0-9+/]{12,}={0,2})(?![\w+/=])"),
+        "BASIC_AUTH",
+        ("basic",),
+    ),
+    # scheme://user:password@host, any scheme (percent-encoded passwords included).
+    ContextRule(
+        "url user-info",
+        re.compile(
+            r"(?i)\b[a-z][a-z0-9+.\-]{1,30}://[^\s:/?#@'\"<>\[\]]{0,128}:"
+            r"(?P<value>[^\s/?#@'\"<>]{1,256})@(?=[\w\[.\-])"
+        ),
+        "PASSWORD",
+        ("://",),
+    ),
+    # curl -u user:password, --user, --proxy-user (not docker's -u 1000:1000).
+    ContextRule(
+        "user:password flag",
+        re.compile(r"(?<![\w-])(?:-u|--user|--proxy-user)[\s=]+[\"']?[^\s:'\"]{0,128}:(?P<value>[^\s'\"]{1,256})"),
+        "PASSWORD",
+        ("-u", "--user", "--proxy-user"),
+    ),
+    # --password X, --password=X, -pass X, --db-password 'X'.
+    ContextRule(
+        "password flag",
+        re.compile(r"(?i)(?<![\w-])--?(?:[\w-]*-)?(?:password|passwd|pass|pwd)(?:=|\s+)" + _CLI_VALUE),
+        "PASSWORD",
+        ("-pass", "-pwd", "password", "passwd"),
+    ),
+    # mysql -pSECRET / -p'SECRET' (attached: a space after -p makes mysql prompt).
+    ContextRule(
+        "mysql -p",
+        re.compile(
+            r"\b(?:mysql|mysqldump|mysqladmin|mysqlimport|mysqlsh|mariadb|mariadb-dump|mysqlcheck)\b[^\n|;&]*?"
+            r"\s-p(?P<value>'[^'\n]{1,256}'|\"[^\"\n]{1,256}\"|[^\s'\"\-][^\s'\"|;&]{0,255})"
+        ),
+        "PASSWORD",
+        ("mysql", "mariadb"),
+    ),
+    # -p X where the tool reads a password there: sshpass, docker/podman/helm login.
+    ContextRule(
+        "login -p",
+        re.compile(
+            r"\b(?:sshpass|(?:docker|podman|buildah|skopeo|nerdctl|oras|crane)\s+login|helm\s+registry\s+login)\b"
+            r"[^\n|;&]*?\s-p\s+" + _CLI_VALUE
+        ),
+        "PASSWORD",
+        ("sshpass", "login"),
+    ),
+    # echo 'SECRET' | docker login --password-stdin
+    ContextRule(
+        "echo | --password-stdin",
+        re.compile(r"\becho\s+(?:-n\s+)?" + _CLI_VALUE + r"\s*\|[^\n|]*--password-stdin"),
+        "PASSWORD",
+        ("password-stdin",),
+    ),
+    # truffleHog's Heroku rule: a UUID after the word heroku is an API key.
+    ContextRule(
+        "heroku api key",
+        re.compile(
+            r"(?i)heroku[^\n]{0,40}?[\s:=\"']"
+            r"(?P<value>[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})(?![\w-])"
+        ),
+        "SECRET",
+        ("heroku",),
+    ),
+    ContextRule(
+        "redis-cli -a",
+        re.compile(r"\bredis-cli\b[^\n|;&]*?\s(?:-a|--pass)\s+" + _CLI_VALUE),
+        "PASSWORD",
+        ("redis-cli",),
+    ),
+    # OpenSSL's -passin/-passout pass:SECRET.
+    ContextRule(
+        "openssl pass:",
+        re.compile(r"(?<![\w-])-(?:passin|passout|pass|password|k)\s+pass:(?P<value>[^\s'\"]{1,256})"),
+        "PASSWORD",
+        ("pass:",),
+    ),
+    ContextRule(
+        "htpasswd -b",
+        # the password is the last word of an htpasswd -b command line
+        re.compile(r"\bhtpasswd\s+(?=[^\n]*(?<!\S)-\w*b)[^\n]*?\s" + _CLI_VALUE + r"[ \t]*$", re.MULTILINE),
+        "PASSWORD",
+        ("htpasswd",),
+    ),
+    # ~/.pgpass: host:port:database:user:password.
+    ContextRule(
+        "pgpass line",
+        re.compile(r"^[\w.\-*\[\]]+:(?:\d{1,5}|\*):[^:\s]+:[^:\s]+:(?P<value>[^\s:]{1,256})$", re.MULTILINE),
+        "PASSWORD",
+        (":",),
+    ),
+    # KEY=value, key: value, "key": "value", key = 'value', Key=value; (connection strings).
+    ContextRule(
+        "secret-named key",
+        re.compile(
+            r"(?<![A-Za-z0-9])(?P<key>[A-Za-z_][\w.\-]{0,80}?)[\"'\]]*[ \t]*(?::=|=>|=|:)[ \t]*(?:!!str[ \t]+)?"
+            r"(?=" + _VALUE + ")"
+        ),
+        None,
+        ("pass", "pwd", "pw", "secret", "token", "key", "auth", "cred", "sig", "contrase", "senha", "bearer"),
+        code=True,
+    ),
+    # A whole line KEY=value (.env, shell, INI, properties) or key: value (YAML): the value runs
+    # to the end of the line (or a comment), so it may hold & , ; that end values elsewhere.
+    ContextRule(
+        "secret-named key line",
+        re.compile(
+            r"^[ \t]*(?:export[ \t]+|-[ \t]+)?(?P<key>[A-Za-z_][\w.\-]{0,80})[ \t]*(?:=|:[ \t])[ \t]*"
+            r"(?P<value>[^\s'\"#][^\s]*)[ \t]*(?:[ \t]#[^\n]*)?$",
+            re.MULTILINE,
+        ),
+        None,
+        ("pass", "pwd", "pw", "secret", "token", "key", "auth", "cred", "contrase", "senha"),
+        code=True,
+    ),
+    # Key=value; pairs of a connection string (ADO.NET, Azure, ODBC): the value runs to the ";".
+    ContextRule(
+        "connection string",
+        re.compile(
+            r"(?i)(?:^|(?<=[;\"'\s]))(?P<key>password|pwd|accountkey|sharedaccesskey|sharedsecret|clientsecret"
+            r"|client secret|apikey|accesskey|secretkey|token)[ \t]*=[ \t]*(?P<value>[^;\n\"']{1,512})(?=;|\"|'|$)",
+            re.MULTILINE,
+        ),
+        None,
+        ("pass", "pwd", "key", "secret", "token"),
+    ),
+    # "KEY=value" inside a JSON string: docker inspect's Env, a Kubernetes env list.
+    ContextRule(
+        "quoted KEY=value",
+        re.compile(r"\"(?P<key>[A-Za-z_][\w.\-]{0,80})=(?P<value>[^\"\n]{1,512})\""),
+        None,
+        ("pass", "pwd", "secret", "token", "key", "auth", "cred"),
+    ),
+    # <password>value</password>, and .NET's <add key="ApiKey" value="..."/>.
+    ContextRule(
+        "xml element",
+        re.compile(r"<(?P<key>[\w:.\-]{1,80})>(?P<value>[^<\n]{1,512})</"),
+        None,
+        ("pass", "pwd", "secret", "token", "key", "cred", "auth"),
+    ),
+    ContextRule(
+        "xml key/value",
+        re.compile(r"\bkey\s*=\s*\"(?P<key>[^\"\n]{1,80})\"\s+value\s*=\s*(?P<value>\"[^\"\n]{1,512}\")"),
+        None,
+        ("key",),
+    ),
+)
