@@ -42,7 +42,6 @@ from detect_secrets.core.plugins.util import get_mapping_from_secret_type_to_cla
 from detect_secrets.filters.heuristic import (
     is_not_alphanumeric_string,
     is_potential_uuid,
-    is_prefixed_with_dollar_sign,
     is_sequential_string,
     is_templated_secret,
 )
@@ -62,7 +61,7 @@ from stdnum.fr import nir as fr_nir
 from stdnum.in_ import aadhaar as in_aadhaar
 from stdnum.us import ssn as us_ssn
 
-from plugins.scrubber_context import CONTEXT_RULES, key_kind
+from plugins.scrubber_context import CONTEXT_RULES, is_placeholder, key_kind
 
 __all__ = [
     "DEFAULT_PHONE_REGIONS",
@@ -304,13 +303,17 @@ def _secret_span(match: re.Match[str], text: str) -> tuple[int, int]:
 _PLACEHOLDER = re.compile(r"\[[A-Z0-9_]+\]")
 
 
+_SHELL_VARIABLE = re.compile(r"\$(?:\{[^}]*\}|\([^)]*\)|[A-Za-z_]\w*)")
+
+
 def _filtered_out(secret: str) -> bool:
     """detect-secrets' own heuristics for values that are not secrets."""
     return (
         len(secret) < 2  # is_templated_secret treats one character as a false positive too
         or _PLACEHOLDER.fullmatch(secret) is not None  # scrubbed already: scrubbing is idempotent
         or is_templated_secret(secret)
-        or is_prefixed_with_dollar_sign(secret)
+        or _SHELL_VARIABLE.fullmatch(secret) is not None  # $TOKEN, ${TOKEN}, $(cat f); not $L8*tej3
+        or is_placeholder(secret)  # user:pass@host in documentation
         or is_not_alphanumeric_string(secret)
         or is_sequential_string(secret)
         or is_potential_uuid(secret)
@@ -331,7 +334,7 @@ _KEYWORD_PATTERNS: tuple[tuple[re.Pattern[str], int], ...] = (
 # str``, ``token = self.token``, ``password = None``. (detect-secrets' is_indirect_reference
 # looks at the whole line, which also drops a literal passed to a call: ``connect(pw=...)``.)
 _CODE_VALUE = re.compile(
-    r"^(?:[A-Za-z_][A-Za-z_]*(?:\.[A-Za-z_]+)*|None|null|nil|true|false|True|False|undefined)[;,)]*$"
+    r"^(?:[A-Za-z_][A-Za-z_0-9]*(?:\.[A-Za-z_][A-Za-z_0-9]*)*|None|null|nil|true|false|True|False|undefined)[;,)]*$"
     r"|[()\[\]{}<>;]|\s"
 )
 # A key that names or points at a secret holds no secret: ``secretName: app-tls``,
@@ -370,7 +373,8 @@ def _entropy_kind(text: str, start: int, value: str) -> str:
 # Quoted hex strings on lines like these are content hashes (commits, checksums, SRI
 # integrity), which name data rather than unlock it.
 _HASH_CONTEXT = re.compile(
-    r"\b(?:sha\d*|commit|hash|digest|checksum|etag|integrity|revision|rev|md5|blob|tree|oid)\b",
+    r"\b(?:sha\d*|commit|hash|digest|checksum|etag|integrity|revision|rev|md5|blob|tree|oid)\b"
+    r"|(?<![a-z])git(?![a-z])|version",
     re.IGNORECASE,
 )
 _SRI_PREFIX = re.compile(r"sha(?:1|256|384|512)-$")
@@ -412,6 +416,7 @@ _IPV6 = re.compile(
 )
 
 _CARD = re.compile(r"(?<![\d\-.])\d(?:[ \-]?\d){12,18}(?![\w\-]|\.\d)")
+_CARD_HINT = re.compile(r"(?i)card|visa|master|amex|\bcc\b|pan\b|charg|paid|kreditkarte|carte|tarjeta|cart[ãa]o")
 _SSN = re.compile(r"(?<![\d\-.])\d{3}([\- ])\d{2}\1\d{4}(?![\w\-]|\.\d)")
 _SSN_PLAIN = re.compile(r"(?i)(?:ssn|social security(?: number| no\.?)?)\W{0,6}(\d{9})(?!\d)")
 _SIN = re.compile(r"(?<![\d\-.])\d{3}([\- ])\d{3}\1\d{3}(?![\w\-]|\.\d)")
@@ -480,6 +485,7 @@ _PHONE_CANDIDATE = re.compile(
 _PHONE_FIELD = re.compile(
     r"(?i)\b(?:phone|tel|mobile|cell|telefone|telefon|t[ée]l[ée]phone)(?:_?number|_?no)?\b[^\n]*$"
 )
+_NOT_A_PHONE = re.compile(r"\d+\.\d+|[1-9]\d*/\d+|\d+\.\.\.?\d+")
 _YEAR_RANGE = re.compile(r"(?:1[89]|20)\d\d ?[-–] ?(?:1[89]|20)\d\d")
 _DOTTED_QUAD = re.compile(r"\d{1,3}(?:\.\d{1,3}){3}")
 # The words before a bare run of digits that make it a phone number ("call me on", "phone:").
@@ -572,6 +578,8 @@ class Scrubber:
             for lo, hi in spans:
                 for m in pattern.finditer(text, lo, hi):
                     start, end = _secret_span(m, text)
+                    if start < m.start() and text[m.start() - 1].isalnum():
+                        continue  # inside a longer token: AKIA... within a ULID or a base64 blob
                     if end > start and not _filtered_out(text[start:end]):
                         yield Finding(start, end, kind, _RANK_TOKEN)
 
@@ -700,6 +708,11 @@ class Scrubber:
         for m in _CARD.finditer(text):
             digits = re.sub(r"\D", "", m.group(0))
             if _card_issuer_ok(digits) and luhn.is_valid(digits):
+                if len(digits) > 16 and digits == m.group(0):
+                    # 17 to 19 bare digits are seeds and snowflake ids more often than cards.
+                    line_start = text.rfind("\n", 0, m.start()) + 1
+                    if not _CARD_HINT.search(text, line_start, m.start()):
+                        continue
                 yield Finding(m.start(), m.end(), "CREDIT_CARD", _RANK_PII)
         for m in _SSN.finditer(text):
             if us_ssn.is_valid(m.group(0).replace(" ", "-")):
@@ -727,8 +740,8 @@ class Scrubber:
                 continue
             if any(f.start < m.end() and m.start() < f.end for f in taken):
                 continue  # already a card, an id, an IP address or part of a token
-            if _DOTTED_QUAD.fullmatch(candidate):
-                continue  # a netmask or a reserved address, never a phone number
+            if _DOTTED_QUAD.fullmatch(candidate) or _NOT_A_PHONE.fullmatch(candidate.strip()):
+                continue  # a netmask, a decimal (7.39020262), a ratio (21243/21253), a git range
             if not re.search(r"[+\s().\-/]", candidate.strip()):
                 # A bare run of digits is a size, a timestamp or an id unless the words
                 # before it say it is a phone number.

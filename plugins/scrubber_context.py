@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from detect_secrets.filters.heuristic import is_sequential_string, is_templated_secret
 
-__all__ = ["CONTEXT_RULES", "ContextRule", "key_kind", "plausible_value"]
+__all__ = ["CONTEXT_RULES", "ContextRule", "is_placeholder", "key_kind", "looks_generated", "plausible_value"]
 
 _PASSWORD_WORDS = frozenset(
     {
@@ -73,18 +73,25 @@ def _words(key: str) -> list[str]:
 
 
 _PASSWORD_PART = re.compile(r"passw|pwd|passphrase|contrase|senha|motdepasse")
-_SECRET_PART = re.compile(r"secret|token(?!s|iz|is)|apikey|credential|authorization")
+# Run-together names: authtoken, clientsecret, secretkey (not secretsmanager, tokenizer).
+_SECRET_PART = re.compile(r"^(?:secret(?!s).*|.*(?:secret|token|apikey|credentials?|authorization))$")
+
+
+_FILE_NAME = re.compile(
+    r"\.(?:py|pyi|js|mjs|ts|tsx|go|rb|rs|java|kt|c|h|cc|cpp|cs|php|sh|json|ya?ml|toml|ini|cfg|txt|md)$"
+)
 
 
 def key_kind(key: str) -> str | None:
     """PASSWORD or SECRET when ``key`` names a secret it holds, else None."""
     words = _words(key)
-    if not words or any(w in _METADATA_WORDS for w in words):
-        return None
+    if not words or any(w in _METADATA_WORDS for w in words) or _FILE_NAME.search(key):
+        return None  # "secretName", "token_url", "requests/auth.py:861"
     joined = "".join(words)
-    if any(w in _PASSWORD_WORDS for w in words) or _PASSWORD_PART.search(joined):
+    # "pass" and "pw" only end a password's name (ADMIN_PASS, db_pw): pass_fds, PassThrough
+    if words[-1] in _PASSWORD_WORDS or _PASSWORD_PART.search(joined):
         return "PASSWORD"
-    if any(w in _SECRET_WORDS for w in words) or _SECRET_PART.search(joined):
+    if any(w in _SECRET_WORDS or _SECRET_PART.match(w) for w in words):
         return "SECRET"
     for before, word in zip(words, words[1:], strict=False):
         if word in ("key", "keys") and before in _KEY_QUALIFIERS:
@@ -104,21 +111,27 @@ _CODE = re.compile(
 )
 # One word, or lower-case words joined: prose and names, not passwords ("BlE6QdWzqJRnSu" is
 # long enough to count).
-_CALL_OR_ATTRIBUTE = re.compile(r"^[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*[ \t]*[(\[]|^[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)+[;,)]*$")
+# Expressions, not literals: get_password(), self.token, Optional[str], (start, end), a::b, a->b
+_CALL_OR_ATTRIBUTE = re.compile(
+    r"^[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*[ \t]*[(\[](?:[A-Za-z_\"'\d)\]*\s]|$)"
+    r"|^[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)+[;,)]*$|^[(\[{][A-Za-z_]\w*$|^[(\[{].*[)\]}][;,]?$|::|->"
+)
 
 
 def looks_generated(value: str) -> bool:
     """A name-shaped value that is not a name: its letters and digits change class as often as
     a random string's do (``beYmsVDjZaWQ``, ``b94c3cb6ee02``), not once a word (``getPassword``)."""
     chars = [c for c in value if c.isalnum()]
-    if len(chars) < 12:
+    if len(chars) < 8:
         return False
+    if re.fullmatch(r"[0-9a-fA-F]{16,}", value) and sum(c.isdigit() for c in chars) >= 4:
+        return any(c.isalpha() for c in chars)  # hex: its digit and letter runs are long
     kinds = ["d" if c.isdigit() else "u" if c.isupper() else "l" for c in chars]
     changes = sum(a != b for a, b in zip(kinds, kinds[1:], strict=False))
     return changes * 3 >= len(chars)
 
 _PLAIN_WORDS = re.compile(r"^[A-Za-z]{1,15}$|^[a-z]+(?:[ _\-][a-z]+)+$")
-_NUMBERISH = re.compile(r"^\d{1,7}$|^\d+(?:\.\d+)?(?:[a-z]{1,2}|%)?$|^0x[0-9a-fA-F]+$")
+_NUMBERISH = re.compile(r"^\d{1,7}$|^\d+(?:\.\d+)?(?:[a-z]{1,2}|%)?$|^0x[0-9a-fA-F]+$|^#[0-9a-fA-F]{3,8}$")
 _PATH = re.compile(r"^(?:~|\.{1,2}|[A-Za-z]:)?(?:[/\\][A-Za-z0-9_.\-]+){2,}[/\\]?$")
 _PLACEHOLDERS = frozenset(
     {
@@ -126,29 +139,37 @@ _PLACEHOLDERS = frozenset(
         "yourpassword", "your-password", "your_token", "your_api_key", "mypassword", "my_password", "example",
         "placeholder", "dummy", "masked", "removed", "empty", "notset", "not-set", "unset", "default",
         "string", "value", "foo", "bar", "foobar", "test", "testing", "xxxxxx", "password123",
+        "pass", "pw", "pwd", "passw0rd", "user", "username",
     }
 )
 
 
-def plausible_value(value: str, quoted: bool, key: str = "", code: bool = False) -> bool:
+def is_placeholder(value: str) -> bool:
+    """``password``, ``your_token``, ``***``: what documentation writes where a secret goes."""
+    lowered = value.lower()
+    return lowered in _PLACEHOLDERS or lowered.strip("_-*<>") in _PLACEHOLDERS or set(lowered) <= {"*", "x", "."}
+
+
+def plausible_value(value: str, quoted: bool, key: str = "", code: bool = False, whole_line: bool = False) -> bool:
     """Whether ``value`` can be the secret itself rather than a reference, code or a placeholder.
 
     ``code``: the value may be an expression (an assignment in a program), so an unquoted name
     is a variable unless it mixes cases and digits the way generated secrets do.
+    ``whole_line``: the value runs to the end of its line, where an expression ends with a
+    bracket or a name (``foo(bar)``, ``foo(``), a password maybe not (``WZwy04(cGkwQ7Dsx2%ls*K``).
     """
-    if len(value) < 4 or len(value) > 1024:
+    if len(value) < 6 or len(value) > 1024 or "->" in value:
         return False
     if _REFERENCE.search(value) or is_templated_secret(value) or "://" in value:
         return False
     if re.search(r"\[[A-Z0-9_]+(?:\]|$)", value):
         return False  # a placeholder of an earlier scrub: scrubbing is idempotent
-    lowered = value.lower()
-    if lowered in _PLACEHOLDERS or lowered.strip("_-*<>") in _PLACEHOLDERS or lowered == key.lower():
+    if is_placeholder(value) or value.lower() == key.lower():
         return False
     if _NUMBERISH.match(value) or _PATH.match(value) or _PLAIN_WORDS.match(value):
         return False
     if code and not quoted:
-        if _CALL_OR_ATTRIBUTE.match(value):
+        if _CALL_OR_ATTRIBUTE.search(value) and not (whole_line and value[-1] not in ")]([{,;:" and "(" in value):
             return False  # token = self.token, password = get_password(), sig = signature(f)
         if _CODE.match(value) and not looks_generated(value):
             return False  # password=password, secret: str, token = None
@@ -171,6 +192,8 @@ class ContextRule:
     kind: str | None = "PASSWORD"
     needles: tuple[str, ...] = ()  # lower-case words one of which every match holds
     code: bool = False  # values may be expressions (see plausible_value)
+    generated: bool = False  # only values that look generated (looks_generated), not names
+    whole_line: bool = False  # the value group runs to the end of the line
 
     def findings(self, text: str, lo: int, hi: int) -> Iterator[tuple[int, int, str]]:
         for m in self.pattern.finditer(text, lo, hi):
@@ -182,8 +205,18 @@ class ContextRule:
             elif start > 0 and text[start - 1] in "\"'`":
                 quoted = True
             key = m.group("key") if "key" in self.pattern.groupindex and m.group("key") else ""
+            code = self.code
+            if code and "sep" in self.pattern.groupindex and m.group("sep") in ("=", ": ") and value[-1:] != ",":
+                code = False  # KEY=value (.env, shell, properties), key: value (YAML): a name is a value
+            opening = text[m.start("key") - 1 : m.start("key")] if key else ""
+            if code and opening in ("'", '"') and text[m.end("key") : m.end("key") + 1] != opening and (
+                text[end : end + 1] == opening
+            ):
+                quoted = True  # "X-API-Key: value": key and value inside one string literal
             kind = self.kind or key_kind(key)
-            if kind is not None and plausible_value(value, quoted, key, self.code):
+            if self.generated and not looks_generated(value):
+                continue
+            if kind is not None and plausible_value(value, quoted, key, code, self.whole_line):
                 yield start, end, kind
 
 
@@ -275,6 +308,21 @@ CONTEXT_RULES: tuple[ContextRule, ...] = (
         "SECRET",
         ("heroku",),
     ),
+    # A variable named after a provider holding a random-looking string: github = "...",
+    # TWITTER_OAUTH="..." (truffleHog's keyword rules); looks_generated tells it from a name.
+    ContextRule(
+        "provider-named value",
+        re.compile(
+            r"(?i)\b(?:github|gitlab|twitter|facebook|fb|heroku|slack|stripe|twilio|mailgun|sendgrid|openai|anthropic"
+            r"|huggingface|hf|aws|azure|gcp|google|digitalocean|datadog|sentry|npm|pypi|docker|dockerhub)[\w.\-]{0,40}"
+            r"[\"'\]]*[ \t]*(?::=|=>|=|:)[ \t]*(?P<value>[\"'][A-Za-z0-9_\-+/=.]{20,200}[\"'])"
+        ),
+        "SECRET",
+        ("github", "gitlab", "twitter", "facebook", "fb", "heroku", "slack", "stripe", "twilio", "mailgun",
+         "sendgrid", "openai", "anthropic", "huggingface", "hf", "aws", "azure", "gcp", "google", "digitalocean",
+         "datadog", "sentry", "npm", "pypi", "docker"),
+        generated=True,
+    ),
     ContextRule(
         "redis-cli -a",
         re.compile(r"\bredis-cli\b[^\n|;&]*?\s(?:-a|--pass)\s+" + _CLI_VALUE),
@@ -318,20 +366,21 @@ CONTEXT_RULES: tuple[ContextRule, ...] = (
     ContextRule(
         "secret-named key line",
         re.compile(
-            r"^[ \t]*(?:export[ \t]+|-[ \t]+)?(?P<key>[A-Za-z_][\w.\-]{0,80})[ \t]*(?:=|:[ \t])[ \t]*"
-            r"(?P<value>[^\s'\"#][^\s]*)[ \t]*(?:[ \t]#[^\n]*)?$",
+            r"^[ \t]*(?:export[ \t]+|-[ \t]+)?(?P<key>[A-Za-z_][\w.\-]{0,80})(?P<sep>[ \t]*(?:=|:[ \t])[ \t]*)"
+            r"(?P<value>(?<==)[^\s'\"]\S*|(?<!=)[^\s'\"#]\S*)[ \t]*(?:[ \t]#[^\n]*)?$",
             re.MULTILINE,
         ),
         None,
         ("pass", "pwd", "pw", "secret", "token", "key", "auth", "cred", "contrase", "senha"),
         code=True,
+        whole_line=True,
     ),
     # Key=value; pairs of a connection string (ADO.NET, Azure, ODBC): the value runs to the ";".
     ContextRule(
         "connection string",
         re.compile(
-            r"(?i)(?:^|(?<=[;\"'\s]))(?P<key>password|pwd|accountkey|sharedaccesskey|sharedsecret|clientsecret"
-            r"|client secret|apikey|accesskey|secretkey|token)[ \t]*=[ \t]*(?P<value>[^;\n\"']{1,512})(?=;|\"|'|$)",
+            r"(?i)(?:^|(?<=[;\"']))(?P<key>password|pwd|accountkey|sharedaccesskey|sharedsecret|clientsecret"
+            r"|client secret|apikey|accesskey|secretkey|token)=(?P<value>[^;\n\"']{1,512})(?=;|\"|'|$)",
             re.MULTILINE,
         ),
         None,

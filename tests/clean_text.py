@@ -166,7 +166,15 @@ def _source_files(root: Path) -> tuple[list[Path], list[Path]]:
     return py, records
 
 
-def _lines_from(rng: random.Random, files: list[Path], want: int, per_file: int) -> list[str]:
+# Where context rules fire: the lines of real code most at risk of a false change.
+_KEYWORD_LINE = re.compile(r"(?i)pass|pwd|secret|token|api.?key|auth|credential|bearer|private.?key")
+
+
+def _lines_from(
+    rng: random.Random, files: list[Path], want: int, per_file: int, keyword_lines: list[str] | None = None
+) -> list[str]:
+    """``want`` lines drawn ``per_file`` at a time; each drawn file also gives up to two lines
+    holding a secret keyword to ``keyword_lines``."""
     out: list[str] = []
     for path in rng.sample(files, min(len(files), want // per_file + 1)):
         try:
@@ -175,6 +183,9 @@ def _lines_from(rng: random.Random, files: list[Path], want: int, per_file: int)
             continue
         lines = [x for x in lines if x.strip() and len(x) <= MAX_LINE and not holds_personal_data(x)]
         out += rng.sample(lines, min(per_file, len(lines)))
+        if keyword_lines is not None:
+            risky = [x for x in lines if _KEYWORD_LINE.search(x)]
+            keyword_lines += rng.sample(risky, min(2, len(risky)))
     return out[:want]
 
 
@@ -351,7 +362,9 @@ def generate(seed: int = 0, site_lines: int = 6000, shaped_lines: int = 4000) ->
     root = _site_packages()
     py, records = _source_files(root)
     modules = [str(p.relative_to(root)) for p in py]
-    lines = [("site-packages source", x) for x in _lines_from(rng, py, site_lines * 9 // 10, per_file=6)]
+    risky: list[str] = []
+    lines = [("site-packages source", x) for x in _lines_from(rng, py, site_lines * 9 // 10, 6, risky)]
+    lines += [("site-packages keyword lines", x) for x in risky]
     lines += [("site-packages RECORD", x) for x in _lines_from(rng, records, site_lines // 10, per_file=4)]
     shapes = _Shapes(rng, modules)
     makers: list[tuple[str, Callable[[], str]]] = [

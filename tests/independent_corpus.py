@@ -473,6 +473,8 @@ class Values:
         if which == "fr_nir":
             return Put(which, PII, self.fakers["fr_FR"].ssn())
         body = self.fakers["en_IN"].aadhaar_id()[:11]
+        if body[0] in "01":  # UIDAI issues no number starting with 0 or 1
+            body = str(self.rng.randint(2, 9)) + body[1:]
         digits = body + verhoeff.calc_check_digit(body)
         value = digits if self.rng.random() < 0.4 else " ".join([digits[:4], digits[4:8], digits[8:]])
         return Put(which, PII, value)
