@@ -29,9 +29,11 @@ prefix of a token), while a scrubber needs exact spans.
 from __future__ import annotations
 
 import ipaddress
+import math
 import re
+from bisect import bisect_right
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib.metadata import PackageNotFoundError, version
@@ -62,6 +64,7 @@ from stdnum.in_ import aadhaar as in_aadhaar
 from stdnum.us import ssn as us_ssn
 
 from plugins.scrubber_context import CONTEXT_RULES, is_placeholder, key_kind
+from plugins.scrubber_prefilter import Prefilter, Span, ascii_view
 
 __all__ = [
     "DEFAULT_PHONE_REGIONS",
@@ -76,7 +79,7 @@ __all__ = [
 ]
 
 #: Bump when detection changes, so a replay can tell which scrubber produced an event.
-SCRUBBER_VERSION = "1.0.0"
+SCRUBBER_VERSION = "2.0.0"
 
 #: Regions whose *national* phone formats are recognised (international ``+CC`` numbers are
 #: recognised for every country whatever this says).
@@ -325,11 +328,28 @@ def _filtered_out(secret: str) -> bool:
 _KEYWORD_HINT = re.compile("|".join(ds_keyword.DENYLIST), re.IGNORECASE)
 _KEYWORD_NEEDLES = ("key", "pass", "pwd", "secret", "contrase")
 # Code patterns first (quoted values), then config-file patterns (unquoted values allowed).
-_KEYWORD_PATTERNS: tuple[tuple[re.Pattern[str], int], ...] = (
-    *ds_keyword.QUOTES_REQUIRED_DENYLIST_REGEX_TO_GROUP.items(),
-    *ds_keyword.CONFIG_DENYLIST_REGEX_TO_GROUP.items(),
-    *ds_keyword.GOLANG_DENYLIST_REGEX_TO_GROUP.items(),
+# (The three tables share patterns; each is run once.)
+_KEYWORD_PATTERNS: tuple[tuple[re.Pattern[str], int], ...] = tuple(
+    dict.fromkeys(
+        (
+            *ds_keyword.QUOTES_REQUIRED_DENYLIST_REGEX_TO_GROUP.items(),
+            *ds_keyword.CONFIG_DENYLIST_REGEX_TO_GROUP.items(),
+            *ds_keyword.GOLANG_DENYLIST_REGEX_TO_GROUP.items(),
+        )
+    )
 )
+
+
+def _keyword_prefilter(pattern: str) -> str:
+    """A part of a keyword pattern that every match holds, without its value group (whose
+    runs make Hyperscan report at every offset): what precedes the value, or what follows it
+    for the patterns that put the value first (``"..." == password``)."""
+    head, _, _ = pattern.partition("((?=[^\\v")
+    if "|".join(ds_keyword.DENYLIST) not in head:
+        head = pattern.rsplit("(\\1)", 1)[-1]
+    # contraseña reads "contrasea" in the prefilter's ASCII view; \v is VT in Python's re and
+    # any vertical space in Hyperscan's.
+    return head.replace("contraseña", "contrase.a").replace("\\v", "\\x0b")
 # An unquoted value that is code, not a literal: ``password = get_password()``, ``secret:
 # str``, ``token = self.token``, ``password = None``. (detect-secrets' is_indirect_reference
 # looks at the whole line, which also drops a literal passed to a call: ``connect(pw=...)``.)
@@ -418,7 +438,7 @@ _IPV6 = re.compile(
 _CARD = re.compile(r"(?<![\d\-.])\d(?:[ \-]?\d){12,18}(?![\w\-]|\.\d)")
 _CARD_HINT = re.compile(r"(?i)card|visa|master|amex|\bcc\b|pan\b|charg|paid|kreditkarte|carte|tarjeta|cart[ãa]o")
 _SSN = re.compile(r"(?<![\d\-.])\d{3}([\- ])\d{2}\1\d{4}(?![\w\-]|\.\d)")
-_SSN_PLAIN = re.compile(r"(?i)(?:ssn|social security(?: number| no\.?)?)\W{0,6}(\d{9})(?!\d)")
+_SSN_PLAIN = re.compile(r"(?i)(?:ssn|social security(?: number| no\.?)?)[^\w\n]{0,6}(\d{9})(?!\d)")
 _SIN = re.compile(r"(?<![\d\-.])\d{3}([\- ])\d{3}\1\d{3}(?![\w\-]|\.\d)")
 _AADHAAR = re.compile(r"(?<![\d\-.])[2-9]\d{3}([\- ])\d{4}\1\d{4}(?![\w\-]|\.\d)")
 # Twelve bare digits are as often an AWS account or an order number: only after the word.
@@ -495,7 +515,27 @@ _PHONE_HINT = re.compile(
 )
 
 
+_PII_PATTERNS = (
+    _EMAIL, _IPV4, _IPV6, _CARD, _SSN, _SSN_PLAIN, _SIN, _AADHAAR, _AADHAAR_PLAIN, _DNI, _CPF, _CPF_PLAIN, _NIR,
+    _IBAN, _HOME,
+)  # fmt: skip
+
 # --------------------------------------------------------------------------- the scrubber
+
+Candidates = Callable[[object], list[Span]]
+
+# Prefilter expressions for patterns that end in an unbounded run, for which Hyperscan reports a
+# match at every offset of the run: each matches the start of every match of its pattern (which
+# starts with a literal, so on the same line), and ends once per token.
+_SHORTER = {
+    r"eyJ[A-Za-z0-9-_=]+\.[A-Za-z0-9-_=]+\.?[A-Za-z0-9-_.+/=]*?": r"eyJ[A-Za-z0-9_=\-]+\.",
+    r"xox(?:a|b|p|o|s|r)-(?:\d+-)+[a-z0-9]+": r"xox[abposr]-\d+-",
+    r"\bsk-(?:proj|svcacct|admin)-[A-Za-z0-9_\-]{40,}": r"sk-(?:proj|svcacct|admin)-",
+    r"\bsk-ant-(?:api|admin)\d{2}-[A-Za-z0-9_\-]{40,}": r"sk-ant-(?:api|admin)\d{2}-",
+    r"\bhv[sbr]\.[A-Za-z0-9_\-]{24,}": r"hv[sbr]\.",
+    r"\bya29\.[0-9A-Za-z_\-]{20,}": r"ya29\.",
+    r"pypi-AgEIcHlwaS5vcmc[A-Za-z0-9-_]{70,}": r"pypi-AgEIcHlwaS5vcmc",
+}
 
 
 class Scrubber:
@@ -507,7 +547,9 @@ class Scrubber:
         base64_limit: float = 4.5,
         hex_limit: float = 3.0,
         phone_regions: Sequence[str] = DEFAULT_PHONE_REGIONS,
+        prefilter: bool = True,
     ) -> None:
+        """``prefilter=False`` runs every detector on the whole text (the same findings, slower)."""
         self.tokens = _token_detectors()
         self.private_key_headers = [p for _, p in _private_key_patterns()]
         self.base64 = Base64HighEntropyString(limit=base64_limit)
@@ -519,6 +561,43 @@ class Scrubber:
         self.phone_regions = tuple(phone_regions)
         if not self.phone_regions:
             raise ValueError("phone_regions: name at least one region, e.g. US")
+        self._detectors = self._detector_expressions()
+        self._id = {key: i for i, (key, _, _) in enumerate(self._detectors)}
+        self.prefilter = _prefilter(tuple((e, f) for _, e, f in self._detectors)) if prefilter else None
+
+    def _detector_expressions(self) -> list[tuple[object, str | None, int]]:
+        """(key, prefilter expression, re flags) for every pattern a detector scans text with.
+
+        The expression is the pattern itself unless a cheaper one holds in every match: the
+        keywords of a context rule, the ASCII stem of the keyword list.
+        """
+        out: list[tuple[object, str | None, int]] = []
+        for i, (_, pattern) in enumerate(self.tokens):
+            out.append((("token", i), _SHORTER.get(pattern.pattern, pattern.pattern), pattern.flags))
+        for i, pattern in enumerate(self.private_key_headers):
+            out.append((("private key", i), pattern.pattern, pattern.flags))
+        for i, rule in enumerate(CONTEXT_RULES):
+            needles = "|".join(re.escape(n) for n in rule.needles) if rule.needles else rule.pattern.pattern
+            out.append((("context", i), needles, re.IGNORECASE if rule.needles else rule.pattern.flags))
+        for k, (pattern, _) in enumerate(_KEYWORD_PATTERNS):
+            out.append((("keyword", k), _keyword_prefilter(pattern.pattern), pattern.flags))
+        for pattern in (self.hex.regex, self.base64.regex, *_PII_PATTERNS):
+            out.append((pattern, _SHORTER.get(pattern.pattern, pattern.pattern), pattern.flags))
+        # Long unquoted runs: Hyperscan would report every offset past the 32nd character of
+        # each; one re scan of the whole text is cheaper.
+        out.append((self.base64_unquoted, None, 0))
+        # Hyperscan reads no \u escapes; a no-break space is whitespace in the ASCII view anyway.
+        out.append((_PHONE_CANDIDATE, _PHONE_CANDIDATE.pattern.replace("\\u00a0", ""), 0))
+        return out
+
+    def _candidates(self, text: str) -> Callable[[object], list[Span]]:
+        """key -> the spans of ``text`` its pattern needs to scan."""
+        if self.prefilter is None:
+            whole = [(0, len(text))]
+            return lambda key: whole
+        spans = self.prefilter.scan(text)
+        ids = self._id
+        return lambda key: spans(ids[key])
 
     # ------------------------------------------------------------------ public
 
@@ -542,24 +621,25 @@ class Scrubber:
         """Every finding, overlaps merged (the lowest rank names the merged span), in order."""
         if not text:
             return []
+        at = self._candidates(text)
         raw: list[Finding] = []
-        raw += self._private_keys(text)
-        passwords = list(self._tokens(text)) + list(self._context(text))
+        raw += self._private_keys(text, at)
+        passwords = list(self._tokens(text, at)) + list(self._context(text, at))
         raw += passwords
-        raw += self._keywords(text)
-        raw += self._entropy(text)
-        raw += self._emails(text, [f for f in passwords if f.kind == "PASSWORD"])
-        raw += self._ips(text)
-        raw += self._numbers(text)
-        raw += self._home_dirs(text)
-        raw += self._phones(text, raw)
+        raw += self._keywords(text, at)
+        raw += self._entropy(text, at, _Covered(raw))
+        raw += self._emails(text, at, [f for f in passwords if f.kind == "PASSWORD"])
+        raw += self._ips(text, at)
+        raw += self._numbers(text, at)
+        raw += self._home_dirs(text, at)
+        raw += self._phones(text, at, raw)
         return _merge(raw)
 
     # ------------------------------------------------------------------ secrets
 
-    def _private_keys(self, text: str) -> Iterator[Finding]:
-        for pattern in self.private_key_headers:
-            for m in pattern.finditer(text):
+    def _private_keys(self, text: str, at: Candidates) -> Iterator[Finding]:
+        for i, pattern in enumerate(self.private_key_headers):
+            for m in _scan(pattern, text, at(("private key", i))):
                 line_start = text.rfind("\n", 0, m.start()) + 1
                 dashes = text.rfind("-----", line_start, m.start())
                 start = dashes if dashes >= 0 else m.start()
@@ -568,38 +648,55 @@ class Scrubber:
                 end = end_match.end() if end_match else _end_of_key_material(text, m.end())
                 yield Finding(start, end, "PRIVATE_KEY", _RANK_PRIVATE_KEY)
 
-    def _tokens(self, text: str) -> Iterator[Finding]:
-        shaped = {
-            kind: _lines_at(text, (m.start() for m in shape.finditer(text)))
-            for kind, shape in _VALUE_SHAPE.items()
-        }
-        for kind, pattern in self.tokens:
-            spans = shaped.get(kind, [(0, len(text))])
-            for lo, hi in spans:
-                for m in pattern.finditer(text, lo, hi):
-                    start, end = _secret_span(m, text)
-                    if start < m.start() and text[m.start() - 1].isalnum():
-                        continue  # inside a longer token: AKIA... within a ULID or a base64 blob
-                    if end > start and not _filtered_out(text[start:end]):
-                        yield Finding(start, end, kind, _RANK_TOKEN)
-
-    @staticmethod
-    def _context(text: str) -> Iterator[Finding]:
-        """Secrets known by where they stand: auth headers, URL user-info, CLI flags, config keys."""
-        for rule in CONTEXT_RULES:
-            for start, end, kind in rule.findings(text, 0, len(text)):
-                yield Finding(start, end, kind, _RANK_CONTEXT)
-
-    def _keywords(self, text: str) -> Iterator[Finding]:
-        # Every denylisted keyword contains one of these; finding them in lowered text is
-        # much cheaper than the case-insensitive alternation, which then confirms per line.
-        lowered = text.lower()
-        hits = (i for needle in _KEYWORD_NEEDLES for i in _find_all(lowered, needle))
-        for line_start, line_end in _lines_at(text, hits):
-            line = text[line_start:line_end]
-            if not _KEYWORD_HINT.search(line):
+    def _tokens(self, text: str, at: Candidates) -> Iterator[Finding]:
+        shaped: dict[str, list[Span]] = {}
+        if self.prefilter is None:
+            shaped = {
+                kind: _lines_at(text, (m.start() for m in shape.finditer(text)))
+                for kind, shape in _VALUE_SHAPE.items()
+            }
+        for i, (kind, pattern) in enumerate(self.tokens):
+            spans = shaped.get(kind) or at(("token", i))
+            if not spans:
                 continue
-            for pattern, group in _KEYWORD_PATTERNS:
+            for m in _scan(pattern, text, spans):
+                start, end = _secret_span(m, text)
+                if start < m.start() and text[m.start() - 1].isalnum():
+                    continue  # inside a longer token: AKIA... within a ULID or a base64 blob
+                if end > start and not _filtered_out(text[start:end]):
+                    yield Finding(start, end, kind, _RANK_TOKEN)
+
+    def _context(self, text: str, at: Candidates) -> Iterator[Finding]:
+        """Secrets known by where they stand: auth headers, URL user-info, CLI flags, config keys."""
+        # The same length as text, unlike text.lower(); without the prefilter every rule scans
+        # plainly, which makes Scrubber(prefilter=False) the reference the fast path must equal.
+        lowered = ascii_view(text).lower() if self.prefilter is not None else None
+        for i, rule in enumerate(CONTEXT_RULES):
+            for lo, hi in at(("context", i)):
+                for start, end, kind in rule.findings(text, lo, hi, lowered):
+                    yield Finding(start, end, kind, _RANK_CONTEXT)
+
+    def _keywords(self, text: str, at: Candidates) -> Iterator[Finding]:
+        gated = self.prefilter is not None and self.prefilter.active
+        if gated:
+            # The prefilter says which of detect-secrets' keyword patterns can match on which line.
+            per_line: dict[Span, list[int]] = {}
+            for k in range(len(_KEYWORD_PATTERNS)):
+                for span in _lines_in(text, at(("keyword", k))):
+                    per_line.setdefault(span, []).append(k)
+            lines = sorted(per_line)
+        else:
+            # Every denylisted keyword contains one of these; finding them in lowered text is
+            # much cheaper than the case-insensitive alternation, which then confirms per line.
+            lowered = text.lower()
+            lines = _lines_at(text, (i for needle in _KEYWORD_NEEDLES for i in _find_all(lowered, needle)))
+        every = list(range(len(_KEYWORD_PATTERNS)))
+        for line_start, line_end in lines:
+            line = text[line_start:line_end]
+            if not gated and not _KEYWORD_HINT.search(line):
+                continue
+            for k in per_line[(line_start, line_end)] if gated else every:
+                pattern, group = _KEYWORD_PATTERNS[k]
                 for m in pattern.finditer(line):
                     value = m.group(group)
                     if not value or _filtered_out(value):
@@ -622,25 +719,32 @@ class Scrubber:
 
     def _random_looking(self, value: str) -> bool:
         """A long value with the entropy of a key: not an identifier, whatever its letters."""
-        return len(value) >= 20 and self.base64.calculate_shannon_entropy(value) > self.base64.entropy_limit
+        return len(value) >= 20 and _shannon_entropy(self.base64, value) > self.base64.entropy_limit
 
-    def _entropy(self, text: str) -> Iterator[Finding]:
+    def _entropy(self, text: str, at: Candidates, covered: _Covered | None = None) -> Iterator[Finding]:
+        """High-entropy strings. One inside a finding already made changes nothing (the worst
+        rank, merged into it): ``covered`` skips computing its entropy."""
+        covered = covered or _Covered([])
         for plugin in (self.hex, self.base64):
-            for m in plugin.regex.finditer(text):
+            for m in _scan(plugin.regex, text, at(plugin.regex)):
                 for start, value in _segments(m.start(2), m.group(2)):
+                    if covered(start, start + len(value)):
+                        continue
                     if self._high_entropy(plugin, value) and not self._hash_like(text, start):
                         yield Finding(start, start + len(value), _entropy_kind(text, start, value), _RANK_ENTROPY)
         # detect-secrets' "eager" ad-hoc mode: unquoted strings too, but only long ones, since
         # chat and logs rarely quote what they paste.
-        for m in self.base64_unquoted.finditer(text):
+        for m in _scan(self.base64_unquoted, text, at(self.base64_unquoted)):
             for start, segment in _segments(m.start(), m.group(0)):
                 value = segment.rstrip("=")
+                if covered(start, start + len(segment)):
+                    continue
                 if (
                     len(value) >= _UNQUOTED_MIN
                     and self._high_entropy(self.base64, value)
-                    and re.search(r"\d", value)
-                    and re.search(r"[A-Z]", value)
-                    and re.search(r"[a-z]", value)
+                    and any(c.isdigit() for c in value)
+                    and any(c.isupper() for c in value)
+                    and any(c.islower() for c in value)
                     and not self._hash_like(text, start)
                 ):
                     yield Finding(start, start + len(segment), _entropy_kind(text, start, value), _RANK_ENTROPY)
@@ -649,7 +753,7 @@ class Scrubber:
     def _high_entropy(plugin: HighEntropyStringsPlugin, value: str) -> bool:
         return (
             len(value) >= 16
-            and plugin.calculate_shannon_entropy(value) > plugin.entropy_limit
+            and _shannon_entropy(plugin, value) > plugin.entropy_limit
             and not _filtered_out(value)
         )
 
@@ -665,8 +769,8 @@ class Scrubber:
     # ------------------------------------------------------------------ PII
 
     @staticmethod
-    def _emails(text: str, passwords: list[Finding]) -> Iterator[Finding]:
-        for m in _EMAIL.finditer(text):
+    def _emails(text: str, at: Candidates, passwords: list[Finding]) -> Iterator[Finding]:
+        for m in _scan(_EMAIL, text, at(_EMAIL)):
             local = m.group(0).split("@", 1)[0]
             if local.lower() in _SERVICE_MAILBOXES or m.group(0).rsplit(".", 1)[-1].lower() in _PRIVATE_TLDS:
                 continue
@@ -676,8 +780,8 @@ class Scrubber:
             yield Finding(m.start(), m.end(), "EMAIL", _RANK_PII)
 
     @staticmethod
-    def _ips(text: str) -> Iterator[Finding]:
-        for m in _IPV4.finditer(text):
+    def _ips(text: str, at: Candidates) -> Iterator[Finding]:
+        for m in _scan(_IPV4, text, at(_IPV4)):
             try:
                 ip: ipaddress.IPv4Address | ipaddress.IPv6Address = ipaddress.IPv4Address(m.group(0))
             except ValueError:
@@ -690,7 +794,7 @@ class Scrubber:
             yield Finding(m.start(), m.end(), "IP_ADDRESS", _RANK_PII)
         if ":" not in text:
             return
-        for m in _IPV6.finditer(text):
+        for m in _scan(_IPV6, text, at(_IPV6)):
             candidate = m.group(0)
             if sum(1 for g in re.split(r"[:.]", candidate) if g) < 3:
                 continue  # "::1"-like fragments and slices such as x[1::2]
@@ -703,9 +807,9 @@ class Scrubber:
             yield Finding(m.start(), m.end(), "IP_ADDRESS", _RANK_PII)
 
     @staticmethod
-    def _numbers(text: str) -> Iterator[Finding]:
-        """Cards (Luhn + issuer prefix), SSNs, SINs, Aadhaar numbers, DNIs and IBANs."""
-        for m in _CARD.finditer(text):
+    def _numbers(text: str, at: Candidates) -> Iterator[Finding]:
+        """Cards (Luhn + issuer prefix), SSNs, SINs, Aadhaar numbers, DNIs, CPFs, NIRs and IBANs."""
+        for m in _scan(_CARD, text, at(_CARD)):
             digits = re.sub(r"\D", "", m.group(0))
             if _card_issuer_ok(digits) and luhn.is_valid(digits):
                 if len(digits) > 16 and digits == m.group(0):
@@ -714,26 +818,26 @@ class Scrubber:
                     if not _CARD_HINT.search(text, line_start, m.start()):
                         continue
                 yield Finding(m.start(), m.end(), "CREDIT_CARD", _RANK_PII)
-        for m in _SSN.finditer(text):
+        for m in _scan(_SSN, text, at(_SSN)):
             if us_ssn.is_valid(m.group(0).replace(" ", "-")):
                 yield Finding(m.start(), m.end(), "SSN", _RANK_PII)
-        for m in _SSN_PLAIN.finditer(text):
+        for m in _scan(_SSN_PLAIN, text, at(_SSN_PLAIN)):
             if us_ssn.is_valid(m.group(1)):
                 yield Finding(m.start(1), m.end(1), "SSN", _RANK_PII)
         for pattern, validator in _NATIONAL_IDS:
-            for m in pattern.finditer(text):
+            for m in _scan(pattern, text, at(pattern)):
                 if validator.is_valid(m.group(0)):
                     yield Finding(m.start(), m.end(), "NATIONAL_ID", _RANK_PII)
         for pattern, validator in ((_AADHAAR_PLAIN, in_aadhaar), (_CPF_PLAIN, br_cpf)):
-            for m in pattern.finditer(text):
+            for m in _scan(pattern, text, at(pattern)):
                 if validator.is_valid(m.group(1)):
                     yield Finding(m.start(1), m.end(1), "NATIONAL_ID", _RANK_PII)
-        for m in _IBAN.finditer(text):
+        for m in _scan(_IBAN, text, at(_IBAN)):
             if std_iban.is_valid(m.group(0)):
                 yield Finding(m.start(), m.end(), "IBAN", _RANK_PII)
 
-    def _phones(self, text: str, taken: list[Finding]) -> Iterator[Finding]:
-        for m in _PHONE_CANDIDATE.finditer(text):
+    def _phones(self, text: str, at: Candidates, taken: list[Finding]) -> Iterator[Finding]:
+        for m in _scan(_PHONE_CANDIDATE, text, at(_PHONE_CANDIDATE)):
             candidate = m.group(0)
             digits = sum(c.isdigit() for c in candidate)
             if digits < 7 or digits > 17:
@@ -788,12 +892,75 @@ class Scrubber:
                 return  # an international number reads the same in every region
 
     @staticmethod
-    def _home_dirs(text: str) -> Iterator[Finding]:
-        for m in _HOME.finditer(text):
+    def _home_dirs(text: str, at: Candidates) -> Iterator[Finding]:
+        for m in _scan(_HOME, text, at(_HOME)):
             name = m.group("name").rstrip(".")
             if name.lower() in _SERVICE_USERS or not name:
                 continue
             yield Finding(m.start("name"), m.start("name") + len(name), "USERNAME", _RANK_PII)
+
+
+class _Covered:
+    """Whether a span lies inside the union of some findings."""
+
+    def __init__(self, findings: Iterable[Finding]) -> None:
+        self.starts: list[int] = []
+        self.ends: list[int] = []
+        for f in sorted(findings):
+            if self.ends and f.start < self.ends[-1]:  # overlapping, as _merge joins them
+                self.ends[-1] = max(self.ends[-1], f.end)
+            else:
+                self.starts.append(f.start)
+                self.ends.append(f.end)
+
+    def __call__(self, start: int, end: int) -> bool:
+        i = bisect_right(self.starts, start) - 1
+        return i >= 0 and end <= self.ends[i]
+
+
+def _shannon_entropy(plugin: HighEntropyStringsPlugin, data: str) -> float:
+    """detect-secrets' calculate_shannon_entropy, counted once instead of once per character
+    of the charset; the sum runs in the same order, so the value is the same to the bit."""
+    counts = Counter(data)
+    size = len(data)
+    entropy = 0.0
+    for x in plugin.charset:
+        count = counts.get(x)
+        if count:
+            p_x = float(count) / size
+            entropy += -p_x * math.log(p_x, 2)
+    if isinstance(plugin, HexHighEntropyString) and size > 1:
+        try:
+            int(data)  # all digits: detect-secrets lowers the entropy of numbers
+            entropy -= 1.2 / math.log(size, 2)
+        except ValueError:
+            pass
+    return entropy
+
+
+def _scan(pattern: re.Pattern[str], text: str, spans: list[Span]) -> Iterator[re.Match[str]]:
+    for lo, hi in spans:
+        yield from pattern.finditer(text, lo, hi)
+
+
+def _lines_in(text: str, spans: list[Span]) -> list[Span]:
+    """The lines within candidate spans (which reach one character into their neighbours)."""
+    out: list[Span] = []
+    for lo, hi in spans:
+        start = lo + 1 if lo > 0 and text[lo] == "\n" else lo
+        end = hi - 1 if hi > start and text[hi - 1] == "\n" else hi
+        while start <= end:
+            nl = text.find("\n", start, end)
+            stop = end if nl < 0 else nl
+            out.append((start, stop))
+            start = stop + 1
+    return out
+
+
+@lru_cache(maxsize=4)
+def _prefilter(expressions: tuple[tuple[str | None, int], ...]) -> Prefilter:
+    """One compiled database per set of expressions, shared by every Scrubber of a process."""
+    return Prefilter(expressions)
 
 
 def _segments(start: int, value: str) -> Iterator[tuple[int, str]]:
@@ -904,7 +1071,7 @@ def scrub(text: str) -> tuple[str, Counter[str]]:
 def versions() -> dict[str, str]:
     """anonymizer component -> version, recorded in each event's findings."""
     out = {"scrubber": SCRUBBER_VERSION}
-    for dist in ("detect-secrets", "phonenumbers", "python-stdnum", "hyperscan"):
+    for dist in ("detect-secrets", "phonenumbers", "python-stdnum"):
         try:
             out[dist] = version(dist)
         except PackageNotFoundError:  # pragma: no cover - an install without metadata

@@ -16,6 +16,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import lru_cache
 
 from detect_secrets.filters.heuristic import is_sequential_string, is_templated_secret
 
@@ -82,6 +83,7 @@ _FILE_NAME = re.compile(
 )
 
 
+@lru_cache(maxsize=8192)
 def key_kind(key: str) -> str | None:
     """PASSWORD or SECRET when ``key`` names a secret it holds, else None."""
     words = _words(key)
@@ -194,9 +196,39 @@ class ContextRule:
     code: bool = False  # values may be expressions (see plausible_value)
     generated: bool = False  # only values that look generated (looks_generated), not names
     whole_line: bool = False  # the value group runs to the end of the line
+    starts_at_needle: bool = False  # every match starts where one of the needles does
 
-    def findings(self, text: str, lo: int, hi: int) -> Iterator[tuple[int, int, str]]:
-        for m in self.pattern.finditer(text, lo, hi):
+    def __post_init__(self) -> None:
+        # Python's re scans a case-insensitive alternation of words slowly; where a match starts
+        # at a needle, the needles are found in the lower-cased text and the rule tried there.
+        anchor = "|".join(re.escape(n) for n in self.needles) if self.starts_at_needle else None
+        object.__setattr__(self, "_anchor", re.compile(anchor) if anchor else None)
+        object.__setattr__(self, "_keyed", "key" in self.pattern.groupindex)
+        object.__setattr__(self, "_separated", "sep" in self.pattern.groupindex)
+
+    def _matches(self, text: str, lo: int, hi: int, lowered: str | None) -> Iterator[re.Match[str]]:
+        anchor: re.Pattern[str] | None = getattr(self, "_anchor", None)
+        if anchor is None or lowered is None:
+            yield from self.pattern.finditer(text, lo, hi)
+            return
+        taken = lo
+        for a in anchor.finditer(lowered, lo, hi):
+            if a.start() >= taken and (m := self.pattern.match(text, a.start(), hi)):
+                taken = max(m.end(), a.start() + 1)
+                yield m
+
+    def findings(
+        self, text: str, lo: int, hi: int, lowered: str | None = None
+    ) -> Iterator[tuple[int, int, str]]:
+        """(start, end, kind) of each secret in ``text[lo:hi]``; ``lowered``: the text lower-cased
+        with its length kept (ASCII case folding), for rules that start at a needle."""
+        keyed: bool = getattr(self, "_keyed", False)
+        separated: bool = getattr(self, "_separated", False)
+        for m in self._matches(text, lo, hi, lowered):
+            key = (m.group("key") or "") if keyed else ""
+            kind = self.kind or key_kind(key)
+            if kind is None:
+                continue
             start, end = m.span("value")
             value = m.group("value")
             quoted = value[:1] in "\"'`" and value[-1:] == value[:1] and len(value) >= 2
@@ -204,19 +236,17 @@ class ContextRule:
                 start, end, value = start + 1, end - 1, value[1:-1]
             elif start > 0 and text[start - 1] in "\"'`":
                 quoted = True
-            key = m.group("key") if "key" in self.pattern.groupindex and m.group("key") else ""
             code = self.code
-            if code and "sep" in self.pattern.groupindex and m.group("sep") in ("=", ": ") and value[-1:] != ",":
+            if code and separated and m.group("sep") in ("=", ": ") and value[-1:] != ",":
                 code = False  # KEY=value (.env, shell, properties), key: value (YAML): a name is a value
             opening = text[m.start("key") - 1 : m.start("key")] if key else ""
             if code and opening in ("'", '"') and text[m.end("key") : m.end("key") + 1] != opening and (
                 text[end : end + 1] == opening
             ):
                 quoted = True  # "X-API-Key: value": key and value inside one string literal
-            kind = self.kind or key_kind(key)
             if self.generated and not looks_generated(value):
                 continue
-            if kind is not None and plausible_value(value, quoted, key, code, self.whole_line):
+            if plausible_value(value, quoted, key, code, self.whole_line):
                 yield start, end, kind
 
 
@@ -228,8 +258,8 @@ CONTEXT_RULES: tuple[ContextRule, ...] = (
     ContextRule(
         "authorization header",
         re.compile(
-            r"(?i)\b(?:proxy-)?authorization\b[\"'\]]*\s*[:=,]\s*(?:[frb]?[\"'`])?\s*"
-            r"(?:bearer|token|basic|digest|bot|sso-key|ssws|apikey|api-key|key|jwt|gitlab-token)\s+"
+            r"(?i)\b(?:proxy-)?authorization\b[\"'\]]*[ \t]*[:=,][ \t]*(?:[frb]?[\"'`])?[ \t]*"
+            r"(?:bearer|token|basic|digest|bot|sso-key|ssws|apikey|api-key|key|jwt|gitlab-token)[ \t]+"
             r"(?P<value>[A-Za-z0-9._~+/\-]{8,}=*)"
         ),
         "BEARER_TOKEN",
@@ -237,13 +267,13 @@ CONTEXT_RULES: tuple[ContextRule, ...] = (
     ),
     ContextRule(
         "bearer token",
-        re.compile(r"\b[Bb]earer\s+(?P<value>(?=[A-Za-z0-9._~+/\-]*[0-9])[A-Za-z0-9._~+/\-]{16,}=*)"),
+        re.compile(r"\b[Bb]earer[ \t]+(?P<value>(?=[A-Za-z0-9._~+/\-]*[0-9])[A-Za-z0-9._~+/\-]{16,}=*)"),
         "BEARER_TOKEN",
         ("bearer",),
     ),
     ContextRule(
         "basic auth header",
-        re.compile(r"\bBasic\s+(?P<value>[A-Za-z0-9+/]{12,}={0,2})(?![\w+/=])"),
+        re.compile(r"\bBasic[ \t]+(?P<value>[A-Za-z0-9+/]{12,}={0,2})(?![\w+/=])"),
         "BASIC_AUTH",
         ("basic",),
     ),
@@ -260,14 +290,14 @@ CONTEXT_RULES: tuple[ContextRule, ...] = (
     # curl -u user:password, --user, --proxy-user (not docker's -u 1000:1000).
     ContextRule(
         "user:password flag",
-        re.compile(r"(?<![\w-])(?:-u|--user|--proxy-user)[\s=]+[\"']?[^\s:'\"]{0,128}:(?P<value>[^\s'\"]{1,256})"),
+        re.compile(r"(?<![\w-])(?:-u|--user|--proxy-user)[ \t=]+[\"']?[^\s:'\"]{0,128}:(?P<value>[^\s'\"]{1,256})"),
         "PASSWORD",
         ("-u", "--user", "--proxy-user"),
     ),
     # --password X, --password=X, -pass X, --db-password 'X'.
     ContextRule(
         "password flag",
-        re.compile(r"(?i)(?<![\w-])--?(?:[\w-]*-)?(?:password|passwd|pass|pwd)(?:=|\s+)" + _CLI_VALUE),
+        re.compile(r"(?i)(?<![\w-])--?(?:[\w-]*-)?(?:password|passwd|pass|pwd)(?:=|[ \t]+)" + _CLI_VALUE),
         "PASSWORD",
         ("-pass", "-pwd", "password", "passwd"),
     ),
@@ -285,8 +315,9 @@ CONTEXT_RULES: tuple[ContextRule, ...] = (
     ContextRule(
         "login -p",
         re.compile(
-            r"\b(?:sshpass|(?:docker|podman|buildah|skopeo|nerdctl|oras|crane)\s+login|helm\s+registry\s+login)\b"
-            r"[^\n|;&]*?\s-p\s+" + _CLI_VALUE
+            r"\b(?:sshpass|(?:docker|podman|buildah|skopeo|nerdctl|oras|crane)[ \t]+login"
+            r"|helm[ \t]+registry[ \t]+login)\b"
+            r"[^\n|;&]*?[ \t]-p[ \t]+" + _CLI_VALUE
         ),
         "PASSWORD",
         ("sshpass", "login"),
@@ -294,7 +325,7 @@ CONTEXT_RULES: tuple[ContextRule, ...] = (
     # echo 'SECRET' | docker login --password-stdin
     ContextRule(
         "echo | --password-stdin",
-        re.compile(r"\becho\s+(?:-n\s+)?" + _CLI_VALUE + r"\s*\|[^\n|]*--password-stdin"),
+        re.compile(r"\becho[ \t]+(?:-n[ \t]+)?" + _CLI_VALUE + r"[ \t]*\|[^\n|]*--password-stdin"),
         "PASSWORD",
         ("password-stdin",),
     ),
@@ -302,7 +333,7 @@ CONTEXT_RULES: tuple[ContextRule, ...] = (
     ContextRule(
         "heroku api key",
         re.compile(
-            r"(?i)heroku[^\n]{0,40}?[\s:=\"']"
+            r"(?i)heroku[^\n]{0,40}?[ \t:=\"']"
             r"(?P<value>[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})(?![\w-])"
         ),
         "SECRET",
@@ -322,24 +353,25 @@ CONTEXT_RULES: tuple[ContextRule, ...] = (
          "sendgrid", "openai", "anthropic", "huggingface", "hf", "aws", "azure", "gcp", "google", "digitalocean",
          "datadog", "sentry", "npm", "pypi", "docker"),
         generated=True,
+        starts_at_needle=True,
     ),
     ContextRule(
         "redis-cli -a",
-        re.compile(r"\bredis-cli\b[^\n|;&]*?\s(?:-a|--pass)\s+" + _CLI_VALUE),
+        re.compile(r"\bredis-cli\b[^\n|;&]*?[ \t](?:-a|--pass)[ \t]+" + _CLI_VALUE),
         "PASSWORD",
         ("redis-cli",),
     ),
     # OpenSSL's -passin/-passout pass:SECRET.
     ContextRule(
         "openssl pass:",
-        re.compile(r"(?<![\w-])-(?:passin|passout|pass|password|k)\s+pass:(?P<value>[^\s'\"]{1,256})"),
+        re.compile(r"(?<![\w-])-(?:passin|passout|pass|password|k)[ \t]+pass:(?P<value>[^\s'\"]{1,256})"),
         "PASSWORD",
         ("pass:",),
     ),
     ContextRule(
         "htpasswd -b",
         # the password is the last word of an htpasswd -b command line
-        re.compile(r"\bhtpasswd\s+(?=[^\n]*(?<!\S)-\w*b)[^\n]*?\s" + _CLI_VALUE + r"[ \t]*$", re.MULTILINE),
+        re.compile(r"\bhtpasswd[ \t]+(?=[^\n]*(?<!\S)-\w*b)[^\n]*?[ \t]" + _CLI_VALUE + r"[ \t]*$", re.MULTILINE),
         "PASSWORD",
         ("htpasswd",),
     ),
@@ -348,13 +380,12 @@ CONTEXT_RULES: tuple[ContextRule, ...] = (
         "pgpass line",
         re.compile(r"^[\w.\-*\[\]]+:(?:\d{1,5}|\*):[^:\s]+:[^:\s]+:(?P<value>[^\s:]{1,256})$", re.MULTILINE),
         "PASSWORD",
-        (":",),
     ),
     # KEY=value, key: value, "key": "value", key = 'value', Key=value; (connection strings).
     ContextRule(
         "secret-named key",
         re.compile(
-            r"(?<![A-Za-z0-9])(?P<key>[A-Za-z_][\w.\-]{0,80}?)[\"'\]]*[ \t]*(?::=|=>|=|:)[ \t]*(?:!!str[ \t]+)?"
+            r"(?<![\w.])(?P<key>[A-Za-z_][\w.\-]{0,80}+)[\"'\]]*[ \t]*(?::=|=>|=|:)[ \t]*(?:!!str[ \t]+)?"
             r"(?=" + _VALUE + ")"
         ),
         None,
@@ -384,7 +415,9 @@ CONTEXT_RULES: tuple[ContextRule, ...] = (
             re.MULTILINE,
         ),
         None,
-        ("pass", "pwd", "key", "secret", "token"),
+        ("password", "pwd", "accountkey", "sharedaccesskey", "sharedsecret", "clientsecret", "client secret", "apikey",
+         "accesskey", "secretkey", "token"),
+        starts_at_needle=True,
     ),
     # "KEY=value" inside a JSON string: docker inspect's Env, a Kubernetes env list.
     ContextRule(
@@ -402,8 +435,11 @@ CONTEXT_RULES: tuple[ContextRule, ...] = (
     ),
     ContextRule(
         "xml key/value",
-        re.compile(r"\bkey\s*=\s*\"(?P<key>[^\"\n]{1,80})\"\s+value\s*=\s*(?P<value>\"[^\"\n]{1,512}\")"),
+        re.compile(
+            r"\bkey[ \t]*=[ \t]*\"(?P<key>[^\"\n]{1,80})\"[ \t]+value[ \t]*=[ \t]*(?P<value>\"[^\"\n]{1,512}\")"
+        ),
         None,
         ("key",),
+        starts_at_needle=True,
     ),
 )
