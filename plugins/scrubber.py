@@ -63,7 +63,7 @@ from stdnum.fr import nir as fr_nir
 from stdnum.in_ import aadhaar as in_aadhaar
 from stdnum.us import ssn as us_ssn
 
-from plugins.scrubber_context import CONTEXT_RULES, is_placeholder, key_kind
+from plugins.scrubber_context import CONTEXT_RULES, is_placeholder, is_variable, key_kind
 from plugins.scrubber_prefilter import Prefilter, Span, ascii_view
 
 __all__ = [
@@ -306,7 +306,7 @@ def _secret_span(match: re.Match[str], text: str) -> tuple[int, int]:
 _PLACEHOLDER = re.compile(r"\[[A-Z0-9_]+\]")
 
 
-_SHELL_VARIABLE = re.compile(r"\$(?:\{[^}]*\}|\([^)]*\)|[A-Za-z_]\w*)")
+_SHELL_VARIABLE = re.compile(r"\$(?:\{[^}]*\}|\([^)]*\))")
 
 
 def _filtered_out(secret: str) -> bool:
@@ -315,7 +315,8 @@ def _filtered_out(secret: str) -> bool:
         len(secret) < 2  # is_templated_secret treats one character as a false positive too
         or _PLACEHOLDER.fullmatch(secret) is not None  # scrubbed already: scrubbing is idempotent
         or is_templated_secret(secret)
-        or _SHELL_VARIABLE.fullmatch(secret) is not None  # $TOKEN, ${TOKEN}, $(cat f); not $L8*tej3
+        or _SHELL_VARIABLE.fullmatch(secret) is not None  # ${TOKEN}, $(cat f); not $L8*tej3
+        or is_variable(secret)  # $TOKEN; not $aAGwaX5l5q
         or is_placeholder(secret)  # user:pass@host in documentation
         or is_not_alphanumeric_string(secret)
         or is_sequential_string(secret)
@@ -505,7 +506,8 @@ _PHONE_CANDIDATE = re.compile(
 _PHONE_FIELD = re.compile(
     r"(?i)\b(?:phone|tel|mobile|cell|telefone|telefon|t[ée]l[ée]phone)(?:_?number|_?no)?\b[^\n]*$"
 )
-_NOT_A_PHONE = re.compile(r"\d+\.\d+|[1-9]\d*/\d+|\d+\.\.\.?\d+")
+_NOT_A_PHONE = re.compile(r"\d+\.\d+|[1-9]\d*/\d+|\d+\.\.\.?\d+|\d+-{2,}\d+")
+_DECIMAL = re.compile(r"\d\.\d{5,}")  # 61717.4130533677: phone formats group dots by 2 to 4 digits
 _YEAR_RANGE = re.compile(r"(?:1[89]|20)\d\d ?[-–] ?(?:1[89]|20)\d\d")
 _DOTTED_QUAD = re.compile(r"\d{1,3}(?:\.\d{1,3}){3}")
 # The words before a bare run of digits that make it a phone number ("call me on", "phone:").
@@ -812,10 +814,11 @@ class Scrubber:
         for m in _scan(_CARD, text, at(_CARD)):
             digits = re.sub(r"\D", "", m.group(0))
             if _card_issuer_ok(digits) and luhn.is_valid(digits):
-                if len(digits) > 16 and digits == m.group(0):
-                    # 17 to 19 bare digits are seeds and snowflake ids more often than cards.
-                    line_start = text.rfind("\n", 0, m.start()) + 1
-                    if not _CARD_HINT.search(text, line_start, m.start()):
+                if digits == m.group(0):
+                    # Bare digits are seeds, ids and timestamps more often than cards: only
+                    # after a word for cards on the line or the one above (a CSV header).
+                    above = text.rfind("\n", 0, max(0, text.rfind("\n", 0, m.start()))) + 1
+                    if not _CARD_HINT.search(text, above, m.start()):
                         continue
                 yield Finding(m.start(), m.end(), "CREDIT_CARD", _RANK_PII)
         for m in _scan(_SSN, text, at(_SSN)):
@@ -844,7 +847,11 @@ class Scrubber:
                 continue
             if any(f.start < m.end() and m.start() < f.end for f in taken):
                 continue  # already a card, an id, an IP address or part of a token
-            if _DOTTED_QUAD.fullmatch(candidate) or _NOT_A_PHONE.fullmatch(candidate.strip()):
+            if (
+                _DOTTED_QUAD.fullmatch(candidate)
+                or _NOT_A_PHONE.fullmatch(candidate.strip())
+                or _DECIMAL.search(candidate)
+            ):
                 continue  # a netmask, a decimal (7.39020262), a ratio (21243/21253), a git range
             if not re.search(r"[+\s().\-/]", candidate.strip()):
                 # A bare run of digits is a size, a timestamp or an id unless the words

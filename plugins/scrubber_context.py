@@ -20,7 +20,15 @@ from functools import lru_cache
 
 from detect_secrets.filters.heuristic import is_sequential_string, is_templated_secret
 
-__all__ = ["CONTEXT_RULES", "ContextRule", "is_placeholder", "key_kind", "looks_generated", "plausible_value"]
+__all__ = [
+    "CONTEXT_RULES",
+    "ContextRule",
+    "is_placeholder",
+    "is_variable",
+    "key_kind",
+    "looks_generated",
+    "plausible_value",
+]
 
 _PASSWORD_WORDS = frozenset(
     {
@@ -104,9 +112,17 @@ def key_kind(key: str) -> str | None:
 
 
 _REFERENCE = re.compile(
-    r"^(?:\$\{[^}]*\}$|\$\(.*\)$|\$[A-Za-z_][A-Za-z0-9_]*$|%\(|%s$|\{\{|\{%|<[^>]*>$|\*+$|x{3,}$|X{3,}$|\.{3}|…|ENC\[|vault:|arn:|ref\+|secret:|op://|"
-    r"(?:os|process|ENV|env|settings|config|cfg|conf|self|this|ctx|args|opts|options|params)\b[.\[(])"
+    r"^(?:\$\{[^}]*\}$|\$\(.*\)$|%\(|%s$|\{\{|\{%|<[^>]*>$|\*+$|x{3,}$|X{3,}$|\.{3}|…|ENC\[|vault:|arn:|ref\+"
+    r"|secret:|op://|(?:os|process|ENV|env|settings|config|cfg|conf|self|this|ctx|args|opts|options|params)\b[.\[(])"
+    r"|\{[A-Za-z_][\w.\[\]'\"]*\}"  # f"_{Var._id}", "{password}": a template fills it in
 )
+_VARIABLE = re.compile(r"\$([A-Za-z_][A-Za-z0-9_]*)")
+
+
+def is_variable(value: str) -> bool:
+    """``$DB_PASS`` names a variable; ``$aAGwaX5l5q`` is a password that starts with a dollar."""
+    m = _VARIABLE.fullmatch(value)
+    return m is not None and not looks_generated(m.group(1))
 _CODE = re.compile(
     r"^(?:[A-Za-z_][A-Za-z_0-9]*(?:\.[A-Za-z_][A-Za-z_0-9]*)*(?:\(\)?|\[)?|None|null|nil|true|false|True|False|"
     r"undefined|NULL|required|optional|string|str|bytes|int|boolean|number|any)[;,)]*$"
@@ -115,8 +131,8 @@ _CODE = re.compile(
 # long enough to count).
 # Expressions, not literals: get_password(), self.token, Optional[str], (start, end), a::b, a->b
 _CALL_OR_ATTRIBUTE = re.compile(
-    r"^[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*[ \t]*[(\[](?:[A-Za-z_\"'\d)\]*\s]|$)"
-    r"|^[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)+[;,)]*$|^[(\[{][A-Za-z_]\w*$|^[(\[{].*[)\]}][;,]?$|::|->"
+    r"^[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*[ \t]*[(\[](?:[A-Za-z_\"'\d)\]*\s\-]|$)"
+    r"|^[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)+[;,)]*$|^[(\[{][A-Za-z_][\w.]*$|^[(\[{].*[)\]}][;,]?$|::|->"
 )
 
 
@@ -162,13 +178,13 @@ def plausible_value(value: str, quoted: bool, key: str = "", code: bool = False,
     """
     if len(value) < 6 or len(value) > 1024 or "->" in value:
         return False
-    if _REFERENCE.search(value) or is_templated_secret(value) or "://" in value:
+    if _REFERENCE.search(value) or is_variable(value) or is_templated_secret(value) or "://" in value:
         return False
     if re.search(r"\[[A-Z0-9_]+(?:\]|$)", value):
         return False  # a placeholder of an earlier scrub: scrubbing is idempotent
     if is_placeholder(value) or value.lower() == key.lower():
         return False
-    if _NUMBERISH.match(value) or _PATH.match(value) or _PLAIN_WORDS.match(value):
+    if _NUMBERISH.match(value) or _PLAIN_WORDS.match(value) or (_PATH.match(value) and not looks_generated(value)):
         return False
     if code and not quoted:
         if _CALL_OR_ATTRIBUTE.search(value) and not (whole_line and value[-1] not in ")]([{,;:" and "(" in value):
@@ -282,7 +298,7 @@ CONTEXT_RULES: tuple[ContextRule, ...] = (
         "url user-info",
         re.compile(
             r"(?i)\b[a-z][a-z0-9+.\-]{1,30}://[^\s:/?#@'\"<>\[\]]{0,128}:"
-            r"(?P<value>[^\s/?#@'\"<>]{1,256})@(?=[\w\[.\-])"
+            r"(?P<value>[^\s/@'\"<>]{1,256})@(?=[\w\[.\-])"
         ),
         "PASSWORD",
         ("://",),
@@ -290,7 +306,9 @@ CONTEXT_RULES: tuple[ContextRule, ...] = (
     # curl -u user:password, --user, --proxy-user (not docker's -u 1000:1000).
     ContextRule(
         "user:password flag",
-        re.compile(r"(?<![\w-])(?:-u|--user|--proxy-user)[ \t=]+[\"']?[^\s:'\"]{0,128}:(?P<value>[^\s'\"]{1,256})"),
+        re.compile(r"(?<![\w-])(?:-u|--user|--proxy-user)[ \t=]+[\"']?[^\s:'\"]{0,128}:"
+            r"(?P<value>'[^'\n]{1,256}'|\"[^\"\n]{1,256}\"|[^\s'\"]{1,256})"
+        ),
         "PASSWORD",
         ("-u", "--user", "--proxy-user"),
     ),
