@@ -33,7 +33,7 @@ import math
 import re
 from bisect import bisect_right
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib.metadata import PackageNotFoundError, version
@@ -64,6 +64,7 @@ from stdnum.in_ import aadhaar as in_aadhaar
 from stdnum.us import ssn as us_ssn
 
 from plugins.scrubber_context import CONTEXT_RULES, is_placeholder, is_variable, key_kind
+from plugins.scrubber_prefilter import Candidates as PrefilterCandidates
 from plugins.scrubber_prefilter import Prefilter, Span, ascii_view
 
 __all__ = [
@@ -524,7 +525,19 @@ _PII_PATTERNS = (
 
 # --------------------------------------------------------------------------- the scrubber
 
-Candidates = Callable[[object], list[Span]]
+class Candidates:
+    """The prefilter's answer for one text, asked by detector key (see _detector_expressions)."""
+
+    def __init__(self, text: str, found: PrefilterCandidates | None, ids: dict[object, int]) -> None:
+        self.whole = [(0, len(text))]
+        self.found = found
+        self.ids = ids
+
+    def __call__(self, key: object) -> list[Span]:
+        return self.found.spans(self.ids[key]) if self.found is not None else self.whole
+
+    def hit(self, key: object) -> bool:
+        return self.found is None or self.found.hit(self.ids[key])
 
 # Prefilter expressions for patterns that end in an unbounded run, for which Hyperscan reports a
 # match at every offset of the run: each matches the start of every match of its pattern (which
@@ -592,14 +605,10 @@ class Scrubber:
         out.append((_PHONE_CANDIDATE, _PHONE_CANDIDATE.pattern.replace("\\u00a0", ""), 0))
         return out
 
-    def _candidates(self, text: str) -> Callable[[object], list[Span]]:
-        """key -> the spans of ``text`` its pattern needs to scan."""
-        if self.prefilter is None:
-            whole = [(0, len(text))]
-            return lambda key: whole
-        spans = self.prefilter.scan(text)
-        ids = self._id
-        return lambda key: spans(ids[key])
+    def _candidates(self, text: str) -> Candidates:
+        """key -> the spans of ``text`` its pattern needs to scan (``.hit(key)``: any at all)."""
+        found = self.prefilter.scan(text) if self.prefilter is not None else None
+        return Candidates(text, found, self._id)
 
     # ------------------------------------------------------------------ public
 
@@ -658,9 +667,9 @@ class Scrubber:
                 for kind, shape in _VALUE_SHAPE.items()
             }
         for i, (kind, pattern) in enumerate(self.tokens):
-            spans = shaped.get(kind) or at(("token", i))
-            if not spans:
+            if not at.hit(("token", i)):
                 continue
+            spans = shaped[kind] if kind in shaped else at(("token", i))
             for m in _scan(pattern, text, spans):
                 start, end = _secret_span(m, text)
                 if start < m.start() and text[m.start() - 1].isalnum():
@@ -674,6 +683,8 @@ class Scrubber:
         # plainly, which makes Scrubber(prefilter=False) the reference the fast path must equal.
         lowered = ascii_view(text).lower() if self.prefilter is not None else None
         for i, rule in enumerate(CONTEXT_RULES):
+            if not at.hit(("context", i)):
+                continue
             for lo, hi in at(("context", i)):
                 for start, end, kind in rule.findings(text, lo, hi, lowered):
                     yield Finding(start, end, kind, _RANK_CONTEXT)
@@ -925,17 +936,21 @@ class _Covered:
         return i >= 0 and end <= self.ends[i]
 
 
+@lru_cache(maxsize=8)
+def _charset_order(charset: str) -> dict[str, int]:
+    return {c: i for i, c in enumerate(charset)}
+
+
 def _shannon_entropy(plugin: HighEntropyStringsPlugin, data: str) -> float:
     """detect-secrets' calculate_shannon_entropy, counted once instead of once per character
     of the charset; the sum runs in the same order, so the value is the same to the bit."""
+    order = _charset_order(plugin.charset)
     counts = Counter(data)
     size = len(data)
     entropy = 0.0
-    for x in plugin.charset:
-        count = counts.get(x)
-        if count:
-            p_x = float(count) / size
-            entropy += -p_x * math.log(p_x, 2)
+    for x in sorted((c for c in counts if c in order), key=order.__getitem__):
+        p_x = float(counts[x]) / size
+        entropy += -p_x * math.log(p_x, 2)
     if isinstance(plugin, HexHighEntropyString) and size > 1:
         try:
             int(data)  # all digits: detect-secrets lowers the entropy of numbers

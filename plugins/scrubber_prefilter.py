@@ -22,10 +22,10 @@ from __future__ import annotations
 import re
 import threading
 from bisect import bisect_left
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["Prefilter", "ascii_view"]
+__all__ = ["Candidates", "Prefilter", "ascii_view"]
 
 Span = tuple[int, int]
 
@@ -91,35 +91,49 @@ class Prefilter:
     def active(self) -> bool:
         return self._db is not None
 
-    def scan(self, text: str) -> Callable[[int], list[Span]]:
-        """detector -> the spans of ``text`` (whole lines, merged) where it may match."""
-        whole = [(0, len(text))]
+    def scan(self, text: str) -> Candidates:
+        """Where in ``text`` each detector may match."""
         if self._db is None:
-            return lambda i: whole
+            return Candidates(text, None, self.always)
         ends: dict[int, list[int]] = {}
         self._db.scan(
             ascii_view(text).encode("ascii"),
             match_event_handler=lambda i, _start, end, _flags, _ctx: ends.setdefault(i, []).append(end),
             scratch=self._scratch(),
         )
-        newlines = [m.start() for m in _NEWLINE.finditer(text)]
-        none: list[Span] = []
-
-        def spans(i: int) -> list[Span]:
-            if i in self.always:
-                return whole
-            if i not in ends:
-                return none
-            lines = sorted({bisect_left(newlines, end - 1) for end in ends[i]})
-            return _spans(lines, newlines, len(text))
-
-        return spans
+        return Candidates(text, ends, self.always)
 
     def _scratch(self) -> Any:
         scratch = getattr(self._local, "scratch", None)
         if scratch is None:  # a scratch space serves one scan at a time: one per thread
             scratch = self._local.scratch = self._hyperscan.Scratch(self._db)
         return scratch
+
+
+class Candidates:
+    """The result of one scan: per detector, whether and where it may match."""
+
+    def __init__(self, text: str, ends: dict[int, list[int]] | None, always: set[int]) -> None:
+        self._text = text
+        self._ends = ends  # detector -> end offsets of its prefilter matches; None: no prefilter
+        self._always = always
+        self._newlines: list[int] | None = None
+
+    def hit(self, i: int) -> bool:
+        """Whether detector ``i`` may match anywhere (cheap: ask before ``spans``)."""
+        return self._ends is None or i in self._ends or i in self._always
+
+    def spans(self, i: int) -> list[Span]:
+        """The spans of the text (whole lines, merged) where detector ``i`` may match."""
+        if self._ends is None or i in self._always:
+            return [(0, len(self._text))]
+        if i not in self._ends:
+            return []
+        if self._newlines is None:
+            self._newlines = [m.start() for m in _NEWLINE.finditer(self._text)]
+        newlines = self._newlines
+        lines = sorted({bisect_left(newlines, end - 1) for end in self._ends[i]})
+        return _spans(lines, newlines, len(self._text))
 
 
 def _compiles(hyperscan: Any, expr: str, flags: int) -> bool:
