@@ -12,13 +12,25 @@ Where the detection comes from:
   its high-entropy string plugins with their Shannon-entropy limits, filtered by its own
   heuristics (UUIDs, sequences, templates, ``$VARS``). A few token formats it does not know
   (Google API keys, OpenAI project keys, GitHub fine-grained tokens, Anthropic and Hugging
-  Face tokens) are added as detect-secrets plugins of the same kind, so they run the same way.
+  Face tokens, Databricks, Shopify, Vault, ...) are added as detect-secrets plugins of the same
+  kind, so they run the same way.
+- **Secrets known by their context** (``plugins/scrubber_context.py``): the token after
+  ``Authorization: Bearer``/``Basic``, the password in ``scheme://user:password@host`` for any
+  scheme, CLI password flags (``mysql -p``, ``--password=``, ``PGPASSWORD=``, ``docker login -p``),
+  values of secret-named keys in ``.env``/YAML/TOML/JSON/XML/properties files, connection strings
+  (``AccountKey=``, ``Password=``).
 - **Phone numbers** through ``phonenumbers`` (Google's libphonenumber metadata): any
   international ``+CC`` number, and national formats of the configured regions.
 - **Cards and national ids** through ``python-stdnum`` validators (Luhn for cards; the check
-  digits of US SSNs, Canadian SINs, Indian Aadhaar numbers, Spanish DNIs and IBANs).
+  digits of US SSNs, Canadian SINs, Indian Aadhaar numbers, Spanish DNIs, Brazilian CPFs, French
+  NIRs and IBANs).
 - **E-mail addresses, IP addresses and user names in home-directory paths** by small
   patterns, validated with ``ipaddress`` where that applies; no library covers them better.
+
+Speed: one Hyperscan pass (``plugins/scrubber_prefilter.py``) tells each detector the lines it
+can match; the detector runs there only. ``Scrubber(prefilter=False)`` scans the whole text with
+every detector and finds the same (the tests check it); it is the reference, and the fallback
+where ``hyperscan`` is not installed.
 
 We call the detect-secrets plugin objects directly rather than through ``scan_line``: that
 one reconfigures global settings and clears caches on every call, may call the vendors' APIs
