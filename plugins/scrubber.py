@@ -699,6 +699,8 @@ class Scrubber:
                 continue
             for lo, hi in at(("context", i)):
                 for start, end, kind in rule.findings(text, lo, hi, lowered):
+                    if kind == "SECRET" and _entropy_kind(text, start, text[start:end]) == "AWS_SECRET_KEY":
+                        kind = "AWS_SECRET_KEY"  # aws_secret_access_key = <40 characters>
                     yield Finding(start, end, kind, _RANK_CONTEXT)
 
     def _keywords(self, text: str, at: Candidates) -> Iterator[Finding]:
