@@ -12,13 +12,25 @@ Where the detection comes from:
   its high-entropy string plugins with their Shannon-entropy limits, filtered by its own
   heuristics (UUIDs, sequences, templates, ``$VARS``). A few token formats it does not know
   (Google API keys, OpenAI project keys, GitHub fine-grained tokens, Anthropic and Hugging
-  Face tokens) are added as detect-secrets plugins of the same kind, so they run the same way.
+  Face tokens, Databricks, Shopify, Vault, ...) are added as detect-secrets plugins of the same
+  kind, so they run the same way.
+- **Secrets known by their context** (``scrubber_context.py``): the token after
+  ``Authorization: Bearer``/``Basic``, the password in ``scheme://user:password@host`` for any
+  scheme, CLI password flags (``mysql -p``, ``--password=``, ``PGPASSWORD=``, ``docker login -p``),
+  values of secret-named keys in ``.env``/YAML/TOML/JSON/XML/properties files, connection strings
+  (``AccountKey=``, ``Password=``).
 - **Phone numbers** through ``phonenumbers`` (Google's libphonenumber metadata): any
   international ``+CC`` number, and national formats of the configured regions.
 - **Cards and national ids** through ``python-stdnum`` validators (Luhn for cards; the check
-  digits of US SSNs, Canadian SINs, Indian Aadhaar numbers, Spanish DNIs and IBANs).
+  digits of US SSNs, Canadian SINs, Indian Aadhaar numbers, Spanish DNIs, Brazilian CPFs, French
+  NIRs and IBANs).
 - **E-mail addresses, IP addresses and user names in home-directory paths** by small
   patterns, validated with ``ipaddress`` where that applies; no library covers them better.
+
+Speed: one Hyperscan pass (``scrubber_prefilter.py``) tells each detector the lines it
+can match; the detector runs there only. ``Scrubber(prefilter=False)`` scans the whole text with
+every detector and finds the same (the tests check it); it is the reference, and the fallback
+where ``hyperscan`` is not installed.
 
 We call the detect-secrets plugin objects directly rather than through ``scan_line``: that
 one reconfigures global settings and clears caches on every call, may call the vendors' APIs
@@ -29,7 +41,9 @@ prefix of a token), while a scrubber needs exact spans.
 from __future__ import annotations
 
 import ipaddress
+import math
 import re
+from bisect import bisect_right
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -42,7 +56,6 @@ from detect_secrets.core.plugins.util import get_mapping_from_secret_type_to_cla
 from detect_secrets.filters.heuristic import (
     is_not_alphanumeric_string,
     is_potential_uuid,
-    is_prefixed_with_dollar_sign,
     is_sequential_string,
     is_templated_secret,
 )
@@ -55,10 +68,16 @@ from detect_secrets.plugins.high_entropy_strings import (
 )
 from stdnum import iban as std_iban
 from stdnum import luhn
+from stdnum.br import cpf as br_cpf
 from stdnum.ca import sin as ca_sin
 from stdnum.es import dni as es_dni
+from stdnum.fr import nir as fr_nir
 from stdnum.in_ import aadhaar as in_aadhaar
 from stdnum.us import ssn as us_ssn
+
+from flywheel_loop.plugins.privacy.scrubber_context import CONTEXT_RULES, is_placeholder, is_variable, key_kind
+from flywheel_loop.plugins.privacy.scrubber_prefilter import Candidates as PrefilterCandidates
+from flywheel_loop.plugins.privacy.scrubber_prefilter import Prefilter, Span, ascii_view
 
 __all__ = [
     "DEFAULT_PHONE_REGIONS",
@@ -73,7 +92,7 @@ __all__ = [
 ]
 
 #: Bump when detection changes, so a replay can tell which scrubber produced an event.
-SCRUBBER_VERSION = "1.0.0"
+SCRUBBER_VERSION = "2.0.0"
 
 #: Regions whose *national* phone formats are recognised (international ``+CC`` numbers are
 #: recognised for every country whatever this says).
@@ -148,7 +167,32 @@ class PasswordArgumentDetector(RegexBasedDetector):
     )
 
 
+class ProviderTokenDetector(RegexBasedDetector):
+    """Token formats providers document that detect-secrets 1.5 lacks or only knows in part
+    (Stripe test keys, Slack app tokens); each starts with a fixed prefix."""
+
+    secret_type = "Provider Token"  # pragma: allowlist secret
+    denylist = (
+        re.compile(r"\b[sr]k_test_[0-9a-zA-Z]{24,}"),  # Stripe test mode: still a live credential
+        re.compile(r"\bxapp-\d-[A-Z0-9]+-\d+-[a-f0-9]{32,}"),  # Slack app-level tokens
+        re.compile(r"\bdapi[a-f0-9]{32}(?:-\d)?\b"),  # Databricks
+        re.compile(r"\bshp(?:at|ca|pa|ss)_[a-fA-F0-9]{32}\b"),  # Shopify
+        re.compile(r"\bPMAK-[a-f0-9]{24}-[a-f0-9]{34}\b"),  # Postman
+        re.compile(r"\bkey-[0-9a-f]{32}\b"),  # Mailgun
+        re.compile(r"\bdo[opr]_v1_[a-f0-9]{64}\b"),  # DigitalOcean
+        re.compile(r"\bhv[sbr]\.[A-Za-z0-9_\-]{24,}"),  # HashiCorp Vault
+        re.compile(r"\bgl(?:sa|c)_[A-Za-z0-9_+/]{32,}={0,2}"),  # Grafana service accounts, Cloud
+        re.compile(r"\bya29\.[0-9A-Za-z_\-]{20,}"),  # Google OAuth access tokens
+        re.compile(r"\bdp\.(?:pt|st|sa|ct|scim|audit)\.[A-Za-z0-9]{40,}"),  # Doppler
+        re.compile(r"\blin_(?:api|oauth)_[A-Za-z0-9]{40}\b"),  # Linear
+        re.compile(r"\bGOCSPX-[A-Za-z0-9_\-]{28}"),  # Google OAuth client secrets
+        re.compile(r"\bATATT3[A-Za-z0-9_\-=]{100,}"),  # Atlassian API tokens
+        re.compile(r"\bAKCp[A-Za-z0-9]{69}\b"),  # JFrog
+    )
+
+
 EXTRA_DETECTORS: tuple[type[RegexBasedDetector], ...] = (
+    ProviderTokenDetector,
     PasswordArgumentDetector,
     GoogleApiKeyDetector,
     OpenAIProjectKeyDetector,
@@ -179,6 +223,7 @@ _KIND_BY_TYPE: dict[str, str] = {
     "OpenAI Project Key": "OPENAI_KEY",
     "Anthropic Key": "ANTHROPIC_KEY",
     "Hugging Face Token": "HUGGINGFACE_TOKEN",
+    "Provider Token": "API_TOKEN",
     "Google API Key": "GOOGLE_API_KEY",
     "PyPI Token": "PYPI_TOKEN",
     "SendGrid API Key": "SENDGRID_KEY",
@@ -193,14 +238,20 @@ _KIND_BY_TYPE: dict[str, str] = {
 
 #: Every kind a secret finding can have (a detector detect-secrets adds later gets a kind
 #: named after its secret_type, outside this set).
-SECRET_KINDS = frozenset(_KIND_BY_TYPE.values()) | {"PRIVATE_KEY", "SECRET", "HIGH_ENTROPY_SECRET"}
+SECRET_KINDS = frozenset(_KIND_BY_TYPE.values()) | {
+    "PRIVATE_KEY",
+    "SECRET",
+    "HIGH_ENTROPY_SECRET",
+    "BEARER_TOKEN",
+    "BASIC_AUTH",
+}
 
 # Handled elsewhere: private keys span lines; IP addresses are PII with wider rules (private
 # ranges, IPv6); keywords and entropy are not RegexBasedDetectors.
 _NOT_TOKEN_DETECTORS = {"Private Key", "Public IP (ipv4)"}
 
 # Ranks: the more specific detector names the placeholder when findings overlap.
-_RANK_PRIVATE_KEY, _RANK_TOKEN, _RANK_PII, _RANK_PHONE, _RANK_KEYWORD, _RANK_ENTROPY = range(6)
+_RANK_PRIVATE_KEY, _RANK_TOKEN, _RANK_PII, _RANK_PHONE, _RANK_CONTEXT, _RANK_KEYWORD, _RANK_ENTROPY = range(7)
 
 # The keyword-style cloud detectors scan every position with look-behinds (a tenth of a
 # millisecond per kilobyte each); their values have a fixed shape, so they only run on the
@@ -268,13 +319,18 @@ def _secret_span(match: re.Match[str], text: str) -> tuple[int, int]:
 _PLACEHOLDER = re.compile(r"\[[A-Z0-9_]+\]")
 
 
+_SHELL_VARIABLE = re.compile(r"\$(?:\{[^}]*\}|\([^)]*\))")
+
+
 def _filtered_out(secret: str) -> bool:
     """detect-secrets' own heuristics for values that are not secrets."""
     return (
         len(secret) < 2  # is_templated_secret treats one character as a false positive too
         or _PLACEHOLDER.fullmatch(secret) is not None  # scrubbed already: scrubbing is idempotent
         or is_templated_secret(secret)
-        or is_prefixed_with_dollar_sign(secret)
+        or _SHELL_VARIABLE.fullmatch(secret) is not None  # ${TOKEN}, $(cat f); not $L8*tej3
+        or is_variable(secret)  # $TOKEN; not $aAGwaX5l5q
+        or is_placeholder(secret)  # user:pass@host in documentation
         or is_not_alphanumeric_string(secret)
         or is_sequential_string(secret)
         or is_potential_uuid(secret)
@@ -286,16 +342,33 @@ def _filtered_out(secret: str) -> bool:
 _KEYWORD_HINT = re.compile("|".join(ds_keyword.DENYLIST), re.IGNORECASE)
 _KEYWORD_NEEDLES = ("key", "pass", "pwd", "secret", "contrase")
 # Code patterns first (quoted values), then config-file patterns (unquoted values allowed).
-_KEYWORD_PATTERNS: tuple[tuple[re.Pattern[str], int], ...] = (
-    *ds_keyword.QUOTES_REQUIRED_DENYLIST_REGEX_TO_GROUP.items(),
-    *ds_keyword.CONFIG_DENYLIST_REGEX_TO_GROUP.items(),
-    *ds_keyword.GOLANG_DENYLIST_REGEX_TO_GROUP.items(),
+# (The three tables share patterns; each is run once.)
+_KEYWORD_PATTERNS: tuple[tuple[re.Pattern[str], int], ...] = tuple(
+    dict.fromkeys(
+        (
+            *ds_keyword.QUOTES_REQUIRED_DENYLIST_REGEX_TO_GROUP.items(),
+            *ds_keyword.CONFIG_DENYLIST_REGEX_TO_GROUP.items(),
+            *ds_keyword.GOLANG_DENYLIST_REGEX_TO_GROUP.items(),
+        )
+    )
 )
+
+
+def _keyword_prefilter(pattern: str) -> str:
+    """A part of a keyword pattern that every match holds, without its value group (whose
+    runs make Hyperscan report at every offset): what precedes the value, or what follows it
+    for the patterns that put the value first (``"..." == password``)."""
+    head, _, _ = pattern.partition("((?=[^\\v")
+    if "|".join(ds_keyword.DENYLIST) not in head:
+        head = pattern.rsplit("(\\1)", 1)[-1]
+    # contraseña reads "contrasea" in the prefilter's ASCII view; \v is VT in Python's re and
+    # any vertical space in Hyperscan's.
+    return head.replace("contraseña", "contrase.a").replace("\\v", "\\x0b")
 # An unquoted value that is code, not a literal: ``password = get_password()``, ``secret:
 # str``, ``token = self.token``, ``password = None``. (detect-secrets' is_indirect_reference
 # looks at the whole line, which also drops a literal passed to a call: ``connect(pw=...)``.)
 _CODE_VALUE = re.compile(
-    r"^(?:[A-Za-z_][A-Za-z_]*(?:\.[A-Za-z_]+)*|None|null|nil|true|false|True|False|undefined)[;,)]*$"
+    r"^(?:[A-Za-z_][A-Za-z_0-9]*(?:\.[A-Za-z_][A-Za-z_0-9]*)*|None|null|nil|true|false|True|False|undefined)[;,)]*$"
     r"|[()\[\]{}<>;]|\s"
 )
 # A key that names or points at a secret holds no secret: ``secretName: app-tls``,
@@ -334,7 +407,8 @@ def _entropy_kind(text: str, start: int, value: str) -> str:
 # Quoted hex strings on lines like these are content hashes (commits, checksums, SRI
 # integrity), which name data rather than unlock it.
 _HASH_CONTEXT = re.compile(
-    r"\b(?:sha\d*|commit|hash|digest|checksum|etag|integrity|revision|rev|md5|blob|tree|oid)\b",
+    r"\b(?:sha\d*|commit|hash|digest|checksum|etag|integrity|revision|rev|md5|blob|tree|oid)\b"
+    r"|(?<![a-z])git(?![a-z])|version",
     re.IGNORECASE,
 )
 _SRI_PREFIX = re.compile(r"sha(?:1|256|384|512)-$")
@@ -376,17 +450,32 @@ _IPV6 = re.compile(
 )
 
 _CARD = re.compile(r"(?<![\d\-.])\d(?:[ \-]?\d){12,18}(?![\w\-]|\.\d)")
+_CARD_HINT = re.compile(r"(?i)card|visa|master|amex|\bcc\b|pan\b|charg|paid|kreditkarte|carte|tarjeta|cart[ãa]o")
 _SSN = re.compile(r"(?<![\d\-.])\d{3}([\- ])\d{2}\1\d{4}(?![\w\-]|\.\d)")
-_SSN_PLAIN = re.compile(r"(?i)(?:ssn|social security(?: number| no\.?)?)\W{0,6}(\d{9})(?!\d)")
+_SSN_PLAIN = re.compile(r"(?i)(?:ssn|social security(?: number| no\.?)?)[^\w\n]{0,6}(\d{9})(?!\d)")
 _SIN = re.compile(r"(?<![\d\-.])\d{3}([\- ])\d{3}\1\d{3}(?![\w\-]|\.\d)")
 _AADHAAR = re.compile(r"(?<![\d\-.])[2-9]\d{3}([\- ])\d{4}\1\d{4}(?![\w\-]|\.\d)")
+# Twelve bare digits are as often an AWS account or an order number: only after the word.
+_AADHAAR_PLAIN = re.compile(r"(?i)(?:aadhaa?r|uidai|\buid)\b[^\d\n]{0,20}([2-9]\d{11})(?!\d)")
+_CPF = re.compile(r"(?<![\d.\-])\d{3}\.\d{3}\.\d{3}-\d{2}(?![\d\-]|\.\d)")
+_CPF_PLAIN = re.compile(r"(?i)\bcpf\b[^\d\n]{0,20}(\d{11})(?!\d)")
+_NIR = re.compile(  # French social security numbers: sex, year, month, department, commune, order, key
+    r"(?<![\w\-.])[1-478] ?\d{2} ?(?:0[1-9]|1[0-2]|[2-9]\d) ?(?:\d{2}|2[AB]) ?\d{3} ?\d{3} ?\d{2}(?![\w\-]|\.\d)"
+)
 _DNI = re.compile(r"(?<![\w\-])\d{8}-?[A-HJ-NP-TV-Z](?![\w\-])")
+_NATIONAL_IDS: tuple[tuple[re.Pattern[str], Any], ...] = (
+    (_SIN, ca_sin),
+    (_AADHAAR, in_aadhaar),
+    (_DNI, es_dni),
+    (_CPF, br_cpf),
+    (_NIR, fr_nir),
+)
 _IBAN = re.compile(r"(?<![\w])[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,3})?(?!\w)")
 
 _HOME = re.compile(
     r"(?:(?<![\w.])/(?:home|Users|export/home)/"
     r"|(?<![\w])[A-Za-z]:(?:\\\\|\\|/)(?:Users|Documents and Settings)(?:\\\\|\\|/))"
-    r"(?P<name>[A-Za-z][\w.\-]*(?: [A-Za-z][\w.\-]*)?(?=\\|/)|[A-Za-z][\w.\-]*)"
+    r"(?P<name>[^\W\d_][\w.\-]*(?: [^\W\d_][\w.\-]*)?(?=\\|/)|[^\W\d_][\w.\-]*)"
 )
 # Accounts that belong to a machine or a tool, not to a person.
 _SERVICE_USERS = frozenset(
@@ -424,13 +513,56 @@ _SERVICE_USERS = frozenset(
 )
 
 _PHONE_CANDIDATE = re.compile(
-    r"(?<![\w+.\-/])(?:\+|\(\+?)?\d[\d \u00a0().\-/]{5,24}\d(?:\s*(?:x|ext\.?|#)\s*\d{1,5})?(?![\w.\-]\d)"
+    r"(?<![\w+.\-/])(?:\+|\(\+?)?\d[\d \u00a0().\-/]{5,24}\d(?:[ \t]*(?:x|ext\.?|#)[ \t]*\d{1,5})?(?![\w.\-]\d)"
 )
+# A record whose fields are named earlier on the line: INSERT INTO t (name, phone) VALUES (...).
+_PHONE_FIELD = re.compile(
+    r"(?i)\b(?:phone|tel|mobile|cell|telefone|telefon|t[ée]l[ée]phone)(?:_?number|_?no)?\b[^\n]*$"
+)
+_NOT_A_PHONE = re.compile(r"\d+\.\d+|[1-9]\d*/\d+|\d+\.\.\.?\d+|\d+-{2,}\d+")
+_DECIMAL = re.compile(r"\d\.\d{5,}")  # 61717.4130533677: phone formats group dots by 2 to 4 digits
+_YEAR_RANGE = re.compile(r"(?:1[89]|20)\d\d ?[-–] ?(?:1[89]|20)\d\d")
 _DOTTED_QUAD = re.compile(r"\d{1,3}(?:\.\d{1,3}){3}")
-_PHONE_HINT = re.compile(r"(?i)(?:phone|tel|mobile|cell|call|fax|contact|whatsapp|sms)\W{0,20}$")
+# The words before a bare run of digits that make it a phone number ("call me on", "phone:").
+_PHONE_HINT = re.compile(
+    r"(?i)(?:phone|tel|mobile|cell|call|fax|contact|whatsapp|sms|ring|text me|reach me|my number|number is"
+    r"|telefon|t[ée]l[ée]phone|tel[ée]fono|telefone|celular|handy|portable|m[óo]vil)[^\d\n]{0,20}$"
+)
 
+
+_PII_PATTERNS = (
+    _EMAIL, _IPV4, _IPV6, _CARD, _SSN, _SSN_PLAIN, _SIN, _AADHAAR, _AADHAAR_PLAIN, _DNI, _CPF, _CPF_PLAIN, _NIR,
+    _IBAN, _HOME,
+)  # fmt: skip
 
 # --------------------------------------------------------------------------- the scrubber
+
+class Candidates:
+    """The prefilter's answer for one text, asked by detector key (see _detector_expressions)."""
+
+    def __init__(self, text: str, found: PrefilterCandidates | None, ids: dict[object, int]) -> None:
+        self.whole = [(0, len(text))]
+        self.found = found
+        self.ids = ids
+
+    def __call__(self, key: object) -> list[Span]:
+        return self.found.spans(self.ids[key]) if self.found is not None else self.whole
+
+    def hit(self, key: object) -> bool:
+        return self.found is None or self.found.hit(self.ids[key])
+
+# Prefilter expressions for patterns that end in an unbounded run, for which Hyperscan reports a
+# match at every offset of the run: each matches the start of every match of its pattern (which
+# starts with a literal, so on the same line), and ends once per token.
+_SHORTER = {
+    r"eyJ[A-Za-z0-9-_=]+\.[A-Za-z0-9-_=]+\.?[A-Za-z0-9-_.+/=]*?": r"eyJ[A-Za-z0-9_=\-]+\.",
+    r"xox(?:a|b|p|o|s|r)-(?:\d+-)+[a-z0-9]+": r"xox[abposr]-\d+-",
+    r"\bsk-(?:proj|svcacct|admin)-[A-Za-z0-9_\-]{40,}": r"sk-(?:proj|svcacct|admin)-",
+    r"\bsk-ant-(?:api|admin)\d{2}-[A-Za-z0-9_\-]{40,}": r"sk-ant-(?:api|admin)\d{2}-",
+    r"\bhv[sbr]\.[A-Za-z0-9_\-]{24,}": r"hv[sbr]\.",
+    r"\bya29\.[0-9A-Za-z_\-]{20,}": r"ya29\.",
+    r"pypi-AgEIcHlwaS5vcmc[A-Za-z0-9-_]{70,}": r"pypi-AgEIcHlwaS5vcmc",
+}
 
 
 class Scrubber:
@@ -442,7 +574,9 @@ class Scrubber:
         base64_limit: float = 4.5,
         hex_limit: float = 3.0,
         phone_regions: Sequence[str] = DEFAULT_PHONE_REGIONS,
+        prefilter: bool = True,
     ) -> None:
+        """``prefilter=False`` runs every detector on the whole text (the same findings, slower)."""
         self.tokens = _token_detectors()
         self.private_key_headers = [p for _, p in _private_key_patterns()]
         self.base64 = Base64HighEntropyString(limit=base64_limit)
@@ -454,6 +588,39 @@ class Scrubber:
         self.phone_regions = tuple(phone_regions)
         if not self.phone_regions:
             raise ValueError("phone_regions: name at least one region, e.g. US")
+        self._detectors = self._detector_expressions()
+        self._id = {key: i for i, (key, _, _) in enumerate(self._detectors)}
+        self.prefilter = _prefilter(tuple((e, f) for _, e, f in self._detectors)) if prefilter else None
+
+    def _detector_expressions(self) -> list[tuple[object, str | None, int]]:
+        """(key, prefilter expression, re flags) for every pattern a detector scans text with.
+
+        The expression is the pattern itself unless a cheaper one holds in every match: the
+        keywords of a context rule, the ASCII stem of the keyword list.
+        """
+        out: list[tuple[object, str | None, int]] = []
+        for i, (_, pattern) in enumerate(self.tokens):
+            out.append((("token", i), _SHORTER.get(pattern.pattern, pattern.pattern), pattern.flags))
+        for i, pattern in enumerate(self.private_key_headers):
+            out.append((("private key", i), pattern.pattern, pattern.flags))
+        for i, rule in enumerate(CONTEXT_RULES):
+            needles = "|".join(re.escape(n) for n in rule.needles) if rule.needles else rule.pattern.pattern
+            out.append((("context", i), needles, re.IGNORECASE if rule.needles else rule.pattern.flags))
+        for k, (pattern, _) in enumerate(_KEYWORD_PATTERNS):
+            out.append((("keyword", k), _keyword_prefilter(pattern.pattern), pattern.flags))
+        for pattern in (self.hex.regex, self.base64.regex, *_PII_PATTERNS):
+            out.append((pattern, _SHORTER.get(pattern.pattern, pattern.pattern), pattern.flags))
+        # Long unquoted runs: Hyperscan would report every offset past the 32nd character of
+        # each; one re scan of the whole text is cheaper.
+        out.append((self.base64_unquoted, None, 0))
+        # Hyperscan reads no \u escapes; a no-break space is whitespace in the ASCII view anyway.
+        out.append((_PHONE_CANDIDATE, _PHONE_CANDIDATE.pattern.replace("\\u00a0", ""), 0))
+        return out
+
+    def _candidates(self, text: str) -> Candidates:
+        """key -> the spans of ``text`` its pattern needs to scan (``.hit(key)``: any at all)."""
+        found = self.prefilter.scan(text) if self.prefilter is not None else None
+        return Candidates(text, found, self._id)
 
     # ------------------------------------------------------------------ public
 
@@ -477,24 +644,25 @@ class Scrubber:
         """Every finding, overlaps merged (the lowest rank names the merged span), in order."""
         if not text:
             return []
+        at = self._candidates(text)
         raw: list[Finding] = []
-        raw += self._private_keys(text)
-        passwords = list(self._tokens(text))
+        raw += self._private_keys(text, at)
+        passwords = list(self._tokens(text, at)) + list(self._context(text, at))
         raw += passwords
-        raw += self._keywords(text)
-        raw += self._entropy(text)
-        raw += self._emails(text, [f for f in passwords if f.kind == "PASSWORD"])
-        raw += self._ips(text)
-        raw += self._numbers(text)
-        raw += self._home_dirs(text)
-        raw += self._phones(text, raw)
+        raw += self._keywords(text, at)
+        raw += self._entropy(text, at, _Covered(raw))
+        raw += self._emails(text, at, [f for f in passwords if f.kind == "PASSWORD"])
+        raw += self._ips(text, at)
+        raw += self._numbers(text, at)
+        raw += self._home_dirs(text, at)
+        raw += self._phones(text, at, raw)
         return _merge(raw)
 
     # ------------------------------------------------------------------ secrets
 
-    def _private_keys(self, text: str) -> Iterator[Finding]:
-        for pattern in self.private_key_headers:
-            for m in pattern.finditer(text):
+    def _private_keys(self, text: str, at: Candidates) -> Iterator[Finding]:
+        for i, pattern in enumerate(self.private_key_headers):
+            for m in _scan(pattern, text, at(("private key", i))):
                 line_start = text.rfind("\n", 0, m.start()) + 1
                 dashes = text.rfind("-----", line_start, m.start())
                 start = dashes if dashes >= 0 else m.start()
@@ -503,29 +671,59 @@ class Scrubber:
                 end = end_match.end() if end_match else _end_of_key_material(text, m.end())
                 yield Finding(start, end, "PRIVATE_KEY", _RANK_PRIVATE_KEY)
 
-    def _tokens(self, text: str) -> Iterator[Finding]:
-        shaped = {
-            kind: _lines_at(text, (m.start() for m in shape.finditer(text)))
-            for kind, shape in _VALUE_SHAPE.items()
-        }
-        for kind, pattern in self.tokens:
-            spans = shaped.get(kind, [(0, len(text))])
-            for lo, hi in spans:
-                for m in pattern.finditer(text, lo, hi):
-                    start, end = _secret_span(m, text)
-                    if end > start and not _filtered_out(text[start:end]):
-                        yield Finding(start, end, kind, _RANK_TOKEN)
-
-    def _keywords(self, text: str) -> Iterator[Finding]:
-        # Every denylisted keyword contains one of these; finding them in lowered text is
-        # much cheaper than the case-insensitive alternation, which then confirms per line.
-        lowered = text.lower()
-        hits = (i for needle in _KEYWORD_NEEDLES for i in _find_all(lowered, needle))
-        for line_start, line_end in _lines_at(text, hits):
-            line = text[line_start:line_end]
-            if not _KEYWORD_HINT.search(line):
+    def _tokens(self, text: str, at: Candidates) -> Iterator[Finding]:
+        shaped: dict[str, list[Span]] = {}
+        if self.prefilter is None:
+            shaped = {
+                kind: _lines_at(text, (m.start() for m in shape.finditer(text)))
+                for kind, shape in _VALUE_SHAPE.items()
+            }
+        for i, (kind, pattern) in enumerate(self.tokens):
+            if not at.hit(("token", i)):
                 continue
-            for pattern, group in _KEYWORD_PATTERNS:
+            spans = shaped[kind] if kind in shaped else at(("token", i))
+            for m in _scan(pattern, text, spans):
+                start, end = _secret_span(m, text)
+                if start < m.start() and text[m.start() - 1].isalnum():
+                    continue  # inside a longer token: AKIA... within a ULID or a base64 blob
+                if end > start and not _filtered_out(text[start:end]):
+                    yield Finding(start, end, kind, _RANK_TOKEN)
+
+    def _context(self, text: str, at: Candidates) -> Iterator[Finding]:
+        """Secrets known by where they stand: auth headers, URL user-info, CLI flags, config keys."""
+        # The same length as text, unlike text.lower(); without the prefilter every rule scans
+        # plainly, which makes Scrubber(prefilter=False) the reference the fast path must equal.
+        lowered = ascii_view(text).lower() if self.prefilter is not None else None
+        for i, rule in enumerate(CONTEXT_RULES):
+            if not at.hit(("context", i)):
+                continue
+            for lo, hi in at(("context", i)):
+                for start, end, kind in rule.findings(text, lo, hi, lowered):
+                    if kind == "SECRET" and _entropy_kind(text, start, text[start:end]) == "AWS_SECRET_KEY":
+                        kind = "AWS_SECRET_KEY"  # aws_secret_access_key = <40 characters>
+                    yield Finding(start, end, kind, _RANK_CONTEXT)
+
+    def _keywords(self, text: str, at: Candidates) -> Iterator[Finding]:
+        gated = self.prefilter is not None and self.prefilter.active
+        if gated:
+            # The prefilter says which of detect-secrets' keyword patterns can match on which line.
+            per_line: dict[Span, list[int]] = {}
+            for k in range(len(_KEYWORD_PATTERNS)):
+                for span in _lines_in(text, at(("keyword", k))):
+                    per_line.setdefault(span, []).append(k)
+            lines = sorted(per_line)
+        else:
+            # Every denylisted keyword contains one of these; finding them in lowered text is
+            # much cheaper than the case-insensitive alternation, which then confirms per line.
+            lowered = text.lower()
+            lines = _lines_at(text, (i for needle in _KEYWORD_NEEDLES for i in _find_all(lowered, needle)))
+        every = list(range(len(_KEYWORD_PATTERNS)))
+        for line_start, line_end in lines:
+            line = text[line_start:line_end]
+            if not gated and not _KEYWORD_HINT.search(line):
+                continue
+            for k in per_line[(line_start, line_end)] if gated else every:
+                pattern, group = _KEYWORD_PATTERNS[k]
                 for m in pattern.finditer(line):
                     value = m.group(group)
                     if not value or _filtered_out(value):
@@ -536,8 +734,9 @@ class Scrubber:
                     if _NAME_VALUE.fullmatch(value) and _KEYWORD_PART.search(value.replace("-", "_")):
                         continue  # a name such as "DB_PASSWORD" or "X-API-Key", not a value
                     key_text = m.group(0)[: m.start(group) - m.start()]
-                    if _REFERENCE_KEY.search(key_text):
-                        continue
+                    key = re.split(r"[^\w.\-]+", key_text.strip(" :=\"'`[]"))[-1]
+                    if _REFERENCE_KEY.search(key_text) or key_kind(key) is None:
+                        continue  # "secretName: ...", "detect-secrets: filename=..."
                     yield Finding(
                         line_start + m.start(group),
                         line_start + m.end(group),
@@ -547,32 +746,41 @@ class Scrubber:
 
     def _random_looking(self, value: str) -> bool:
         """A long value with the entropy of a key: not an identifier, whatever its letters."""
-        return len(value) >= 20 and self.base64.calculate_shannon_entropy(value) > self.base64.entropy_limit
+        return len(value) >= 20 and _shannon_entropy(self.base64, value) > self.base64.entropy_limit
 
-    def _entropy(self, text: str) -> Iterator[Finding]:
+    def _entropy(self, text: str, at: Candidates, covered: _Covered | None = None) -> Iterator[Finding]:
+        """High-entropy strings. One inside a finding already made changes nothing (the worst
+        rank, merged into it): ``covered`` skips computing its entropy."""
+        covered = covered or _Covered([])
         for plugin in (self.hex, self.base64):
-            for m in plugin.regex.finditer(text):
-                value = m.group(2)
-                if self._high_entropy(plugin, value) and not self._hash_like(text, m.start(2)):
-                    yield Finding(m.start(2), m.end(2), _entropy_kind(text, m.start(2), value), _RANK_ENTROPY)
+            for m in _scan(plugin.regex, text, at(plugin.regex)):
+                for start, value in _segments(m.start(2), m.group(2)):
+                    if covered(start, start + len(value)):
+                        continue
+                    if self._high_entropy(plugin, value) and not self._hash_like(text, start):
+                        yield Finding(start, start + len(value), _entropy_kind(text, start, value), _RANK_ENTROPY)
         # detect-secrets' "eager" ad-hoc mode: unquoted strings too, but only long ones, since
         # chat and logs rarely quote what they paste.
-        for m in self.base64_unquoted.finditer(text):
-            value = m.group(0).rstrip("=")
-            if (
-                self._high_entropy(self.base64, value)
-                and re.search(r"\d", value)
-                and re.search(r"[A-Z]", value)
-                and re.search(r"[a-z]", value)
-                and not self._hash_like(text, m.start())
-            ):
-                yield Finding(m.start(), m.end(), _entropy_kind(text, m.start(), value), _RANK_ENTROPY)
+        for m in _scan(self.base64_unquoted, text, at(self.base64_unquoted)):
+            for start, segment in _segments(m.start(), m.group(0)):
+                value = segment.rstrip("=")
+                if covered(start, start + len(segment)):
+                    continue
+                if (
+                    len(value) >= _UNQUOTED_MIN
+                    and self._high_entropy(self.base64, value)
+                    and any(c.isdigit() for c in value)
+                    and any(c.isupper() for c in value)
+                    and any(c.islower() for c in value)
+                    and not self._hash_like(text, start)
+                ):
+                    yield Finding(start, start + len(segment), _entropy_kind(text, start, value), _RANK_ENTROPY)
 
     @staticmethod
     def _high_entropy(plugin: HighEntropyStringsPlugin, value: str) -> bool:
         return (
             len(value) >= 16
-            and plugin.calculate_shannon_entropy(value) > plugin.entropy_limit
+            and _shannon_entropy(plugin, value) > plugin.entropy_limit
             and not _filtered_out(value)
         )
 
@@ -588,8 +796,8 @@ class Scrubber:
     # ------------------------------------------------------------------ PII
 
     @staticmethod
-    def _emails(text: str, passwords: list[Finding]) -> Iterator[Finding]:
-        for m in _EMAIL.finditer(text):
+    def _emails(text: str, at: Candidates, passwords: list[Finding]) -> Iterator[Finding]:
+        for m in _scan(_EMAIL, text, at(_EMAIL)):
             local = m.group(0).split("@", 1)[0]
             if local.lower() in _SERVICE_MAILBOXES or m.group(0).rsplit(".", 1)[-1].lower() in _PRIVATE_TLDS:
                 continue
@@ -599,8 +807,8 @@ class Scrubber:
             yield Finding(m.start(), m.end(), "EMAIL", _RANK_PII)
 
     @staticmethod
-    def _ips(text: str) -> Iterator[Finding]:
-        for m in _IPV4.finditer(text):
+    def _ips(text: str, at: Candidates) -> Iterator[Finding]:
+        for m in _scan(_IPV4, text, at(_IPV4)):
             try:
                 ip: ipaddress.IPv4Address | ipaddress.IPv6Address = ipaddress.IPv4Address(m.group(0))
             except ValueError:
@@ -613,7 +821,7 @@ class Scrubber:
             yield Finding(m.start(), m.end(), "IP_ADDRESS", _RANK_PII)
         if ":" not in text:
             return
-        for m in _IPV6.finditer(text):
+        for m in _scan(_IPV6, text, at(_IPV6)):
             candidate = m.group(0)
             if sum(1 for g in re.split(r"[:.]", candidate) if g) < 3:
                 continue  # "::1"-like fragments and slices such as x[1::2]
@@ -626,42 +834,60 @@ class Scrubber:
             yield Finding(m.start(), m.end(), "IP_ADDRESS", _RANK_PII)
 
     @staticmethod
-    def _numbers(text: str) -> Iterator[Finding]:
-        """Cards (Luhn + issuer prefix), SSNs, SINs, Aadhaar numbers, DNIs and IBANs."""
-        for m in _CARD.finditer(text):
+    def _numbers(text: str, at: Candidates) -> Iterator[Finding]:
+        """Cards (Luhn + issuer prefix), SSNs, SINs, Aadhaar numbers, DNIs, CPFs, NIRs and IBANs."""
+        for m in _scan(_CARD, text, at(_CARD)):
             digits = re.sub(r"\D", "", m.group(0))
             if _card_issuer_ok(digits) and luhn.is_valid(digits):
+                if digits == m.group(0):
+                    # Bare digits are seeds, ids and timestamps more often than cards: only
+                    # after a word for cards on the line or the one above (a CSV header).
+                    above = text.rfind("\n", 0, max(0, text.rfind("\n", 0, m.start()))) + 1
+                    if not _CARD_HINT.search(text, above, m.start()):
+                        continue
                 yield Finding(m.start(), m.end(), "CREDIT_CARD", _RANK_PII)
-        for m in _SSN.finditer(text):
+        for m in _scan(_SSN, text, at(_SSN)):
             if us_ssn.is_valid(m.group(0).replace(" ", "-")):
                 yield Finding(m.start(), m.end(), "SSN", _RANK_PII)
-        for m in _SSN_PLAIN.finditer(text):
+        for m in _scan(_SSN_PLAIN, text, at(_SSN_PLAIN)):
             if us_ssn.is_valid(m.group(1)):
                 yield Finding(m.start(1), m.end(1), "SSN", _RANK_PII)
-        for pattern, validator in ((_SIN, ca_sin), (_AADHAAR, in_aadhaar), (_DNI, es_dni)):
-            for m in pattern.finditer(text):
+        for pattern, validator in _NATIONAL_IDS:
+            for m in _scan(pattern, text, at(pattern)):
                 if validator.is_valid(m.group(0)):
                     yield Finding(m.start(), m.end(), "NATIONAL_ID", _RANK_PII)
-        for m in _IBAN.finditer(text):
+        for pattern, validator in ((_AADHAAR_PLAIN, in_aadhaar), (_CPF_PLAIN, br_cpf)):
+            for m in _scan(pattern, text, at(pattern)):
+                if validator.is_valid(m.group(1)):
+                    yield Finding(m.start(1), m.end(1), "NATIONAL_ID", _RANK_PII)
+        for m in _scan(_IBAN, text, at(_IBAN)):
             if std_iban.is_valid(m.group(0)):
                 yield Finding(m.start(), m.end(), "IBAN", _RANK_PII)
 
-    def _phones(self, text: str, taken: list[Finding]) -> Iterator[Finding]:
-        for m in _PHONE_CANDIDATE.finditer(text):
+    def _phones(self, text: str, at: Candidates, taken: list[Finding]) -> Iterator[Finding]:
+        for m in _scan(_PHONE_CANDIDATE, text, at(_PHONE_CANDIDATE)):
             candidate = m.group(0)
             digits = sum(c.isdigit() for c in candidate)
             if digits < 7 or digits > 17:
                 continue
             if any(f.start < m.end() and m.start() < f.end for f in taken):
                 continue  # already a card, an id, an IP address or part of a token
-            if _DOTTED_QUAD.fullmatch(candidate):
-                continue  # a netmask or a reserved address, never a phone number
+            if (
+                _DOTTED_QUAD.fullmatch(candidate)
+                or _NOT_A_PHONE.fullmatch(candidate.strip())
+                or _DECIMAL.search(candidate)
+            ):
+                continue  # a netmask, a decimal (7.39020262), a ratio (21243/21253), a git range
             if not re.search(r"[+\s().\-/]", candidate.strip()):
                 # A bare run of digits is a size, a timestamp or an id unless the words
                 # before it say it is a phone number.
                 line_start = text.rfind("\n", 0, m.start()) + 1
-                if not _PHONE_HINT.search(text, max(line_start, m.start() - 40), m.start()):
+                if not _PHONE_HINT.search(text, max(line_start, m.start() - 40), m.start()) and not (
+                    _PHONE_FIELD.search(text, max(line_start, m.start() - 160), m.start())
+                ):
                     continue
+            if _YEAR_RANGE.fullmatch(candidate.strip()):
+                continue  # 1800-2009
             # The matcher (with its checks against dates, times and stray digits around the
             # number) runs on the candidate's neighbourhood within its line.
             lo = max(text.rfind("\n", 0, m.start()) + 1, m.start() - 12)
@@ -698,12 +924,92 @@ class Scrubber:
                 return  # an international number reads the same in every region
 
     @staticmethod
-    def _home_dirs(text: str) -> Iterator[Finding]:
-        for m in _HOME.finditer(text):
+    def _home_dirs(text: str, at: Candidates) -> Iterator[Finding]:
+        for m in _scan(_HOME, text, at(_HOME)):
             name = m.group("name").rstrip(".")
             if name.lower() in _SERVICE_USERS or not name:
                 continue
             yield Finding(m.start("name"), m.start("name") + len(name), "USERNAME", _RANK_PII)
+
+
+class _Covered:
+    """Whether a span lies inside the union of some findings."""
+
+    def __init__(self, findings: Iterable[Finding]) -> None:
+        self.starts: list[int] = []
+        self.ends: list[int] = []
+        for f in sorted(findings):
+            if self.ends and f.start < self.ends[-1]:  # overlapping, as _merge joins them
+                self.ends[-1] = max(self.ends[-1], f.end)
+            else:
+                self.starts.append(f.start)
+                self.ends.append(f.end)
+
+    def __call__(self, start: int, end: int) -> bool:
+        i = bisect_right(self.starts, start) - 1
+        return i >= 0 and end <= self.ends[i]
+
+
+@lru_cache(maxsize=8)
+def _charset_order(charset: str) -> dict[str, int]:
+    return {c: i for i, c in enumerate(charset)}
+
+
+def _shannon_entropy(plugin: HighEntropyStringsPlugin, data: str) -> float:
+    """detect-secrets' calculate_shannon_entropy, counted once instead of once per character
+    of the charset; the sum runs in the same order, so the value is the same to the bit."""
+    order = _charset_order(plugin.charset)
+    counts = Counter(data)
+    size = len(data)
+    entropy = 0.0
+    for x in sorted((c for c in counts if c in order), key=order.__getitem__):
+        p_x = float(counts[x]) / size
+        entropy += -p_x * math.log(p_x, 2)
+    if isinstance(plugin, HexHighEntropyString) and size > 1:
+        try:
+            int(data)  # all digits: detect-secrets lowers the entropy of numbers
+            entropy -= 1.2 / math.log(size, 2)
+        except ValueError:
+            pass
+    return entropy
+
+
+def _scan(pattern: re.Pattern[str], text: str, spans: list[Span]) -> Iterator[re.Match[str]]:
+    for lo, hi in spans:
+        yield from pattern.finditer(text, lo, hi)
+
+
+def _lines_in(text: str, spans: list[Span]) -> list[Span]:
+    """The lines within candidate spans (which reach one character into their neighbours)."""
+    out: list[Span] = []
+    for lo, hi in spans:
+        start = lo + 1 if lo > 0 and text[lo] == "\n" else lo
+        end = hi - 1 if hi > start and text[hi - 1] == "\n" else hi
+        while start <= end:
+            nl = text.find("\n", start, end)
+            stop = end if nl < 0 else nl
+            out.append((start, stop))
+            start = stop + 1
+    return out
+
+
+@lru_cache(maxsize=4)
+def _prefilter(expressions: tuple[tuple[str | None, int], ...]) -> Prefilter:
+    """One compiled database per set of expressions, shared by every Scrubber of a process."""
+    return Prefilter(expressions)
+
+
+def _segments(start: int, value: str) -> Iterator[tuple[int, str]]:
+    """``value``, or its ``/``-separated parts when it mixes base64's ``/`` with base64url's
+    ``-`` or ``_``: no encoded key does, while paths and model ids
+    (``HuggingFaceTB/SmolLM2-135M-Instruct``) do, and only a part of them can be a secret."""
+    if "/" not in value or ("-" not in value and "_" not in value):
+        yield start, value
+        return
+    for part in value.split("/"):
+        if part:
+            yield start, part
+        start += len(part) + 1
 
 
 def _find_all(text: str, needle: str) -> Iterator[int]:
@@ -726,7 +1032,11 @@ def _lines_at(text: str, positions: Iterable[int]) -> list[tuple[int, int]]:
 
 def _private_key_patterns() -> list[tuple[str, re.Pattern[str]]]:
     cls: Any = get_mapping_from_secret_type_to_class()["Private Key"]
-    return [("PRIVATE_KEY", p) for p in cls.denylist]
+    # detect-secrets lists the headers it knows; PKCS#8 encrypted keys and others differ only
+    # in the words before PRIVATE KEY.
+    return [("PRIVATE_KEY", p) for p in cls.denylist] + [
+        ("PRIVATE_KEY", re.compile(r"BEGIN [A-Z0-9 ]*PRIVATE KEY(?: BLOCK)?-----"))
+    ]
 
 
 def _end_of_key_material(text: str, pos: int) -> int:
@@ -761,7 +1071,7 @@ def _card_issuer_ok(digits: str) -> bool:
         or ((51 <= two <= 55 or 2221 <= four <= 2720) and n == 16)  # Mastercard
         or (two in (34, 37) and n == 15)  # American Express
         or ((digits.startswith("6011") or two == 65 or 644 <= int(digits[:3]) <= 649) and 16 <= n <= 19)
-        or (3528 <= four <= 3589 and 16 <= n <= 19)  # JCB
+        or (digits.startswith("35") and 16 <= n <= 19)  # JCB (3528-3589 issued; generators use all of 35)
         or ((300 <= int(digits[:3]) <= 305 or two in (36, 38)) and 14 <= n <= 19)  # Diners
         or (two == 62 and 16 <= n <= 19)  # UnionPay
     )
