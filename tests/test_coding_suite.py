@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from plugins.evaluation.suite import (
+from flywheel_loop.plugins.evaluation.suite import (
     DATA,
     SuiteError,
     SuiteProblem,
@@ -28,7 +28,7 @@ from plugins.evaluation.suite import (
     split_suite,
     task_rows,
 )
-from plugins.sandbox import TestRun, run_tests
+from flywheel_loop.plugins.shared.sandbox import TestRun, run_tests
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -85,7 +85,7 @@ def test_a_stub_returning_none_fails_every_problem(runs: dict[str, tuple[TestRun
 def test_no_problem_repeats_a_demo_task(suite: list[SuiteProblem]) -> None:
     """The demo trains on its tasks: a suite problem asking for the same function would not
     measure forgetting."""
-    tasks = tomllib.loads((ROOT / "engine" / "demo" / "tasks.toml").read_text())["task"]
+    tasks = tomllib.loads((ROOT / "plugins" / "demo" / "tasks.toml").read_text())["task"]
     demo = {re.search(r"`(\w+)\(", t["prompt"]).group(1) for t in tasks if "`" in t["prompt"]}  # type: ignore[union-attr]
     assert demo, "the demo's task names were not found"
     assert not demo & {p.entry_point for p in suite}

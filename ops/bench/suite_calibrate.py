@@ -23,17 +23,15 @@ import argparse
 import json
 import math
 import os
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from plugins.evaluation.suite import SuiteProblem, load_suite, sample, task_rows  # noqa: E402
+from flywheel_loop.plugins.evaluation.suite import SuiteProblem, load_suite, sample, task_rows  # noqa: E402
 
 
 def wilson(passed: int, n: int, z: float = 1.959964) -> tuple[float, float]:
@@ -70,9 +68,9 @@ def breakdown(problems: Sequence[SuiteProblem], solved: set[str]) -> dict[str, A
 def calibrate(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    from plugins.evaluation.generation import chat_prompt
-    from plugins.evaluation.metrics import task_pass_rate
-    from plugins.training.models import load_base, resolve_base_model, torch_threads
+    from flywheel_loop.plugins.evaluation.generation import chat_prompt
+    from flywheel_loop.plugins.evaluation.metrics import task_pass_rate
+    from flywheel_loop.plugins.shared.models import load_base, resolve_base_model, torch_threads
 
     problems = load_suite(args.suite)
     if args.sample is not None:
