@@ -92,9 +92,14 @@ def up(
             dashboard = await start_dashboard(settings, bus, warn=err.print)
             if dashboard is not None:
                 console.print(f"dashboard: {dashboard.url}")
+            gateway = await _start_gateway(settings)
+            if gateway is not None:
+                console.print(f"gateway: {gateway.url} (OpenAI and Anthropic APIs; ask for a role, e.g. 'coder')")
             try:
                 await engine.run(stop)
             finally:
+                if gateway is not None:
+                    await gateway.stop()
                 if dashboard is not None:
                     await dashboard.stop()
             await bus.close()
@@ -104,6 +109,23 @@ def up(
                 server.stop()
 
     _run(main)
+
+
+async def _start_gateway(settings: Settings) -> Any:
+    """The running gateway for ``flywheel up``, or None when ``gateway.enabled`` is false or it cannot listen
+    (the engine runs on without it, as without the dashboard). Until plugins register services, up starts it."""
+    if not settings.gateway.enabled:
+        return None
+    from plugins.gateway.service import GatewayServer, GatewayUnavailable
+
+    server = GatewayServer(settings, warn=lambda line: err.print(f"[yellow]{line}[/yellow]"))
+    try:
+        await server.start()
+    except GatewayUnavailable as exc:
+        err.print(f"[yellow]warning:[/yellow] no gateway: {exc}")
+        await server.gateway.close()
+        return None
+    return server
 
 
 # --------------------------------------------------------------------------- record
@@ -539,6 +561,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "engine.commands.dashboard",
     "engine.commands.forget",
     "engine.commands.deployments",
+    "engine.commands.gateway",
     "engine.commands.training",
 )
 
