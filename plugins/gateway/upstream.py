@@ -79,12 +79,31 @@ class Upstreams:
         headers = {"Content-Type": "application/json"}
         if target.api_key:
             headers["Authorization"] = f"Bearer {target.api_key}"
+        response = await self._send(target, target.base_url + path, body, headers)
         try:
-            async with self.session.post(target.base_url + path, data=body, headers=headers) as response:
-                yield UpstreamReply(response.status, response.headers.get("Content-Type", ""), response)
+            yield UpstreamReply(response.status, response.headers.get("Content-Type", ""), response)
         except TimeoutError as exc:
             raise UpstreamError(504, f"{describe(target)} did not answer in time ({exc or 'timeout'})") from None
-        except aiohttp.ClientConnectorError as exc:
-            raise UpstreamError(502, f"{describe(target)} is unreachable: {exc.os_error or exc}") from None
         except (aiohttp.ClientError, ConnectionError, asyncio.IncompleteReadError) as exc:
             raise UpstreamError(502, f"{describe(target)} broke off: {type(exc).__name__}: {exc}") from None
+        finally:
+            response.release()
+
+    async def _send(self, target: Target, url: str, body: bytes, headers: dict[str, str]) -> aiohttp.ClientResponse:
+        assert self.session is not None
+        for attempt in (1, 2):
+            try:
+                return await self.session.post(url, data=body, headers=headers)
+            except TimeoutError as exc:
+                raise UpstreamError(504, f"{describe(target)} did not answer in time ({exc or 'timeout'})") from None
+            except aiohttp.ClientConnectorError as exc:
+                raise UpstreamError(502, f"{describe(target)} is unreachable: {exc.os_error or exc}") from None
+            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+                # A kept-alive connection the upstream closed (or a restarted upstream) fails before any answer:
+                # one more try on a fresh connection tells that apart from an upstream that is gone.
+                if attempt == 1:
+                    continue
+                raise UpstreamError(502, f"{describe(target)} is unreachable: {type(exc).__name__}: {exc}") from None
+            except (aiohttp.ClientError, ConnectionError) as exc:
+                raise UpstreamError(502, f"{describe(target)} broke off: {type(exc).__name__}: {exc}") from None
+        raise AssertionError("unreachable")
