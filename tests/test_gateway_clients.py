@@ -4,6 +4,7 @@ answers are the same greedy text, and each recorded interaction holds exactly wh
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -81,6 +82,8 @@ def _node_ready() -> str | None:
         return "node is not installed"
     if not (CLIENT_DIR / "node_modules" / "openai").is_dir():
         return f"the TypeScript client's packages are not installed (npm ci in {CLIENT_DIR})"
+    if not (CLIENT_DIR / "dist" / "index.js").is_file():
+        return f"the TypeScript client is not built (npm run build in {CLIENT_DIR})"
     return None
 
 
@@ -95,11 +98,13 @@ async def test_node_openai_package_and_the_typescript_client(
     settings = gateway_settings(settings_with)
     async with running_gateway(settings) as server:
         await deploy(bus, server, "coder", "coder-tiny", tiny_server)
-        done = subprocess.run(["node", "test/gateway.mjs"], cwd=CLIENT_DIR, capture_output=True, text=True,
-                              timeout=180, env={**os.environ, "FLYWHEEL_GATEWAY_URL": server.url,
-                                                "FLYWHEEL_PROMPT": PROMPT})
-        assert done.returncode == 0, done.stderr + done.stdout
-        report = json.loads(done.stdout.strip().splitlines()[-1])
+        # the gateway serves from this loop: the Node process runs beside it, not blocking it
+        node = await asyncio.create_subprocess_exec(
+            "node", "test/gateway.mjs", cwd=CLIENT_DIR, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            env={**os.environ, "FLYWHEEL_GATEWAY_URL": server.url, "FLYWHEEL_PROMPT": PROMPT})
+        out, errors = await asyncio.wait_for(node.communicate(), 180)
+        assert node.returncode == 0, (errors + out).decode()
+        report = json.loads(out.decode().strip().splitlines()[-1])
         await recorded(bus, server, 2)
         await server.gateway.recorder.flush(10)
     assert report["whole"] == report["streamed"]
