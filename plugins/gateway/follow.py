@@ -112,7 +112,11 @@ class LogFollower:
         self.fold_reward(msg.metadata.sequence.stream, msg.data)
 
     async def _on_interaction(self, msg: Msg) -> None:
-        # Only ids, sessions and keys are needed: a plain JSON read, not the full validation.
+        # Only ids, sessions and keys are needed: a plain JSON read, not the full validation; and none at all for
+        # the interactions this gateway made itself (it noted them as it served them).
+        known = msg.headers.get("Nats-Msg-Id") if msg.headers else None
+        if known is not None and self.owners.get(known) is not None:
+            return
         try:
             raw = orjson.loads(msg.data)
             data = raw["data"]

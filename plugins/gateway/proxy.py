@@ -9,16 +9,18 @@ answer has left (a background task of the response, or the end of the stream).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import orjson
 from starlette.background import BackgroundTask
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
 
 from plugins.gateway import anthropic_api
 from plugins.gateway.access import Caller, Denied
@@ -78,6 +80,37 @@ def _message_of(exc: Exception) -> str:
 
 def _headers(call: Call) -> dict[str, str]:
     return {"x-flywheel-interaction-id": call.id, "x-flywheel-version": call.target.served_version}
+
+
+class EventStream(Response):
+    """A server-sent event stream relayed as it arrives.
+
+    Starlette's ``StreamingResponse`` watches for a client that goes away with a task group of two tasks per
+    response (uvicorn does not announce ASGI 2.4); one pending ``receive()`` does the same job for less, which is
+    most of the time to first token the gateway adds.
+    """
+
+    media_type = "text/event-stream"
+
+    def __init__(self, chunks: AsyncIterator[bytes], headers: dict[str, str]) -> None:
+        self.chunks = chunks
+        self.status_code = 200
+        self.background = None
+        self.init_headers(headers)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        gone = asyncio.ensure_future(receive())  # the body is read: the next message is http.disconnect
+        try:
+            async for chunk in self.chunks:
+                if gone.done():
+                    break  # the client left: stop relaying (the call is recorded as such)
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            else:
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            gone.cancel()
+            await self.chunks.aclose()  # type: ignore[attr-defined]
 
 
 class _Errors:
@@ -174,8 +207,10 @@ def _context(body: dict[str, Any]) -> dict[str, Any] | None:
     return extra or None
 
 
-def _finisher(gw: Gateway, call: Call, recorded: bool) -> Callable[[], None]:
-    def finish() -> None:
+def _finisher(gw: Gateway, call: Call, recorded: bool) -> Callable[[], Awaitable[None]]:
+    # async on purpose: Starlette runs a plain function given as a background task on a worker thread, and that
+    # hand-off cost more than building the record
+    async def finish() -> None:
         if recorded:
             gw.recording.finish(call)
 
@@ -189,7 +224,7 @@ def _fill(call: Call, answer: Answer) -> None:
 
 
 async def _whole(gw: Gateway, call: Call, path: str, upstream_body: bytes, errors: _Errors,
-                 finish: Callable[[], None], chat: bool, anthropic: bool = False) -> Response:
+                 finish: Callable[[], Awaitable[None]], chat: bool, anthropic: bool = False) -> Response:
     headers = _headers(call)
     try:
         async with gw.upstreams.post(call.target, path, upstream_body) as reply:
@@ -275,7 +310,7 @@ class _AnthropicChunks(_Chunks):
 
 
 async def _streamed(gw: Gateway, call: Call, path: str, upstream_body: bytes, errors: _Errors,
-                    finish: Callable[[], None], chunks: _Chunks) -> Response:
+                    finish: Callable[[], Awaitable[None]], chunks: _Chunks) -> Response:
     headers = _headers(call)
     stack = contextlib.AsyncExitStack()
     try:
@@ -330,9 +365,9 @@ async def _streamed(gw: Gateway, call: Call, path: str, upstream_body: bytes, er
                 _failed(call, 499, "the client went away before the stream ended")
             await stack.aclose()
             _fill(call, chunks.answer)
-            finish()
+            await finish()
 
-    return StreamingResponse(relay(), media_type="text/event-stream", headers={**SSE_HEADERS, **headers})
+    return EventStream(relay(), headers={**SSE_HEADERS, **headers})
 
 
 # --------------------------------------------------------------------------- Anthropic

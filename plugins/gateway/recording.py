@@ -15,7 +15,7 @@ import logging
 import re
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 from pydantic import ValidationError
@@ -33,9 +33,9 @@ TEXT_MAX = 200_000
 NAME_MAX = 200
 
 
-@dataclass(frozen=True)
-class Owner:
-    """Who made an interaction, and whether it was recorded."""
+class Owner(NamedTuple):
+    """Who made an interaction, and whether it was recorded. (A tuple of strings: the garbage collector stops
+    tracking it, so a million of them cost a full collection nothing.)"""
 
     key: str | None
     session: str
@@ -98,6 +98,9 @@ class Recording:
         self.recorder = recorder
         self.excludes = [re.compile(p) for p in cfg.exclude_patterns]
         self.owners = Owners()
+        #: calls forwarded, and of them those recorded (captured), since the gateway started
+        self.calls = 0
+        self.captured = 0
         self.failures = 0
 
     def captures(self, session: str, prompt: str) -> bool:
@@ -109,6 +112,8 @@ class Recording:
         """Note who owns ``call.id``; return whether the call will be recorded."""
         recorded = self.captures(call.session, call.prompt)
         self.owners.add(call.id, Owner(call.key, call.session, recorded))
+        self.calls += 1
+        self.captured += recorded
         return recorded
 
     def finish(self, call: Call) -> None:

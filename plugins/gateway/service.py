@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import socket
 from collections.abc import Callable, Iterator, Mapping
@@ -163,8 +164,10 @@ class GatewayServer:
         self._socket = self._bind()
         await self.gateway.start()
         # httptools: the C HTTP parser; no access log (a line per call would cost more than the call)
+        # proxy_headers off: one middleware less per call (put a proxy's own header handling in the proxy)
         config = uvicorn.Config(self.app, http="httptools", log_level="warning", lifespan="off", access_log=False,
-                                timeout_keep_alive=30, timeout_graceful_shutdown=10, backlog=2048)
+                                proxy_headers=False, timeout_keep_alive=30, timeout_graceful_shutdown=10,
+                                backlog=2048)
         self._server = _HostedServer(config)
         self._task = asyncio.create_task(self._server.serve(sockets=[self._socket]), name="gateway")
         while not self._server.started:
@@ -172,6 +175,10 @@ class GatewayServer:
                 self._task.result()
                 raise GatewayUnavailable("the gateway stopped while starting")
             await asyncio.sleep(0.02)
+        # Everything loaded so far (modules, models, schemas) lives as long as the process: out of the collector's
+        # sight, a full collection under load no longer walks it (the p99 of a call fell by several ms here).
+        gc.collect()
+        gc.freeze()
         return self.url
 
     async def stop(self) -> None:
