@@ -118,7 +118,7 @@ async def _start_gateway(settings: Settings) -> Any:
         return None
     from plugins.gateway.service import GatewayServer, GatewayUnavailable
 
-    server = GatewayServer(settings, warn=lambda line: err.print(f"[yellow]{line}[/yellow]"))
+    server = GatewayServer(settings, warn=lambda line: err.print(f"[yellow]{line}[/yellow]"), freeze_heap=True)
     try:
         await server.start()
     except GatewayUnavailable as exc:

@@ -120,9 +120,14 @@ class _HostedServer(uvicorn.Server):
 class GatewayServer:
     """The gateway's HTTP server around a ``Gateway``."""
 
-    def __init__(self, settings: Settings, warn: Callable[[str], object] = log.warning) -> None:
+    def __init__(self, settings: Settings, warn: Callable[[str], object] = log.warning,
+                 freeze_heap: bool = False) -> None:
+        """``freeze_heap``: once serving, move everything loaded so far out of the garbage collector's sight
+        (``gc.freeze``). For a process that starts the gateway once (``flywheel up``, ``flywheel gateway``), not
+        for one that starts and stops many (tests): frozen cycles are never collected."""
         from plugins.gateway.app import create_app
 
+        self.freeze_heap = freeze_heap
         self.settings = settings
         self.gateway = Gateway(settings)
         self.app = create_app(self.gateway)
@@ -177,8 +182,9 @@ class GatewayServer:
             await asyncio.sleep(0.02)
         # Everything loaded so far (modules, models, schemas) lives as long as the process: out of the collector's
         # sight, a full collection under load no longer walks it (the p99 of a call fell by several ms here).
-        gc.collect()
-        gc.freeze()
+        if self.freeze_heap:
+            gc.collect()
+            gc.freeze()
         return self.url
 
     async def stop(self) -> None:
@@ -200,9 +206,9 @@ class GatewayServer:
 
 
 async def run_gateway(settings: Settings, stop: asyncio.Event, on_ready: Callable[[str], object] | None = None,
-                      warn: Callable[[str], object] = log.warning) -> None:
+                      warn: Callable[[str], object] = log.warning, freeze_heap: bool = True) -> None:
     """Serve the gateway until ``stop`` is set (``on_ready`` gets the base URL once it answers)."""
-    server = GatewayServer(settings, warn)
+    server = GatewayServer(settings, warn, freeze_heap)
     url = await server.start()
     if on_ready is not None:
         on_ready(url)
