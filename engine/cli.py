@@ -57,7 +57,8 @@ def _run(coro: Callable[[], Awaitable[T]]) -> T:
 
 @app.command()
 def up(
-    only: Annotated[list[str] | None, typer.Option(help="run only these processors/projections")] = None,
+    only: Annotated[list[str] | None, typer.Option(
+        help="run only these processors/projections (and the gateway only when named: --only gateway)")] = None,
     duration: Annotated[float | None, typer.Option(help="stop after this many seconds")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
@@ -92,7 +93,7 @@ def up(
             dashboard = await start_dashboard(settings, bus, warn=err.print)
             if dashboard is not None:
                 console.print(f"dashboard: {dashboard.url}")
-            gateway = await _start_gateway(settings)
+            gateway = await _start_gateway(settings) if not only or "gateway" in only else None
             if gateway is not None:
                 console.print(f"gateway: {gateway.url} (OpenAI and Anthropic APIs; ask for a role, e.g. 'coder')")
             try:
