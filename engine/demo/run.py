@@ -14,7 +14,9 @@ c. **learn**: once every training turn is scored the demo asks for a training ru
    and corrected answers are not high quality); the engine builds the dataset, trains a LoRA
    adapter (``training.progressed`` drives the bar), the evaluator gates it and the deployer
    puts it in service behind an OpenAI-compatible endpoint;
-d. **after**: the deployed version works the held-out tasks again, through that endpoint;
+d. **after**: the held-out tasks again, through the gateway: the agent asks for the role ``coder`` with the
+   official OpenAI client and gets the deployed version; the gateway records each call and the agent posts
+   each outcome over HTTP (``engine/demo/gateway_agent.py``);
 e. the before/after table: test pass rate and convention adherence per phase, read back from the
    log (``engine/demo/figures.py``), and forgetting and the verdict from ``evaluation.completed``.
 
@@ -48,7 +50,7 @@ from engine.config import Settings
 from engine.connection import open_bus
 from engine.demo.agent import ROLE, Turn, converse, work
 from engine.demo.figures import PhaseFigures, phase_figures, read_since, scored
-from engine.demo.models import Answerer, LocalModel, ServedModel
+from engine.demo.models import Answerer, LocalModel
 from engine.demo.tasks import LICENSE_HEADER, Question, Task, load_questions, load_tasks
 from engine.plugin_host import PluginHost
 from engine.recorder import Recorder
@@ -117,6 +119,7 @@ def demo_settings(settings: Settings, state_dir: Path) -> Settings:
         "trainer": trainer,
         "evaluator": evaluator,
         "curation": curation,
+        "gateway": settings.gateway.model_copy(update={"port": 0}),  # any free port: a demo beside an engine
     })
 
 
@@ -208,6 +211,35 @@ async def _work_phase(
     await recorder.flush()
     await _wait_scored(bus, turns, TESTED + REVIEWED if review else TESTED, timeout_s, description)
     return await phase_figures(bus, name, [t.interaction_id for t in turns])
+
+
+async def _gateway_phase(
+    phases: _Phases, bus: Bus, gateway: Any, tasks: list[Task], version: str, max_tokens: int, timeout_s: float,
+) -> PhaseFigures:
+    """d.: the held-out tasks again, through the gateway (the official OpenAI client asking for the role)."""
+    from engine.demo.gateway_agent import work_through_gateway
+
+    description = f"d. {ROLE} through the gateway ({version}), held-out tasks"
+    deadline = time.monotonic() + 60
+    while (service := gateway.gateway.table.services.get(ROLE)) is None or service.model_name != version:
+        if time.monotonic() > deadline:
+            raise DemoError(f"the gateway did not see {version} go into service within 60s")
+        await asyncio.sleep(0.1)
+    bar = phases.start(description, total=len(tasks))
+    stats = {"passed": 0, "following": 0, "n": 0}
+
+    def on_turn(turn: Turn) -> None:
+        stats["n"] += 1
+        stats["passed"] += turn.passed
+        stats["following"] += turn.follows_convention
+        phases.update(bar, advance=1, description=(
+            f"{description}: {stats['passed']}/{stats['n']} passed, {stats['following']} with the header"))
+
+    turns = await work_through_gateway(gateway.url, tasks, "demo-after", max_tokens, on_turn)
+    phases.done(bar, f"{description}: {stats['passed']}/{stats['n']} passed, {stats['following']} with the header")
+    await gateway.gateway.recorder.flush(60)
+    await _wait_scored(bus, turns, TESTED, timeout_s, description)
+    return await phase_figures(bus, "after", [t.interaction_id for t in turns])
 
 
 async def _question_phase(
@@ -339,6 +371,11 @@ async def run_demo(
             await running
             raise DemoError(f"the demo needs the {', '.join(sorted(missing))} plugin(s): enable them "
                             "(plugins.enabled / plugins.disabled in flywheel.toml)")
+        # the gateway, as `flywheel up` serves it: the after phase asks it for the role, as an agent does
+        from plugins.gateway.service import GatewayServer
+
+        gateway = GatewayServer(demo, warn=lambda _: None)  # loopback, no keys: the demo's own
+        await gateway.start()
         try:
             with Progress(*columns, console=console) as progress:
                 phases = _Phases(progress)
@@ -372,13 +409,13 @@ async def run_demo(
 
                     if summary.deployed:
                         mark = time.monotonic()
-                        served = ServedModel(str(summary.deployment["endpoint"]), str(summary.deployment["model_name"]))
-                        summary.after = await _work_phase(
-                            phases, recorder, bus, served, held_out, "after",
-                            f"d. {served.name} (deployed), held-out tasks", review=False, timeout_s=600,
+                        summary.after = await _gateway_phase(
+                            phases, bus, gateway, held_out, str(summary.deployment["model_name"]),
+                            max_tokens=160, timeout_s=600,
                         )
                         summary.timings["after"] = time.monotonic() - mark
         finally:
+            await gateway.stop()
             stop.set()
             await running
     summary.timings["total"] = time.monotonic() - started
