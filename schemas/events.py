@@ -116,7 +116,9 @@ class GatewayCall(Part):
     status: Literal["ok", "failed"] = "ok"
     http_status: Annotated[int, Field(ge=100, le=599)] | None = None
     error: ShortText | None = Field(default=None, description="why a failed call failed")
-    ttft_ms: Annotated[float, Field(ge=0)] | None = Field(default=None, description="time to the first token")
+    ttft_ms: Annotated[float, Field(ge=0)] | None = Field(
+        default=None, description="time to the first token of a streamed answer (a whole one has duration_ms)"
+    )
     canary: bool = Field(default=False, description="the session was on the canary side of a split")
     key: Name | None = Field(default=None, description="the name of the API key that made the call")
 

@@ -116,3 +116,15 @@ async def test_node_openai_package_and_the_typescript_client(
     assert feedback.data.interaction_id == report["whole_id"] and feedback.data.rating == 4
     assert outcome.data.interaction_id == report["streamed_id"] and outcome.data.tests_passed == 2
     assert report["refused"]["status"] == 422 and report["refused"]["param"] == "rating"
+
+
+def test_the_typescript_types_are_generated_from_the_current_json_schema(tmp_path: Path) -> None:
+    """``src/events.ts`` is what ``npm run generate`` makes from ``schemas/json/`` now (run it after a change)."""
+    reason = _node_ready()
+    if reason is not None:
+        pytest.skip(reason)
+    out = tmp_path / "events.ts"
+    subprocess.run(["node", "scripts/generate.mjs"], cwd=CLIENT_DIR, check=True, capture_output=True, timeout=120,
+                   env={**os.environ, "FLYWHEEL_TS_OUT": str(out)})
+    assert out.read_text() == (CLIENT_DIR / "src" / "events.ts").read_text(), "run `npm run generate` in " + str(
+        CLIENT_DIR)

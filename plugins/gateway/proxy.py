@@ -233,7 +233,6 @@ async def _whole(gw: Gateway, call: Call, path: str, upstream_body: bytes, error
     except UpstreamError as exc:
         _failed(call, exc.status, exc.message)
         return errors.response(exc.status, exc.message, headers=headers, background=BackgroundTask(finish))
-    call.first_token = time.perf_counter()
     if status != 200:
         message = _upstream_refusal(call, status, data)
         code = status if 400 <= status < 600 else 502

@@ -100,7 +100,7 @@ export type ServedVersion = string;
 export type Status = "ok" | "failed";
 export type Stream = boolean;
 /**
- * time to the first token
+ * time to the first token of a streamed answer (a whole one has duration_ms)
  */
 export type TtftMs = number | null;
 /**
