@@ -31,7 +31,8 @@ async def test_openai_client_whole_and_streamed_through_a_role(
         client = openai.AsyncOpenAI(base_url=server.url, api_key="unused")
         whole = await client.chat.completions.create(
             model="coder", messages=[{"role": "user", "content": "add two numbers"}],
-            extra_headers={"x-flywheel-session": "s-1"})
+            extra_headers={"x-flywheel-session": "s-1", "x-flywheel-language": "python",
+                           "x-flywheel-domain": "math", "x-flywheel-complexity": "simple"})
         assert whole.choices[0].message.content == "answer: add two numbers"
         assert whole.model == "coder-v1" and whole.usage is not None and whole.usage.completion_tokens == 4
         stream = await client.chat.completions.create(
@@ -45,6 +46,7 @@ async def test_openai_client_whole_and_streamed_through_a_role(
     assert first.input == "add two numbers" and first.output == whole.choices[0].message.content
     assert first.gateway.served_version == "coder-v1" and first.gateway.requested == "coder"
     assert first.tokens.completion == 4 and first.gateway.status == "ok"
+    assert first.context.language == "python" and first.domain == "math" and first.complexity == "simple"
     assert second.session_id == "s-2" and second.output == "answer: sort a list" and second.gateway.stream
     assert second.gateway.ttft_ms is not None and second.tokens.completion == 4
 

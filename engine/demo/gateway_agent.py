@@ -34,7 +34,10 @@ async def work_through_gateway(base_url: str, tasks: list[Task], session: str, m
         for task in tasks:
             completion = await client.chat.completions.create(
                 model=ROLE, messages=[{"role": "user", "content": task.prompt}], max_tokens=max_tokens,
-                temperature=0, user=session)
+                temperature=0, user=session,
+                # what the SDK's record_interaction said about the task, said to the gateway instead
+                extra_headers={"x-flywheel-language": "python", "x-flywheel-project": "flywheel-demo",
+                               "x-flywheel-domain": task.domain, "x-flywheel-complexity": "simple"})
             text = (completion.choices[0].message.content or "").strip()
             code = extract_code(text)
             run = await asyncio.to_thread(run_tests, code, task.tests)

@@ -36,7 +36,7 @@ from plugins.gateway.openai_api import (
     text_of,
     upstream_request,
 )
-from plugins.gateway.recording import Call
+from plugins.gateway.recording import ABOUT_HEADERS, Call
 from plugins.gateway.routing import NoUpstream, Target, UnknownModel
 from plugins.gateway.upstream import UpstreamError, describe
 
@@ -185,6 +185,7 @@ async def openai_call(gw: Gateway, request: Request, chat: bool) -> Response:
     context = _context(body) if chat else None
     call = Call(api, target, session, caller.key, bool(body.get("stream")), prompt, context,
                 user=body.get("user") if isinstance(body.get("user"), str) else None, prompt_variant=variant)
+    call.about = _about(request)
     recorded = gw.recording.begin(call)
     system = gw.cfg.prompt_texts.get(variant) if variant else None
     upstream_body, wants_usage = upstream_request(body, target.upstream_model, system if chat else None)
@@ -194,6 +195,13 @@ async def openai_call(gw: Gateway, request: Request, chat: bool) -> Response:
         return await _whole(gw, call, path, upstream_body, errors, finish, chat)
     return await _streamed(gw, call, path, upstream_body, errors, finish,
                            _OpenAIChunks(call, chat, wants_usage))
+
+
+def _about(request: Request) -> dict[str, str]:
+    """What the agent says about its task in ``x-flywheel-*`` headers (the language a convention assessor needs,
+    the domain and complexity curation balances on); nothing is required."""
+    headers = request.headers
+    return {name: value for header, name in ABOUT_HEADERS.items() if (value := headers.get(header))}
 
 
 def _context(body: dict[str, Any]) -> dict[str, Any] | None:
@@ -386,6 +394,7 @@ async def anthropic_messages(gw: Gateway, request: Request) -> Response:
     user = metadata.get("user_id") if isinstance(metadata, dict) else None
     call = Call(api, target, session, caller.key, bool(body.get("stream")), prompt_of(translated["messages"]),
                 _context(translated), user=user if isinstance(user, str) else None, prompt_variant=variant)
+    call.about = _about(request)
     recorded = gw.recording.begin(call)
     system = gw.cfg.prompt_texts.get(variant) if variant else None
     upstream_body, _ = upstream_request(translated, target.upstream_model, system)

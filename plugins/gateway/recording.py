@@ -31,6 +31,10 @@ log = logging.getLogger(__name__)
 
 TEXT_MAX = 200_000
 NAME_MAX = 200
+COMPLEXITIES = ("simple", "moderate", "complex", "expert")
+#: request headers an agent may describe its task with; recorded as the interaction's context
+ABOUT_HEADERS = {"x-flywheel-language": "language", "x-flywheel-project": "project",
+                 "x-flywheel-domain": "domain", "x-flywheel-complexity": "complexity"}
 
 
 class Owner(NamedTuple):
@@ -74,6 +78,8 @@ class Call:
     context: dict[str, Any] | None = None
     user: str | None = None
     prompt_variant: str | None = None
+    #: what the agent said about the task in ``x-flywheel-*`` headers (language, project, domain, complexity)
+    about: dict[str, str] = field(default_factory=dict)
     id: str = field(default_factory=new_id)
     started: float = field(default_factory=time.perf_counter)
     first_token: float | None = None
@@ -136,7 +142,7 @@ class Recording:
             http_status=call.http_status, error=_cut(call.error, 2000) if call.error else None,
             ttft_ms=round(ttft, 3) if ttft is not None else None, canary=target.canary, key=call.key,
         )
-        context: dict[str, Any] = {}
+        context: dict[str, Any] = {k: _cut(v, 2000) for k, v in call.about.items() if k in ("language", "project")}
         if call.context:
             context["extra"] = _cut(orjson.dumps(call.context).decode())
         fields: dict[str, Any] = dict(
@@ -149,12 +155,17 @@ class Recording:
         )
         if call.user:
             fields["user_id"] = _cut(call.user, NAME_MAX)
+        if call.about.get("domain"):
+            fields["domain"] = _cut(call.about["domain"], NAME_MAX)
+        if call.about.get("complexity") in COMPLEXITIES:
+            fields["complexity"] = call.about["complexity"]
         try:
             data = InteractionRecorded(**fields)
         except ValidationError as exc:
-            # e.g. an empty session id from a client: keep the call, drop what does not fit
+            # e.g. a domain header no name fits: keep the call, drop what the agent added that does not fit
             log.warning("call %s: recording without context: %s", call.id, exc.errors(include_url=False)[:2])
             fields["context"] = {}
+            fields.pop("domain", None)
             fields["session_id"] = fields["session_id"] or call.id
             data = InteractionRecorded(**fields)
         event = new_event(data, source="gateway", event_id=call.id)
