@@ -3,7 +3,6 @@ deterministic stub upstreams; deployment events published on the real log as the
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -66,7 +65,3 @@ async def recorded(bus: Bus, server: GatewayServer, count: int, timeout: float =
     events: list[Event[Any]] = await wait_for(enough, timeout)
     assert all(isinstance(e.data, InteractionRecorded) for e in events)
     return events
-
-
-async def settle(seconds: float = 0.05) -> None:
-    await asyncio.sleep(seconds)
