@@ -21,6 +21,7 @@ __all__ = [
     "Context",
     "ToolCall",
     "Tokens",
+    "GatewayCall",
     "InteractionRecorded",
     "FeedbackGiven",
     "OutcomeObserved",
@@ -103,6 +104,25 @@ class Tokens(Part):
     completion: Count = 0
 
 
+class GatewayCall(Part):
+    """What the gateway knows about a call it served and recorded; absent when an agent recorded the interaction
+    itself (SDK, raw NATS). ``served_version`` is what the drift monitor and the canary decision credit."""
+
+    served_version: Name = Field(description="the version (or upstream model) that answered; also the model_id")
+    requested: Name = Field(description="the model name the agent asked for: a role, a pinned version, an upstream")
+    upstream: ShortText = Field(description="the base URL the call was forwarded to")
+    api: Literal["openai.chat", "openai.completions", "anthropic.messages"]
+    stream: bool = False
+    status: Literal["ok", "failed"] = "ok"
+    http_status: Annotated[int, Field(ge=100, le=599)] | None = None
+    error: ShortText | None = Field(default=None, description="why a failed call failed")
+    ttft_ms: Annotated[float, Field(ge=0)] | None = Field(
+        default=None, description="time to the first token of a streamed answer (a whole one has duration_ms)"
+    )
+    canary: bool = Field(default=False, description="the session was on the canary side of a split")
+    key: Name | None = Field(default=None, description="the name of the API key that made the call")
+
+
 class InteractionRecorded(Payload):
     """One turn of a coding agent: what it was asked, what it answered, and its context."""
 
@@ -123,6 +143,12 @@ class InteractionRecorded(Payload):
     cost_usd: Annotated[float, Field(ge=0)] | None = None
     complexity: Complexity | None = None
     domain: Name | None = None
+    gateway: GatewayCall | None = Field(default=None, description="set when the gateway recorded the call")
+
+    @property
+    def served_version(self) -> str:
+        """The version credited with this interaction: the one the gateway saw serve it, else the agent's word."""
+        return self.gateway.served_version if self.gateway is not None else self.model_id
 
 
 class FeedbackGiven(Payload):

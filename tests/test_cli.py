@@ -21,6 +21,7 @@ def env(settings: Settings, nats_server: EmbeddedServer, monkeypatch: pytest.Mon
     monkeypatch.setenv("FLYWHEEL_NATS__URL", nats_server.url)
     monkeypatch.setenv("FLYWHEEL_STATE_DIR", str(settings.state_dir))
     monkeypatch.setenv("FLYWHEEL_DASHBOARD__PORT", "0")  # `up` serves the dashboard: on a free port
+    monkeypatch.setenv("FLYWHEEL_GATEWAY__PORT", "0")  # and the gateway
     return {}
 
 
@@ -162,3 +163,14 @@ def test_plugins_lists_what_each_feature_registers(env: dict[str, str]) -> None:
     assert set(rows["serving"]["runtimes"]) == {"transformers", "llama_cpp", "ollama"}
     assert rows["insight"]["services"] == ["dashboard"]
     assert rows["demo"]["commands"] == ["demo"]
+
+
+def test_up_serves_the_gateway_and_gateway_serves_alone(env: dict[str, str]) -> None:
+    up = runner.invoke(app, ["up", "--only", "log_index", "--only", "gateway", "--duration", "2"])
+    assert up.exit_code == 0, up.output
+    assert "gateway: http://127.0.0.1:" in up.output
+    alone = runner.invoke(app, ["gateway", "--duration", "1"])
+    assert alone.exit_code == 0, alone.output
+    assert "flywheel gateway at http://127.0.0.1:" in alone.output
+    hashed = runner.invoke(app, ["gateway", "hash-key", "secret"])
+    assert hashed.output.strip() == "2bb80d537b1da3e38bd30361aa855686bde0eacd7162fef6a25fe97bf527a25b"

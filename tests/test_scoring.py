@@ -33,6 +33,7 @@ from flywheel_loop.schemas import (
     FeedbackAnonymized,
     FeedbackGiven,
     Findings,
+    GatewayCall,
     InteractionAnonymized,
     InteractionRecorded,
     OutcomeAnonymized,
@@ -368,3 +369,26 @@ async def test_stats_on_a_fresh_state_folder_say_what_is_missing(settings: Setti
     data = stats_data(settings)
     assert sorted(data["missing"]) == ["anonymization", "bandit_state", "log_index", "scores"]
     assert stats_tables(settings)[-1].title == "Not built yet"
+
+
+def gateway_interaction(iid: str, served: str, status: str) -> Event[Any]:
+    base = interaction(iid, model="the-agent-says-this").data.interaction
+    call = GatewayCall(served_version=served, requested="coder", upstream="http://127.0.0.1:1/v1",
+                       api="openai.chat", status=status, http_status=200 if status == "ok" else 502)
+    recorded = base.model_copy(update={"gateway": call})
+    return new_event(InteractionAnonymized(interaction_id=iid, interaction=recorded), source="anonymize",
+                     correlation_id=iid)
+
+
+async def test_a_gateway_call_is_credited_to_the_version_that_served_it_and_a_failed_one_is_not_scored(
+    bus: Bus, engine_with: Callable[..., RunningEngine]
+) -> None:
+    ok, failed = new_id(), new_id()
+    async with engine_with() as running:
+        await bus.publish(gateway_interaction(ok, "coder-v2", "ok"))
+        await bus.publish(gateway_interaction(failed, "coder-v2", "failed"))
+        (score,) = await assessed_count(bus, ok, 1)
+        await bus.publish(outcome(failed, compiles=False))
+        await wait_for(lambda: _position_covers_log(bus, running))
+    assert score.data.model_id == "coder-v2"  # the gateway's word, not the agent's
+    assert await assessed(bus, failed) == []

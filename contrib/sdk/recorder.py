@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import logging
 import os
 import threading
 import time
@@ -36,6 +37,7 @@ from flywheel_loop.schemas import (
     Payload,
     describe_validation_error,
     new_event,
+    parse_event,
 )
 from flywheel_loop.sdk.client import (
     BusUnavailable,
@@ -47,7 +49,8 @@ from flywheel_loop.sdk.client import (
 )
 
 __all__ = [
-    "BufferFull", "BusUnavailable", "HasNatsOptions", "Recorder", "RecorderError", "SyncRecorder", "events_from_jsonl",
+    "BufferFull", "BusUnavailable", "HasNatsOptions", "Recorder", "RecorderError", "SpillingRecorder", "SyncRecorder",
+    "events_from_jsonl",
 ]
 
 
@@ -269,6 +272,210 @@ class Recorder:
             self._in_flight = 0
             delay = 0.05
             await asyncio.sleep(0)
+
+
+class SpillingRecorder(Recorder):
+    """A recorder for a server that must never fail or wait because of the bus (the gateway).
+
+    ``record`` and ``enqueue`` never block and never raise for the bus: the bus may be down at start (the
+    recorder connects in the background and keeps trying) or go down during the run. Events wait in memory up to
+    ``capacity``; past that, or once the oldest has waited ``spill_after_s`` without an ack, they are appended to
+    spill files (JSON lines) under ``spill_dir``. When publishing works again the spill files are published in
+    order, batch by batch, each file rewritten without what was acked, and deleted when empty. Ids are given at
+    record time and are the ``Nats-Msg-Id``, so an event published twice (an ack lost in an outage, then
+    republished from the spill) is stored once by JetStream's duplicate window (``streams.duplicate_window_s``).
+    """
+
+    def __init__(
+        self, config: NatsOptions | HasNatsOptions | None = None, *, spill_after_s: float = 2.0, **options: Any
+    ) -> None:
+        super().__init__(config, **options)
+        self.spill_after_s = spill_after_s
+        self.spilled = 0
+        self._down_since: float | None = None
+        self._spill_seq = 0
+        self._has_spill = True  # files left by an earlier run are published first
+        self._log = logging.getLogger("flywheel_loop.sdk.recorder")
+
+    async def start(self) -> SpillingRecorder:
+        """Start the background publisher; returns at once, connected or not."""
+        self._loop = asyncio.get_running_loop()
+        self._wakeup = asyncio.Event()
+        self._pump_task = asyncio.create_task(self._run(), name="flywheel-spilling-recorder")
+        return self
+
+    async def __aenter__(self) -> SpillingRecorder:
+        return await self.start()
+
+    async def record(self, data: Payload, correlation_id: str | None = None) -> str:
+        event = new_event(data, source=self.source, correlation_id=correlation_id)
+        self.enqueue(event)
+        return event.id
+
+    def enqueue(self, event: Event[Any]) -> None:
+        """Add an event; never blocks. Over ``capacity`` the buffer goes to a spill file."""
+        if self._loop is None:
+            raise RecorderError("the recorder is not running")
+        self._buf.append(event)
+        if len(self._buf) >= self.capacity:
+            self._spill_buffer()
+        elif len(self._buf) >= self.batch:
+            self._wake()
+
+    @property
+    def connected(self) -> bool:
+        return self._bus is not None and self._bus.nc.is_connected
+
+    def spill_files(self) -> list[Path]:
+        """Spill files waiting to be published, oldest first."""
+        if not self.spill_dir.is_dir():
+            return []
+        return sorted(self.spill_dir.glob("spill-*.jsonl"))
+
+    @property
+    def pending(self) -> int:
+        return len(self._buf) + self._in_flight
+
+    def _spill_buffer(self) -> None:
+        if not self._buf:
+            return
+        self.spill_dir.mkdir(parents=True, exist_ok=True)
+        self._spill_seq += 1
+        # time first, so the files sort in the order their events were recorded
+        path = self.spill_dir / f"spill-{time.time_ns():020d}-{os.getpid()}-{self._spill_seq}.jsonl"
+        n = 0
+        with path.open("ab") as f:
+            while self._buf:
+                f.write(self._buf.popleft().to_bytes() + b"\n")
+                n += 1
+        self.spilled += n
+        self._has_spill = True
+        self._log.warning("bus unavailable (%r): %d records spilled to %s", self.last_error, n, path)
+
+    async def _connect(self) -> bool:
+        if self._bus is not None:
+            return True
+        if self.options is None:
+            self.last_error = BusUnavailable("no NATS URL configured and no engine running")
+            return False
+        try:
+            self._bus = await EventPublisher.connect_to(self.options)
+        except BusUnavailable as exc:
+            self.last_error = exc
+            return False
+        return True
+
+    async def _run(self) -> None:
+        assert self._wakeup is not None
+        delay = 0.05
+        while not self._closing:
+            if not await self._connect() or not self.connected:
+                self._note_down()
+                await self._sleep(delay)
+                delay = min(delay * 2, 1.0)
+                continue
+            if self._has_spill and not await self._publish_spilled():
+                self._note_down()
+                await self._sleep(delay)
+                delay = min(delay * 2, 1.0)
+                continue
+            if not self._buf:
+                self._down_since = None
+                await self._sleep(0.01)
+                continue
+            batch = [self._buf.popleft() for _ in range(min(self.batch, len(self._buf)))]
+            self._in_flight = len(batch)
+            try:
+                assert self._bus is not None
+                await self._bus.publish_many(batch)
+            except (PublishFailed, BusUnavailable, OSError) as exc:
+                self.last_error = exc
+                self._buf.extendleft(reversed(batch))  # ids make the retry safe
+                self._in_flight = 0
+                self._note_down()
+                await self._sleep(delay)
+                delay = min(delay * 2, 1.0)
+                continue
+            self.published += len(batch)
+            self._in_flight = 0
+            self._down_since = None
+            delay = 0.05
+
+    def _note_down(self) -> None:
+        now = time.monotonic()
+        if self._down_since is None:
+            self._down_since = now
+        elif now - self._down_since >= self.spill_after_s and self._buf:
+            self._spill_buffer()
+
+    async def _sleep(self, seconds: float) -> None:
+        assert self._wakeup is not None
+        self._wakeup.clear()
+        try:
+            await asyncio.wait_for(self._wakeup.wait(), seconds)
+        except TimeoutError:
+            pass
+
+    async def _publish_spilled(self) -> bool:
+        """Publish the spill files in order; False when the bus failed again (what is left stays on disk)."""
+        assert self._bus is not None
+        for path in self.spill_files():
+            try:
+                events = [parse_event(line) for line in path.read_bytes().splitlines() if line.strip()]
+            except (OSError, InvalidEvent) as exc:
+                self._log.error("spill file %s cannot be read back (%s); left in place", path, exc)
+                path.rename(path.with_suffix(".unreadable"))
+                continue
+            while events:
+                batch, rest = events[: self.batch], events[self.batch :]
+                try:
+                    await self._bus.publish_many(batch)
+                except (PublishFailed, BusUnavailable, OSError) as exc:
+                    self.last_error = exc
+                    return False
+                self.published += len(batch)
+                events = rest
+                _rewrite(path, events)
+            path.unlink(missing_ok=True)
+        self._has_spill = False
+        return True
+
+    async def close(self, timeout: float = 10.0) -> None:
+        """Flush for up to ``timeout``; what is still unsent goes to a spill file (published by the next start)."""
+        try:
+            await self.flush(timeout)
+        except TimeoutError:
+            pass
+        self._closing = True
+        self._wake()
+        if self._pump_task is not None:
+            try:
+                await asyncio.wait_for(self._pump_task, 2.0)
+            except (TimeoutError, asyncio.CancelledError):
+                self._pump_task.cancel()
+        self._spill_buffer()
+        if self._bus is not None:
+            await self._bus.close()
+            self._bus = None
+
+    async def flush(self, timeout: float | None = None) -> None:
+        """Wait until the buffer and the spill files are published (raises ``TimeoutError`` after ``timeout``)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self._buf or self._in_flight or (self._has_spill and self.spill_files()):
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"{self.pending} events and {len(self.spill_files())} spill files not yet published")
+            self._wake()
+            await asyncio.sleep(0.01)
+
+
+def _rewrite(path: Path, events: list[Event[Any]]) -> None:
+    """Replace a spill file by what is left of it (atomically, so a crash leaves one or the other)."""
+    if not events:
+        path.unlink(missing_ok=True)
+        return
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(b"".join(e.to_bytes() + b"\n" for e in events))
+    os.replace(tmp, path)
 
 
 class SyncRecorder:

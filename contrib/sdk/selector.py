@@ -57,6 +57,7 @@ class Selector:
         url: str | None = None,
         source: str = "sdk",
         seed: int | None = None,
+        recorder: Recorder | None = None,
     ) -> None:
         """``bandit``: the arms to choose among (``[bandit]`` of the engine's settings); ``config``:
         where the bus is (as for ``Recorder``)."""
@@ -66,7 +67,8 @@ class Selector:
         self.state = BanditState()
         #: The last log sequence folded into ``state``.
         self.position = 0
-        self.recorder = Recorder(config, url=url, source=source)
+        #: records each choice; a server that must not wait on the bus passes its own (the gateway's)
+        self.recorder = recorder or Recorder(config, url=url, source=source)
         self._lock = threading.Lock()  # the fold runs on the loop; selects may come from any thread
         self._bus: EventPublisher | None = None
         self._sub: Any = None
@@ -123,9 +125,13 @@ class Selector:
         return self.position
 
     async def _on_message(self, msg: Msg) -> None:
-        seq = msg.metadata.sequence.stream
+        self.fold(msg.metadata.sequence.stream, msg.data)
+
+    def fold(self, seq: int, raw: bytes) -> None:
+        """Fold one log message (a ``quality.assessed``; anything else only moves the position) at ``seq``;
+        for a process that follows the log itself (the gateway) instead of calling ``start``."""
         try:
-            event = parse_event(msg.data)
+            event = parse_event(raw)
         except InvalidEvent:
             event = None  # the bandit_state projection skips it too
         with self._lock:

@@ -14,7 +14,9 @@ c. **learn**: once every training turn is scored the demo asks for a training ru
    and corrected answers are not high quality); the engine builds the dataset, trains a LoRA
    adapter (``training.progressed`` drives the bar), the evaluator gates it and the deployer
    puts it in service behind an OpenAI-compatible endpoint;
-d. **after**: the deployed version works the held-out tasks again, through that endpoint;
+d. **after**: the held-out tasks again, through the gateway: the agent asks for the role ``coder`` with the
+   official OpenAI client and gets the deployed version; the gateway records each call and the agent posts
+   each outcome over HTTP (``gateway_agent.py``);
 e. the before/after table: test pass rate and convention adherence per phase, read back from the
    log (``engine/demo/figures.py``), and forgetting and the verdict from ``evaluation.completed``.
 
@@ -48,7 +50,7 @@ from flywheel_loop.engine.connection import open_bus
 from flywheel_loop.engine.plugin_host import PluginHost
 from flywheel_loop.plugins.demo.agent import ROLE, Turn, converse, work
 from flywheel_loop.plugins.demo.figures import PhaseFigures, phase_figures, read_since, scored
-from flywheel_loop.plugins.demo.models import Answerer, LocalModel, ServedModel
+from flywheel_loop.plugins.demo.models import Answerer, LocalModel
 from flywheel_loop.plugins.demo.tasks import LICENSE_HEADER, Question, Task, load_questions, load_tasks
 from flywheel_loop.plugins.shared.models import base_model_dir
 from flywheel_loop.sdk.recorder import Recorder
@@ -108,6 +110,8 @@ def demo_settings(settings: Settings, state_dir: Path) -> Settings:
         # answer moves it 25-33 points against a limit of 2
         "curation": {"dataset": {"validation_share": 0.25}},
     }
+    # the gateway on any free port: a demo beside an engine that serves one already
+    overrides["gateway"] = {"port": 0}
     if not configured_key:  # a key of the run's own: the demo's ids are linkable to nothing
         overrides["anonymizer"] = {"hash_key": secrets.token_hex(16)}
     return settings.with_sections(
@@ -202,6 +206,34 @@ async def _work_phase(
     await recorder.flush()
     await _wait_scored(bus, turns, TESTED + REVIEWED if review else TESTED, timeout_s, description)
     return await phase_figures(bus, name, [t.interaction_id for t in turns])
+
+
+async def _gateway_phase(
+    phases: _Phases, bus: Bus, gateway_url: str, tasks: list[Task], version: str, max_tokens: int, timeout_s: float,
+) -> PhaseFigures:
+    """d.: the held-out tasks again, through the gateway (the official OpenAI client asking for the role)."""
+    from flywheel_loop.plugins.demo.gateway_agent import serves, work_through_gateway
+
+    description = f"d. {ROLE} through the gateway ({version}), held-out tasks"
+    deadline = time.monotonic() + 60
+    while not await serves(gateway_url, ROLE, version):
+        if time.monotonic() > deadline:
+            raise DemoError(f"the gateway did not see {version} go into service within 60s")
+        await asyncio.sleep(0.2)
+    bar = phases.start(description, total=len(tasks))
+    stats = {"passed": 0, "following": 0, "n": 0}
+
+    def on_turn(turn: Turn) -> None:
+        stats["n"] += 1
+        stats["passed"] += turn.passed
+        stats["following"] += turn.follows_convention
+        phases.update(bar, advance=1, description=(
+            f"{description}: {stats['passed']}/{stats['n']} passed, {stats['following']} with the header"))
+
+    turns = await work_through_gateway(gateway_url, tasks, "demo-after", max_tokens, on_turn)
+    phases.done(bar, f"{description}: {stats['passed']}/{stats['n']} passed, {stats['following']} with the header")
+    await _wait_scored(bus, turns, TESTED, timeout_s, description)  # the gateway's records reach the log, scored
+    return await phase_figures(bus, "after", [t.interaction_id for t in turns])
 
 
 async def _question_phase(
@@ -335,6 +367,11 @@ async def run_demo(
             await running
             raise DemoError(f"the demo needs the {', '.join(sorted(missing))} plugin(s): enable them "
                             "(plugins.enabled / plugins.disabled in flywheel.toml)")
+        # the gateway, as `flywheel up` serves it (a service of the serving feature): the after phase asks it
+        # for the role, as an agent does
+        engine.services = [s for s in engine.services if s.name == "gateway"]
+        services = dict(await engine.start_services(warn=lambda _: None))
+        gateway_url = services["gateway"].url if "gateway" in services else None
         try:
             with Progress(*columns, console=console) as progress:
                 phases = _Phases(progress)
@@ -367,14 +404,16 @@ async def run_demo(
                     await _follow_loop(bus, phases, summary, request.id, position, timeout_s)
 
                     if summary.deployed:
+                        if gateway_url is None:
+                            raise DemoError("the gateway did not start: enable the serving plugin and gateway.enabled")
                         mark = time.monotonic()
-                        served = ServedModel(str(summary.deployment["endpoint"]), str(summary.deployment["model_name"]))
-                        summary.after = await _work_phase(
-                            phases, recorder, bus, served, held_out, "after",
-                            f"d. {served.name} (deployed), held-out tasks", review=False, timeout_s=600,
+                        summary.after = await _gateway_phase(
+                            phases, bus, gateway_url, held_out, str(summary.deployment["model_name"]),
+                            max_tokens=160, timeout_s=600,
                         )
                         summary.timings["after"] = time.monotonic() - mark
         finally:
+            await engine.stop_services()
             stop.set()
             await running
     summary.timings["total"] = time.monotonic() - started

@@ -166,7 +166,7 @@ def quality_assessed(evidence: Evidence, combined: Combined) -> QualityAssessed:
     return QualityAssessed(
         interaction_id=evidence.interaction_id,
         role=recorded.role,
-        model_id=recorded.model_id,
+        model_id=recorded.served_version,  # the gateway's word over the agent's, when it recorded the call
         prompt_variant=recorded.prompt_variant,
         complexity=recorded.complexity,
         domain=recorded.domain,
@@ -179,6 +179,12 @@ def quality_assessed(evidence: Evidence, combined: Combined) -> QualityAssessed:
         evidence=list(evidence.event_ids),
         fallbacks=combined.fallbacks,
     )
+
+
+def _failed_call(evidence: Evidence) -> bool:
+    """A call the gateway recorded as failed (the upstream was down or refused it)."""
+    call = evidence.interaction.interaction.gateway
+    return call is not None and call.status == "failed"
 
 
 class Scoring:
@@ -212,6 +218,8 @@ class Scoring:
             if r.fallback:
                 ctx.log.warning("assessor %s fell back (%s) on %s: %s", r.name, r.fallback, iid, r.reason)
         combined = combine(results, AssessmentConfig.of(ctx.settings))
+        if _failed_call(evidence):
+            combined = None  # the upstream never answered: nothing to score, nothing to learn from
         payload = quality_assessed(evidence, combined) if combined else None
         fingerprint = payload.model_dump_json(exclude={"evidence"}).encode() if payload else None
         if fingerprint is not None and fingerprint == store.fingerprint(iid):

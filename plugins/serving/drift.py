@@ -2,7 +2,8 @@
 production reward than the version before it, and ``canary.passed`` when a canary earns no less.
 
 It consumes ``quality.assessed`` (the reward of each run, keyed by the run's interaction and credited to its
-``model_id``: agents report the deployment's ``model_name`` as their model id) and the deployment events (which
+``model_id``: the version the gateway recorded serving the call, or, for interactions an agent recorded itself,
+the deployment's ``model_name`` the agent reports as its model id) and the deployment events (which
 version is in service per role, and which one came before it).
 
 For the version in service, once it has ``drift.window`` (20) rewards since it went into service, the monitor

@@ -11,7 +11,7 @@ extra buffer types off (``use_extra_bufts``, llama-server's ``--no-repack``), th
 repacked matrix paths crash; everything else it would do here is what these ~150 lines do.
 
 Endpoints: ``GET /v1/models``, ``GET /health``, ``POST /v1/chat/completions`` and ``POST /v1/completions``
-(non-streaming; ``stream: true`` is refused with 400). Requests are served one at a time (llama.cpp contexts are
+(whole, or streamed as OpenAI chunks with ``stream: true``). Requests are served one at a time (llama.cpp contexts are
 not thread-safe). The server binds ``--host`` on ``--port`` (0 = a free port; a taken one fails before the model
 loads), loads the model, writes the port to ``--port-file`` and then answers; the llama.cpp system info line it
 logs first shows which CPU paths were built. With ``--parent-pid`` it stops when that process is gone.
@@ -36,8 +36,6 @@ SAMPLING_KEYS = ("max_tokens", "temperature", "top_p", "top_k", "stop", "seed", 
 
 
 def _sampling(body: dict[str, Any]) -> dict[str, Any]:
-    if body.get("stream"):
-        raise BadRequest("stream=true is not supported by this server; send stream=false")
     out = {key: body[key] for key in SAMPLING_KEYS if body.get(key) is not None}
     for key in ("max_tokens", "top_k", "seed"):
         if key in out and (not isinstance(out[key], int) or isinstance(out[key], bool)):
@@ -74,12 +72,18 @@ def build_handler(llm: Any, alias: str) -> type[BaseHTTPRequestHandler]:
                     messages = body.get("messages")
                     if not isinstance(messages, list) or not messages:
                         raise BadRequest("messages must be a non-empty list of {role, content} objects")
+                    if body.get("stream"):
+                        self._stream(lambda: llm.create_chat_completion(messages=messages, stream=True, **params))
+                        return
                     with lock:
                         result = llm.create_chat_completion(messages=messages, **params)
                 else:
                     prompt = body.get("prompt")
                     if not isinstance(prompt, str):
                         raise BadRequest("prompt must be a string")
+                    if body.get("stream"):
+                        self._stream(lambda: llm.create_completion(prompt=prompt, stream=True, **params))
+                        return
                     with lock:
                         result = llm.create_completion(prompt=prompt, **params)
             except (BadRequest, json.JSONDecodeError, ValueError) as exc:
@@ -90,6 +94,19 @@ def build_handler(llm: Any, alias: str) -> type[BaseHTTPRequestHandler]:
                 return
             result["model"] = alias
             self._send(200, result)
+
+        def _stream(self, start: Any) -> None:
+            """llama-cpp-python's own OpenAI chunks, relayed as server-sent events (one generation at a time)."""
+            with lock:
+                chunks = start()
+                self._start_stream()
+                try:
+                    for chunk in chunks:
+                        chunk["model"] = alias
+                        self._send_event(chunk)
+                except Exception as exc:  # headers are gone: the error travels as an event
+                    self._send_event({"error": {"message": f"generation failed: {exc}", "type": "server_error"}})
+                self._end_stream()
 
     return Handler
 

@@ -2,9 +2,9 @@
 
 Standard library only, so the llama.cpp server process can import it without the engine's
 dependencies. ``OpenAIHandler`` answers ``GET /v1/models`` and ``GET /health`` for the one model a
-server serves, sends JSON bodies and OpenAI-shaped errors, and reads a request body (a JSON object
-naming that model, or none); each server adds its own ``POST`` routes. Clients use
-``plugins/shared/openai_client.py``.
+server serves, sends JSON bodies, OpenAI-shaped errors and server-sent event streams (chunked, so the
+connection is kept alive), and reads a request body (a JSON object naming that model, or none); each
+server adds its own ``POST`` routes. Clients use ``plugins/shared/openai_client.py``.
 """
 
 from __future__ import annotations
@@ -60,3 +60,24 @@ class OpenAIHandler(BaseHTTPRequestHandler):
                         "model_not_found")
             return None
         return body
+
+    # ------------------------------------------------------------------ streaming (server-sent events)
+
+    def _start_stream(self) -> None:
+        """Begin a ``text/event-stream`` answer, chunked so the connection stays usable after it."""
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+
+    def _send_event(self, data: dict[str, Any] | str) -> None:
+        """One ``data:`` event (a JSON object, or ``[DONE]``), flushed at once."""
+        payload = b"data: " + (data.encode() if isinstance(data, str) else json.dumps(data).encode()) + b"\n\n"
+        self.wfile.write(f"{len(payload):x}\r\n".encode() + payload + b"\r\n")
+        self.wfile.flush()
+
+    def _end_stream(self) -> None:
+        self._send_event("[DONE]")
+        self.wfile.write(b"0\r\n\r\n")
+        self.wfile.flush()

@@ -7,7 +7,9 @@ base model's chat template. Generation is greedy at temperature 0 (the default),
 same answer, which is what a smoke test and a before/after comparison need.
 
 Where it runs: inside the engine's process, one ``ThreadingHTTPServer`` thread per served version (the model
-is loaded once in ``prepare``; requests to one version are answered one at a time). The servers end when the
+is loaded once in ``prepare``; requests to one version are answered one at a time). ``stream: true`` answers with
+OpenAI's chat completion chunks (server-sent events) as tokens are generated, the usage last when the request asks
+for it (``stream_options.include_usage``). The servers end when the
 engine's process ends (daemon threads; ``close`` stops them earlier), and the deployer serves again, when the
 engine starts, whatever its book says is in service. ``python -m plugins.runtimes.transformers_server --base
 DIR [--adapter DIR] --name NAME --port N`` serves one version from a shell, outside the engine.
@@ -23,6 +25,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -49,28 +52,66 @@ class ChatModel:
     threads: int | None = 1
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def complete(self, messages: list[dict[str, str]], max_tokens: int, temperature: float) -> tuple[str, int, int]:
-        """(answer, prompt tokens, completion tokens) for a chat, through the base model's chat template."""
-        import torch
-
+    def _encode(self, messages: list[dict[str, str]]) -> Any:
         tok = self.tokenizer
         if getattr(tok, "chat_template", None):
             text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         else:  # a base model without a template: a plain transcript it can continue
             text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
-        enc = tok(str(text), return_tensors="pt", add_special_tokens=False)
+        return tok(str(text), return_tensors="pt", add_special_tokens=False)
+
+    def _generate(self, enc: Any, max_tokens: int, temperature: float, **extra: Any) -> list[int]:
+        """The generated token ids up to (not including) the end-of-sequence token."""
+        import torch
+
+        from flywheel_loop.plugins.shared.models import torch_threads
+
+        tok = self.tokenizer
         sampling: dict[str, Any] = {"do_sample": False}
         if temperature > 0:
             sampling = {"do_sample": True, "temperature": temperature}
-        from flywheel_loop.plugins.shared.models import torch_threads
 
         with self.lock, torch.no_grad(), torch_threads(self.threads):
-            out = self.model.generate(**enc, max_new_tokens=max_tokens, pad_token_id=tok.pad_token_id, **sampling)
-        ids = out[0, enc["input_ids"].shape[1]:].tolist()
+            out = self.model.generate(**enc, max_new_tokens=max_tokens, pad_token_id=tok.pad_token_id, **sampling,
+                                      **extra)
+        ids: list[int] = out[0, enc["input_ids"].shape[1]:].tolist()
         if tok.eos_token_id in ids:
             ids = ids[: ids.index(tok.eos_token_id)]
-        answer = tok.decode(ids, skip_special_tokens=True)
+        return ids
+
+    def complete(self, messages: list[dict[str, str]], max_tokens: int, temperature: float) -> tuple[str, int, int]:
+        """(answer, prompt tokens, completion tokens) for a chat, through the base model's chat template."""
+        enc = self._encode(messages)
+        ids = self._generate(enc, max_tokens, temperature)
+        answer = self.tokenizer.decode(ids, skip_special_tokens=True)
         return answer, int(enc["input_ids"].shape[1]), len(ids)
+
+    def stream(self, messages: list[dict[str, str]], max_tokens: int, temperature: float,
+               usage: dict[str, int]) -> Iterator[str]:
+        """The answer in pieces as they are generated (the same text ``complete`` gives); ``usage`` is filled with
+        the prompt and completion tokens once the last piece is out. Generation runs on a thread of its own."""
+        from transformers import TextIteratorStreamer
+
+        enc = self._encode(messages)
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        failure: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                ids = self._generate(enc, max_tokens, temperature, streamer=streamer)
+                usage.update(prompt_tokens=int(enc["input_ids"].shape[1]), completion_tokens=len(ids))
+            except BaseException as exc:  # handed to the reader below, which answers with it
+                failure.append(exc)
+                streamer.end()  # type: ignore[no-untyped-call]
+
+        thread = threading.Thread(target=run, name=f"stream-{self.name}", daemon=True)
+        thread.start()
+        for piece in streamer:
+            if piece:
+                yield piece
+        thread.join()
+        if failure:
+            raise failure[0]
 
 
 def load_chat_model(base_dir: Path, adapter_dir: Path | None, name: str, threads: int | None = 1) -> ChatModel:
@@ -144,10 +185,12 @@ def build_handler(chat: ChatModel) -> type[BaseHTTPRequestHandler]:
                 body = self._read_request()
                 if body is None:
                     return
-                if body.get("stream"):
-                    raise BadRequest("stream is not supported by this server; send stream: false")
                 max_tokens, temperature = _sampling(body)
-                answer, prompt_tokens, completion_tokens = chat.complete(_messages(body), max_tokens, temperature)
+                messages = _messages(body)
+                if body.get("stream"):
+                    self._stream(messages, max_tokens, temperature, body.get("stream_options"))
+                    return
+                answer, prompt_tokens, completion_tokens = chat.complete(messages, max_tokens, temperature)
             except (BadRequest, json.JSONDecodeError) as exc:
                 self._error(400, str(exc))
                 return
@@ -169,6 +212,32 @@ def build_handler(chat: ChatModel) -> type[BaseHTTPRequestHandler]:
                     "total_tokens": prompt_tokens + completion_tokens,
                 },
             })
+
+        def _stream(self, messages: list[dict[str, str]], max_tokens: int, temperature: float,
+                    options: Any) -> None:
+            """The answer as OpenAI chat completion chunks (server-sent events), the usage last when asked for."""
+            base = {"id": f"chatcmpl-{time.time_ns():x}", "object": "chat.completion.chunk",
+                    "created": int(time.time()), "model": chat.name}
+            usage: dict[str, int] = {}
+            self._start_stream()
+            self._send_event({**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                                   "finish_reason": None}]})
+            try:
+                for piece in chat.stream(messages, max_tokens, temperature, usage):
+                    self._send_event({**base, "choices": [{"index": 0, "delta": {"content": piece},
+                                                           "finish_reason": None}]})
+            except Exception as exc:  # headers are gone: the error travels as an event, as OpenAI's does
+                self._send_event({"error": {"message": f"generation failed: {exc}", "type": "server_error"}})
+                self._end_stream()
+                return
+            completion = usage.get("completion_tokens", 0)
+            finish = "length" if completion >= max_tokens else "stop"
+            self._send_event({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": finish}]})
+            if isinstance(options, dict) and options.get("include_usage"):
+                prompt = usage.get("prompt_tokens", 0)
+                self._send_event({**base, "choices": [], "usage": {
+                    "prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}})
+            self._end_stream()
 
     return Handler
 
