@@ -58,6 +58,8 @@ def counts(path: Path) -> tuple[int, int, int]:
     """(total applied, distinct interactions, rows) in a Counted store."""
     db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     try:
+        if db.execute("SELECT 1 FROM sqlite_master WHERE name = 'total'").fetchone() is None:
+            return 0, 0, 0  # the store was just created: its tables come next
         total = db.execute("SELECT n FROM total").fetchone()[0]
         distinct, rows = db.execute("SELECT COUNT(DISTINCT interaction_id), COUNT(*) FROM seen").fetchone()
         return int(total), int(distinct), int(rows)
