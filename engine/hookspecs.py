@@ -66,9 +66,9 @@ def register_processors(register: Callable[[Processor], None], settings: Setting
     Called once when the engine starts, with the ``settings``. Call ``register(Processor(...))``
     for each step the plugin performs. Each processor gets its own durable JetStream consumer
     named after it, so running more engine processes scales it out. The processor's ``handle``
-    receives one validated event and a ``ProcessContext`` (settings, its state store with
+    receives one validated event and a ``ProcessContext`` (settings, its folded state with
     ``stateful=True``, ``read_log``, ``emit`` for live events) and returns the payloads of the
-    events it produces; the engine derives their ids from (input id, processor name, index),
+    events it produces (declared in ``produces``); the engine derives their ids from (input id, processor name, index),
     publishes them, and acks the input only once they are stored.
     """
 

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from flywheel_loop.engine.config import Settings
 from flywheel_loop.engine.consumes import ConsumesEvents
 from flywheel_loop.engine.layout import StateLayout
-from flywheel_loop.engine.state import ProcessorState
+from flywheel_loop.engine.state import Folder, ProcessorState
 from flywheel_loop.schemas import CATALOGUE, Event, Payload, filter_subjects
 
 if TYPE_CHECKING:
@@ -34,7 +34,7 @@ class NoState(RuntimeError):
 @dataclass
 class ProcessContext:
     """What a handler may use besides its input: the settings and the state layout, its own
-    state store, the log up to a position, a way to publish live events, a logger, and the
+    folded state, the log up to a position, a way to publish live events, a logger, and the
     plugin host's typed hooks (``ctx.plugins.assessors()``, ...)."""
 
     settings: Settings
@@ -43,7 +43,7 @@ class ProcessContext:
     plugins: PluginHost | None = None
     #: the stream sequence of the event being handled (0 outside a worker)
     sequence: int = 0
-    #: the processor's state store (``stateful=True`` processors); committed with the memo
+    #: the processor's folded state (``stateful=True`` processors), up to the end of the log
     store: ProcessorState | None = None
     reader: LogReader | None = None
     emitter: Emitter | None = None
@@ -97,39 +97,37 @@ async def apply_step(
     ctx: ProcessContext,
     wait: Callable[[Awaitable[Outputs]], Awaitable[Outputs]] | None = None,
 ) -> list[Payload]:
-    """What the worker does with one valid input: for a stateful processor, answer a redelivery
-    from the memo, or run the step inside the state transaction and remember what it produced;
-    for a stateless one, run the step. ``wait`` awaits a step that is a coroutine (the worker's
-    keeps the message alive meanwhile)."""
-
-    async def run() -> list[Payload]:
-        result = processor.handle(event, ctx)
-        if inspect.isawaitable(result):
-            result = await (wait(result) if wait is not None else result)
-        return list(result or ())
-
-    if not processor.stateful:
-        return await run()
-    store = ctx.state
-    remembered = store.recall(event.id)
-    check = processor.still_valid
-    if remembered is not None and (check is None or check(remembered)):
-        return remembered  # a redelivery: exactly what the first delivery produced
-    with store.transaction():
-        produced = await run()
-        store.remember(event.id, produced)
+    """What the worker does with one valid input (its state, for a stateful processor, folded up
+    to the end of the log first): an input whose outputs are already on the log produces nothing
+    more; otherwise the step runs. ``wait`` awaits a step that is a coroutine (the worker's keeps
+    the message alive meanwhile)."""
+    if processor.stateful and ctx.state.answered(event.id):
+        return []  # a redelivery, however late: its outputs are on the log already
+    result = processor.handle(event, ctx)
+    if inspect.isawaitable(result):
+        result = await (wait(result) if wait is not None else result)
+    produced = list(result or ())
+    unexpected = sorted({p.event_type for p in produced} - set(processor.produces)) if processor.produces else []
+    if unexpected:
+        raise TypeError(f"processor {processor.name!r} produced {unexpected}, which it does not declare in produces")
     return produced
+
+
+def decided(event: Event[Any], ctx: ProcessContext) -> list[Payload]:
+    """The handler of a processor whose fold decides (a pure policy): what the fold decided for the input."""
+    return ctx.state.decision(event.id) or []
 
 
 @dataclass(frozen=True)
 class Processor(ConsumesEvents):
     """One step of the flywheel, consuming ``consumes`` on a durable consumer named ``name``.
 
-    ``stateful``: the engine keeps a state store for it (``ctx.state``; ``tables`` is SQL run
-    when the store is created) and answers a redelivered input from the output memo without
-    calling ``handle`` again. ``still_valid`` (optional) may refuse a remembered answer whose
-    artifact is gone, so the input is handled again (a dataset folder deleted from the cache).
-    ``on_start`` / ``on_stop`` (optional) bracket the worker's life.
+    ``produces``: the event types it outputs (checked). ``stateful``: the engine keeps its state
+    as a fold of the log (``flywheel_loop.engine.state``): ``tables`` is the SQL of its tables,
+    ``fold(db, event, seq)`` applies the events of ``folds`` (default: ``consumes``) to them and may
+    return the outputs an input causes (then ``handle=decided``); an input whose outputs are on the
+    log is never handled again. Bump ``state_version`` when the tables or the fold change: the
+    cache is folded again. ``on_start`` / ``on_stop`` (optional) bracket the worker's life.
     """
 
     name: str
@@ -137,9 +135,12 @@ class Processor(ConsumesEvents):
     handle: Handler
     description: str = ""
     batch: int | None = field(default=None, compare=False)
+    produces: tuple[str, ...] = ()
     stateful: bool = False
     tables: str = ""
-    still_valid: Callable[[list[Payload]], bool] | None = field(default=None, compare=False)
+    fold: Folder | None = field(default=None, compare=False)
+    folds: tuple[str, ...] = ()
+    state_version: int = 1
     #: called once when its worker starts (before the first fetch), e.g. to serve again what is in service
     on_start: Callable[[ProcessContext], None] | None = field(default=None, compare=False)
     #: called once when the engine stops, e.g. to stop the servers it started
@@ -152,3 +153,10 @@ class Processor(ConsumesEvents):
         if unknown or not self.consumes:
             raise ValueError(f"processor {self.name!r} consumes unknown event types {unknown}")
         filter_subjects(self.consumes)  # raises when the types span both streams
+        unknown = [t for t in (*self.produces, *self.folds) if t not in CATALOGUE]
+        if unknown:
+            raise ValueError(f"processor {self.name!r} names unknown event types {unknown}")
+        if self.stateful and not self.produces:
+            raise ValueError(f"stateful processor {self.name!r} must declare what it produces (exactly once)")
+        if self.stateful:
+            filter_subjects(tuple(dict.fromkeys((*(self.folds or self.consumes), *self.produces))))

@@ -62,8 +62,9 @@ class Position:
 class ProjectionStore:
     """The SQLite file of one projection, with its tracking row."""
 
-    def __init__(self, projection: Projection, path: Path) -> None:
+    def __init__(self, projection: Projection, path: Path, secure_delete: bool = False) -> None:
         self.projection = projection
+        self.secure_delete = secure_delete
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.db = self._open()
@@ -78,6 +79,8 @@ class ProjectionStore:
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")
+        if self.secure_delete:  # deleted rows are overwritten: forgotten data leaves no bytes behind
+            db.execute("PRAGMA secure_delete=ON")
         db.executescript(
             "CREATE TABLE IF NOT EXISTS _position (one INTEGER PRIMARY KEY CHECK (one = 1),"
             " seq INTEGER NOT NULL, applied INTEGER NOT NULL, skipped INTEGER NOT NULL,"
@@ -138,10 +141,12 @@ class ProjectionStore:
 class ProjectionRunner:
     """Keeps one projection up to date with its stream."""
 
-    def __init__(self, bus: Bus, projection: Projection, path: Path, batch: int = 1000) -> None:
+    def __init__(
+        self, bus: Bus, projection: Projection, path: Path, batch: int = 1000, secure_delete: bool = False
+    ) -> None:
         self.bus = bus
         self.projection = projection
-        self.store = ProjectionStore(projection, path)
+        self.store = ProjectionStore(projection, path, secure_delete)
         self.batch = batch
         self._sub: Any = None
         # `catch_up` may be called while `run` follows the stream: one fetch at a time.
@@ -220,6 +225,27 @@ class ProjectionRunner:
                 break  # no more messages match the filter up to the target
         async with self._lock:
             await self._drop_subscription()
+        return self.store.position().seq
+
+    async def follow_up(self) -> int:
+        """Apply whatever its consumer has pending now and keep the consumer (a processor's fold,
+        brought up to date before each batch): one consumer-info request when nothing is new."""
+        async with self._lock:
+            for _ in range(1000):  # a bound: 1,000 fetches of ``batch`` messages, then the next call goes on
+                try:
+                    if self._sub is None:
+                        self._sub = await self._subscribe(self.store.position().seq + 1)
+                    pending = int((await self._sub.consumer_info()).num_pending or 0)
+                    if pending == 0:
+                        break
+                    msgs = await self._sub.fetch(min(self.batch, pending), timeout=5.0)
+                except (TimeoutError, nats.errors.Error, nats.js.errors.Error) as exc:
+                    log.info("projection %s: consumer lost (%s); resubscribing", self.projection.name, exc)
+                    await self._drop_subscription()
+                    raise
+                batch = [(msg.metadata.sequence.stream, msg.data, msg.metadata.timestamp) for msg in msgs]
+                if batch:
+                    self.store.apply_batch(batch)
         return self.store.position().seq
 
     async def _nothing_pending(self) -> bool:

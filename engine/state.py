@@ -1,134 +1,135 @@
-"""A processor's state, kept by the engine: keyed documents, tables, and the output memo.
+"""A stateful processor's state: a fold of the log, kept as a local cache.
 
-A stateful processor (``Processor(stateful=True)``) folds its inputs into state (scoring's
-evidence, the trigger's counters, the deployer's book). The worker gives its handler
-``ctx.state`` and wraps each input in one transaction (eventsourcing's process application):
+A processor with ``stateful=True`` keeps SQL tables (``tables``) that its ``fold(db, event,
+seq)`` updates from the events of ``folds`` (by default what it consumes) in log order. Every
+process that runs the processor folds the same events in the same order, from the log alone, so
+N processes on N machines share the work with no shared folder, and the local file is a cache:
+deleted, it is folded again from the log (``<state_dir>/processors/<name>/state.sqlite``, with the
+position it reached, as a projection keeps it).
 
-1. if the memo holds the input's id, the handler is not called: the worker answers with the
-   outputs recorded the first time (a redelivery, before or after the duplicate window);
-2. otherwise the handler runs inside ``BEGIN IMMEDIATE``; what it writes (``put``,
-   ``delete``, or SQL on ``db`` for tables it declared) and the memo row of its outputs are
-   committed together, or not at all when it raises.
+- The fold may return the outputs an input causes (a pure policy, like the training trigger's):
+  every process computes the same decisions at the same positions; the process the durable
+  consumer delivered the input to publishes them (``decided`` as the handler).
+- A processor that decides in ``handle`` (scoring, the deployer) reads the folded state, which the
+  worker brings up to the end of the log before each batch.
+- **Exactly once, also past the duplicate window.** The fold also reads the processor's own
+  outputs on the log (``produces``; their source is the processor, their causation the input):
+  an input whose outputs are on the log is answered, and a redelivery, however late, publishes
+  nothing. Live events (``ctx.emit``: progress) come from ``<name>:live`` and do not count.
 
-So an input is applied once, and a redelivered input produces the same outputs, with the
-same derived ids, whatever happened between the commit and the publish.
-
-Deleted rows are overwritten (``secure_delete``) and the write-ahead log is truncated after a
-commit that deleted something, so data a processor forgets leaves no bytes behind.
+Deleted rows are overwritten (``secure_delete``) and the write-ahead log is truncated after a fold
+that forgot data, so forgotten data leaves no bytes behind in the cache.
 """
 
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from flywheel_loop.schemas import CATALOGUE, Payload
+from flywheel_loop.engine.projection import Projection, ProjectionStore
+from flywheel_loop.schemas import CATALOGUE, Event, Payload
 
-__all__ = ["ProcessorState"]
+if TYPE_CHECKING:
+    from flywheel_loop.engine.processor import Processor
+
+__all__ = ["LIVE_SUFFIX", "ProcessorFold", "ProcessorState", "live_source"]
+
+#: live events (progress) a processor emits while it works come from ``<name>:live``
+LIVE_SUFFIX = ":live"
 
 _TABLES = """
-CREATE TABLE IF NOT EXISTS _docs (key TEXT PRIMARY KEY, value BLOB NOT NULL);
-CREATE TABLE IF NOT EXISTS _memo (event_id TEXT PRIMARY KEY, outputs BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS _decisions (event_id TEXT PRIMARY KEY, outputs BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS _answered (event_id TEXT PRIMARY KEY, seq INTEGER NOT NULL);
 """
+
+#: folds a processor's state: (db, event, stream sequence) -> the outputs the event causes, if decided here
+Folder = Callable[[sqlite3.Connection, Event[Any], int], Sequence[Payload] | None]
+
+
+def live_source(processor: str) -> str:
+    return processor + LIVE_SUFFIX
+
+
+class ProcessorFold(Projection):
+    """The projection behind a stateful processor: its own tables, the decisions its fold made per
+    input, and the inputs whose outputs are on the log."""
+
+    def __init__(self, processor: Processor) -> None:
+        self.processor = processor
+        self.name = processor.name
+        self.folds = tuple(processor.folds or processor.consumes)
+        self.consumes = tuple(dict.fromkeys((*self.folds, *processor.produces)))
+        self.tables = _TABLES + processor.tables
+        self.version = processor.state_version
+        #: a fold forgot data since the last checkpoint (the cache's write-ahead log still holds it)
+        self.erased = False
+
+    def apply(self, db: sqlite3.Connection, event: Event[Any], seq: int) -> None:
+        processor = self.processor
+        if event.source == processor.name and event.causation_id and event.type in processor.produces:
+            db.execute("INSERT OR IGNORE INTO _answered VALUES (?, ?)", (event.causation_id, seq))
+        if event.type not in self.folds or processor.fold is None:
+            return
+        decided = processor.fold(db, event, seq)
+        if event.type == "data.forgotten":
+            self.erased = True
+        if decided is not None and event.type in processor.consumes:
+            body = orjson.dumps([(p.event_type, p.model_dump_json()) for p in decided])
+            db.execute("INSERT OR REPLACE INTO _decisions VALUES (?, ?)", (event.id, body))
 
 
 class ProcessorState:
-    """One processor's SQLite store under ``<state_dir>/processors/<name>/state.sqlite``."""
+    """What a handler sees of its processor's state: the folded tables (``db``), the decision the
+    fold made for an input, and whether an input is answered on the log."""
 
-    def __init__(self, path: Path, tables: str = "") -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.path = path
-        #: the connection, for processors that keep tables of their own (declared in ``tables``)
-        self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA secure_delete=ON")
-        self.db.executescript(_TABLES + tables)
-        self._in_transaction = False
-        self._erased = False
+    def __init__(self, store: ProjectionStore) -> None:
+        self.store = store
+        self.db = store.db
+        self.path: Path = store.path
 
-    # ---------------------------------------------------------------- documents
+    @classmethod
+    def open(cls, processor: Processor, path: Path) -> ProcessorState:
+        """The state of ``processor`` in the file ``path``, to fold by hand (``fold``): the worker's
+        fold without a bus, for tools and tests."""
+        return cls(ProjectionStore(ProcessorFold(processor), path, secure_delete=True))
 
-    def get(self, key: str) -> Any:
-        """The document stored under ``key`` (JSON values), or None."""
-        row = self.db.execute("SELECT value FROM _docs WHERE key = ?", (key,)).fetchone()
-        return None if row is None else orjson.loads(row[0])
+    def fold(self, events: Iterable[tuple[int, Event[Any]]]) -> None:
+        """Fold ``(log sequence, event)`` pairs in, as the worker does (those at or below the
+        position are skipped)."""
+        self.store.apply_batch([(seq, event.to_bytes(), None) for seq, event in events])
+        self.settle()
 
-    def put(self, key: str, value: Any) -> None:
-        self._writing()
-        self.db.execute(
-            "INSERT INTO _docs VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-            (key, orjson.dumps(value)),
-        )
+    def settle(self) -> None:
+        """After folding: truncate the write-ahead log when a fold deleted data, so the deleted
+        rows' bytes leave the disk too."""
+        fold = self.store.projection
+        if isinstance(fold, ProcessorFold) and fold.erased:
+            fold.erased = False
+            self.checkpoint()
 
-    def delete(self, key: str) -> None:
-        self._writing()
-        self._erased = True
-        self.db.execute("DELETE FROM _docs WHERE key = ?", (key,))
+    @property
+    def position(self) -> int:
+        """The last log sequence folded."""
+        return self.store.position().seq
 
-    def keys(self, prefix: str = "") -> list[str]:
-        rows = self.db.execute(
-            "SELECT key FROM _docs WHERE key >= ? AND key < ? ORDER BY key", (prefix, prefix + "\U0010ffff")
-        )
-        return [r[0] for r in rows]
-
-    def erased(self) -> None:
-        """Say that SQL on ``db`` deleted data: the write-ahead log is truncated after the commit."""
-        self._erased = True
-
-    def _writing(self) -> None:
-        if not self._in_transaction:
-            raise RuntimeError("processor state is written only inside the worker's transaction")
-
-    # ---------------------------------------------------------------- the memo
-
-    def recall(self, event_id: str) -> list[Payload] | None:
-        """What ``event_id`` produced ([] for nothing), or None when it was never handled."""
-        row = self.db.execute("SELECT outputs FROM _memo WHERE event_id = ?", (event_id,)).fetchone()
+    def decision(self, event_id: str) -> list[Payload] | None:
+        """The outputs the fold decided for ``event_id``; None when it decided nothing for it."""
+        row = self.db.execute("SELECT outputs FROM _decisions WHERE event_id = ?", (event_id,)).fetchone()
         if row is None:
             return None
         return [CATALOGUE[t].model_validate_json(body) for t, body in orjson.loads(row[0])]
 
-    def remember(self, event_id: str, outputs: Sequence[Payload]) -> None:
-        """Record what ``event_id`` produced (inside the transaction)."""
-        self._writing()
-        body = orjson.dumps([(p.event_type, p.model_dump_json()) for p in outputs])
-        self.db.execute(
-            "INSERT INTO _memo VALUES (?, ?) ON CONFLICT (event_id) DO UPDATE SET outputs = excluded.outputs",
-            (event_id, body),
-        )
+    def answered(self, event_id: str) -> bool:
+        """Whether the outputs of input ``event_id`` are on the log."""
+        return self.db.execute("SELECT 1 FROM _answered WHERE event_id = ?", (event_id,)).fetchone() is not None
 
-    def forget_outputs(self, event_ids: Sequence[str]) -> None:
-        """Drop memo rows (their outputs were about data that is being forgotten)."""
-        self._writing()
-        self._erased = True
-        self.db.executemany("DELETE FROM _memo WHERE event_id = ?", [(e,) for e in event_ids])
-
-    # ---------------------------------------------------------------- transactions
-
-    @contextmanager
-    def transaction(self) -> Iterator[ProcessorState]:
-        """Everything written inside commits together, or not at all."""
-        if self._in_transaction:
-            raise RuntimeError("processor state transactions do not nest")
-        self.db.execute("BEGIN IMMEDIATE")
-        self._in_transaction = True
-        try:
-            yield self
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
-        finally:
-            self._in_transaction = False
-        self.db.execute("COMMIT")
-        if self._erased:
-            self._erased = False
-            # the write-ahead log still holds the old pages until they are checkpointed
-            self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    def checkpoint(self) -> None:
+        """Truncate the write-ahead log (after a fold deleted data)."""
+        self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     def close(self) -> None:
-        self.db.close()
+        self.store.close()

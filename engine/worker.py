@@ -28,7 +28,8 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from flywheel_loop.engine import telemetry
 from flywheel_loop.engine.bus import Bus, PublishFailed
 from flywheel_loop.engine.processor import Outputs, ProcessContext, Processor, apply_step
-from flywheel_loop.engine.state import ProcessorState
+from flywheel_loop.engine.projection import ProjectionRunner
+from flywheel_loop.engine.state import ProcessorFold, ProcessorState, live_source
 from flywheel_loop.schemas import (
     Event,
     EventRejected,
@@ -90,11 +91,12 @@ class ProcessorWorker:
         self.processor = processor
         self.cfg = bus.settings.worker
         self.stats = WorkerStats()
-        layout = bus.settings.layout
-        self.store = (
-            ProcessorState(layout.processor(processor.name) / "state.sqlite", processor.tables)
-            if processor.stateful else None
-        )
+        self.fold: ProjectionRunner | None = None
+        self.store: ProcessorState | None = None
+        if processor.stateful:
+            path = bus.settings.layout.processor(processor.name) / "state.sqlite"
+            self.fold = ProjectionRunner(bus, ProcessorFold(processor), path, secure_delete=True)
+            self.store = ProcessorState(self.fold.store)
         self.ctx = ProcessContext(
             settings=bus.settings,
             log=logging.getLogger(f"flywheel.{processor.name}"),
@@ -138,6 +140,7 @@ class ProcessorWorker:
         batch = self.processor.batch or self.cfg.batch
         if not self._started and self.processor.on_start is not None:
             self.ctx.loop = asyncio.get_running_loop()
+            await self.catch_up()
             self.processor.on_start(self.ctx)
         self._started = True
         while not stop.is_set():
@@ -154,8 +157,28 @@ class ProcessorWorker:
                 continue
             await self.process_batch(msgs)
 
+    async def catch_up(self) -> None:
+        """Bring a stateful processor's fold up to the end of the log (everything other processes
+        handled, and this processor's own outputs, so it knows what is answered)."""
+        if self.fold is None or self.store is None:
+            return
+        await self.fold.follow_up()
+        self.store.settle()
+
     async def process_batch(self, msgs: list[Msg]) -> None:
         """Handle a batch; publish all outputs (pipelined), then ack the inputs."""
+        try:
+            await self.catch_up()
+        except Exception as exc:  # the fold could not read the log: hand the batch back for later
+            log.warning(
+                "%s: its state could not be brought up to date (%r); the batch is retried", self.processor.name, exc
+            )
+            for msg in msgs:
+                try:
+                    await msg.nak(delay=self.cfg.backoff_s)
+                except nats.errors.Error:
+                    pass
+            return
         done: list[tuple[Msg, bool]] = []
         outputs: list[Event[Any]] = []
         self._trace = {}
@@ -216,9 +239,9 @@ class ProcessorWorker:
         return produced, False
 
     async def handle_event(self, event: Event[Any], msg: Msg | None = None) -> list[Event[Any]]:
-        """Run the handler (inside the state transaction for a stateful processor, or answer from
-        the memo) and wrap what it returns in envelopes with derived ids. ``msg``, when the event
-        came from the consumer, is kept alive while a long handler runs."""
+        """Run the step (for a stateful processor, nothing when the input is answered on the log)
+        and wrap what it returns in envelopes with derived ids. ``msg``, when the event came from
+        the consumer, is kept alive while a long handler runs."""
         self._current = event
         self.ctx.loop = asyncio.get_running_loop()
         produced = await apply_step(self.processor, event, self.ctx, self._patient(msg))
@@ -246,9 +269,9 @@ class ProcessorWorker:
     async def _emit(self, payload: Payload, index: int) -> None:
         if self._current is None:
             raise RuntimeError("nothing is being handled: a live event needs the input that causes it")
-        # live events get ids derived from the input and an index the step chooses (offset so they
-        # never collide with the handler's returned outputs, which are numbered from 0)
-        out = derived_event(payload, cause=self._current, source=self.processor.name, index=100_000 + index)
+        # live events come from "<name>:live" (they never mark the input answered) with ids derived
+        # from the input and an index the step chooses
+        out = derived_event(payload, cause=self._current, source=live_source(self.processor.name), index=index)
         try:
             await self.bus.publish(out)
         except PublishFailed as exc:  # progress is best effort; the final outputs are not
@@ -265,8 +288,8 @@ class ProcessorWorker:
     def close(self) -> None:
         if self.processor.on_stop is not None and self._started:
             self.processor.on_stop()
-        if self.store is not None:
-            self.store.close()
+        if self.fold is not None:
+            self.fold.close()
 
     @staticmethod
     async def _term(msg: Msg) -> None:

@@ -116,6 +116,11 @@ async def wait_for(predicate: Callable[[], Any], timeout: float = 30.0, interval
 
 async def read_log(bus: Bus, stream: str = "log", event_type: str | None = None) -> list[Any]:
     """Every event on a stream (optionally one type), parsed, in order."""
+    return [event for _, event in await read_log_at(bus, stream, event_type)]
+
+
+async def read_log_at(bus: Bus, stream: str = "log", event_type: str | None = None) -> list[tuple[int, Any]]:
+    """Every event on a stream (optionally one type) with its stream sequence, parsed, in order."""
     from flywheel_loop.schemas import parse_event
 
     subject = f"fw.{stream}.{event_type}" if event_type else f"fw.{stream}.>"
@@ -129,10 +134,10 @@ async def read_log(bus: Bus, stream: str = "log", event_type: str | None = None)
         expected = sum((info.state.subjects or {}).values()) if info.state.subjects else 0
         while len(events) < expected:
             msg = await sub.next_msg(timeout=5)
-            events.append(parse_event(msg.data))
+            events.append((msg.metadata.sequence.stream, parse_event(msg.data)))
     finally:
         await sub.unsubscribe()
     return events
 
 
-__all__ = ["Projection", "RunningEngine", "read_log", "wait_for"]
+__all__ = ["Projection", "RunningEngine", "read_log", "read_log_at", "wait_for"]

@@ -11,8 +11,11 @@ from typing import Any
 
 import pytest
 
+from flywheel_loop.engine.config import load_settings
+from flywheel_loop.engine.state import ProcessorState
 from flywheel_loop.plugins import curation, serving
-from flywheel_loop.plugins.serving.drift import DriftState, compare
+from flywheel_loop.plugins.serving.drift import compare
+from flywheel_loop.plugins.serving.drift import processor as drift_processor
 from flywheel_loop.plugins.serving.settings import DriftConfig
 from flywheel_loop.plugins.shared.chat_format import bundled_base_model, load_formatter
 from flywheel_loop.schemas import CanaryPassed, DeploymentCompleted, QualityAssessed, new_event, new_id
@@ -45,25 +48,25 @@ def test_a_drop_must_be_large_enough_and_significant() -> None:
     assert noisy.drop >= 0.05 and noisy.p_value is not None and noisy.p_value >= 0.05 and not noisy.drifted
 
 
-def drift_db(folder: Path) -> Any:
-    """The drift monitor's tables, as its state store creates them."""
-    from flywheel_loop.engine.state import ProcessorState
-    from flywheel_loop.plugins.serving.drift import TABLES
-    from flywheel_loop.plugins.shared.deployment_book import TABLES as BOOK_TABLES
+class Folded:
+    """The drift monitor's state folded by hand, as every engine folds the log: ``feed`` returns
+    the verdict the event causes (None for none)."""
 
-    return ProcessorState(folder / "state.sqlite", BOOK_TABLES + TABLES).db
+    def __init__(self, folder: Path, window: int) -> None:
+        settings = load_settings(state_dir=folder, drift={"window": window})
+        self.state = ProcessorState.open(drift_processor(settings), folder / "state.sqlite")
+        self.seq = 0
+
+    def feed(self, payload: Any) -> Any:
+        self.seq += 1
+        event = new_event(payload, source="test")
+        self.state.fold([(self.seq, event)])
+        decided = self.state.decision(event.id) or []
+        return decided[0] if decided else None
 
 
 def test_drift_waits_for_a_full_window_and_is_raised_once_per_deployment(tmp_path: Path) -> None:
-    state = DriftState(drift_db(tmp_path))
-    cfg = DriftConfig(window=5)
-    seq = 0
-
-    def feed(payload: Any) -> Any:
-        nonlocal seq
-        seq += 1
-        return state.apply(new_event(payload, source="test"), seq, cfg)
-
+    feed = Folded(tmp_path, window=5).feed
     for r in [0.8, 0.82, 0.79, 0.81, 0.8]:
         assert feed(score("coder-aaaaaaaaaaaa", r)) is None
     deployed = DeploymentCompleted(role="coder", runtime="transformers", model_name="coder-bbbbbbbbbbbb",
@@ -73,20 +76,11 @@ def test_drift_waits_for_a_full_window_and_is_raised_once_per_deployment(tmp_pat
     alarms = [feed(score("coder-bbbbbbbbbbbb", r)) for r in [0.5, 0.52, 0.49, 0.51, 0.5]]
     assert alarms[:4] == [None] * 4 and alarms[4] is not None  # only once the window is full
     assert alarms[4].model_name == "coder-bbbbbbbbbbbb" and alarms[4].previous_model_name == "coder-aaaaaaaaaaaa"
-    state.db.execute("INSERT INTO verdicts VALUES (?, ?, ?)", (alarms[4].deployment_id, "coder", "x"))
     assert feed(score("coder-bbbbbbbbbbbb", 0.4)) is None  # already raised for this deployment
 
 
 def test_a_canary_that_earns_as_much_passes_once(tmp_path: Path) -> None:
-    state = DriftState(drift_db(tmp_path))
-    cfg = DriftConfig(window=5)
-    seq = 0
-
-    def feed(payload: Any) -> Any:
-        nonlocal seq
-        seq += 1
-        return state.apply(new_event(payload, source="test"), seq, cfg)
-
+    feed = Folded(tmp_path, window=5).feed
     canary = DeploymentCompleted(role="coder", runtime="transformers", model_name="coder-bbbbbbbbbbbb",
                                  adapter_hash="b" * 64, previous_model_name="coder-aaaaaaaaaaaa",
                                  previous_adapter_hash="a" * 64, traffic_share=0.2)
@@ -98,6 +92,7 @@ def test_a_canary_that_earns_as_much_passes_once(tmp_path: Path) -> None:
     passed = verdicts[4]
     assert isinstance(passed, CanaryPassed) and passed.model_name == "coder-bbbbbbbbbbbb"
     assert passed.previous_model_name == "coder-aaaaaaaaaaaa" and passed.window == 5
+    assert feed(score("coder-bbbbbbbbbbbb", 0.8)) is None  # once
 
 
 # --------------------------------------------------------------------------- end to end

@@ -20,12 +20,11 @@ from flywheel_loop.engine.bus import Bus
 from flywheel_loop.engine.config import Settings
 from flywheel_loop.engine.hookspecs import hookimpl
 from flywheel_loop.engine.plugin_host import PluginHost
-from flywheel_loop.engine.processor import ProcessContext, Processor, apply_step
+from flywheel_loop.engine.processor import ProcessContext, apply_step
 from flywheel_loop.engine.replay import differences, rebuild
 from flywheel_loop.engine.state import ProcessorState
 from flywheel_loop.plugins.insight.scores import Scores
 from flywheel_loop.plugins.insight.stats import Anonymization, stats_data, stats_tables
-from flywheel_loop.plugins.scoring.scorer import TABLES, UnknownInteraction
 from flywheel_loop.plugins.scoring.scorer import processor as scoring_processor
 from flywheel_loop.plugins.scoring.settings import AssessmentConfig
 from flywheel_loop.schemas import (
@@ -41,7 +40,7 @@ from flywheel_loop.schemas import (
     new_event,
     new_id,
 )
-from tests.conftest import RunningEngine, read_log, wait_for
+from tests.conftest import RunningEngine, read_log, read_log_at, wait_for
 
 MAX_ATTEMPTS = 8  # the grace for evidence that arrives before its interaction: ~1.4 s here
 
@@ -260,34 +259,32 @@ async def test_replay_reproduces_the_scores_exactly(
             await rebuild(bus, projection, fresh)
             assert differences(live[projection.name], fresh) == []
 
-    # 2. re-scoring the log's evidence from scratch gives the same scores, event for event
-    log = [e for e in await read_log(bus, "log") if e.type.endswith(".anonymized")]
+    # 2. re-scoring the log's evidence from scratch (a fresh cache, folded from the log) gives the
+    #    same scores, event for event
+    log = await read_log_at(bus, "log")
+    scoring = scoring_processor(settings)
+    state = ProcessorState.open(scoring, tmp_path / "rescore" / "state.sqlite")
+    state.fold(log)
     host = PluginHost(settings)
-    ctx = ProcessContext(
-        settings=settings,
-        log=logging.getLogger("rescore"),
-        plugins=host,
-        store=ProcessorState(tmp_path / "rescore" / "state.sqlite", TABLES),
-    )
-    rescored = [p.model_dump() for p in await _score_in_log_order(scoring_processor(settings), log, ctx)]
+    rescored = []
+    for seq, event in log:
+        if event.type in scoring.consumes:
+            ctx = ProcessContext(
+                settings=settings, log=logging.getLogger("rescore"), plugins=host, sequence=seq, store=state
+            )
+            rescored += [p.model_dump() for p in await apply_step(scoring, event, ctx)]
     live_scores = [e.data.model_dump() for e in await read_log(bus, "log", "quality.assessed")]
+    assert rescored == []  # every input is answered on the log: nothing is scored twice
+    assert live_scores and all(s["reward"] is not None for s in live_scores)
+    fresh = ProcessorState.open(scoring, tmp_path / "rescore2" / "state.sqlite")
+    fresh.fold((seq, e) for seq, e in log if e.type != "quality.assessed")  # as if nothing was answered yet
+    for seq, event in log:
+        if event.type in scoring.consumes:
+            ctx = ProcessContext(
+                settings=settings, log=logging.getLogger("rescore"), plugins=host, sequence=seq, store=fresh
+            )
+            rescored += [p.model_dump() for p in await apply_step(scoring, event, ctx)]
     assert rescored == live_scores
-
-
-async def _score_in_log_order(scoring: Processor, log: list[Event[Any]], ctx: ProcessContext) -> list[Any]:
-    """What the live run did: events in log order, early evidence retried after its interaction."""
-    out: list[Any] = []
-    waiting: list[Event[Any]] = []
-    for event in log:
-        for e in [event, *waiting] if event.type == "interaction.anonymized" else [event]:
-            try:
-                out += await apply_step(scoring, e, ctx)
-            except UnknownInteraction:
-                waiting.append(e)
-                continue
-            if e in waiting:
-                waiting.remove(e)
-    return out
 
 
 # --------------------------------------------------------------------------- slow and optional assessors

@@ -15,7 +15,7 @@ from flywheel_loop.engine.config import Settings, load_settings
 from flywheel_loop.engine.processor import ProcessContext, apply_step
 from flywheel_loop.engine.state import ProcessorState
 from flywheel_loop.plugins.curation.settings import CurationConfig
-from flywheel_loop.plugins.curation.trigger import TABLES, TriggerState, processor
+from flywheel_loop.plugins.curation.trigger import TriggerState, processor
 from flywheel_loop.plugins.shared.training_requests import request_training
 from flywheel_loop.schemas import (
     DatasetSkipped,
@@ -118,58 +118,59 @@ async def _count(bus: Bus, n: int) -> bool:
     return len(await requests(bus)) >= n
 
 
-def _ctx(settings: Settings, state: Path, seq: int) -> ProcessContext:
-    """The context the worker gives the trigger: its state store under ``state`` (opened anew, as
-    after a restart)."""
-    store = ProcessorState(state / "state.sqlite", TABLES)
-    return ProcessContext(settings=settings, log=logging.getLogger("test"), sequence=seq, store=store)
+class Folded:
+    """The trigger as every worker runs it, without a bus: its state folded from the events given
+    at the log positions given (kept under ``state``), then the input handled."""
 
+    def __init__(self, settings: Settings, state: Path) -> None:
+        self.processor = processor(settings)
+        self.state = ProcessorState.open(self.processor, state / "state.sqlite")
+        self.settings = settings
 
-def step(event: Event[Any], ctx: ProcessContext) -> list[Any]:
-    """One input through the trigger as the worker runs it (memo, state transaction)."""
-    return asyncio.run(apply_step(processor(ctx.settings), event, ctx))
+    def step(self, event: Event[Any], seq: int) -> list[Any]:
+        self.state.fold([(seq, event)])
+        ctx = ProcessContext(settings=self.settings, log=logging.getLogger("test"), sequence=seq, store=self.state)
+        return asyncio.run(apply_step(self.processor, event, ctx))
 
 
 def test_a_redelivered_event_gives_the_same_answer_and_changes_nothing(tmp_path: Path) -> None:
     settings = load_settings(state_dir=tmp_path, curation={"trigger": TRIGGER})
     events = [score() for _ in range(4)]
-    outputs = [step(e, _ctx(settings, tmp_path, seq)) for seq, e in enumerate(events, 1)]
+    trigger = Folded(settings, tmp_path)
+    outputs = [trigger.step(e, seq) for seq, e in enumerate(events, 1)]
     assert [len(o) for o in outputs] == [0, 0, 0, 1]
     # the process restarts and the last event is delivered again (its ack was lost)
-    again = step(events[-1], _ctx(settings, tmp_path, 4))
-    assert again == outputs[-1]
-    state = TriggerState(_ctx(settings, tmp_path, 0).state.db)
+    restarted = Folded(settings, tmp_path)
+    assert restarted.step(events[-1], 4) == outputs[-1]
+    state = TriggerState(restarted.state.db)
     assert state.counts("coder", 0) == (4, 4)
     assert state.role("coder")["covered"] == 4
     # redelivering the earlier ones neither counts them twice nor fires
     for seq, e in enumerate(events[:3], 1):
-        assert step(e, _ctx(settings, tmp_path, seq)) == []
+        assert restarted.step(e, seq) == []
     assert state.counts("coder", 4) == (0, 4)
 
 
 def test_drift_requests_at_once_or_when_the_run_in_flight_ends(tmp_path: Path) -> None:
     settings = load_settings(state_dir=tmp_path, curation={"trigger": {**TRIGGER, "min_interval_s": 3600}})
-    ctx = _ctx(settings, tmp_path, 1)
+    trigger = Folded(settings, tmp_path)
 
     def drift() -> Event[Any]:
         return new_event(DriftDetected(role="fixer", metric="reward", window=200, baseline_value=0.8,
                                        current_value=0.6, drop=0.2), source="test")
 
-    [first] = step(drift(), ctx)
+    [first] = trigger.step(drift(), 1)
     assert first.reason == "drift" and "reward dropped 0.2" in first.detail
-    ctx.sequence = 2
-    assert step(drift(), ctx) == []  # in flight: remembered
-    ctx.sequence = 3
+    assert trigger.step(drift(), 2) == []  # in flight: remembered
     failed = new_event(TrainingFailed(run_id="r", role="fixer", reason="oom"), source="test")
-    [second] = step(failed, ctx)
+    [second] = trigger.step(failed, 3)
     assert second.reason == "drift" and second.log_position == 3
     # a dataset.skipped for the request in flight ends it too
-    state = TriggerState(ctx.state.db)
+    state = TriggerState(trigger.state.db)
     in_flight = state.role("fixer")["in_flight"]
     skipped = new_event(DatasetSkipped(role="fixer", request_id=in_flight, reason="no_data", detail="nothing"),
                         source="test")
-    ctx.sequence = 4
-    assert step(skipped, ctx) == []
+    assert trigger.step(skipped, 4) == []
     assert state.role("fixer")["in_flight"] is None
 
 

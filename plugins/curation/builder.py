@@ -171,13 +171,8 @@ async def rebuild_dataset(
     return outcome.digest, outcome.path
 
 
-def _dataset_still_there(outputs: list[Any]) -> bool:
-    """A remembered build is still an answer only while its folder exists (a deleted cache is rebuilt)."""
-    return all(Path(o.path, "manifest.json").is_file() for o in outputs if isinstance(o, DatasetBuilt))
-
-
 class DatasetBuilder:
-    """The processor: one build per request (the engine answers a redelivered request from its memo)."""
+    """The processor: one build per request (a request whose outcome is on the log is not built again)."""
 
     async def handle(self, event: Event[Any], ctx: ProcessContext) -> list[Any]:
         if isinstance(event.data, DataForgotten):
@@ -288,6 +283,6 @@ def processor(settings: Settings) -> Processor:
         description="builds a content-addressed SFT + DPO dataset with rehearsal for each training request;"
         " rebuilds the datasets that held forgotten data",
         batch=1,
-        stateful=True,
-        still_valid=_dataset_still_there,
+        produces=("dataset.built", "dataset.skipped", "dataset.superseded"),
+        stateful=True,  # no tables: the fold knows which requests' datasets are on the log (exactly once)
     )

@@ -18,20 +18,22 @@ A run is in flight from a request until ``training.completed`` / ``training.fail
 role, or a ``dataset.skipped`` for that request (or ``stale_after_s`` without either). When it
 ends, a threshold crossed meanwhile fires once.
 
-**Once per crossing, across restarts.** The counters live in the processor's state store, and
-the engine applies every input event in one transaction together with a record of what it
-produced: a redelivered event returns that record (the same derived id, so the log keeps one
-copy) and changes nothing. Decisions use event times, not the clock, so the same events give
+**Once per crossing, across processes and restarts.** The counters are a fold of the log that every
+trigger process keeps (``flywheel_loop.engine.state``), and the decision is part of the fold: all
+processes decide the same at the same position, the one the input was delivered to publishes it
+(the same derived id, so the log keeps one copy), and a redelivered input whose request is on the
+log changes nothing. Decisions use event times, not the clock, so the same events give
 the same decisions.
 """
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 from typing import Any
 
 from flywheel_loop.engine.config import Settings
-from flywheel_loop.engine.processor import ProcessContext, Processor
+from flywheel_loop.engine.processor import Processor, decided
 from flywheel_loop.plugins.curation.settings import CurationConfig
 from flywheel_loop.schemas import (
     DatasetSkipped,
@@ -43,6 +45,8 @@ from flywheel_loop.schemas import (
     TrainingRequested,
     derived_event,
 )
+
+log = logging.getLogger(__name__)
 
 __all__ = ["NAME", "TriggerState", "processor"]
 
@@ -76,7 +80,7 @@ def _ms(event: Event[Any]) -> int:
 
 
 class TriggerState:
-    """The trigger's counters (tables of the processor's state store), and the decision step over them."""
+    """The trigger's counters (tables the processor's fold keeps), and the decision step over them."""
 
     def __init__(self, db: sqlite3.Connection) -> None:
         self.db = db
@@ -189,19 +193,23 @@ class TriggerState:
 
 
 class TrainingTrigger:
-    """The processor: the decision step over the counters in ``ctx.state``."""
+    """The processor's fold: the counters, and the decision each input causes (a pure policy, so
+    every process that folds the log decides the same at the same position)."""
 
-    def handle(self, event: Event[Any], ctx: ProcessContext) -> list[TrainingRequested]:
-        state = TriggerState(ctx.state.db)
+    def __init__(self, settings: Settings) -> None:
+        self.curation = CurationConfig.of(settings)
+
+    def fold(self, db: sqlite3.Connection, event: Event[Any], seq: int) -> list[TrainingRequested]:
+        state = TriggerState(db)
         if isinstance(event.data, TrainingRequested) and state.role(event.data.role)["in_flight"] == event.id:
             return []  # our own decision coming back: already applied when it was made
-        curation = CurationConfig.of(ctx.settings)
-        request = state.apply(event, ctx.sequence, curation)
-        if request is not None:
-            out_id = derived_event(request, cause=event, source=NAME).id
-            state.requested(request.role, out_id, request.log_position, _ms(event))
-            ctx.log.info("training requested for %s (%s): %s", request.role, request.reason, request.detail)
-        return [request] if request is not None else []
+        request = state.apply(event, seq, self.curation)
+        if request is None:
+            return []
+        out_id = derived_event(request, cause=event, source=NAME).id
+        state.requested(request.role, out_id, request.log_position, _ms(event))
+        log.info("training requested for %s (%s): %s", request.role, request.reason, request.detail)
+        return [request]
 
 
 def processor(settings: Settings) -> Processor:
@@ -209,8 +217,11 @@ def processor(settings: Settings) -> Processor:
     return Processor(
         name=NAME,
         consumes=CONSUMES,
-        handle=TrainingTrigger().handle,
+        handle=decided,
         description="requests training per role on volume, drift or by hand; one run per role in flight",
+        produces=("training.requested",),
         stateful=True,
         tables=TABLES,
+        fold=TrainingTrigger(settings).fold,
+        state_version=2,
     )

@@ -225,5 +225,6 @@ def processor(settings: Settings) -> Processor:
         handle=Evaluator().handle,
         description="measures each trained adapter against the model in service and applies the gate",
         batch=1,
-        stateful=True,
+        produces=("evaluation.completed",),
+        stateful=True,  # no tables: the fold knows which runs' evaluations are on the log (exactly once)
     )

@@ -177,5 +177,6 @@ def processor(settings: Settings) -> Processor:
         name=NAME,
         consumes=("interaction.recorded", "feedback.given", "outcome.observed"),
         handle=anonymizer.handle,
+        produces=("interaction.anonymized", "feedback.anonymized", "outcome.anonymized"),
         description="scrubs secrets and personal data from raw intake; ids become keyed hashes",
     )

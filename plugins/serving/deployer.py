@@ -22,9 +22,10 @@ versions are kept for rollback (listed in the event); a runtime that stores mode
 A rollback serves the previous version (again), smoke-tests it, stops the one it replaces and publishes
 ``deployment.rolled_back``; the version before a role's first deployment is its base model.
 
-**State and redelivery.** The deployer folds its inputs and its own decisions into a private copy of the
-deployment book (``plugins/shared/deployment_book.py``) in its state store, which the engine commits with what
-each input produced: a redelivered input gets the same answer and deploys nothing twice.
+**State and redelivery.** The deployer's state is the deployment book (``plugins/shared/deployment_book.py``),
+folded from the log's deployment events (its own decisions included) on every deployer process; it handles one
+input at a time on a book caught up to the end of the log, and an input whose outputs are on the log is not
+handled again: a redelivered input deploys nothing twice.
 
 **Servers and the engine's life.** What a deployer serves lives as long as the engine: the transformers
 runtime serves from the engine's process, llama.cpp servers are child processes stopped when the engine stops
@@ -52,7 +53,7 @@ from flywheel_loop.engine.extensions import Runtime, RuntimeUnavailable, ServedM
 from flywheel_loop.engine.plugin_host import PluginHost
 from flywheel_loop.engine.processor import ProcessContext, Processor
 from flywheel_loop.plugins.serving.settings import DeployerConfig
-from flywheel_loop.plugins.shared.deployment_book import TABLES, DeploymentBook, version_name
+from flywheel_loop.plugins.shared.deployment_book import BOOK_EVENTS, TABLES, DeploymentBook, version_name
 from flywheel_loop.plugins.shared.models import BaseModelUnusable, base_model_dir
 from flywheel_loop.schemas import (
     CanaryPassed,
@@ -64,7 +65,6 @@ from flywheel_loop.schemas import (
     Event,
     Payload,
     RollbackRequested,
-    derived_event,
 )
 
 __all__ = ["NAME", "Deployer", "processor", "runtimes_of"]
@@ -138,10 +138,9 @@ class Deployer:
 
     def _handle(self, event: Event[Any], ctx: ProcessContext) -> list[Payload]:
         with self.lock:
-            book = DeploymentBook(ctx.state.db, create=False)
+            book = DeploymentBook(ctx.state.db, create=False)  # folded from the log up to its end
             data = event.data
             if isinstance(data, EvaluationCompleted):
-                book.apply(event, ctx.sequence)
                 outputs = self._deploy(book, event.id, data)
             elif isinstance(data, CanaryPassed):
                 outputs = self._promote(book, data)
@@ -152,9 +151,6 @@ class Deployer:
                                          "manual")
             else:
                 outputs = []
-            # the book knows its own decisions at once (the engine commits them with the memo)
-            for i, out in enumerate(outputs):
-                book.apply(derived_event(out, cause=event, source=NAME, index=i), ctx.sequence)
         for out in outputs:
             ctx.log.info("%s: %s", out.event_type, out.model_dump(exclude_defaults=True))
         return outputs
@@ -402,8 +398,20 @@ def processor(settings: Settings, runtime_factory: RuntimeMaker | None = None) -
         consumes=CONSUMES,
         handle=deployer.handle,
         description="deploys versions that passed their evaluation; rolls back on drift or by hand",
+        produces=("deployment.completed", "deployment.failed", "deployment.rolled_back"),
         stateful=True,
         tables=TABLES,
+        fold=fold_book,
+        folds=BOOK_EVENTS,
+        state_version=2,
+        # one input at a time: the next decision reads a book that holds this one's outputs
+        batch=1,
         on_start=deployer.start,
         on_stop=deployer.close,
     )
+
+
+def fold_book(db: sqlite3.Connection, event: Event[Any], seq: int) -> None:
+    """The deployer's state: the deployment book, folded from the log (its own decisions included,
+    once they are on the log)."""
+    DeploymentBook(db, create=False).apply(event, seq)

@@ -19,24 +19,28 @@ A canary (``deployer.canary_share`` below 1: the new version takes that share, t
 full window shows no drift gets ``canary.passed`` instead, and the deployer moves all the traffic to it (a new
 ``deployment.completed``, after which the promoted version is watched again from a fresh window).
 
-A re-emitted score for the same interaction replaces the old one. Every input is folded in one SQLite
-transaction together with what it produced (``OutputMemo``), so a redelivery gets the same answer.
+A re-emitted score for the same interaction replaces the old one. The rewards, the book and the verdicts are a
+fold of the log every drift process keeps (``flywheel_loop.engine.state``), and the verdict is part of the fold:
+whichever process handles an input, the answer is the same, and it is on the log once.
 """
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 from dataclasses import dataclass
 from typing import Any
 
 from flywheel_loop.engine.config import Settings
-from flywheel_loop.engine.processor import ProcessContext, Processor
+from flywheel_loop.engine.processor import Processor, decided
 from flywheel_loop.plugins.serving.settings import DriftConfig
 from flywheel_loop.plugins.shared.deployment_book import TABLES as BOOK_TABLES
 from flywheel_loop.plugins.shared.deployment_book import DeploymentBook
 from flywheel_loop.schemas import CanaryPassed, DriftDetected, Event, QualityAssessed
 
 __all__ = ["NAME", "Comparison", "DriftMonitor", "DriftState", "compare"]
+
+log = logging.getLogger(__name__)
 
 NAME = "drift_monitor"
 CONSUMES = ("quality.assessed", "deployment.completed", "deployment.rolled_back")
@@ -76,8 +80,8 @@ def compare(current: list[float], baseline: list[float], cfg: DriftConfig) -> Co
 
 
 class DriftState:
-    """Rewards per (role, model), the deployment book and the verdicts given: tables of the
-    processor's state store."""
+    """Rewards per (role, model), the deployment book and the verdicts given: tables the
+    processor's fold keeps."""
 
     def __init__(self, db: sqlite3.Connection) -> None:
         self.db = db
@@ -155,21 +159,26 @@ class DriftState:
 
 
 class DriftMonitor:
-    """The processor: the step over the rewards and the book in ``ctx.state``."""
+    """The processor's fold: rewards, the book and the verdicts given, and the verdict each input
+    causes (a pure policy: every process that folds the log decides the same at the same position)."""
 
-    def handle(self, event: Event[Any], ctx: ProcessContext) -> list[DriftDetected | CanaryPassed]:
-        state = DriftState(ctx.state.db)
-        verdict = state.apply(event, ctx.sequence, DriftConfig.of(ctx.settings))
-        if verdict is not None:
-            state.db.execute("INSERT INTO verdicts VALUES (?, ?, ?)", (verdict.deployment_id, verdict.role, event.id))
+    def __init__(self, settings: Settings) -> None:
+        self.cfg = DriftConfig.of(settings)
+
+    def fold(self, db: sqlite3.Connection, event: Event[Any], seq: int) -> list[DriftDetected | CanaryPassed]:
+        state = DriftState(db)
+        verdict = state.apply(event, seq, self.cfg)
+        if verdict is None:
+            return []
+        state.db.execute("INSERT INTO verdicts VALUES (?, ?, ?)", (verdict.deployment_id, verdict.role, event.id))
         if isinstance(verdict, DriftDetected):
-            ctx.log.warning(
+            log.warning(
                 "drift for %s: %s reward %.3f -> %.3f (p=%.3g)", verdict.role, verdict.model_name,
                 verdict.baseline_value, verdict.current_value, verdict.p_value or 0.0,
             )
-        elif verdict is not None:
-            ctx.log.info("canary %s passed for %s: it may take all the traffic", verdict.model_name, verdict.role)
-        return [verdict] if verdict is not None else []
+        else:
+            log.info("canary %s passed for %s: it may take all the traffic", verdict.model_name, verdict.role)
+        return [verdict]
 
 
 def processor(settings: Settings) -> Processor:
@@ -177,8 +186,11 @@ def processor(settings: Settings) -> Processor:
     return Processor(
         name=NAME,
         consumes=CONSUMES,
-        handle=DriftMonitor().handle,
+        handle=decided,
         description="drift.detected when the version in service earns less reward than the one before it",
+        produces=("drift.detected", "canary.passed"),
         stateful=True,
         tables=BOOK_TABLES + TABLES,
+        fold=DriftMonitor(settings).fold,
+        state_version=2,
     )

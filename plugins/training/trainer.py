@@ -298,4 +298,6 @@ def processor(settings: Settings) -> Processor:
         handle=Trainer().handle,
         description="trains a LoRA adapter on each built dataset (checkpointed, resumable)",
         batch=1,
+        produces=("training.completed", "training.failed"),
+        stateful=True,
     )
