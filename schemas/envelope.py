@@ -17,6 +17,7 @@ import orjson
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
 from flywheel_loop.schemas.ids import ID_PATTERN, derive_id, new_id
+from flywheel_loop.schemas.personal import Sealed
 
 EventId = Annotated[str, StringConstraints(pattern=ID_PATTERN)]
 Stream = Literal["raw", "log"]
@@ -45,6 +46,9 @@ class Payload(BaseModel):
     event_type: ClassVar[str]
     schema_version: ClassVar[int] = 1
     stream: ClassVar[Stream] = "log"
+    #: dotted path to the id whose key seals this payload's personal fields on the log (the interaction
+    #: the text belongs to); a log payload with personal fields must name one (``schemas/personal.py``)
+    data_subject: ClassVar[str | None] = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -78,14 +82,27 @@ class Event(BaseModel, Generic[P]):
         default=None, description="the interaction or run this event belongs to"
     )
     data: P
+    sealed: Sealed | None = Field(
+        default=None,
+        description="the payload's personal fields, encrypted under its data subject's key; while it is"
+        " present those fields hold blanks (absent: the payload is whole)",
+    )
 
     @property
     def subject(self) -> str:
         return subject_for(self.type)
 
+    @property
+    def forgotten(self) -> bool:
+        """Whether the payload's personal fields are withheld: ``sealed`` is still there, so they hold
+        blanks and only the rest of the payload is readable. The engine opens every sealed event whose
+        key exists, so a plugin sees this only for a data subject that was forgotten (its key
+        destroyed); a reader without the key store (the agent SDK) sees every sealed event so."""
+        return self.sealed is not None
+
     def to_bytes(self) -> bytes:
-        """The wire form: compact JSON through orjson."""
-        return orjson.dumps(self.model_dump(mode="python"))
+        """The wire form: compact JSON through orjson (``sealed`` only when there is one)."""
+        return orjson.dumps(self.model_dump(mode="python", exclude=None if self.sealed else {"sealed"}))
 
 
 def subject_for(event_type: str) -> str:

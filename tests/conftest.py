@@ -115,9 +115,8 @@ async def wait_for(predicate: Callable[[], Any], timeout: float = 30.0, interval
 
 
 async def read_log(bus: Bus, stream: str = "log", event_type: str | None = None) -> list[Any]:
-    """Every event on a stream (optionally one type), parsed, in order."""
-    from flywheel_loop.schemas import parse_event
-
+    """Every event on a stream (optionally one type), opened as the engine reads it (sealed personal text
+    decrypted; a forgotten subject's left blank with ``forgotten`` set), in order."""
     subject = f"fw.{stream}.{event_type}" if event_type else f"fw.{stream}.>"
     last = await bus.last_sequence(stream)
     if last == 0:
@@ -129,7 +128,7 @@ async def read_log(bus: Bus, stream: str = "log", event_type: str | None = None)
         expected = sum((info.state.subjects or {}).values()) if info.state.subjects else 0
         while len(events) < expected:
             msg = await sub.next_msg(timeout=5)
-            events.append(parse_event(msg.data))
+            events.append(await bus.keys.open(msg.data))
     finally:
         await sub.unsubscribe()
     return events
