@@ -171,17 +171,20 @@ class BusKeyStore(KeyStore):
         )
 
     async def _get(self, key_id: str) -> tuple[str, bytes | None] | None:
-        kv = await self._bucket()
+        """(id, key or None when destroyed), or None when never created: the key subject's last message."""
+        await self._bucket()
         try:
-            entry = await asyncio.wait_for(kv.get(key_id), self.timeout_s)
-        except nats.js.errors.KeyDeletedError:
-            return key_id, None
-        except nats.js.errors.KeyNotFoundError:
+            msg = await asyncio.wait_for(
+                self.js.get_msg(self.stream, subject=f"$KV.{self.bucket}.{key_id}"), self.timeout_s
+            )
+        except nats.js.errors.NotFoundError:
             return None
         except _UNREACHABLE as exc:
             raise self._unavailable(exc) from exc
-        value = bytes(entry.value or b"")
-        return key_id, value if len(value) == KEY_BYTES else None
+        value = bytes(msg.data or b"")
+        if (msg.headers or {}).get(_KV_OP) or len(value) != KEY_BYTES:
+            return key_id, None  # a delete marker: destroyed
+        return key_id, value
 
     async def fetch(self, key_ids: Sequence[str]) -> Fetched:
         found = await asyncio.gather(*(self._get(k) for k in dict.fromkeys(key_ids)))

@@ -199,7 +199,12 @@ class ProcessorWorker:
             outputs = await self._not_yet_stored(done)
             outputs = await self.bus.keys.writable(outputs)
             await self.bus.publish_many(outputs, trace=self._trace)
-        except (PublishFailed, KeyStoreError, nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
+        except KeyStoreError as exc:
+            log.error("%s: could not seal outputs (%s); the batch is retried", name, exc)
+            for msg, _, _ in done:
+                await self._nak(msg, self.cfg.max_backoff_s)
+            return
+        except (PublishFailed, nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
             log.error("%s: could not publish outputs (%s); inputs will be redelivered", name, exc)
             return
         for msg, rejected, _ in done:
