@@ -426,7 +426,7 @@ class DeploymentRolledBack(Payload):
     reason: ShortText
     from_model_name: Name | None = None
     to_model_name: Name | None = None
-    trigger: Literal["drift", "manual"] | None = None
+    trigger: Literal["drift", "manual", "forgotten"] | None = None
     endpoint: ShortText | None = Field(default=None, description="where the restored version answers (.../v1)")
 
 
