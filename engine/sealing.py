@@ -27,6 +27,7 @@ which breaks GCM.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import logging
 import os
@@ -39,7 +40,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from flywheel_loop.engine.keys import KeyStore, KeyStoreError, SubjectForgotten
-from flywheel_loop.schemas import CATALOGUE, DataForgotten, Event, InvalidEvent, parse_event
+from flywheel_loop.schemas import DataForgotten, Event, InvalidEvent, parse_event
 from flywheel_loop.schemas.personal import Sealed, personal_paths, restore, subject_of, withhold
 
 __all__ = ["KeyMissing", "KeyRing", "Opened", "sealable"]
@@ -64,8 +65,8 @@ def sealable(event: Event[Any]) -> bool:
     return cls.stream == "log" and bool(personal_paths(cls)) and event.sealed is None
 
 
-def _associated(event: Event[Any]) -> bytes:
-    return f"{event.id}\x1f{event.type}".encode()
+def _associated(event_id: str, event_type: str) -> bytes:
+    return f"{event_id}\x1f{event_type}".encode()
 
 
 class KeyRing:
@@ -76,6 +77,7 @@ class KeyRing:
         self.cache_s = cache_s
         # key id -> (key bytes or None once destroyed, when fetched); destroyed keys never come back
         self._cache: collections.OrderedDict[str, tuple[bytes | None, float]] = collections.OrderedDict()
+        self._ciphers: dict[bytes, AESGCM] = {}  # a key's cipher, made once
 
     # ------------------------------------------------------------------ the cache
 
@@ -94,12 +96,23 @@ class KeyRing:
         self._cache[key_id] = (key, time.monotonic())
         self._cache.move_to_end(key_id)
         while len(self._cache) > CACHE_SIZE:
-            self._cache.popitem(last=False)
+            _, (old, _) = self._cache.popitem(last=False)
+            if old is not None:
+                self._ciphers.pop(old, None)
+
+    def _cipher(self, key: bytes) -> AESGCM:
+        cipher = self._ciphers.get(key)
+        if cipher is None:
+            cipher = self._ciphers[key] = AESGCM(key)
+        return cipher
 
     def forget_cached(self, key_ids: Sequence[str]) -> None:
         """Treat these keys as destroyed in this process (their ``data.forgotten`` was read)."""
         for key_id in key_ids:
-            if key_id in self._cache:
+            hit = self._cache.get(key_id)
+            if hit is not None:
+                if hit[0] is not None:
+                    self._ciphers.pop(hit[0], None)
                 self._remember(key_id, None)
 
     # ------------------------------------------------------------------ sealing
@@ -109,15 +122,14 @@ class KeyRing:
         keys of the others created or fetched now, so that sealing them needs no more round trips."""
         wanted = {s for e in events if sealable(e) and (s := subject_of(e.data)) is not None}
         missing = [k for k in wanted if not self._cached(k)[0]]
-        if missing:
-            for key_id, key in (await self.store.fetch(missing)).items():
-                self._remember(key_id, key)
-            for key_id in missing:
-                if not self._cached(key_id)[0]:
-                    try:
-                        self._remember(key_id, await self.store.create(key_id))
-                    except SubjectForgotten:
-                        self._remember(key_id, None)
+
+        async def make(key_id: str) -> None:
+            try:  # one round trip: create, or take the key another process made first
+                self._remember(key_id, await self.store.create(key_id))
+            except SubjectForgotten:
+                self._remember(key_id, None)
+
+        await asyncio.gather(*(make(k) for k in missing))
         kept = []
         for event in events:
             subject = subject_of(event.data) if sealable(event) else None
@@ -145,16 +157,17 @@ class KeyRing:
         subject = subject_of(event.data)
         if subject is None:
             raise KeyStoreError(f"{event.type} names no data subject ({cls.__name__}.data_subject is empty)")
-        data = event.data.model_dump(mode="json")
-        taken = withhold(data, personal_paths(cls))
+        # the wire form (as Event.to_bytes writes it), with the values taken out and the ciphertext added
+        wire = event.model_dump(mode="python", exclude={"sealed"})
+        taken = withhold(wire["data"], personal_paths(cls))
         if not taken:
-            return event.to_bytes()  # nothing personal in it: nothing to seal
+            return orjson.dumps(wire)  # nothing personal in it: nothing to seal
         key = await self._key_for_writing(subject)
         nonce = os.urandom(NONCE_BYTES)
-        ciphertext = AESGCM(key).encrypt(nonce, orjson.dumps(taken), _associated(event))
-        sealed = Sealed(key=subject, nonce=Sealed.encode(nonce), ciphertext=Sealed.encode(ciphertext))
-        blank: Any = cls.model_validate(data)
-        return event.model_copy(update={"data": blank, "sealed": sealed}).to_bytes()
+        ciphertext = self._cipher(key).encrypt(nonce, orjson.dumps(taken), _associated(event.id, event.type))
+        wire["sealed"] = Sealed(key=subject, nonce=Sealed.encode(nonce),
+                                ciphertext=Sealed.encode(ciphertext)).model_dump()
+        return orjson.dumps(wire)
 
     async def seal_many(self, events: Sequence[Event[Any]]) -> list[bytes]:
         await self.writable([e for e in events if sealable(e)])  # create or fetch the keys at once
@@ -166,13 +179,8 @@ class KeyRing:
         """Parse and open each message: the whole event, the event with ``forgotten`` set when its key was
         destroyed, or the ``InvalidEvent`` saying why it is not one. ``KeyStoreUnavailable`` when keys are
         needed and the store does not answer; ``KeyMissing`` when a key was never in the store."""
-        parsed: list[Opened] = []
-        for raw in raws:
-            try:
-                parsed.append(parse_event(raw))
-            except InvalidEvent as exc:
-                parsed.append(exc)
-        needed = {e.sealed.key for e in parsed if isinstance(e, Event) and e.sealed is not None}
+        wires: list[dict[str, Any] | None] = [_sealed_wire(raw) for raw in raws]
+        needed = {w["sealed"]["key"] for w in wires if w is not None}
         missing = [k for k in needed if not self._cached(k)[0]]
         if missing:
             fetched = await self.store.fetch(missing)
@@ -185,13 +193,15 @@ class KeyRing:
                     " is it the key store this log was sealed with? (keys.store, keys.folder, streams.prefix)"
                 )
         out: list[Opened] = []
-        for item in parsed:
-            if isinstance(item, Event):
-                if item.sealed is not None:
-                    item = self._open(item)
-                elif isinstance(item.data, DataForgotten):
-                    self.forget_cached(item.data.interaction_ids)
-            out.append(item)
+        for raw, wire in zip(raws, wires, strict=True):
+            try:
+                event = parse_event(raw) if wire is None else self._open(raw, wire)
+            except InvalidEvent as exc:
+                out.append(exc)
+                continue
+            if isinstance(event.data, DataForgotten):
+                self.forget_cached(event.data.interaction_ids)
+            out.append(event)
         return out
 
     async def open(self, raw: bytes) -> Event[Any]:
@@ -201,21 +211,21 @@ class KeyRing:
             raise item
         return item
 
-    def _open(self, event: Event[Any]) -> Opened:
-        sealed = event.sealed
-        assert sealed is not None
-        _, key = self._cached(sealed.key)
+    def _open(self, raw: bytes, wire: dict[str, Any]) -> Event[Any]:
+        """The event of a sealed message: whole when its key exists, else as stored (blanks, ``forgotten``)."""
+        sealed = wire["sealed"]
+        _, key = self._cached(sealed["key"])
         if key is None:
-            return event  # destroyed: the subject is forgotten; its blanks stay
-        cls = CATALOGUE[event.type]
+            return parse_event(raw)  # destroyed: the subject is forgotten; its blanks stay
         try:
-            plain = AESGCM(key).decrypt(Sealed.decode(sealed.nonce), Sealed.decode(sealed.ciphertext),
-                                        _associated(event))
-            data = restore(event.data.model_dump(mode="json"), orjson.loads(plain))
-            payload: Any = cls.model_validate(data)
+            plain = self._cipher(key).decrypt(Sealed.decode(sealed["nonce"]), Sealed.decode(sealed["ciphertext"]),
+                                              _associated(str(wire.get("id")), str(wire.get("type"))))
+            restore(wire["data"], orjson.loads(plain))
         except (InvalidTag, ValueError, TypeError, KeyError, IndexError) as exc:
-            return InvalidEvent(f"sealed: the personal fields do not open with their key ({type(exc).__name__})")
-        return event.model_copy(update={"data": payload, "sealed": None})
+            raise InvalidEvent(
+                f"sealed: the personal fields do not open with their key ({type(exc).__name__})") from None
+        del wire["sealed"]
+        return parse_event(wire)
 
     # ------------------------------------------------------------------ destroying
 
@@ -230,3 +240,22 @@ class KeyRing:
         """Those of ``key_ids`` whose keys exist in the store (not destroyed)."""
         fetched = await self.store.fetch(key_ids)
         return [k for k in key_ids if fetched.get(k) is not None]
+
+
+def _sealed_wire(raw: bytes) -> dict[str, Any] | None:
+    """The decoded message when it is a sealed event (a top-level ``sealed`` with a key), else None."""
+    if b'"sealed":' not in raw:
+        return None
+    try:
+        decoded = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(decoded, dict):
+        return None
+    wire: dict[str, Any] = decoded
+    sealed = wire.get("sealed")
+    if not (isinstance(sealed, dict) and isinstance(sealed.get("key"), str)
+            and isinstance(sealed.get("nonce"), str) and isinstance(sealed.get("ciphertext"), str)
+            and isinstance(wire.get("data"), dict)):
+        return None  # not a sealed event: parse_event says what is wrong, if anything
+    return wire

@@ -105,6 +105,17 @@ class Event(BaseModel, Generic[P]):
         return orjson.dumps(self.model_dump(mode="python", exclude=None if self.sealed else {"sealed"}))
 
 
+_ENVELOPES: dict[type[Payload], Any] = {}
+
+
+def envelope_of(payload_cls: type[Payload]) -> Any:
+    """``Event[payload_cls]``, made once (pydantic's own lookup of a generic costs more than a parse)."""
+    cls = _ENVELOPES.get(payload_cls)
+    if cls is None:
+        cls = _ENVELOPES[payload_cls] = Event[payload_cls]  # type: ignore[valid-type]
+    return cls
+
+
 def subject_for(event_type: str) -> str:
     """The NATS subject an event type is published on (``fw.<stream>.<type>``)."""
     return f"fw.{CATALOGUE[event_type].stream}.{event_type}"
@@ -133,7 +144,7 @@ def new_event(
     eid = event_id or new_id()
     if correlation_id is None:
         correlation_id = (cause.correlation_id or cause.id) if cause is not None else eid
-    cls: Any = Event[type(data)]  # type: ignore[misc]
+    cls: Any = envelope_of(type(data))
     event: Event[Any] = cls(
         id=eid,
         time=datetime.now(UTC),
@@ -154,7 +165,7 @@ def derived_event(data: Payload, *, cause: Event[Any], source: str, index: int =
         raise TypeError(f"{source} produced {type(data).__name__}, not an event payload")
     # Every field is already validated (the payload by its model, the rest by construction),
     # so skip a second validation on the hot path.
-    cls: Any = Event[type(data)]  # type: ignore[misc]
+    cls: Any = envelope_of(type(data))
     event: Event[Any] = cls.model_construct(
         id=derive_id(cause.id, source, index),
         type=data.event_type,
@@ -190,7 +201,7 @@ def parse_event(raw: bytes | str | dict[str, Any]) -> Event[Any]:
         payload_cls = CATALOGUE.get(peek.group(1).decode()) if peek else None
         if payload_cls is not None:
             try:
-                event = Event[payload_cls].model_validate_json(raw)  # type: ignore[valid-type]
+                event: Event[Any] = envelope_of(payload_cls).model_validate_json(raw)
             except ValidationError:
                 pass
             else:
@@ -221,7 +232,8 @@ def parse_event(raw: bytes | str | dict[str, Any]) -> Event[Any]:
             f"understands ({payload_cls.schema_version})"
         )
     try:
-        return Event[payload_cls].model_validate(raw)  # type: ignore[valid-type]
+        validated: Event[Any] = envelope_of(payload_cls).model_validate(raw)
+        return validated
     except ValidationError as exc:
         raise InvalidEvent(describe_validation_error(exc)) from None
 
