@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import secrets
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -44,6 +45,7 @@ __all__ = [
     "KeyStoreUnavailable",
     "SubjectForgotten",
     "key_store",
+    "valid_key_id",
 ]
 
 KEY_BYTES = 32
@@ -71,6 +73,21 @@ class SubjectForgotten(KeyStoreError):
 
 #: a fetched key: its bytes, or None when it was destroyed (a key never created is absent from the answer)
 Fetched = dict[str, bytes | None]
+
+_KEY_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
+
+
+def valid_key_id(key_id: str) -> bool:
+    """Whether ``key_id`` can name a key (it becomes a subject token and a file name: no dots, no wildcards,
+    no slashes)."""
+    return _KEY_ID.fullmatch(key_id) is not None
+
+
+def _checked(key_ids: Sequence[str]) -> list[str]:
+    bad = [k for k in key_ids if not valid_key_id(k)]
+    if bad:
+        raise KeyStoreError(f"not a key id: {bad[0]!r} (letters, digits, '-' and '_' only)")
+    return list(dict.fromkeys(key_ids))
 
 
 class KeyStore(ABC):
@@ -187,10 +204,11 @@ class BusKeyStore(KeyStore):
         return key_id, value
 
     async def fetch(self, key_ids: Sequence[str]) -> Fetched:
-        found = await asyncio.gather(*(self._get(k) for k in dict.fromkeys(key_ids)))
+        found = await asyncio.gather(*(self._get(k) for k in _checked(key_ids)))
         return dict(f for f in found if f is not None)
 
     async def create(self, key_id: str) -> bytes:
+        _checked([key_id])
         kv = await self._bucket()
         key = secrets.token_bytes(KEY_BYTES)
         try:
@@ -210,7 +228,7 @@ class BusKeyStore(KeyStore):
     async def destroy(self, key_ids: Sequence[str]) -> int:
         kv = await self._bucket()
         erased = 0
-        for key_id in dict.fromkeys(key_ids):
+        for key_id in _checked(key_ids):
             subject = f"$KV.{self.bucket}.{key_id}"
             try:
                 # the marker first: from now on nothing can create the key again
@@ -272,7 +290,7 @@ class FileKeyStore(KeyStore):
 
     async def fetch(self, key_ids: Sequence[str]) -> Fetched:
         out: Fetched = {}
-        for key_id in dict.fromkeys(key_ids):
+        for key_id in _checked(key_ids):
             value = self._read(key_id)
             if value is not False:
                 out[key_id] = value if isinstance(value, bytes) else None
@@ -299,6 +317,7 @@ class FileKeyStore(KeyStore):
             tmp.unlink(missing_ok=True)
 
     async def create(self, key_id: str) -> bytes:
+        _checked([key_id])
         key = secrets.token_bytes(KEY_BYTES)
         if self._write_new(key_id, key):
             return key
@@ -309,7 +328,7 @@ class FileKeyStore(KeyStore):
 
     async def destroy(self, key_ids: Sequence[str]) -> int:
         erased = 0
-        for key_id in dict.fromkeys(key_ids):
+        for key_id in _checked(key_ids):
             path = self.folder / key_id
             try:
                 if self._write_new(key_id, TOMBSTONE):

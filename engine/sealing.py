@@ -39,7 +39,7 @@ import orjson
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from flywheel_loop.engine.keys import KeyStore, KeyStoreError, SubjectForgotten
+from flywheel_loop.engine.keys import KeyStore, KeyStoreError, SubjectForgotten, valid_key_id
 from flywheel_loop.schemas import DataForgotten, Event, InvalidEvent, parse_event
 from flywheel_loop.schemas.personal import Sealed, personal_paths, restore, subject_of, withhold
 
@@ -254,7 +254,7 @@ def _sealed_wire(raw: bytes) -> dict[str, Any] | None:
         return None
     wire: dict[str, Any] = decoded
     sealed = wire.get("sealed")
-    if not (isinstance(sealed, dict) and isinstance(sealed.get("key"), str)
+    if not (isinstance(sealed, dict) and isinstance(sealed.get("key"), str) and valid_key_id(sealed["key"])
             and isinstance(sealed.get("nonce"), str) and isinstance(sealed.get("ciphertext"), str)
             and isinstance(wire.get("data"), dict)):
         return None  # not a sealed event: parse_event says what is wrong, if anything

@@ -16,7 +16,7 @@ from flywheel_loop.engine.bus import Bus
 from flywheel_loop.engine.config import Settings
 from flywheel_loop.engine.embedded import EmbeddedServer
 from flywheel_loop.engine.hookspecs import hookimpl
-from flywheel_loop.engine.keys import FileKeyStore, KeyStoreUnavailable, SubjectForgotten
+from flywheel_loop.engine.keys import FileKeyStore, KeyStoreError, KeyStoreUnavailable, SubjectForgotten
 from flywheel_loop.engine.processor import ProcessContext, Processor
 from flywheel_loop.engine.projection import Projection
 from flywheel_loop.schemas import (
@@ -110,6 +110,19 @@ async def test_a_sealed_text_opens_only_in_the_event_it_was_sealed_in(bus: Bus) 
     moved = data.replace(event.id.encode(), anonymized().id.encode())  # the same ciphertext under another id
     [opened] = await bus.open_many([moved])
     assert isinstance(opened, InvalidEvent) and "do not open with their key" in opened.reason
+
+
+async def test_a_key_id_that_could_reach_other_keys_is_refused(bus: Bus, tmp_path: Path) -> None:
+    event = anonymized()
+    [data] = await bus.encode_many([event])
+    for bad in (">", "*", "a.b", "../keys"):
+        forged = data.replace(f'"key":"{event.data.interaction_id}"'.encode(), f'"key":"{bad}"'.encode())
+        [opened] = await bus.open_many([forged])
+        assert isinstance(opened, InvalidEvent) and "sealed.key" in opened.reason
+    with pytest.raises(KeyStoreError, match="not a key id"):
+        await FileKeyStore(tmp_path).create("../outside")
+    with pytest.raises(KeyStoreError, match="not a key id"):
+        await bus.keys.store.fetch(["$KV.>"])
 
 
 async def test_destroying_a_key_forgets_its_subject_everywhere_and_for_good(bus: Bus, settings: Settings) -> None:
