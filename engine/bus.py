@@ -6,22 +6,29 @@
 - ``FLYWHEEL_LOG`` holds everything derived (``fw.log.>``): file storage, no delete, no
   purge, kept forever unless ``log_max_age_days`` / ``log_max_bytes`` say otherwise, a
   duplicate window so a message published twice under one ``Nats-Msg-Id`` is stored once.
+- ``<prefix>_KEYS`` (a KV bucket, or a folder: ``[keys]``) holds the data keys that seal
+  personal text on the log (``engine/sealing.py``).
 
 Publishing waits for JetStream's ack and retries through a reconnect with the same id, so
-an event is stored exactly once or the caller gets ``PublishFailed``.
+an event is stored exactly once or the caller gets ``PublishFailed``. Every event the bus
+publishes is sealed (its personal text encrypted under its data subject's key) and every
+event it reads for the engine is opened again (``read_log``, ``open_many``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from datetime import datetime
 from typing import Any
 
 import nats.errors
 import nats.js.errors
 from nats.aio.client import Client
+from nats.aio.msg import Msg
 from nats.js.api import (
     AckPolicy,
     ConsumerConfig,
@@ -34,7 +41,9 @@ from nats.js.api import (
 
 from flywheel_loop.engine import telemetry
 from flywheel_loop.engine.config import Settings, StreamsConfig
-from flywheel_loop.schemas import Event, InvalidEvent, parse_event, subject_for
+from flywheel_loop.engine.keys import key_store
+from flywheel_loop.engine.sealing import KeyRing, Opened
+from flywheel_loop.schemas import Event, subject_for
 from flywheel_loop.sdk.client import BusUnavailable, EventPublisher, PublishFailed, StreamNames
 
 log = logging.getLogger(__name__)
@@ -76,6 +85,9 @@ def stream_configs(cfg: StreamsConfig) -> list[StreamConfig]:
             max_bytes=cfg.log_max_bytes or -1,
             deny_delete=True,
             deny_purge=True,
+            # the agent SDK's Selector asks for the last quality.assessed by a subject-named direct get,
+            # so an agent's credential can allow that one subject (ops/nats/accounts.conf)
+            allow_direct=True,
             **common,
         ),
     ]
@@ -87,6 +99,8 @@ class Bus(EventPublisher):
     def __init__(self, nc: Client, settings: Settings, url: str = "", errors: list[str] | None = None) -> None:
         super().__init__(nc, settings.nats_options(url), errors)
         self.settings = settings
+        #: the data keys: personal text is sealed on publishing and opened on reading
+        self.keys = KeyRing(key_store(settings, self.js), settings.keys.cache_s)
 
     @classmethod
     async def connect(cls, settings: Settings, url: str) -> Bus:
@@ -115,6 +129,17 @@ class Bus(EventPublisher):
                     if asyncio.get_running_loop().time() > deadline:
                         raise BusUnavailable(f"JetStream did not accept stream {config.name}: {exc!r}") from exc
                     await asyncio.sleep(0.3)
+        await self.keys.store.ensure()
+
+    async def encode_many(self, events: Sequence[Event[Any]]) -> list[bytes]:
+        """Each event's wire bytes, its personal text sealed (``SubjectForgotten`` for a forgotten subject:
+        the worker leaves those out beforehand with ``keys.writable``)."""
+        return await self.keys.seal_many(events)
+
+    async def open_many(self, raws: Sequence[bytes]) -> list[Opened]:
+        """Parse and open messages: each an event (``forgotten`` set when its subject's key is destroyed)
+        or the ``InvalidEvent`` saying why it is not one."""
+        return await self.keys.open_many(raws)
 
     async def _update_stream(self, config: StreamConfig) -> None:
         """Bring an existing stream to ``config``. A raw stream made by an older version denies
@@ -134,15 +159,54 @@ class Bus(EventPublisher):
 
     async def read_log(self, types: Sequence[str], until: int | None = None) -> list[tuple[int, Event[Any]]]:
         """(sequence, event) of every event of ``types`` on the log up to ``until`` (None: the end
-        now), in order. A message that does not validate is skipped (the worker that met it live
-        rejected it)."""
+        now), in order, opened: a forgotten subject's events come with ``forgotten`` set. A message
+        that does not validate is skipped (the worker that met it live rejected it)."""
         out: list[tuple[int, Event[Any]]] = []
+        chunk: list[tuple[int, bytes]] = []
+
+        async def flush() -> None:
+            opened = await self.open_many([data for _, data in chunk])
+            out.extend((seq, e) for (seq, _), e in zip(chunk, opened, strict=True) if isinstance(e, Event))
+            chunk.clear()
+
         async for seq, data in self.scan("log", [subject_for(t) for t in types], until_seq=until):
-            try:
-                out.append((seq, parse_event(data)))
-            except InvalidEvent:
-                continue
+            chunk.append((seq, data))
+            if len(chunk) >= 1000:
+                await flush()
+        await flush()
         return out
+
+    async def stored_ids(self, events: Sequence[Event[Any]], since: datetime) -> set[str]:
+        """The ids of ``events`` already stored in their streams, looking at messages stored at or after
+        ``since`` (headers only). The worker asks this for the outputs of a redelivered input, with
+        ``since`` the input's own store time (outputs are always stored after their input), so a
+        redelivery after the duplicate window still publishes nothing twice."""
+        found: set[str] = set()
+        by_stream: dict[str, list[Event[Any]]] = {}
+        for event in events:
+            by_stream.setdefault(type(event.data).stream, []).append(event)
+        for stream, mine in by_stream.items():
+            wanted = {e.id for e in mine}
+            end = await self.last_sequence(stream)
+            if end == 0:
+                continue
+            config = ConsumerConfig(
+                ack_policy=AckPolicy.NONE,
+                deliver_policy=DeliverPolicy.BY_START_TIME,
+                opt_start_time=since,
+                headers_only=True,
+                inactive_threshold=60.0,
+                mem_storage=True,
+            )
+            messages = self._consume(stream, sorted({e.subject for e in mine}), config, end)
+            async with contextlib.aclosing(messages):
+                async for msg in messages:
+                    msg_id = (msg.headers or {}).get("Nats-Msg-Id")
+                    if msg_id in wanted:
+                        found.add(msg_id)
+                        if wanted <= found:
+                            break
+        return found
 
     async def last_sequence(self, stream: str = "log") -> int:
         info = await self.js.stream_info(self.streams.for_stream(stream))
@@ -166,6 +230,14 @@ class Bus(EventPublisher):
             inactive_threshold=60.0,
             mem_storage=True,
         )
+        async for msg in self._consume(stream, subjects, config, end):
+            yield int(msg.metadata.sequence.stream), msg.data
+
+    async def _consume(
+        self, stream: str, subjects: Sequence[str], config: ConsumerConfig, end: int
+    ) -> AsyncGenerator[Msg, None]:
+        """The messages an ack-less ephemeral consumer with ``config`` delivers on ``subjects``, up to
+        stream sequence ``end``."""
         if len(subjects) == 1:  # one filter works on servers older than 2.10 too
             config.filter_subject = subjects[0]
         else:
@@ -188,7 +260,7 @@ class Bus(EventPublisher):
                     seq = int(msg.metadata.sequence.stream)
                     if seq > end:
                         return
-                    yield seq, msg.data
+                    yield msg
                     if seq == end:
                         return
         finally:

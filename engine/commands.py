@@ -22,6 +22,7 @@ from flywheel_loop.engine.bus import BusUnavailable, PublishFailed
 from flywheel_loop.engine.config import ConfigError, Settings, load_settings
 from flywheel_loop.engine.connection import open_bus
 from flywheel_loop.engine.embedded import EmbeddedServerError
+from flywheel_loop.engine.keys import KeyStoreError
 from flywheel_loop.engine.plugin_host import PluginError, PluginHost
 from flywheel_loop.engine.projection import ProjectionRunner
 
@@ -47,7 +48,7 @@ console = Console(markup=False)
 err = Console(stderr=True, markup=False)
 
 #: errors a user can fix, shown as one line instead of a traceback
-USER_ERRORS = (BusUnavailable, PublishFailed, EmbeddedServerError, ConfigError, PluginError)
+USER_ERRORS = (BusUnavailable, PublishFailed, EmbeddedServerError, ConfigError, PluginError, KeyStoreError)
 
 
 def say(text: str, style: str | None = None) -> None:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal, Self, TypeVar
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -67,6 +67,11 @@ class NatsConfig(Section):
     tls_ca: Path | None = None
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    inbox_prefix: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9_-]{1,64}$",
+        description="where replies come back; none = _INBOX_<user> with a user, else _INBOX",
+    )
     connect_timeout_s: float = Field(default=5.0, gt=0)
     publish_timeout_s: float = Field(default=5.0, gt=0)
     publish_retry_s: float = Field(
@@ -146,6 +151,28 @@ class StreamsConfig(Section):
     prefix: str = Field(default="FLYWHEEL", pattern=r"^[A-Z][A-Z0-9_]{0,30}$")
 
 
+class KeysConfig(Section):
+    """Where the data keys live that seal personal text on the log (crypto-shredding, ``engine/sealing.py``).
+
+    ``bus``: a JetStream KV bucket ``<streams.prefix>_KEYS`` on the same NATS, with ``streams.replicas``
+    replicas. ``file``: one file per key in ``folder`` (a KMS-like store you mount, e.g. from a secret
+    manager; every engine process must see the same folder). Destroying a key (``flywheel forget``) erases
+    it in either store; what it sealed can no longer be read anywhere."""
+
+    store: Literal["bus", "file"] = Field(default="bus", description="bus (a JetStream KV bucket) or file")
+    folder: Path | None = Field(default=None, description="the file store's folder (store = \"file\")")
+    timeout_s: float = Field(default=5.0, gt=0, description="longest wait for the key store to answer")
+    cache_s: float = Field(
+        default=60.0, ge=0, description="how long a process keeps a key in memory before asking the store again"
+    )
+
+    @model_validator(mode="after")
+    def _file_needs_a_folder(self) -> KeysConfig:
+        if self.store == "file" and self.folder is None:
+            raise ValueError("keys.store = \"file\" needs keys.folder: the folder that holds the keys")
+        return self
+
+
 class WorkerConfig(Section):
     """How processors consume: batch size, retries with back-off, ack wait."""
 
@@ -205,6 +232,7 @@ class Settings(BaseSettings):
     nats: NatsConfig = Field(default_factory=NatsConfig)
     streams: StreamsConfig = Field(default_factory=StreamsConfig)
     worker: WorkerConfig = Field(default_factory=WorkerConfig)
+    keys: KeysConfig = Field(default_factory=KeysConfig)
     plugins: PluginsConfig = Field(default_factory=PluginsConfig)
     telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
     models: ModelsConfig = Field(default_factory=ModelsConfig)
@@ -282,6 +310,7 @@ class Settings(BaseSettings):
             tls_ca=cfg.tls_ca,
             tls_cert=cfg.tls_cert,
             tls_key=cfg.tls_key,
+            inbox_prefix=cfg.inbox_prefix,
             connect_timeout_s=cfg.connect_timeout_s,
             publish_timeout_s=cfg.publish_timeout_s,
             publish_retry_s=cfg.publish_retry_s,

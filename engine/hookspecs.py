@@ -68,8 +68,11 @@ def register_processors(register: Callable[[Processor], None], settings: Setting
     named after it, so running more engine processes scales it out. The processor's ``handle``
     receives one validated event and a ``ProcessContext`` (settings, its folded state with
     ``stateful=True``, ``read_log``, ``emit`` for live events) and returns the payloads of the
-    events it produces (declared in ``produces``); the engine derives their ids from (input id, processor name, index),
-    publishes them, and acks the input only once they are stored.
+    events it produces (declared in ``produces``); the engine derives their ids from (input id,
+    processor name, index), publishes them, and acks the input only once they are stored (once,
+    also for an input redelivered after the duplicate window). Personal text is plain in what
+    ``handle`` receives and returns: the engine opens and seals it (``engine/sealing.py``), and
+    never calls ``handle`` with an event whose data subject was forgotten.
     """
 
 
@@ -81,7 +84,9 @@ def register_projections(register: Callable[[Projection], None], settings: Setti
     that read projections), with the ``settings``. Call ``register(MyProjection())`` for each
     read model (``name``, ``consumes``, ``tables``, ``apply``). Each projection is applied in stream order
     and stores the last sequence it applied in the same SQLite transaction as its state, so it
-    resumes exactly after a crash and can be rebuilt from the log at any time.
+    resumes exactly after a crash and can be rebuilt from the log at any time. ``apply`` receives
+    plain payloads; an event whose data subject was forgotten comes with its personal fields blank
+    and ``event.forgotten`` set.
     """
 
 

@@ -61,7 +61,8 @@ class ProcessContext:
 
     async def read_log(self, types: Sequence[str], until: int | None = None) -> list[tuple[int, Event[Any]]]:
         """(sequence, event) of every event of ``types`` on the log up to ``until`` (None: the end
-        of the log now), in order; messages that do not validate are skipped."""
+        of the log now), in order, personal text opened (a forgotten subject's events come with
+        ``event.forgotten`` set and blanks); messages that do not validate are skipped."""
         if self.reader is None:
             raise RuntimeError("the log can be read only inside a worker (or a context given a reader)")
         return await self.reader(types, until)

@@ -10,6 +10,13 @@ state it folded (eventsourcing's tracking record), so:
 
 The runner reads with an ephemeral, ack-less pull consumer starting at ``position + 1``; if
 the consumer vanishes (a NATS restart), it recreates it from the stored position.
+
+Events are opened before they are applied (``engine/sealing.py``): a projection folds the
+payload as it was published. An event whose data subject was forgotten arrives with
+``event.forgotten`` set and its personal fields blank; everything else in it is as it was, so a
+projection that folds only what is not personal (counts, roles, hashes) rebuilds the same rows
+before and after a forget. A projection that keeps personal text skips such events (and deletes
+its rows on ``data.forgotten``).
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -30,6 +37,8 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from flywheel_loop.engine.bus import Bus
 from flywheel_loop.engine.consumes import ConsumesEvents
+from flywheel_loop.engine.keys import KeyStoreError
+from flywheel_loop.engine.sealing import Opened
 from flywheel_loop.schemas import Event, InvalidEvent, parse_event
 
 log = logging.getLogger(__name__)
@@ -108,8 +117,9 @@ class ProjectionStore:
             raise
         self.db.execute("COMMIT")
 
-    def apply_batch(self, messages: list[tuple[int, bytes, datetime | None]]) -> int:
-        """Apply (sequence, data) pairs above the stored position in one transaction."""
+    def apply_batch(self, messages: Sequence[tuple[int, bytes | Opened, datetime | None]]) -> int:
+        """Apply (sequence, message) pairs above the stored position in one transaction; a message is
+        the raw bytes of an event that needs no opening, or what ``Bus.open_many`` made of it."""
         applied, skipped = 0, 0
         with self.transaction() as db:
             # Read the position inside the write lock: another process folding the same store
@@ -119,7 +129,9 @@ class ProjectionStore:
                 if msg_seq <= seq:
                     continue  # already applied before a crash or a redelivery
                 try:
-                    event = parse_event(data)
+                    event = parse_event(data) if isinstance(data, bytes) else data
+                    if isinstance(event, InvalidEvent):
+                        raise event
                 except InvalidEvent:
                     skipped += 1  # the processors reject it; a projection just skips it
                 else:
@@ -183,7 +195,8 @@ class ProjectionRunner:
 
     async def step(self, timeout: float = 1.0, until_seq: int | None = None,
                    until_time: datetime | None = None) -> int:
-        """Fetch and apply one batch; return how many messages were read (0: none waiting)."""
+        """Fetch and apply one batch; return how many messages were read (0: none waiting).
+        ``KeyStoreError`` when sealed events could not be opened (nothing was applied)."""
         async with self._lock:
             return await self._step(timeout, until_seq, until_time)
 
@@ -199,7 +212,7 @@ class ProjectionRunner:
             await self._drop_subscription()
             await asyncio.sleep(0.2)
             return 0
-        batch: list[tuple[int, bytes, datetime | None]] = []
+        taken = []
         for msg in msgs:
             meta = msg.metadata
             seq = meta.sequence.stream
@@ -207,10 +220,18 @@ class ProjectionRunner:
                 break
             if until_time is not None and meta.timestamp and meta.timestamp > until_time:
                 break
-            batch.append((seq, msg.data, meta.timestamp))
-        if batch:
-            self.store.apply_batch(batch)
-        return len(batch) if len(batch) == len(msgs) else -1
+            taken.append(msg)
+        if taken:
+            try:
+                opened = await self.bus.open_many([msg.data for msg in taken])
+            except KeyStoreError:
+                await self._drop_subscription()  # nothing applied: start again from the stored position
+                raise
+            self.store.apply_batch([
+                (msg.metadata.sequence.stream, item, msg.metadata.timestamp)
+                for msg, item in zip(taken, opened, strict=True)
+            ])
+        return len(taken) if len(taken) == len(msgs) else -1
 
     async def catch_up(self, until_seq: int | None = None, until_time: datetime | None = None) -> int:
         """Apply everything up to the stream's current end (or a bound); return the position."""
@@ -243,9 +264,17 @@ class ProjectionRunner:
                     log.info("projection %s: consumer lost (%s); resubscribing", self.projection.name, exc)
                     await self._drop_subscription()
                     raise
-                batch = [(msg.metadata.sequence.stream, msg.data, msg.metadata.timestamp) for msg in msgs]
-                if batch:
-                    self.store.apply_batch(batch)
+                if not msgs:
+                    continue
+                try:
+                    opened = await self.bus.open_many([msg.data for msg in msgs])
+                except KeyStoreError:
+                    await self._drop_subscription()  # nothing applied: start again from the stored position
+                    raise
+                self.store.apply_batch([
+                    (msg.metadata.sequence.stream, item, msg.metadata.timestamp)
+                    for msg, item in zip(msgs, opened, strict=True)
+                ])
         return self.store.position().seq
 
     async def _nothing_pending(self) -> bool:
@@ -261,7 +290,11 @@ class ProjectionRunner:
         """Follow the stream until ``stop`` is set."""
         try:
             while not stop.is_set():
-                await self.step(timeout=1.0)
+                try:
+                    await self.step(timeout=1.0)
+                except KeyStoreError as exc:
+                    log.error("projection %s: %s; retrying", self.projection.name, exc)
+                    await asyncio.sleep(1.0)
         finally:
             await self._drop_subscription()
 

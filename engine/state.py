@@ -100,7 +100,7 @@ class ProcessorState:
     def fold(self, events: Iterable[tuple[int, Event[Any]]]) -> None:
         """Fold ``(log sequence, event)`` pairs in, as the worker does (those at or below the
         position are skipped)."""
-        self.store.apply_batch([(seq, event.to_bytes(), None) for seq, event in events])
+        self.store.apply_batch([(seq, event, None) for seq, event in events])
         self.settle()
 
     def settle(self) -> None:

@@ -1,12 +1,25 @@
 """The worker runtime: runs one processor on its durable pull consumer.
 
-For each fetched batch: validate every message, call the processor, publish what it
-produced (ids derived from input id + processor name + index, so a redelivery never
-duplicates), and ack each input only after its outputs are acked.
+For each fetched batch: open every message (validate it, and decrypt its sealed personal
+text, ``engine/sealing.py``), call the processor, publish what it produced (ids derived from
+input id + processor name + index), and ack each input only after its outputs are acked.
 
 - A message that does not validate becomes an ``event.rejected`` and is terminated.
 - A handler that raises is redelivered with exponential back-off (``nak`` with a delay,
   so retries survive a crash); after ``max_attempts`` it is rejected and terminated.
+- An event whose data subject was forgotten (its key destroyed) is acked without calling the
+  handler: nothing new is derived from forgotten data. An output about a forgotten subject
+  (late intake for it) is not published.
+- **Exactly once, also after the duplicate window.** Within ``streams.duplicate_window_s``
+  JetStream drops an output published twice under its derived id. A redelivered input (JetStream
+  counts deliveries) may come back later than that: a worker killed between publishing and
+  acking, a consumer paused or backed off for longer. For such an input the worker looks its
+  outputs' ids up on the log before publishing, among the messages stored since the input itself
+  was stored (headers only; outputs always come after their input), and publishes only those
+  not there. This holds for every processor, stateless ones included (the anonymizer, the
+  embedder, any plugin's), and needs no state: the log is the record of what was published.
+- A key store that does not answer leaves the batch unacked (naked with a delay), with the reason
+  logged: nothing is rejected for it.
 - ``stop`` lets the current batch finish (drain) before the worker returns.
 """
 
@@ -18,6 +31,7 @@ import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 import nats.errors
@@ -27,8 +41,10 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from flywheel_loop.engine import telemetry
 from flywheel_loop.engine.bus import Bus, PublishFailed
+from flywheel_loop.engine.keys import KeyStoreError
 from flywheel_loop.engine.processor import Outputs, ProcessContext, Processor, apply_step
 from flywheel_loop.engine.projection import ProjectionRunner
+from flywheel_loop.engine.sealing import Opened
 from flywheel_loop.engine.state import ProcessorFold, ProcessorState, live_source
 from flywheel_loop.schemas import (
     Event,
@@ -37,7 +53,6 @@ from flywheel_loop.schemas import (
     Payload,
     derived_event,
     new_event,
-    parse_event,
 )
 from flywheel_loop.schemas.ids import ID_PATTERN, derive_id, new_id
 
@@ -46,6 +61,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+#: how far apart two servers' clocks may be: an output is looked for from this long before its input's
+#: store time (in a cluster the input's and the output's streams may have leaders on different servers)
+CLOCK_SKEW = timedelta(seconds=60)
+
 
 @dataclass
 class WorkerStats:
@@ -53,6 +72,10 @@ class WorkerStats:
     produced: int = 0
     rejected: int = 0
     retried: int = 0
+    #: outputs of redelivered inputs found on the log already, so not published again
+    already_stored: int = 0
+    #: inputs about a forgotten data subject, acked without calling the handler
+    forgotten: int = 0
     started: float = field(default_factory=time.monotonic)
 
 
@@ -166,51 +189,81 @@ class ProcessorWorker:
         self.store.settle()
 
     async def process_batch(self, msgs: list[Msg]) -> None:
-        """Handle a batch; publish all outputs (pipelined), then ack the inputs."""
+        """Handle a batch; publish all outputs not yet on the log (pipelined), then ack the inputs."""
+        name = self.processor.name
         try:
             await self.catch_up()
         except Exception as exc:  # the fold could not read the log: hand the batch back for later
-            log.warning(
-                "%s: its state could not be brought up to date (%r); the batch is retried", self.processor.name, exc
-            )
+            log.warning("%s: its state could not be brought up to date (%r); the batch is retried", name, exc)
             for msg in msgs:
-                try:
-                    await msg.nak(delay=self.cfg.backoff_s)
-                except nats.errors.Error:
-                    pass
+                await self._nak(msg, self.cfg.backoff_s)
             return
-        done: list[tuple[Msg, bool]] = []
-        outputs: list[Event[Any]] = []
+        try:
+            opened = await self.bus.open_many([msg.data for msg in msgs])
+        except KeyStoreError as exc:
+            log.error("%s: %s; the batch is retried", name, exc)
+            for msg in msgs:
+                await self._nak(msg, self.cfg.max_backoff_s)
+            return
+        done: list[tuple[Msg, bool, list[Event[Any]]]] = []
         self._trace = {}
-        for msg in msgs:
-            handled = await self._handle(msg)
+        for msg, item in zip(msgs, opened, strict=True):
+            handled = await self._handle(msg, item)
             if handled is None:
                 continue  # nak'd for a retry
             produced, rejected = handled
-            outputs.extend(produced)
-            done.append((msg, rejected))
+            done.append((msg, rejected, produced))
         try:
+            outputs = await self._not_yet_stored(done)
+            outputs = await self.bus.keys.writable(outputs)
             await self.bus.publish_many(outputs, trace=self._trace)
-        except PublishFailed as exc:
-            log.error("%s: could not publish outputs (%s); inputs will be redelivered", self.processor.name, exc)
+        except KeyStoreError as exc:
+            log.error("%s: could not seal outputs (%s); the batch is retried", name, exc)
+            for msg, _, _ in done:
+                await self._nak(msg, self.cfg.max_backoff_s)
             return
-        for msg, rejected in done:
+        except (PublishFailed, nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
+            log.error("%s: could not publish outputs (%s); inputs will be redelivered", name, exc)
+            return
+        for msg, rejected, _ in done:
             # A rejected message is terminated (never redelivered) once its rejection is stored.
             await (self._term(msg) if rejected else msg.ack())
         self.stats.produced += len(outputs)
 
-    async def _handle(self, msg: Msg) -> tuple[list[Event[Any]], bool] | None:
-        """(outputs, rejected?) for one message, or None when it was nak'd for a retry."""
+    async def _not_yet_stored(self, done: list[tuple[Msg, bool, list[Event[Any]]]]) -> list[Event[Any]]:
+        """The batch's outputs, less those of redelivered inputs that are on the log already (see the
+        module docstring: exactly once after the duplicate window)."""
+        outputs = [out for _, _, produced in done for out in produced]
+        again = [(msg, produced) for msg, _, produced in done if produced and int(msg.metadata.num_delivered or 1) > 1]
+        stamps = [msg.metadata.timestamp for msg, _ in again if msg.metadata.timestamp is not None]
+        if not again:
+            return outputs
+        # without a store time (never the case for a JetStream message) look from the start of the stream
+        since = min(stamps) - CLOCK_SKEW if len(stamps) == len(again) else datetime.fromtimestamp(0, UTC)
+        stored = await self.bus.stored_ids([out for _, produced in again for out in produced], since)
+        if stored:
+            log.info("%s: %d output(s) of redelivered inputs are on the log already; not published again",
+                     self.processor.name, len(stored))
+            self.stats.already_stored += len(stored)
+        return [out for out in outputs if out.id not in stored]
+
+    async def _handle(self, msg: Msg, item: Opened) -> tuple[list[Event[Any]], bool] | None:
+        """(outputs, rejected?) for one opened message, or None when it was nak'd for a retry."""
         name = self.processor.name
         attempts = int(msg.metadata.num_delivered or 1)
         msg_id = (msg.headers or {}).get("Nats-Msg-Id")
         try:
-            event = parse_event(msg.data)
+            if isinstance(item, InvalidEvent):
+                raise item
+            event = item
             if event.subject != msg.subject:
                 raise InvalidEvent(f"type: {event.type!r} published on subject {msg.subject!r}")
         except InvalidEvent as exc:
             self.stats.rejected += 1
             return [rejection_event(msg, self.stream_name, name, exc.reason, attempts, msg_id)], True
+        if event.forgotten:
+            self.stats.forgotten += 1
+            return [], False  # its subject was forgotten: nothing is derived from it
         self.ctx.attempt = attempts
         self.ctx.sequence = int(msg.metadata.sequence.stream)
         try:
@@ -230,7 +283,7 @@ class ProcessorWorker:
                 delay = min(self.cfg.backoff_s * 2 ** (attempts - 1), self.cfg.max_backoff_s)
                 log.warning("%s failed on %s (attempt %d): %r; retry in %.1fs", name, event.id, attempts, exc, delay)
                 self.stats.retried += 1
-                await msg.nak(delay=delay)
+                await self._nak(msg, delay)
                 return None
             self.stats.rejected += 1
             reason = f"{name} raised {type(exc).__name__}: {exc} (after {attempts} attempts)"
@@ -297,3 +350,10 @@ class ProcessorWorker:
             await msg.term()
         except nats.errors.Error:
             pass
+
+    @staticmethod
+    async def _nak(msg: Msg, delay: float) -> None:
+        try:
+            await msg.nak(delay=delay)
+        except nats.errors.Error:
+            pass  # redelivered after ack_wait instead

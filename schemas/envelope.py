@@ -17,6 +17,7 @@ import orjson
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
 from flywheel_loop.schemas.ids import ID_PATTERN, derive_id, new_id
+from flywheel_loop.schemas.personal import Sealed
 
 EventId = Annotated[str, StringConstraints(pattern=ID_PATTERN)]
 Stream = Literal["raw", "log"]
@@ -45,6 +46,9 @@ class Payload(BaseModel):
     event_type: ClassVar[str]
     schema_version: ClassVar[int] = 1
     stream: ClassVar[Stream] = "log"
+    #: dotted path to the id whose key seals this payload's personal fields on the log (the interaction
+    #: the text belongs to); a log payload with personal fields must name one (``schemas/personal.py``)
+    data_subject: ClassVar[str | None] = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -78,14 +82,38 @@ class Event(BaseModel, Generic[P]):
         default=None, description="the interaction or run this event belongs to"
     )
     data: P
+    sealed: Sealed | None = Field(
+        default=None,
+        description="the payload's personal fields, encrypted under its data subject's key; while it is"
+        " present those fields hold blanks (absent: the payload is whole)",
+    )
 
     @property
     def subject(self) -> str:
         return subject_for(self.type)
 
+    @property
+    def forgotten(self) -> bool:
+        """Whether the payload's personal fields are withheld: ``sealed`` is still there, so they hold
+        blanks and only the rest of the payload is readable. The engine opens every sealed event whose
+        key exists, so a plugin sees this only for a data subject that was forgotten (its key
+        destroyed); a reader without the key store (the agent SDK) sees every sealed event so."""
+        return self.sealed is not None
+
     def to_bytes(self) -> bytes:
-        """The wire form: compact JSON through orjson."""
-        return orjson.dumps(self.model_dump(mode="python"))
+        """The wire form: compact JSON through orjson (``sealed`` only when there is one)."""
+        return orjson.dumps(self.model_dump(mode="python", exclude=None if self.sealed else {"sealed"}))
+
+
+_ENVELOPES: dict[type[Payload], Any] = {}
+
+
+def envelope_of(payload_cls: type[Payload]) -> Any:
+    """``Event[payload_cls]``, made once (pydantic's own lookup of a generic costs more than a parse)."""
+    cls = _ENVELOPES.get(payload_cls)
+    if cls is None:
+        cls = _ENVELOPES[payload_cls] = Event[payload_cls]  # type: ignore[valid-type]
+    return cls
 
 
 def subject_for(event_type: str) -> str:
@@ -116,7 +144,7 @@ def new_event(
     eid = event_id or new_id()
     if correlation_id is None:
         correlation_id = (cause.correlation_id or cause.id) if cause is not None else eid
-    cls: Any = Event[type(data)]  # type: ignore[misc]
+    cls: Any = envelope_of(type(data))
     event: Event[Any] = cls(
         id=eid,
         time=datetime.now(UTC),
@@ -137,7 +165,7 @@ def derived_event(data: Payload, *, cause: Event[Any], source: str, index: int =
         raise TypeError(f"{source} produced {type(data).__name__}, not an event payload")
     # Every field is already validated (the payload by its model, the rest by construction),
     # so skip a second validation on the hot path.
-    cls: Any = Event[type(data)]  # type: ignore[misc]
+    cls: Any = envelope_of(type(data))
     event: Event[Any] = cls.model_construct(
         id=derive_id(cause.id, source, index),
         type=data.event_type,
@@ -173,7 +201,7 @@ def parse_event(raw: bytes | str | dict[str, Any]) -> Event[Any]:
         payload_cls = CATALOGUE.get(peek.group(1).decode()) if peek else None
         if payload_cls is not None:
             try:
-                event = Event[payload_cls].model_validate_json(raw)  # type: ignore[valid-type]
+                event: Event[Any] = envelope_of(payload_cls).model_validate_json(raw)
             except ValidationError:
                 pass
             else:
@@ -204,7 +232,8 @@ def parse_event(raw: bytes | str | dict[str, Any]) -> Event[Any]:
             f"understands ({payload_cls.schema_version})"
         )
     try:
-        return Event[payload_cls].model_validate(raw)  # type: ignore[valid-type]
+        validated: Event[Any] = envelope_of(payload_cls).model_validate(raw)
+        return validated
     except ValidationError as exc:
         raise InvalidEvent(describe_validation_error(exc)) from None
 

@@ -13,6 +13,7 @@ from typing import Annotated, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
 from flywheel_loop.schemas.envelope import EventId, Payload, Stream
+from flywheel_loop.schemas.personal import PERSONAL
 
 __all__ = [
     "ArmSelected",
@@ -48,6 +49,7 @@ __all__ = [
     "EventRejected",
     "DataForgotten",
     "DatasetSuperseded",
+    "AdapterSuperseded",
 ]
 
 Text = Annotated[str, StringConstraints(max_length=200_000)]
@@ -63,6 +65,8 @@ Score = Annotated[float, Field(ge=0.0, le=1.0)]
 Count = Annotated[int, Field(ge=0)]
 Scalar = float | int | str | bool | None
 Complexity = Literal["simple", "moderate", "complex", "expert"]
+#: free text that can carry a person's words: sealed on the log under its data subject's key
+PersonalText = Annotated[Text, PERSONAL]
 
 
 class Part(BaseModel):
@@ -83,19 +87,19 @@ class GitContext(Part):
 class Context(Part):
     """Where the interaction happened."""
 
-    project: ShortText | None = None
+    project: Annotated[ShortText | None, PERSONAL] = None
     language: ShortText | None = None
-    files: list[ShortText] = Field(default_factory=list, max_length=200)
-    git: GitContext | None = None
-    build: ShortText | None = None
-    tests: Text | None = Field(default=None, description="test code the answer must pass, if any")
-    extra: Text | None = Field(default=None, description="any other context the agent saw")
+    files: Annotated[list[ShortText], PERSONAL] = Field(default_factory=list, max_length=200)
+    git: Annotated[GitContext | None, PERSONAL] = None
+    build: Annotated[ShortText | None, PERSONAL] = None
+    tests: Annotated[Text | None, PERSONAL] = Field(default=None, description="test code the answer must pass, if any")
+    extra: Annotated[Text | None, PERSONAL] = Field(default=None, description="any other context the agent saw")
 
 
 class ToolCall(Part):
     name: Name
-    arguments: Text = ""
-    output: Text = ""
+    arguments: PersonalText = ""
+    output: PersonalText = ""
     duration_ms: Annotated[float, Field(ge=0)] | None = None
 
 
@@ -134,8 +138,8 @@ class InteractionRecorded(Payload):
     role: Role
     model_id: Name
     prompt_variant: Name | None = None
-    input: Text
-    output: Text
+    input: PersonalText
+    output: PersonalText
     context: Context = Field(default_factory=Context)
     tool_calls: list[ToolCall] = Field(default_factory=list, max_length=500)
     duration_ms: Annotated[float, Field(ge=0)] | None = None
@@ -160,10 +164,10 @@ class FeedbackGiven(Payload):
     interaction_id: EventId
     rating: Annotated[int, Field(ge=1, le=5)] | None = None
     thumbs: Literal["up", "down"] | None = None
-    comment: Text | None = None
-    correction: Text | None = Field(default=None, description="the corrected output")
+    comment: Annotated[Text | None, PERSONAL] = None
+    correction: Annotated[Text | None, PERSONAL] = Field(default=None, description="the corrected output")
     implicit: Literal["accepted", "modified", "rejected", "abandoned"] | None = None
-    final_version: Text | None = None
+    final_version: Annotated[Text | None, PERSONAL] = None
     time_to_accept_s: Annotated[float, Field(ge=0)] | None = None
 
 
@@ -181,7 +185,7 @@ class OutcomeObserved(Payload):
     type_errors: Count | None = None
     runtime_errors: Count | None = None
     deployed: bool | None = None
-    errors: list[Text] = Field(default_factory=list, max_length=100)
+    errors: Annotated[list[Text], PERSONAL] = Field(default_factory=list, max_length=100)
 
 
 # --------------------------------------------------------------------------- scrubbed
@@ -197,9 +201,13 @@ class Findings(Part):
 
 
 class InteractionAnonymized(Payload):
-    """An interaction with PII and secrets replaced by typed placeholders; ids keyed-hashed."""
+    """An interaction with PII and secrets replaced by typed placeholders; ids keyed-hashed.
+
+    Its free text (the ``PERSONAL`` fields of ``InteractionRecorded``) is sealed on the log under the
+    interaction's key; the rest (keyed hashes, role, model, tokens, cost, findings) stays readable."""
 
     event_type: ClassVar[str] = "interaction.anonymized"
+    data_subject: ClassVar[str | None] = "interaction_id"
 
     interaction_id: EventId
     interaction: InteractionRecorded
@@ -207,9 +215,11 @@ class InteractionAnonymized(Payload):
 
 
 class FeedbackAnonymized(Payload):
-    """Feedback with its free text (comment, correction, final version) scrubbed."""
+    """Feedback with its free text (comment, correction, final version) scrubbed; that text is sealed on
+    the log under the key of the interaction it is about."""
 
     event_type: ClassVar[str] = "feedback.anonymized"
+    data_subject: ClassVar[str | None] = "feedback.interaction_id"
 
     feedback_id: EventId
     feedback: FeedbackGiven
@@ -217,9 +227,11 @@ class FeedbackAnonymized(Payload):
 
 
 class OutcomeAnonymized(Payload):
-    """An outcome with its error messages scrubbed."""
+    """An outcome with its error messages scrubbed; they are sealed on the log under the key of the
+    interaction it is about."""
 
     event_type: ClassVar[str] = "outcome.anonymized"
+    data_subject: ClassVar[str | None] = "outcome.interaction_id"
 
     outcome_id: EventId
     outcome: OutcomeObserved
@@ -440,7 +452,7 @@ class DeploymentRolledBack(Payload):
     reason: ShortText
     from_model_name: Name | None = None
     to_model_name: Name | None = None
-    trigger: Literal["drift", "manual"] | None = None
+    trigger: Literal["drift", "manual", "forgotten"] | None = None
     endpoint: ShortText | None = Field(default=None, description="where the restored version answers (.../v1)")
 
 
@@ -522,13 +534,15 @@ FORGOTTEN_IDS_MAX = 10_000
 
 
 class DataForgotten(Payload):
-    """A data subject's raw intake was deleted; every consumer drops what it kept of it.
+    """A data subject was forgotten; every consumer drops what it kept of it.
 
     Published by ``flywheel forget`` after the subject's messages were erased from the raw
-    stream. The log itself is immutable, so the anonymized events stay there; every consumer
-    (projections, the evidence store, vectors, datasets) deletes its rows for the listed
-    interactions and ignores them from then on, also when it replays the log. The subject is
-    named by its keyed hash (the anonymizer's pseudonym), never by the raw id.
+    stream and the keys of its interactions destroyed: the anonymized events stay on the
+    immutable log, but their personal fields were sealed under those keys, so nothing readable
+    of the subject is left there (``counts["keys_destroyed"]``). Every consumer (projections, the
+    evidence store, vectors, datasets) deletes its rows for the listed interactions and ignores
+    them from then on, also when it replays the log. The subject is named by its keyed hash (the
+    anonymizer's pseudonym), never by the raw id.
     """
 
     event_type: ClassVar[str] = "data.forgotten"
@@ -572,4 +586,32 @@ class DatasetSuperseded(Payload):
     lineage: list[EventId] = Field(default_factory=list, description="the new dataset's lineage (may be capped)")
     lineage_total: Count = 0
     path: ShortText | None = None
+    detail: ShortText = ""
+
+
+class AdapterSuperseded(Payload):
+    """An adapter trained on a dataset that held forgotten data, and what was decided about it.
+
+    The deployer publishes one for every adapter trained on a superseded dataset. ``action``:
+
+    - ``retrain``: the adapter is in service; the trainer trains the replacement dataset and the new
+      adapter goes through the gate as any other (``deployer.on_forgotten = "retrain"``);
+    - ``rollback``: the adapter was in service; the deployer put back the newest version not trained on
+      forgotten data, or the base model (``deployer.on_forgotten = "rollback"``, and ``retrain`` when
+      nothing was left to retrain on);
+    - ``withdraw``: not in service; it is no longer a rollback target.
+    """
+
+    event_type: ClassVar[str] = "adapter.superseded"
+
+    role: Role
+    adapter_hash: Hash
+    model_name: Name | None = Field(default=None, description="the version's name, when it was deployed")
+    dataset_hash: Hash = Field(description="the superseded dataset it was trained on")
+    new_dataset_hash: Hash | None = Field(default=None, description="the dataset that replaced it, if any")
+    new_dataset_path: ShortText | None = None
+    superseded_id: EventId = Field(description="the dataset.superseded event")
+    forgotten_id: EventId | None = Field(default=None, description="the data.forgotten behind it")
+    in_service: bool = False
+    action: Literal["retrain", "rollback", "withdraw"]
     detail: ShortText = ""

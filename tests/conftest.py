@@ -115,14 +115,14 @@ async def wait_for(predicate: Callable[[], Any], timeout: float = 30.0, interval
 
 
 async def read_log(bus: Bus, stream: str = "log", event_type: str | None = None) -> list[Any]:
-    """Every event on a stream (optionally one type), parsed, in order."""
+    """Every event on a stream (optionally one type), opened as the engine reads it (sealed personal text
+    decrypted; a forgotten subject's left blank with ``forgotten`` set), in order."""
     return [event for _, event in await read_log_at(bus, stream, event_type)]
 
 
 async def read_log_at(bus: Bus, stream: str = "log", event_type: str | None = None) -> list[tuple[int, Any]]:
-    """Every event on a stream (optionally one type) with its stream sequence, parsed, in order."""
-    from flywheel_loop.schemas import parse_event
-
+    """Every event on a stream (optionally one type) with its stream sequence, opened as ``read_log``
+    opens it, in order."""
     subject = f"fw.{stream}.{event_type}" if event_type else f"fw.{stream}.>"
     last = await bus.last_sequence(stream)
     if last == 0:
@@ -134,7 +134,7 @@ async def read_log_at(bus: Bus, stream: str = "log", event_type: str | None = No
         expected = sum((info.state.subjects or {}).values()) if info.state.subjects else 0
         while len(events) < expected:
             msg = await sub.next_msg(timeout=5)
-            events.append((msg.metadata.sequence.stream, parse_event(msg.data)))
+            events.append((msg.metadata.sequence.stream, await bus.keys.open(msg.data)))
     finally:
         await sub.unsubscribe()
     return events

@@ -38,6 +38,9 @@ async def test_retention_change_upgrades_the_existing_stream(bus: Bus, settings:
     assert info.config.max_age == pytest.approx(7 * 86400)
 
 
+SEALED = {"interaction.anonymized", "feedback.anonymized", "outcome.anonymized"}
+
+
 @pytest.mark.parametrize("event_type", sorted(CATALOGUE))
 async def test_every_event_type_round_trips_through_jetstream(bus: Bus, event_type: str) -> None:
     path = EXAMPLES / f"{event_type}.json"
@@ -49,7 +52,8 @@ async def test_every_event_type_round_trips_through_jetstream(bus: Bus, event_ty
     stored = await bus.js.get_msg(ack.stream, ack.seq)
     assert stored.headers and stored.headers["Nats-Msg-Id"] == event.id
     assert stored.subject == f"fw.{CATALOGUE[event_type].stream}.{event_type}"
-    assert parse_event(stored.data) == event
+    assert await bus.open_many([stored.data]) == [event]  # personal text sealed on the way in, opened again
+    assert parse_event(stored.data).forgotten == (event_type in SEALED)  # without the key: withheld
 
 
 async def test_a_duplicate_publish_is_stored_once(bus: Bus) -> None:

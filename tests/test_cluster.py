@@ -60,7 +60,11 @@ async def test_node_and_worker_killed_mid_stream_lose_nothing_and_double_nothing
         total, distinct, rows = counts(stores[0])
         info = await bus.js.stream_info(bus.streams.log, subjects_filter="fw.log.interaction.anonymized")
         raw = await bus.js.stream_info(bus.streams.raw)
+        keys = await bus.js.stream_info(f"KV_{settings.streams.prefix}_KEYS")
         await bus.close()
     assert raw.state.messages == n  # every agent event stored once, through the node failure
     assert (total, distinct, rows) == (n, n, n)  # the surviving worker's projection saw each output once
     assert sum(info.state.subjects.values()) == n  # and the log holds each output exactly once
+    # the data keys sealing the outputs: replicated like the streams, one per interaction though two workers
+    # sealed (one of them killed) and the node holding a replica died
+    assert keys.config.num_replicas == 3 and keys.state.messages == n

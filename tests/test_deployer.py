@@ -197,3 +197,98 @@ async def test_a_canary_takes_its_share_while_the_previous_version_keeps_serving
     assert back.data.endpoint == v1.data.endpoint and back.data.to_model_name == v1.data.model_name
     assert after is not None and after.model_name == v1.data.model_name and after.traffic_share == 1.0
     assert after.sharing_with is None
+
+
+# --------------------------------------------------------------------------- forgotten data in an adapter
+
+
+def _trained(adapter: str, dataset: str) -> Any:
+    from flywheel_loop.schemas import TrainingCompleted
+
+    return TrainingCompleted(run_id=f"run-{adapter[:8]}", role="coder", adapter_hash=adapter, path="adapters/x",
+                             base_model="tiny", dataset_hash=dataset)
+
+
+def _superseded(old: str, new: str | None) -> Any:
+    from flywheel_loop.schemas import DatasetSuperseded, new_id
+
+    return DatasetSuperseded(role="coder", old_hash=old, new_hash=new, forgotten_id=new_id(),
+                             path=f"datasets/{new}" if new else None)
+
+
+async def test_an_adapter_trained_on_forgotten_data_is_rolled_back_past_every_version_that_held_it(
+    settings: Any, bus: Any, engine_with: Any, tiny_model_dir: Path
+) -> None:
+    first, second, third = (store_random_adapter(tiny_model_dir, settings.state_dir, seed=s) for s in (1, 2, 3))
+    d1, d2, d3, d3_new = "d1" * 32, "d2" * 32, "d3" * 32, "e3" * 32
+    async with engine_with(serving, builtins=False, only={"deployer", "deployments"}) as running:
+        try:
+            answers = []
+            for adapter, dataset in ((first, d1), (second, d2), (third, d3)):
+                await bus.publish(new_event(_trained(adapter, dataset), source="trainer"))
+                await bus.publish(new_event(evaluation(adapter, passed=True), source="test"))
+                await wait_for(lambda a=adapter: _deployed(bus, a), timeout=60)
+                done = (await read_log(bus, "log", "deployment.completed"))[-1].data
+                answers.append(await asyncio.to_thread(chat, done.endpoint, done.model_name))
+            answer_first = answers[0]
+            # the second version's dataset held forgotten data: not in service, it is withdrawn
+            await bus.publish(new_event(_superseded(d2, None), source="dataset_builder"))
+            await wait_for(lambda: read_log(bus, "log", "adapter.superseded"), timeout=60)
+            # then the third's, which is in service: back past the second to the first, which held none of it
+            await bus.publish(new_event(_superseded(d3, d3_new), source="dataset_builder"))
+            [back] = await wait_for(lambda: read_log(bus, "log", "deployment.rolled_back"), timeout=60)
+            answer_again = await asyncio.to_thread(chat, back.data.endpoint, back.data.to_model_name)
+            await running.projection("deployments").catch_up()
+            book = projection_book(running)
+            assert book.service("coder").adapter_hash == first  # type: ignore[union-attr]
+            assert [v.adapter_hash for v in book.kept("coder")] == [first]
+        finally:
+            deployer_of(running).close()
+    decisions = [e.data for e in await read_log(bus, "log", "adapter.superseded")]
+    assert [(d.adapter_hash, d.action, d.in_service, d.dataset_hash) for d in decisions] == [
+        (second, "withdraw", False, d2), (third, "rollback", True, d3)]
+    assert decisions[1].new_dataset_hash == d3_new and "deployer.on_forgotten = rollback" in decisions[1].detail
+    assert (back.data.from_adapter, back.data.to_adapter, back.data.trigger) == (third, first, "forgotten")
+    assert answer_again == answer_first  # the version put back is the first, answering as it did
+
+
+async def _deployed(bus: Any, adapter: str) -> bool:
+    return any(e.data.adapter_hash == adapter for e in await read_log(bus, "log", "deployment.completed"))
+
+
+@pytest.mark.parametrize("settings", [{"on_forgotten": "retrain"}], indirect=True)
+async def test_with_retrain_the_version_stays_in_service_and_the_trainer_trains_the_replacement(
+    settings: Any, bus: Any, engine_with: Any, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from flywheel_loop.engine.processor import ProcessContext
+    from flywheel_loop.plugins.training import trainer
+
+    first = store_random_adapter(tiny_model_dir, settings.state_dir, seed=1)
+    old, new = "d1" * 32, "e1" * 32
+    async with engine_with(serving, builtins=False, only={"deployer", "deployments"}) as running:
+        try:
+            await bus.publish(new_event(_trained(first, old), source="trainer"))
+            await bus.publish(new_event(evaluation(first, passed=True), source="test"))
+            await wait_for(lambda: _deployed(bus, first), timeout=60)
+            await bus.publish(new_event(_superseded(old, new), source="dataset_builder"))
+            [decision] = await wait_for(lambda: read_log(bus, "log", "adapter.superseded"), timeout=60)
+            await running.projection("deployments").catch_up()
+            assert projection_book(running).service("coder").adapter_hash == first  # type: ignore[union-attr]
+        finally:
+            deployer_of(running).close()
+    assert await read_log(bus, "log", "deployment.rolled_back") == []
+    d = decision.data
+    assert (d.action, d.in_service, d.new_dataset_hash, d.new_dataset_path) == ("retrain", True, new, f"datasets/{new}")
+    # the trainer answers the decision by training the replacement dataset (stubbed: no training in this test)
+    calls: list[tuple[str, str, str]] = []
+
+    def train(settings: Any, role: str, digest: str, path: str, emit: Any) -> Any:
+        calls.append((role, digest, path))
+        return _trained("ab" * 32, digest)
+
+    monkeypatch.setattr(trainer, "train_dataset", train)
+    ctx = ProcessContext(settings=settings, log=trainer.log)
+    [out] = await trainer.Trainer().handle(decision, ctx)
+    assert calls == [("coder", new, f"datasets/{new}")] and out.dataset_hash == new
+    withdrawn = decision.model_copy(update={"data": d.model_copy(update={"action": "withdraw"})})
+    assert await trainer.Trainer().handle(withdrawn, ctx) == [] and len(calls) == 1

@@ -1,5 +1,6 @@
-"""``flywheel forget``: a session's raw data erased, every projection, store and dataset without it,
-the other session intact, and a replay of the log reaching the same state."""
+"""``flywheel forget``: a session's raw data erased, its text on the immutable log shredded (its keys
+destroyed), every projection, store and dataset without it, nothing of it in any file of the NATS store or
+the state folder, the other session intact, and a replay of the log reaching the same state."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from flywheel_loop.plugins.curation.builder import rebuild_dataset
 from flywheel_loop.plugins.curation.settings import CurationConfig
 from flywheel_loop.plugins.curation.vectors import VectorStore, shared_embedder
 from flywheel_loop.plugins.insight.scores import Scores
+from flywheel_loop.plugins.insight.stats import Anonymization
 from flywheel_loop.plugins.privacy.forgetting import forget, pseudonym
 from flywheel_loop.plugins.shared.training_requests import request_training
 from flywheel_loop.schemas import (
@@ -30,6 +32,7 @@ from flywheel_loop.schemas import (
     InteractionRecorded,
     OutcomeObserved,
     new_event,
+    parse_event,
 )
 from tests.conftest import read_log, wait_for
 
@@ -49,6 +52,8 @@ BOB = [
     "Implement an LRU cache with a fixed capacity.",
 ]
 MARK = "aardvark"
+#: everything of the forgotten session that reached the bus: none of it may be left in any file afterwards
+PLANTED = [MARK, FORGOTTEN_SESSION, f"user-of-{FORGOTTEN_SESSION}", *ALICE, "thanks, the aardvark works"]
 TESTS = "def test_reverse():\n    assert reverse('abc') == 'cba'\n"
 
 
@@ -101,6 +106,14 @@ def _blob(folder: Path) -> bytes:
     return b"".join(p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file())
 
 
+def _files(*folders: Path) -> dict[Path, bytes]:
+    return {p: p.read_bytes() for folder in folders for p in folder.rglob("*") if p.is_file()}
+
+
+def _holding(files: dict[Path, bytes], needles: list[bytes]) -> list[tuple[str, bytes]]:
+    return [(str(p), n) for p, data in files.items() for n in needles if n in data]
+
+
 def _score_ids(path: Path) -> set[str]:
     db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     try:
@@ -133,6 +146,17 @@ async def test_forget_leaves_no_trace_of_the_session_and_a_replay_agrees(
         assert {r["id"] for r in _rows(old)} == alice | bob and MARK.encode() in _blob(old)  # it was there
         assert [r["tests"] for r in _rows(old) if r["id"] == ids[KEPT_SESSION][0]] == [TESTS]
 
+        # the log holds no plaintext of either session: their text is sealed under their interactions' keys
+        log_messages = [data async for _, data in bus.scan("log", ["fw.log.>"])]
+        log_bytes = b"".join(log_messages)
+        assert not [p for p in [*PLANTED, *BOB] if p.encode() in log_bytes]
+        keys = await bus.keys.store.fetch(sorted(alice | bob))
+        assert set(keys) == alice | bob and all(keys.values())
+        nats_files = _files(nats_server.data_dir / "jetstream")
+        assert all(_holding(nats_files, [keys[i]]) for i in alice)  # the key bytes are stored, so findable
+        anonymization_before = tmp_path / "anonymization-before.sqlite"
+        await rebuild(bus, Anonymization(), anonymization_before)
+
         # one interaction's raw message has expired already: the log still knows it by the keyed hash
         expired = ids[FORGOTTEN_SESSION][2]
         async for seq, data in bus.scan("raw", ["fw.raw.interaction.recorded"]):
@@ -143,6 +167,7 @@ async def test_forget_leaves_no_trace_of_the_session_and_a_replay_agrees(
         assert report.raw_deleted == 2 + 3 + 1  # interactions, their outcomes, the feedback
         assert set(report.interaction_ids) == alice
         assert report.counts["feedback"] == 1 and report.counts["outcomes"] == 3 and report.counts["scores"] >= 3
+        assert report.counts["keys"] == report.keys_destroyed == 3  # one data key per interaction
         assert report.datasets == [built.data.dataset_hash]
 
         [superseded] = await wait_for(lambda: read_log(bus, "log", "dataset.superseded"), timeout=60)
@@ -160,11 +185,33 @@ async def test_forget_leaves_no_trace_of_the_session_and_a_replay_agrees(
     assert MARK.encode() not in raw_files
     assert KEPT_SESSION.encode() in raw_files
 
+    # shredded: the keys are gone from the store and from its files; what the log held of the session, in the
+    # stream or in any copy of its messages made before, opens only as forgotten, while the rest opens whole
+    assert await bus.keys.store.fetch(sorted(alice | bob)) == {**{i: None for i in alice}, **{i: keys[i] for i in bob}}
+    fresh = await Bus.connect(settings, bus.url)  # another process: nothing cached
+    try:
+        reopened = await fresh.open_many(log_messages)
+    finally:
+        await fresh.close()
+    about = [e for e in reopened if e.type.endswith(".anonymized")]
+    subject_of = {e.id: getattr(e.data, "interaction_id", None) or getattr(
+        getattr(e.data, "feedback", None) or getattr(e.data, "outcome", None), "interaction_id", None) for e in about}
+    sealed = {e.id for e in map(parse_event, log_messages) if e.sealed is not None}  # those with personal text
+    assert {e.id for e in about if e.forgotten} == {eid for eid, iid in subject_of.items() if iid in alice} & sealed
+    assert len({eid for eid, iid in subject_of.items() if iid in alice} & sealed) == 3 + 1  # interactions, feedback
+    assert [e.data.interaction.input for e in about if e.type == "interaction.anonymized" and not e.forgotten] == BOB
+    assert all(e.data.interaction.input == "" for e in about if e.type == "interaction.anonymized" and e.forgotten)
+    # nothing of the session in any file: the NATS store (log, raw, keys) and the state folder
+    everything = _files(nats_server.data_dir / "jetstream", settings.state_dir)
+    assert not _holding(everything, [p.encode() for p in PLANTED] + [keys[i] for i in alice])
+    assert _holding(everything, [b"binary search"]) and all(_holding(everything, [keys[i]]) for i in bob)
+
     # the announcement names the subject by its keyed hash only
     [announced] = await read_log(bus, "log", "data.forgotten")
     f = announced.data
     assert f.subject == "session" and f.subject_hash == pseudonym(settings, FORGOTTEN_SESSION)
     assert set(f.interaction_ids) == alice and f.reason == "erasure request" and f.requested_by == "tester"
+    assert f.counts["keys_destroyed"] == 3
     assert FORGOTTEN_SESSION.encode() not in announced.to_bytes()
 
     # projections, evidence and vectors: the kept session only
@@ -191,7 +238,10 @@ async def test_forget_leaves_no_trace_of_the_session_and_a_replay_agrees(
     assert not set(s.lineage) & set(f.event_ids)
     assert [r["tests"] for r in _rows(new) if r["id"] == ids[KEPT_SESSION][0]] == [TESTS]
 
-    # a replay from the log reaches the same state
+    # a replay from the log reaches the same state; what is not personal (scrub counts) rebuilds as before
+    anonymization_after = tmp_path / "anonymization-after.sqlite"
+    await rebuild(bus, Anonymization(), anonymization_after)
+    assert differences(anonymization_before, anonymization_after) == []
     replayed = tmp_path / "replayed-scores.sqlite"
     await rebuild(bus, Scores(), replayed)
     assert differences(scores_path, replayed) == [] and _score_ids(replayed) == bob

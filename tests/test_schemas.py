@@ -53,7 +53,7 @@ def rejection(raw: dict[str, Any] | bytes | str) -> str:
 
 
 def test_every_type_has_exactly_one_example_and_one_schema_file() -> None:
-    assert len(TYPES) == 25
+    assert len(TYPES) == 26
     examples = sorted(p.name for p in EXAMPLES_DIR.glob("*.json"))
     schema_files = sorted(p.name for p in JSON_DIR.glob("*.json"))
     expected = [f"{t}.json" for t in TYPES]
@@ -310,6 +310,8 @@ BAD_VALUES = [
     ("dataset.superseded", "data.forgotten_id", "f-1", "data.forgotten_id"),
     ("rollback.requested", "data.role", "Coder!", "data.role"),
     ("canary.passed", "data.window", -5, "data.window"),
+    ("adapter.superseded", "data.action", "shrug", "data.action"),
+    ("adapter.superseded", "data.dataset_hash", "NOT-A-HASH", "data.dataset_hash"),
 ]
 
 

@@ -92,10 +92,21 @@ class NatsOptions:
     publish_retry_s: float = 60.0
     stream_prefix: str = "FLYWHEEL"
     name: str = "flywheel"
+    #: where replies (acks, API answers, pushed messages) come back; None: ``_INBOX_<user>`` with a user
+    #: name, else ``_INBOX``. A credential may then receive on its own inboxes only (ops/nats/accounts.conf).
+    inbox_prefix: str | None = None
 
     @property
     def streams(self) -> StreamNames:
         return StreamNames.with_prefix(self.stream_prefix)
+
+    @property
+    def inbox(self) -> str:
+        """The inbox prefix this client subscribes under."""
+        if self.inbox_prefix:
+            return self.inbox_prefix
+        user = "".join(c if c.isalnum() or c in "-_" else "_" for c in self.user or "")
+        return f"_INBOX_{user}" if user else "_INBOX"
 
     def tls_context(self) -> ssl.SSLContext | None:
         if not (self.tls_ca or self.tls_cert):
@@ -118,7 +129,7 @@ def embedded_url(state_dir: Path) -> str | None:
 
 def options_from_env(environ: dict[str, str] | None = None) -> NatsOptions:
     """Options from ``FLYWHEEL_NATS__URL`` (and ``__USER``, ``__PASSWORD``, ``__TOKEN``, ``__CREDS_FILE``,
-    ``__TLS_CA``, ``__TLS_CERT``, ``__TLS_KEY``), else the embedded server of an engine running on
+    ``__TLS_CA``, ``__TLS_CERT``, ``__TLS_KEY``, ``__INBOX_PREFIX``), else the embedded server of an engine running on
     ``FLYWHEEL_STATE_DIR`` (``.flywheel`` by default). Raises ``BusUnavailable`` when neither is there."""
     env = dict(os.environ if environ is None else environ)
 
@@ -137,7 +148,7 @@ def options_from_env(environ: dict[str, str] | None = None) -> NatsOptions:
     return NatsOptions(
         url=url, user=get("USER"), password=get("PASSWORD"), token=get("TOKEN"), creds_file=path("CREDS_FILE"),
         tls_ca=path("TLS_CA"), tls_cert=path("TLS_CERT"), tls_key=path("TLS_KEY"),
-        stream_prefix=env.get("FLYWHEEL_STREAMS__PREFIX", "FLYWHEEL"),
+        stream_prefix=env.get("FLYWHEEL_STREAMS__PREFIX", "FLYWHEEL"), inbox_prefix=get("INBOX_PREFIX"),
     )
 
 
@@ -173,6 +184,7 @@ class EventPublisher:
             reconnect_time_wait=0.25,
             error_cb=on_error,
             name=options.name,
+            inbox_prefix=options.inbox,
         )
         if options.user:
             opts.update(user=options.user, password=options.password)
@@ -219,9 +231,14 @@ class EventPublisher:
     def inject_trace(self, headers: dict[str, str]) -> None:
         """Add the current trace context to outgoing headers (the engine does; an agent need not)."""
 
+    async def encode_many(self, events: Sequence[Event[Any]]) -> list[bytes]:
+        """The bytes published for each event: its JSON form. (The engine's bus seals personal text here.)"""
+        return [e.to_bytes() for e in events]
+
     async def publish(self, event: Event[Any]) -> PubAck:
         """Publish one event and wait for its ack, retrying through reconnects."""
-        return await self.publish_raw(event.subject, event.to_bytes(), self._headers(event))
+        [data] = await self.encode_many([event])
+        return await self.publish_raw(event.subject, data, self._headers(event))
 
     async def publish_raw(self, subject: str, payload: bytes, headers: dict[str, str]) -> PubAck:
         budget = self.options.publish_retry_s
@@ -257,14 +274,16 @@ class EventPublisher:
         events = list(events)
         if not events:
             return []
+        # encoded once: a retry re-sends the same bytes under the same id
+        payloads = await self.encode_many(events)
         if len(events) == 1:
             e = events[0]
-            return [await self.publish_raw(e.subject, e.to_bytes(), self._headers(e, trace.get(e.id)))]
+            return [await self.publish_raw(e.subject, payloads[0], self._headers(e, trace.get(e.id)))]
         futures: list[asyncio.Future[PubAck] | None] = []
-        for event in events:
+        for event, data in zip(events, payloads, strict=True):
             try:
                 fut = await self.js.publish_async(
-                    event.subject, event.to_bytes(), headers=self._headers(event, trace.get(event.id))
+                    event.subject, data, headers=self._headers(event, trace.get(event.id))
                 )
             except (TimeoutError, nats.errors.Error, OSError):
                 fut = None
@@ -273,7 +292,7 @@ class EventPublisher:
         if pending:
             await asyncio.wait(pending, timeout=self.options.publish_timeout_s)
         acks: list[PubAck] = []
-        for event, fut in zip(events, futures, strict=True):
+        for event, data, fut in zip(events, payloads, futures, strict=True):
             ack = None
             if fut is not None and fut.done() and not fut.cancelled() and fut.exception() is None:
                 ack = fut.result()
@@ -281,7 +300,7 @@ class EventPublisher:
                 fut.cancel()
             if ack is None:
                 # Not acked: publish again under the same id, so it is stored at most once.
-                ack = await self.publish_raw(event.subject, event.to_bytes(), self._headers(event, trace.get(event.id)))
+                ack = await self.publish_raw(event.subject, data, self._headers(event, trace.get(event.id)))
             acks.append(ack)
         return acks
 

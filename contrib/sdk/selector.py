@@ -12,6 +12,14 @@ scorer's ``quality.assessed`` carries them, and every selector folds it.
     async with Selector(BanditConfig(prompt_variants={"coder": ["terse", "explain"]})) as selector:
         variant = selector.select_prompt("coder")
         model = selector.select_model("coder", complexity="complex", max_cost_per_token=2e-6)
+
+What it asks of NATS is narrow, so an agent's credential can allow exactly that
+(``ops/nats/accounts.conf``): it creates push consumers on the log filtered to
+``fw.log.quality.assessed`` under a name of its own (the filter is then part of the API subject
+``$JS.API.CONSUMER.CREATE.<log>.<name>.fw.log.quality.assessed``), answers their flow control,
+asks for the last ``quality.assessed`` by a direct get named by that subject, and publishes its
+choices on ``fw.log.arm.selected``. The consumer is ordered: a gap in its sequence, or heartbeats
+that stop, start a new one (a new name) after the last message folded.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import secrets
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -27,6 +36,7 @@ from typing import Any
 import nats.errors
 import nats.js.errors
 from nats.aio.msg import Msg
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from flywheel_loop.schemas import ArmSelected, InvalidEvent, new_event, parse_event, subject_for
 from flywheel_loop.schemas.events import Complexity
@@ -39,6 +49,8 @@ log = logging.getLogger(__name__)
 __all__ = ["NoEligibleArm", "Selector"]
 
 SUBJECT = subject_for("quality.assessed")
+#: the follower's heartbeat: missing three of them starts a new consumer
+HEARTBEAT_S = 2.0
 
 
 class NoEligibleArm(LookupError):
@@ -72,6 +84,11 @@ class Selector:
         self._lock = threading.Lock()  # the fold runs on the loop; selects may come from any thread
         self._bus: EventPublisher | None = None
         self._sub: Any = None
+        self._consumer = ""  # the name of the consumer being followed
+        self._next = 1  # its sequence of the next message
+        self._active = 0.0  # when it last showed life (a message or a heartbeat)
+        self._restarting = asyncio.Lock()
+        self._watchdog: asyncio.Task[None] | None = None
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -81,14 +98,12 @@ class Selector:
         assert self.recorder.options is not None  # start() raised otherwise
         self._bus = await EventPublisher.connect_to(self.recorder.options)
         try:
-            self._sub = await self._bus.js.subscribe(
-                SUBJECT, stream=self._bus.streams.log, ordered_consumer=True, cb=self._on_message
-            )
+            await self._follow()
         except nats.js.errors.NotFoundError:
+            stream = self._bus.streams.log
             await self.close()
-            raise BusUnavailable(
-                f"stream {self._bus.streams.log} does not exist: start the engine (`flywheel up`) first"
-            ) from None
+            raise BusUnavailable(f"stream {stream} does not exist: start the engine (`flywheel up`) first") from None
+        self._watchdog = asyncio.create_task(self._watch())
         await self.catch_up()
         return self
 
@@ -100,6 +115,9 @@ class Selector:
 
     async def close(self) -> None:
         """Stop following the log; flush the recorded choices."""
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
         if self._sub is not None:
             with contextlib.suppress(nats.errors.Error, TimeoutError):
                 await self._sub.unsubscribe()
@@ -113,7 +131,7 @@ class Selector:
         """Wait until every ``quality.assessed`` now on the log is folded; return the position."""
         assert self._bus is not None
         try:
-            last = await self._bus.js.get_last_msg(self._bus.streams.log, SUBJECT)
+            last = await self._bus.js.get_last_msg(self._bus.streams.log, SUBJECT, direct=True)
         except nats.js.errors.NotFoundError:
             return self.position  # no rewards yet
         target = int(last.seq or 0)
@@ -124,12 +142,90 @@ class Selector:
             await asyncio.sleep(0.005)
         return self.position
 
+    # ---------------------------------------------------------------- following the log
+
+    async def _follow(self) -> None:
+        """(Re)start the ordered push consumer after the last message folded, under a fresh name."""
+        bus = self._bus
+        assert bus is not None
+        loop = asyncio.get_running_loop()
+        if self._sub is not None:
+            with contextlib.suppress(nats.errors.Error, TimeoutError):
+                await self._sub.unsubscribe()  # the old consumer goes when it is inactive
+            self._sub = None
+        name = f"selector_{secrets.token_hex(8)}"
+        inbox = bus.nc.new_inbox()
+        self._consumer, self._next, self._active = name, 1, loop.time()
+        self._sub = await bus.nc.subscribe(inbox, cb=self._on_message)
+        start = self.position + 1
+        config = ConsumerConfig(
+            name=name,
+            deliver_subject=inbox,
+            filter_subject=SUBJECT,
+            deliver_policy=DeliverPolicy.BY_START_SEQUENCE if start > 1 else DeliverPolicy.ALL,
+            opt_start_seq=start if start > 1 else None,
+            ack_policy=AckPolicy.NONE,
+            max_deliver=1,
+            flow_control=True,
+            idle_heartbeat=HEARTBEAT_S,
+            mem_storage=True,
+            num_replicas=1,
+            inactive_threshold=30.0,
+        )
+        await bus.js.add_consumer(bus.streams.log, config)
+
+    async def _restart(self, why: str) -> None:
+        if self._restarting.locked() or self._bus is None:
+            return
+        async with self._restarting:
+            log.info("selector: %s; following %s again from %d", why, SUBJECT, self.position + 1)
+            try:
+                await self._follow()
+            except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
+                log.warning("selector: could not follow the log again (%s); retrying", exc)
+
+    async def _watch(self) -> None:
+        """Start a new consumer when the current one stopped showing life (a restarted server, a lost one)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(HEARTBEAT_S)
+            if loop.time() - self._active > 3 * HEARTBEAT_S:
+                await self._restart("no heartbeat")
+
     async def _on_message(self, msg: Msg) -> None:
-        self.fold(msg.metadata.sequence.stream, msg.data)
+        bus = self._bus
+        if bus is None:
+            return
+        headers = msg.headers or {}
+        if not msg.data and headers.get("Status") == "100":  # flow control or an idle heartbeat
+            self._active = asyncio.get_running_loop().time()
+            stalled = headers.get("Nats-Consumer-Stalled")
+            reply = msg.reply or stalled
+            if reply:
+                with contextlib.suppress(nats.errors.Error):
+                    await bus.nc.publish(reply, b"")
+            last = headers.get("Nats-Last-Consumer")
+            if last is not None and int(last) != self._next - 1:
+                asyncio.get_running_loop().create_task(self._restart("a message was missed"))
+            return
+        try:
+            meta = msg.metadata
+        except (ValueError, IndexError, nats.errors.Error):
+            return
+        if meta.consumer != self._consumer:
+            return  # from a consumer given up on
+        if meta.sequence.consumer != self._next:
+            asyncio.get_running_loop().create_task(self._restart("a message was missed"))
+            return
+        self._next += 1
+        self._active = asyncio.get_running_loop().time()
+        self.fold(meta.sequence.stream, msg.data)
 
     def fold(self, seq: int, raw: bytes) -> None:
         """Fold one log message (a ``quality.assessed``; anything else only moves the position) at ``seq``;
         for a process that follows the log itself (the gateway) instead of calling ``start``."""
+        if seq <= self.position:
+            return
         try:
             event = parse_event(raw)
         except InvalidEvent:

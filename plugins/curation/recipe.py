@@ -163,7 +163,8 @@ def fold_log(
     forgotten: frozenset[str] = frozenset(),
 ) -> Evidence:
     """The eligible examples of ``role`` from ``(sequence, event)`` pairs in log order,
-    leaving out every interaction (and event) in ``forgotten`` (``forgotten_ids`` of the log)."""
+    leaving out every interaction (and event) in ``forgotten`` (``forgotten_ids`` of the log), and
+    every event whose personal text was shredded (``event.forgotten``: its key is destroyed)."""
     interactions: dict[str, tuple[str, InteractionAnonymized]] = {}
     scores: dict[str, tuple[str, QualityAssessed]] = {}
     first_high: dict[str, int] = {}
@@ -174,7 +175,7 @@ def fold_log(
         if seq > position:
             break
         data = event.data
-        if event.id in forgotten:
+        if event.id in forgotten or event.forgotten:
             continue
         if isinstance(data, InteractionAnonymized):
             if data.interaction.role == role and data.interaction_id not in forgotten:

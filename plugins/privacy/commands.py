@@ -1,7 +1,9 @@
-"""``flywheel forget --session ID | --user ID``: erase a data subject's raw intake and announce it.
+"""``flywheel forget --session ID | --user ID``: erase a data subject's raw intake, shred its text on the
+log and announce it.
 
-What it does is in ``forgetting.py``: the subject's raw messages are erased from the
-raw stream and a ``data.forgotten`` goes on the log; the running engine (or the next
+What it does is in ``forgetting.py``: the subject's raw messages are erased from the raw stream, the
+keys its text on the log is sealed under are destroyed, and a ``data.forgotten`` goes on the log; the
+running engine (or the next
 ``flywheel up``) then deletes the subject's scores, evidence and vectors and rebuilds the
 datasets that held its data. Without ``--yes`` the command shows what it found and asks first.
 """
@@ -26,6 +28,7 @@ def _summary(report: Any) -> Table:
     table.add_row("interactions", str(c.get("interactions", 0)))
     table.add_row("anonymized feedback / outcomes on the log", f"{c.get('feedback', 0)} / {c.get('outcomes', 0)}")
     table.add_row("scores on the log", str(c.get("scores", 0)))
+    table.add_row("data keys of their text on the log (destroyed)", str(c.get("keys", 0)))
     table.add_row("already forgotten before", str(report.already_forgotten))
     table.add_row("datasets holding them (rebuilt by the engine)", str(len(report.datasets)))
     return table
@@ -45,7 +48,8 @@ def register(app: typer.Typer) -> None:
         yes: Annotated[bool, typer.Option("--yes", "-y", help="do not ask for confirmation")] = False,
         dry_run: Annotated[bool, typer.Option("--dry-run", help="only show what would be forgotten")] = False,
     ) -> None:
-        """Erase a session's or a user's raw data and have every projection and dataset drop it."""
+        """Erase a session's or a user's raw data, shred its text on the log, and have every projection and
+        dataset drop it."""
         from flywheel_loop.plugins.privacy.forgetting import ForgetError
         from flywheel_loop.plugins.privacy.forgetting import forget as do_forget
 
@@ -69,7 +73,8 @@ def register(app: typer.Typer) -> None:
                     console.print("dry run: nothing was erased or announced")
                     return preview
                 if not yes and not typer.confirm(
-                    f"erase this {preview.subject}'s raw messages and announce data.forgotten?", default=False
+                    f"erase this {preview.subject}'s raw messages, destroy its data keys and announce data.forgotten?",
+                    default=False
                 ):
                     console.print("nothing done")
                     return preview
@@ -82,6 +87,7 @@ def register(app: typer.Typer) -> None:
         if report.announced:
             console.print(
                 f"erased {report.raw_deleted} raw messages ({report.raw_already_gone} were already gone);"
+                f" destroyed {report.keys_destroyed} data keys (the text on the log they sealed is unreadable);"
                 f" announced data.forgotten {', '.join(report.announced)}"
             )
             console.print(

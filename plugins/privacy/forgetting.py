@@ -2,25 +2,32 @@
 
 The raw stream holds what agents published, with the plain session and user ids; the log holds
 the anonymized twins, where those ids are the anonymizer's keyed hashes (``keyed_hash`` with
-``anonymizer.hash_key``). The log is immutable (no delete, no purge), so forgetting is:
+``anonymizer.hash_key``). The log is immutable (no delete, no purge), but the anonymized text on it
+is sealed under one data key per interaction (``engine/sealing.py``), so forgetting is:
 
 1. **Find** the subject's interactions: on the raw stream by the plain id, on the log by its
    keyed hash (so a subject whose raw intake has already expired is still found), and every
    feedback, outcome and score about those interactions.
 2. **Erase** the subject's raw messages (interactions, and the feedback and outcomes about
    them) from the raw stream, one by one (JetStream overwrites a deleted message's bytes).
-3. **Announce** it with ``data.forgotten`` on the log: the keyed hash (never the plain id), the
+3. **Shred**: destroy the keys of those interactions in the key store (their bytes erased, a
+   tombstone left so no key is made for them again). What the log, its replicas and any backup of
+   the log hold of the subject can no longer be decrypted by anyone; the engine reads those events
+   with their personal fields blank and ``forgotten`` set.
+4. **Announce** it with ``data.forgotten`` on the log: the keyed hash (never the plain id), the
    interaction ids, the ids of the log events about them, counts, reason and requester. A
    subject with more ids than one event may list is announced in several parts.
-4. Every consumer of anonymized data **honours** it (it is on the log, so a replay does too):
+5. Every consumer of anonymized data **honours** it (it is on the log, so a replay does too):
    ``scores`` deletes the rows, ``scoring`` deletes the evidence, ``embedder`` deletes the
    vectors, and ``dataset_builder`` rebuilds every dataset that held any of it, announces the
    replacement with ``dataset.superseded`` and deletes the old folder; builds and replays leave
    forgotten interactions out from then on.
 
 Running ``forget`` again for the same subject is harmless: it erases what reached the raw
-stream since (an agent still publishing for the session) and announces only when it found
-something; already-forgotten interactions with nothing new are reported as such.
+stream since (an agent still publishing for the session), destroys keys still alive, and announces
+only when it found something; already-forgotten interactions with nothing new are reported as such.
+Intake about a forgotten interaction that arrives later (feedback posted after the forget) is
+dropped by the engine: its key cannot be made again.
 
 A changed ``anonymizer.hash_key`` gives the subject a different keyed hash: log events hashed
 with an old key are then found only through raw messages that still exist.
@@ -91,6 +98,7 @@ class ForgetReport:
     subject_hash: str
     raw_deleted: int = 0
     raw_already_gone: int = 0
+    keys_destroyed: int = 0
     interaction_ids: list[str] = field(default_factory=list)
     event_ids: list[str] = field(default_factory=list)
     counts: dict[str, int] = field(default_factory=dict)
@@ -105,8 +113,9 @@ class ForgetReport:
 
     @property
     def nothing_new(self) -> bool:
-        """Every interaction found was forgotten before and no raw message is left."""
-        return self.counts.get("raw_messages", 0) == 0 and self.already_forgotten == len(self.interaction_ids)
+        """Every interaction found was forgotten before, no raw message and no key of them is left."""
+        return (self.counts.get("raw_messages", 0) == 0 and self.counts.get("keys", 0) == 0
+                and self.already_forgotten == len(self.interaction_ids))
 
 
 def pseudonym(settings: Settings, value: str) -> str:
@@ -257,6 +266,7 @@ async def forget(
     report.event_ids = sorted(e for iid in interactions for e in events_of.get(iid, []))
     report.already_forgotten = len(found.interactions & found.already)
     report.datasets = _datasets_holding(found.datasets, set(report.event_ids))
+    counts["keys"] = len(await bus.keys.live(interactions))  # data keys still alive: what shredding destroys
     report.counts = counts
     if dry_run or report.nothing_new:
         return report
@@ -264,6 +274,7 @@ async def forget(
     deleted, gone = await _erase(bus, sorted(found.raw_seqs))
     report.raw_deleted, report.raw_already_gone = deleted, gone
     counts["raw_deleted"] = deleted
+    report.keys_destroyed = counts["keys_destroyed"] = await bus.keys.destroy(interactions)
     parts = _parts(interactions, events_of) or [([], [])]
     for n, (ids, events) in enumerate(parts, 1):
         payload = DataForgotten(
@@ -280,8 +291,8 @@ async def forget(
         event = new_event(payload, source=SOURCE)
         await bus.publish(event)
         report.announced.append(event.id)
-    log.info("forgot %s %s: %d raw messages erased, %d interactions announced in %s",
-             subject, hashed, deleted, len(interactions), ", ".join(report.announced))
+    log.info("forgot %s %s: %d raw messages erased, %d keys destroyed, %d interactions announced in %s",
+             subject, hashed, deleted, report.keys_destroyed, len(interactions), ", ".join(report.announced))
     return report
 
 

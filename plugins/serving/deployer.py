@@ -9,6 +9,14 @@ It consumes:
   traffic (a new ``deployment.completed`` for the same version, share 1.0) and the previous version stops.
 - ``drift.detected``: the drifted version, if it is still in service, is replaced by the one before it.
 - ``rollback.requested`` (``flywheel rollback --role ROLE``): the same, by hand.
+- ``dataset.superseded`` (a dataset rebuilt without forgotten data): every adapter trained on the old dataset
+  (``training.completed`` on the log) gets an ``adapter.superseded`` saying what is done about it, and is never a
+  rollback target again. One that is not in service is withdrawn. One in service is, by
+  ``deployer.on_forgotten``, rolled back at once to the newest version not trained on forgotten data (or the base
+  model; ``deployment.rolled_back`` with trigger ``forgotten``), or left in service while the trainer trains the
+  replacement dataset (``retrain``; the new adapter passes the gate like any other, and a rollback when there is
+  no replacement to train). A withdrawn version that only served the rest of a canary's traffic stops, and the
+  canary takes all of it.
 
 A deployment: the runtime (``deployer.runtime``: ``transformers``, the default that always works; ``llama_cpp``;
 ``ollama``) prepares the version (load, convert, upload: no traffic yet), serves it, and answers a smoke test
@@ -56,7 +64,9 @@ from flywheel_loop.plugins.serving.settings import DeployerConfig
 from flywheel_loop.plugins.shared.deployment_book import BOOK_EVENTS, TABLES, DeploymentBook, version_name
 from flywheel_loop.plugins.shared.models import BaseModelUnusable, base_model_dir
 from flywheel_loop.schemas import (
+    AdapterSuperseded,
     CanaryPassed,
+    DatasetSuperseded,
     DeploymentCompleted,
     DeploymentFailed,
     DeploymentRolledBack,
@@ -65,6 +75,8 @@ from flywheel_loop.schemas import (
     Event,
     Payload,
     RollbackRequested,
+    TrainingCompleted,
+    derived_event,
 )
 
 __all__ = ["NAME", "Deployer", "processor", "runtimes_of"]
@@ -72,7 +84,7 @@ __all__ = ["NAME", "Deployer", "processor", "runtimes_of"]
 log = logging.getLogger(__name__)
 
 NAME = "deployer"
-CONSUMES = ("evaluation.completed", "canary.passed", "drift.detected", "rollback.requested")
+CONSUMES = ("evaluation.completed", "canary.passed", "drift.detected", "rollback.requested", "dataset.superseded")
 
 
 RuntimeMaker = Callable[[str, Settings], Runtime]
@@ -133,10 +145,13 @@ class Deployer:
     # ------------------------------------------------------------------ the processor
 
     async def handle(self, event: Event[Any], ctx: ProcessContext) -> list[Payload]:
+        trained: list[TrainingCompleted] = []
+        if isinstance(event.data, DatasetSuperseded):  # which adapters were trained on it, up to this event
+            trained = [e.data for _, e in await ctx.read_log(("training.completed",), ctx.sequence or None)]
         # Loading, converting and smoke-testing block: keep the worker's loop (and its heartbeat) free.
-        return await asyncio.to_thread(self._handle, event, ctx)
+        return await asyncio.to_thread(self._handle, event, ctx, trained)
 
-    def _handle(self, event: Event[Any], ctx: ProcessContext) -> list[Payload]:
+    def _handle(self, event: Event[Any], ctx: ProcessContext, trained: list[TrainingCompleted]) -> list[Payload]:
         with self.lock:
             book = DeploymentBook(ctx.state.db, create=False)  # folded from the log up to its end
             data = event.data
@@ -149,6 +164,8 @@ class Deployer:
             elif isinstance(data, RollbackRequested):
                 outputs = self._rollback(book, data.role, f"requested by {data.requested_by}: {data.reason}",
                                          "manual")
+            elif isinstance(data, DatasetSuperseded):
+                outputs = self._superseded(book, event, ctx.sequence, data, trained)
             else:
                 outputs = []
         for out in outputs:
@@ -272,10 +289,16 @@ class Deployer:
         if current is None or current.model_name != data.model_name or current.sharing_with is None:
             log.info("%s: canary %s is no longer the one in service; not promoted", data.role, data.model_name)
             return []
-        version = book.version(data.role, current.model_name)
-        self._stop(book, data.role, current.sharing_with, current.runtime)
+        return self._all_traffic(book, data.role)
+
+    def _all_traffic(self, book: DeploymentBook, role: str) -> list[Payload]:
+        """The canary in service takes all the role's traffic; the version that shared it stops."""
+        current = book.service(role)
+        assert current is not None and current.sharing_with is not None
+        version = book.version(role, current.model_name)
+        self._stop(book, role, current.sharing_with, current.runtime)
         return [DeploymentCompleted(
-            role=data.role,
+            role=role,
             runtime=current.runtime,
             model_name=current.model_name,
             adapter_hash=current.adapter_hash,
@@ -284,8 +307,65 @@ class Deployer:
             endpoint=current.endpoint,
             previous_model_name=version.previous_model_name if version else None,
             previous_adapter_hash=version.previous_adapter_hash if version else None,
-            kept=[v.model_name for v in book.kept(data.role)],
+            kept=[v.model_name for v in book.kept(role)],
         )]
+
+    # ------------------------------------------------------------------ forgotten data
+
+    def _superseded(self, book: DeploymentBook, event: Event[Any], seq: int, data: DatasetSuperseded,
+                    trained: list[TrainingCompleted]) -> list[Payload]:
+        """An ``adapter.superseded`` for every adapter trained on the superseded dataset, and what it takes: a
+        rollback, a retraining (the trainer answers), or a canary's partner stopped (see the module docstring)."""
+        adapters = sorted({t.adapter_hash for t in trained if t.dataset_hash == data.old_hash})
+        if not adapters:
+            return []
+        role = data.role
+        mode = DeployerConfig.of(self.settings).on_forgotten
+        current = book.service(role)
+        serving = current.adapter_hash if current is not None else None
+        partner = book.version(role, current.sharing_with) if current is not None and current.sharing_with else None
+        outputs: list[Payload] = []
+        roll_back = stop_partner = False
+        for adapter in adapters:
+            name = version_name(role, adapter)
+            sharing = partner is not None and partner.adapter_hash == adapter
+            if adapter == serving:
+                action = "retrain" if mode == "retrain" and data.new_hash else "rollback"
+                roll_back = roll_back or action == "rollback"
+                if action == "retrain":
+                    why = (f"in service and trained on forgotten data: the trainer trains {(data.new_hash or '')[:12]},"
+                           " which goes through the gate (deployer.on_forgotten = retrain)")
+                else:
+                    why = ("in service and trained on forgotten data: the newest version not trained on it is put"
+                           f" back (deployer.on_forgotten = {mode}"
+                           + (", and nothing was left to retrain on)" if mode == "retrain" else ")"))
+            else:
+                action = "withdraw"
+                stop_partner = stop_partner or sharing
+                why = ("it served the rest of a canary's traffic: it stops and the canary takes all of it" if sharing
+                       else "not in service; never a rollback target again")
+            outputs.append(AdapterSuperseded(
+                role=role, adapter_hash=adapter, model_name=name if book.version(role, name) else None,
+                dataset_hash=data.old_hash, new_dataset_hash=data.new_hash, new_dataset_path=data.path,
+                superseded_id=event.id, forgotten_id=data.forgotten_id, in_service=adapter == serving or sharing,
+                action=action, detail=why[:2000],  # type: ignore[arg-type]
+            ))
+        # The book learns the withdrawals first, so a rollback passes over every version trained on the data;
+        # only for this decision: the folded book learns them from the log, at their own positions.
+        book.db.execute("SAVEPOINT withdrawals")
+        try:
+            for i, out in enumerate(outputs):
+                book.apply(derived_event(out, cause=event, source=NAME, index=i), seq)
+            if roll_back:
+                outputs += self._rollback(book, role, f"the version in service was trained on data forgotten by"
+                                          f" {data.forgotten_id} (dataset {data.old_hash[:12]} superseded)",
+                                          "forgotten")
+            elif stop_partner:
+                outputs += self._all_traffic(book, role)
+        finally:
+            book.db.execute("ROLLBACK TO withdrawals")
+            book.db.execute("RELEASE withdrawals")
+        return outputs
 
     # ------------------------------------------------------------------ roll back
 
@@ -398,7 +478,7 @@ def processor(settings: Settings, runtime_factory: RuntimeMaker | None = None) -
         consumes=CONSUMES,
         handle=deployer.handle,
         description="deploys versions that passed their evaluation; rolls back on drift or by hand",
-        produces=("deployment.completed", "deployment.failed", "deployment.rolled_back"),
+        produces=("deployment.completed", "deployment.failed", "deployment.rolled_back", "adapter.superseded"),
         stateful=True,
         tables=TABLES,
         fold=fold_book,

@@ -95,6 +95,12 @@ class DeployerConfig(PluginSection):
     keep_versions: int = Field(
         default=3, ge=2, le=100, description="versions kept for rollback, the one in service included"
     )
+    on_forgotten: Literal["rollback", "retrain"] = Field(
+        default="rollback",
+        description="a version in service trained on data that was then forgotten (its dataset superseded):"
+        " rollback = put back at once the newest version not trained on it (or the base model); retrain = keep"
+        " it in service while the trainer trains the replacement dataset, which goes through the gate",
+    )
     host: str = Field(default="127.0.0.1", description="interface the transformers server listens on")
     smoke_prompt: str = Field(default="Write a Python function that returns 1.", min_length=1)
     smoke_max_tokens: int = Field(default=8, ge=1, le=512)

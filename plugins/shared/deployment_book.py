@@ -2,8 +2,9 @@
 
 The book knows, per role, the version in service (model name, adapter, runtime, endpoint, traffic share), the
 version that still serves the rest of the traffic while a canary runs, the versions kept for rollback, each
-version's predecessor (the rollback chain), the evaluations that passed, and the history of deployments,
-failures, rollbacks and drift alarms.
+version's predecessor (the rollback chain), the evaluations that passed, the versions withdrawn because they were
+trained on forgotten data (``adapter.superseded``: never a rollback target again), and the history of
+deployments, failures, rollbacks and drift alarms.
 
 The same fold serves three readers, each with its own copy so that each decides on exactly the events before
 the one it handles:
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from flywheel_loop.schemas import (
+    AdapterSuperseded,
     CanaryPassed,
     DeploymentCompleted,
     DeploymentFailed,
@@ -49,6 +51,7 @@ __all__ = [
 ]
 
 BOOK_EVENTS = (
+    "adapter.superseded",
     "canary.passed",
     "evaluation.completed",
     "deployment.completed",
@@ -77,6 +80,9 @@ CREATE TABLE IF NOT EXISTS history (
     seq INTEGER NOT NULL, event_id TEXT PRIMARY KEY, role TEXT NOT NULL, kind TEXT NOT NULL,
     model_name TEXT, to_model_name TEXT, detail TEXT NOT NULL, time TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS history_by_role ON history (role, seq);
+CREATE TABLE IF NOT EXISTS withdrawn (
+    role TEXT NOT NULL, adapter_hash TEXT NOT NULL, event_id TEXT NOT NULL, seq INTEGER NOT NULL,
+    PRIMARY KEY (role, adapter_hash));
 """
 
 
@@ -174,6 +180,11 @@ class DeploymentBook:
                           detail, at)
         elif isinstance(data, RollbackRequested):
             self._history(seq, event.id, data.role, "rollback_requested", None, None, data.reason, at)
+        elif isinstance(data, AdapterSuperseded):
+            self.db.execute("INSERT OR IGNORE INTO withdrawn VALUES (?, ?, ?, ?)",
+                            (data.role, data.adapter_hash, event.id, seq))
+            name = data.model_name or version_name(data.role, data.adapter_hash)
+            self._history(seq, event.id, data.role, f"superseded ({data.action})", name, None, data.detail, at)
 
     def _deployed(self, event_id: str, seq: int, at: str, data: DeploymentCompleted) -> None:
         role = data.role
@@ -260,20 +271,37 @@ class DeploymentBook:
         return [_version(r) for r in rows]
 
     def kept(self, role: str) -> list[Version]:
-        """The versions kept for rollback, newest first (the one in service included)."""
-        return [v for v in self.versions(role) if v.kept and not v.rolled_back]
+        """The versions kept for rollback, newest first (the one in service included; none withdrawn)."""
+        return [v for v in self.versions(role)
+                if v.kept and not v.rolled_back and not self.withdrawn(role, v.adapter_hash)]
+
+    def withdrawn(self, role: str, adapter_hash: str | None) -> bool:
+        """Whether the adapter was trained on forgotten data (an ``adapter.superseded`` named it)."""
+        if adapter_hash is None:
+            return False
+        row = self.db.execute("SELECT 1 FROM withdrawn WHERE role = ? AND adapter_hash = ?",
+                              (role, adapter_hash)).fetchone()
+        return row is not None
 
     def previous(self, role: str) -> tuple[str, str | None] | None:
-        """(model name, adapter hash) of the version before the one in service: where a rollback goes.
+        """(model name, adapter hash) of the version before the one in service: where a rollback goes. Versions
+        withdrawn for forgotten data are passed over (the one before them, and so on, down to the base model).
 
         None when nothing is in service, or when the base model is (there is nothing before it)."""
         current = self.service(role)
         if current is None or current.adapter_hash is None:
             return None
         version = self.version(role, current.model_name)
-        if version is None or version.previous_model_name is None:
-            return base_name(role), None
-        return version.previous_model_name, version.previous_adapter_hash
+        seen = {current.model_name}
+        while version is not None and version.previous_model_name is not None:
+            name, adapter = version.previous_model_name, version.previous_adapter_hash
+            if name in seen:
+                break  # a chain that comes back on itself (a version deployed again later)
+            seen.add(name)
+            if not self.withdrawn(role, adapter):
+                return name, adapter
+            version = self.version(role, name)
+        return base_name(role), None
 
     def passed_evaluation(self, adapter_hash: str) -> str | None:
         """The id of the latest evaluation that passed ``adapter_hash``, or None."""

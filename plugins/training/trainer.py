@@ -17,6 +17,11 @@ published while the run goes on; a progress bar with rate and ETA is drawn when 
 terminal. A dataset folder that does not exist, a base model that is not a model, a dataset
 with nothing to train on and a run past its wall-clock cap end in ``training.failed`` with the
 reason (not retried).
+
+It also consumes ``adapter.superseded``: when the deployer decided to retrain an adapter in service
+that was trained on forgotten data (``deployer.on_forgotten = "retrain"``), the trainer trains the
+dataset that replaced the superseded one, exactly as it trains a built dataset; the new adapter
+then goes through the evaluator's gate like any other.
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ from flywheel_loop.plugins.shared.packing import pack, tokenize_rows
 from flywheel_loop.plugins.training.loop import LoopSettings, Progress, WallClockExceeded, train_loop
 from flywheel_loop.plugins.training.settings import TrainerConfig
 from flywheel_loop.schemas import (
+    AdapterSuperseded,
     DatasetBuilt,
     Event,
     Payload,
@@ -273,8 +279,13 @@ class Trainer:
     name = "trainer"
 
     async def handle(self, event: Event[Any], ctx: ProcessContext) -> list[Any]:
-        built = event.data
-        if not isinstance(built, DatasetBuilt):
+        data = event.data
+        if isinstance(data, DatasetBuilt):
+            role, digest, path = data.role, data.dataset_hash, data.path
+        elif (isinstance(data, AdapterSuperseded) and data.action == "retrain" and data.new_dataset_hash
+              and data.new_dataset_path):
+            role, digest, path = data.role, data.new_dataset_hash, data.new_dataset_path
+        else:
             return []
 
         def emit(payload: Payload) -> None:
@@ -286,7 +297,7 @@ class Trainer:
             except Exception as exc:  # progress is best effort; the final event is not
                 ctx.log.warning("trainer could not publish %s: %r", payload.event_type, exc)
 
-        outcome = await asyncio.to_thread(train_dataset, ctx.settings, built.role, built.dataset_hash, built.path, emit)
+        outcome = await asyncio.to_thread(train_dataset, ctx.settings, role, digest, path, emit)
         return [outcome]
 
 
@@ -294,9 +305,10 @@ def processor(settings: Settings) -> Processor:
     """The trainer processor, configured by ``settings``."""
     return Processor(
         name="trainer",
-        consumes=("dataset.built",),
+        consumes=("dataset.built", "adapter.superseded"),
         handle=Trainer().handle,
-        description="trains a LoRA adapter on each built dataset (checkpointed, resumable)",
+        description="trains a LoRA adapter on each built dataset, and on the replacement of one whose adapter in"
+        " service was trained on forgotten data (checkpointed, resumable)",
         batch=1,
         produces=("training.completed", "training.failed"),
         stateful=True,
