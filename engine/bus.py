@@ -7,6 +7,9 @@
   purge, kept forever unless ``log_max_age_days`` / ``log_max_bytes`` say otherwise, a
   duplicate window so a message published twice under one ``Nats-Msg-Id`` is stored once.
 
+Artifacts (datasets, adapters, checkpoints, base models) live in the object store beside the
+streams: ``bus.artifacts`` (``engine/artifacts.py``).
+
 Publishing waits for JetStream's ack and retries through a reconnect with the same id, so
 an event is stored exactly once or the caller gets ``PublishFailed``.
 """
@@ -33,6 +36,7 @@ from nats.js.api import (
 )
 
 from flywheel_loop.engine import telemetry
+from flywheel_loop.engine.artifacts import ArtifactStore
 from flywheel_loop.engine.config import Settings, StreamsConfig
 from flywheel_loop.schemas import Event, InvalidEvent, parse_event, subject_for
 from flywheel_loop.sdk.client import BusUnavailable, EventPublisher, PublishFailed, StreamNames
@@ -87,6 +91,14 @@ class Bus(EventPublisher):
     def __init__(self, nc: Client, settings: Settings, url: str = "", errors: list[str] | None = None) -> None:
         super().__init__(nc, settings.nats_options(url), errors)
         self.settings = settings
+        self._artifacts: ArtifactStore | None = None
+
+    @property
+    def artifacts(self) -> ArtifactStore:
+        """The artifact store on this bus (``engine/artifacts.py``); its bucket is made on first use."""
+        if self._artifacts is None:
+            self._artifacts = ArtifactStore(self.js, self.settings, self.nc.max_payload or (1 << 20))
+        return self._artifacts
 
     @classmethod
     async def connect(cls, settings: Settings, url: str) -> Bus:
