@@ -59,7 +59,7 @@ async def test_a_version_without_a_passed_evaluation_is_refused_and_nothing_chan
     assert refused[0].data.evaluation_id == failed.id
     assert "did not pass the gate" in refused[0].data.reason and "fell by 20 points" in refused[0].data.reason
     assert refused[1].data.evaluation_id == missing.id
-    assert "not in the adapter store" in refused[1].data.reason
+    assert "not found" in refused[1].data.reason and "the bus" in refused[1].data.reason
     assert await read_log(bus, "log", "deployment.completed") == []
 
 
