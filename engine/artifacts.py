@@ -362,7 +362,7 @@ class ArtifactStore:
         with open(archive, "wb") as fh:
             if expected_chunks:
                 subject = f"$O.{self.bucket}.C.{meta.nuid}"
-                sub = await self.js.subscribe(subject, ordered_consumer=True)
+                sub = await self._patiently(lambda: self.js.subscribe(subject, ordered_consumer=True))
                 try:
                     while seen < expected_chunks:
                         try:
@@ -514,7 +514,8 @@ class ArtifactStore:
         expected = int(meta.chunks or 0)
         if not expected:
             return []
-        sub = await self.js.subscribe(f"$O.{self.bucket}.C.{meta.nuid}", ordered_consumer=True)
+        subject = f"$O.{self.bucket}.C.{meta.nuid}"
+        sub = await self._patiently(lambda: self.js.subscribe(subject, ordered_consumer=True))
         seqs: list[int] = []
         try:
             while len(seqs) < expected:
@@ -595,6 +596,13 @@ class ThreadArtifacts:
             done.set_result(None)
             return done
         archive, files = self.store.packed(folder)
+        return self.upload_soon(kind, key, archive, files, headers)
+
+    def upload_soon(
+        self, kind: str, key: str, archive: Path, files: int, headers: Mapping[str, str] | None = None
+    ) -> concurrent.futures.Future[ArtifactInfo | None]:
+        """Upload a tar of a folder (``pack``; made by another process, say) as ``<kind>/<key>`` in the
+        background, replacing what is there; the tar is deleted afterwards."""
         return asyncio.run_coroutine_threadsafe(self.store.upload(kind, key, archive, files, headers), self.loop)
 
     def delete(self, kind: str, key: str) -> bool:

@@ -58,7 +58,7 @@ from flywheel_loop.plugins.shared.models import (
     use_bf16,
 )
 from flywheel_loop.plugins.shared.packing import pack, tokenize_rows
-from flywheel_loop.plugins.training.loop import LoopSettings, Progress, WallClockExceeded, train_loop
+from flywheel_loop.plugins.training.loop import LoopSettings, Progress, RunResult, WallClockExceeded, train_loop
 from flywheel_loop.plugins.training.settings import TrainerConfig
 from flywheel_loop.schemas import (
     DatasetBuilt,
@@ -185,6 +185,18 @@ class _RunPublisher:
             "runs", self.run_id, self.run_dir, {"Flywheel-Step": str(step), "Flywheel-Completed": "false"}
         )
 
+    def archived(self, step: int, archive: str | None, files: int) -> None:
+        """A checkpoint another process has already packed (``launch.py``): upload its tar."""
+        if archive is None:
+            return
+        if self.artifacts is None:
+            Path(archive).unlink(missing_ok=True)
+            return
+        self.wait()
+        self.pending = self.artifacts.upload_soon(
+            "runs", self.run_id, Path(archive), files, {"Flywheel-Step": str(step), "Flywheel-Completed": "false"}
+        )
+
     def completed(self, steps: int) -> None:
         if self.artifacts is None:
             return
@@ -293,45 +305,36 @@ def _train_run(
 ) -> TrainingCompleted | TrainingFailed:
     try:
         model_dir = base_model_dir(settings, artifacts)
-        model, tokenizer = load_base(model_dir)
     except BaseModelUnusable as exc:
         return failed(str(exc))
-    if cfg.method == "dpo":
-        pairs = read_split(folder, "dpo_train")
-        val_pairs = read_split(folder, "dpo_validation")
-        if not pairs:
-            return failed(f"dataset {dataset_hash} has no preference pairs (dpo_train) for DPO")
-    else:
-        train_rows = read_split(folder, "train")
-        val_rows = read_split(folder, "validation")
-        train = pack(tokenize_rows(train_rows, tokenizer, cfg.max_tokens), cfg.block_tokens)
-        validation = pack(tokenize_rows(val_rows, tokenizer, cfg.max_tokens), cfg.block_tokens)
-        if not train:
-            return failed(f"dataset {dataset_hash} has no training example with answer tokens")
     import torch
-    from peft import LoraConfig, get_peft_model
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     bf16 = use_bf16(settings.models.precision, device)
-    torch.manual_seed(cfg.seed)
-    peft_model = get_peft_model(
-        model,
-        LoraConfig(
-            r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,  # type: ignore[arg-type]
-            target_modules=list(cfg.target_modules), task_type="CAUSAL_LM",
-        ),
-    ).to(device)
-    if cfg.gradient_checkpointing:
-        peft_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        peft_model.enable_input_require_grads()
-    hp = {**hyperparameters(cfg), "bf16": bf16, "threads": cfg.threads, "device": device}
-    if emit is not None:
-        emit(TrainingStarted(run_id=run_id, role=role, dataset_hash=dataset_hash, base_model=base_name,
-                             method=cfg.method, hyperparameters=hp))
+    launched = cfg.processes > 1 and cfg.method == "sft"
+    if cfg.processes > 1 and not launched:
+        log.warning("run %s: trainer.processes applies to SFT; DPO trains in this process", run_id)
+    hp = {**hyperparameters(cfg), "bf16": bf16, "threads": cfg.threads, "device": device,
+          "processes": cfg.processes if launched else 1}
     loop_cfg = LoopSettings(**{k: getattr(cfg, k) for k in LOOP_FIELDS},
                             wall_clock_cap_s=cfg.wall_clock_cap_s, bf16=bf16,
                             patience=cfg.early_stopping_patience, cpu=device == "cpu")
+    lineage = {
+        "run_id": run_id,
+        "role": role,
+        "method": cfg.method,
+        "dataset_hash": dataset_hash,
+        "dataset_lineage": str(folder / "lineage.txt"),
+        "base_model": base_name,
+        "base_model_folder": str(model_dir),
+        "hyperparameters": hp,
+    }
     bar = _ProgressBar(run_id)
+
+    def started() -> None:
+        if emit is not None:
+            emit(TrainingStarted(run_id=run_id, role=role, dataset_hash=dataset_hash, base_model=base_name,
+                                 method=cfg.method, hyperparameters=hp))
 
     def progressed(p: Progress) -> None:
         bar.update(p)
@@ -343,36 +346,18 @@ def _train_run(
             on_step(p)
 
     try:
-        with torch_threads(cfg.threads if device == "cpu" else None):
-            if cfg.method == "dpo":
-                from flywheel_loop.plugins.training.dpo import train_dpo
-
-                result = train_dpo(peft_model, tokenizer, pairs, val_pairs, loop_cfg, run_dir, cfg.dpo_beta,
-                                   cfg.max_tokens, progressed, publisher.checkpoint)
-            else:
-                result = train_loop(peft_model, train, validation, loop_cfg, run_dir, tokenizer.pad_token_id,
-                                    progressed, publisher.checkpoint)
-    except WallClockExceeded as exc:
-        return failed(str(exc))
-    except (torch.OutOfMemoryError, MemoryError) as exc:  # GPU memory, or host memory (a failed allocation)
-        return failed(f"out of memory: {exc or type(exc).__name__}; lower trainer.batch, block_tokens or"
-                      " max_tokens, or turn on trainer.gradient_checkpointing")
+        if launched:
+            started()
+            outcome = _train_launched(settings, cfg, folder, run_dir, model_dir, loop_cfg, lineage, device == "cuda",
+                                      progressed, publisher)
+        else:
+            outcome = _train_here(settings, cfg, dataset_hash, folder, run_dir, model_dir, loop_cfg, lineage, device,
+                                  started, progressed, publisher)
     finally:
         bar.close()
-    lineage = {
-        "run_id": run_id,
-        "role": role,
-        "method": cfg.method,
-        "dataset_hash": dataset_hash,
-        "dataset_lineage": str(folder / "lineage.txt"),
-        "base_model": base_name,
-        "base_model_folder": str(model_dir),
-        "hyperparameters": hp,
-        "steps": result.steps,
-        "train_loss": result.train_loss,
-        "val_loss": result.val_loss,
-    }
-    digest, adapter_dir = store_adapter(peft_model, settings.layout.adapters, lineage)
+    if isinstance(outcome, str):
+        return failed(outcome)
+    result, digest, adapter_dir = outcome
     if artifacts is not None:
         artifacts.publish("adapters", digest, adapter_dir)  # on the bus before any event names it
     completed = TrainingCompleted(
@@ -388,6 +373,144 @@ def _train_run(
     (run_dir / "completed.json").write_text(completed.model_dump_json())
     publisher.completed(result.steps)
     return completed
+
+
+#: a trained run: (what the loop reports, the adapter's hash, its folder); or why there is none
+Trained = tuple[RunResult, str, Path] | str
+
+
+def _train_here(
+    settings: Settings,
+    cfg: TrainerConfig,
+    dataset_hash: str,
+    folder: Path,
+    run_dir: Path,
+    model_dir: Path,
+    loop_cfg: LoopSettings,
+    lineage: dict[str, Any],
+    device: str,
+    started: Callable[[], None],
+    progressed: Callable[[Progress], None],
+    publisher: _RunPublisher,
+) -> Trained:
+    """Train in this process (a GPU when there is one) and store the adapter."""
+    try:
+        model, tokenizer = load_base(model_dir)
+    except BaseModelUnusable as exc:
+        return str(exc)
+    if cfg.method == "dpo":
+        pairs = read_split(folder, "dpo_train")
+        val_pairs = read_split(folder, "dpo_validation")
+        if not pairs:
+            return f"dataset {dataset_hash} has no preference pairs (dpo_train) for DPO"
+    else:
+        train = pack(tokenize_rows(read_split(folder, "train"), tokenizer, cfg.max_tokens), cfg.block_tokens)
+        validation = pack(tokenize_rows(read_split(folder, "validation"), tokenizer, cfg.max_tokens),
+                          cfg.block_tokens)
+        if not train:
+            return f"dataset {dataset_hash} has no training example with answer tokens"
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(cfg.seed)
+    peft_model = get_peft_model(
+        model,
+        LoraConfig(
+            r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,  # type: ignore[arg-type]
+            target_modules=list(cfg.target_modules), task_type="CAUSAL_LM",
+        ),
+    ).to(device)
+    if cfg.gradient_checkpointing:
+        peft_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        peft_model.enable_input_require_grads()
+    started()
+    try:
+        with torch_threads(cfg.threads if device == "cpu" else None):
+            if cfg.method == "dpo":
+                from flywheel_loop.plugins.training.dpo import train_dpo
+
+                result = train_dpo(peft_model, tokenizer, pairs, val_pairs, loop_cfg, run_dir, cfg.dpo_beta,
+                                   cfg.max_tokens, progressed, publisher.checkpoint)
+            else:
+                result = train_loop(peft_model, train, validation, loop_cfg, run_dir, tokenizer.pad_token_id,
+                                    progressed, publisher.checkpoint)
+    except WallClockExceeded as exc:
+        return str(exc)
+    except (torch.OutOfMemoryError, MemoryError) as exc:  # GPU memory, or host memory (a failed allocation)
+        return (f"out of memory: {exc or type(exc).__name__}; lower trainer.batch, block_tokens or max_tokens,"
+                " or turn on trainer.gradient_checkpointing")
+    full = {**lineage, "steps": result.steps, "train_loss": result.train_loss, "val_loss": result.val_loss}
+    digest, adapter_dir = store_adapter(peft_model, settings.layout.adapters, full)
+    return result, digest, adapter_dir
+
+
+def _train_launched(
+    settings: Settings,
+    cfg: TrainerConfig,
+    folder: Path,
+    run_dir: Path,
+    model_dir: Path,
+    loop_cfg: LoopSettings,
+    lineage: dict[str, Any],
+    cuda: bool,
+    progressed: Callable[[Progress], None],
+    publisher: _RunPublisher,
+) -> Trained:
+    """Train as ``trainer.processes`` processes (``launch.py``), relaying what process 0 reports."""
+    import dataclasses
+    import os
+    import signal
+    import subprocess
+
+    from flywheel_loop.plugins.training import launch
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    spec = run_dir / ".launch.json"
+    spec.write_text(json.dumps({
+        "base_model": str(model_dir), "dataset": str(folder), "run_dir": str(run_dir),
+        "adapters": str(settings.layout.adapters), "trainer": cfg.model_dump(mode="json"),
+        "loop": dataclasses.asdict(loop_cfg), "lineage": lineage, "publish": publisher.artifacts is not None,
+    }))
+    logfile = run_dir / ".launch.log"
+    command = launch.command(cfg.processes, cuda, loop_cfg.bf16, spec)
+    log.info("run %s: %s", run_dir.name, " ".join(command))
+    outcome: Trained | None = None
+    with open(logfile, "w") as errors:
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=errors, text=True, start_new_session=True,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        assert proc.stdout is not None
+        try:
+            for line in proc.stdout:
+                if not line.startswith(launch.PREFIX):
+                    continue
+                message = json.loads(line[len(launch.PREFIX):])
+                if "progress" in message:
+                    progressed(Progress(**message["progress"]))
+                elif "checkpoint" in message:
+                    point = message["checkpoint"]
+                    publisher.archived(point["step"], point["archive"], point["files"])
+                elif "failed" in message:
+                    outcome = str(message["failed"])
+                elif "result" in message:
+                    run = message["result"]["run"]
+                    run["val_losses"] = [(int(s), float(v)) for s, v in run["val_losses"]]
+                    outcome = (RunResult(**run), message["result"]["adapter_hash"], Path(message["result"]["path"]))
+            status = proc.wait()
+        except BaseException:  # stopped from here (a kill, a step callback that raises): stop every process
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+            raise
+    if status != 0 or outcome is None:
+        tail = "\n".join(logfile.read_text(errors="replace").splitlines()[-30:])
+        raise RuntimeError(f"the {cfg.processes} training processes of {run_dir.name} ended with status {status}"
+                           f" and no result:\n{tail}")
+    return outcome
 
 
 class Trainer:
