@@ -237,3 +237,38 @@ def test_the_store_knows_only_artifact_kinds(tmp_path: Path) -> None:
         store.cache_path("vectors", "x")
     with pytest.raises(ValueError, match="letters, digits"):
         store.cache_path("runs", "../escape")
+
+
+def test_the_artifacts_commands_push_list_and_pull(tmp_path: Path, nats_server: Any,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from flywheel_loop.engine.cli import app
+
+    runner = CliRunner()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("FLYWHEEL_NATS__URL", nats_server.url)
+    monkeypatch.setenv("FLYWHEEL_STATE_DIR", str(tmp_path / "old"))
+    dataset = make_folder(tmp_path / "old" / "datasets" / ("7" * 64))
+    make_folder(tmp_path / "old" / "adapters" / ("8" * 64), seed=2)
+    (tmp_path / "old" / "datasets" / ".tmp-7777-half").mkdir()  # scratch, never an artifact
+
+    pushed = runner.invoke(app, ["artifacts", "push"])
+    assert pushed.exit_code == 0, pushed.output
+    assert "2 published, 0 already on the bus" in pushed.output
+    again = runner.invoke(app, ["artifacts", "push"])
+    assert "0 published, 2 already on the bus" in again.output
+
+    listed = runner.invoke(app, ["artifacts", "list", "--json"])
+    assert listed.exit_code == 0, listed.output
+    names = [a["name"] for a in json.loads(listed.output)]
+    assert names == ["adapters/" + "8" * 64, "datasets/" + "7" * 64]
+
+    monkeypatch.setenv("FLYWHEEL_STATE_DIR", str(tmp_path / "new"))
+    pulled = runner.invoke(app, ["artifacts", "pull", "datasets", "7" * 64])
+    assert pulled.exit_code == 0, pulled.output
+    assert files_of(tmp_path / "new" / "datasets" / ("7" * 64)) == published(dataset)
+    missing = runner.invoke(app, ["artifacts", "pull", "datasets", "9" * 64])
+    assert missing.exit_code == 1 and "neither in" in missing.output
+    wrong = runner.invoke(app, ["artifacts", "list", "--kind", "vectors"])
+    assert wrong.exit_code == 2 and "one of datasets, adapters, runs, models" in wrong.output
