@@ -266,3 +266,52 @@ async def test_a_configured_base_model_this_machine_lacks_is_fetched_from_the_bu
         got = await asyncio.to_thread(base_model_dir, b.settings, b.bus.artifacts.in_thread())
         assert got == b.layout.artifact("models", configured_model_key(shared))
         assert files_of(got) == original
+
+
+async def test_the_converted_base_model_is_fetched_rather_than_converted_again(
+    machine: Callable[..., Machine], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from flywheel_loop.plugins.shared import models
+
+    gguf = bundled_base_model()
+    assert gguf is not None
+    key = f"{gguf.stem}-{models.gguf_key(gguf)}"  # named by the GGUF's content, the same on every machine
+    over = {"models": {"base": None}, "artifacts": {"publish_base_model": "always"}}
+    async with machine("a", **over) as a, machine("b", **over) as b:
+        assert a.bus is not None and b.bus is not None
+        converted = a.layout.artifact("models", key)  # stands for the minute-long conversion A did
+        converted.mkdir(parents=True)
+        (converted / "config.json").write_text('{"model_type": "llama"}')
+        (converted / "model.safetensors").write_bytes(bytes(range(256)) * 1000)
+        assert await asyncio.to_thread(base_model_dir, a.settings, a.bus.artifacts.in_thread()) == converted
+
+        def no_conversion(*args: Any) -> Path:
+            raise AssertionError("converted again although the bus has it")
+
+        monkeypatch.setattr(models, "_convert_gguf", no_conversion)
+        got = await asyncio.to_thread(base_model_dir, b.settings, b.bus.artifacts.in_thread())
+        assert got == b.layout.artifact("models", key) and files_of(got) == files_of(converted)
+
+
+def test_a_model_converted_under_its_old_name_is_renamed_not_converted_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import transformers
+
+    from flywheel_loop.plugins.shared import models
+
+    gguf = bundled_base_model()
+    assert gguf is not None
+    stat = gguf.stat()
+    legacy = hashlib.sha256(f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    old = tmp_path / "models" / f"{gguf.stem}-{legacy}"
+    old.mkdir(parents=True)
+    (old / "config.json").write_text("{}")
+
+    def no_conversion(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("converted again")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_conversion)
+    folder = models.resolve_base_model(None, tmp_path)
+    assert folder.name == f"{gguf.stem}-{models.gguf_key(gguf)}" and (folder / "config.json").is_file()
+    assert not old.exists()

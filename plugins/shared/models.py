@@ -87,6 +87,17 @@ def _convert_gguf(gguf: Path, models_dir: Path) -> Path:
     target = models_dir / f"{gguf.stem}-{gguf_key(gguf)}"
     if (target / "config.json").is_file():
         return target
+    # a folder converted before the name was the GGUF's content: named by its path, size and time
+    stat = gguf.stat()
+    legacy = hashlib.sha256(f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    old = models_dir / f"{gguf.stem}-{legacy}"
+    if (old / "config.json").is_file():
+        try:
+            os.rename(old, target)
+            return target
+        except OSError:  # another process renamed it first
+            if (target / "config.json").is_file():
+                return target
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     # transformers refuses to save a GGUF-loaded model while its quantizer is attached; the
