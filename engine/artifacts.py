@@ -211,15 +211,10 @@ class ArtifactStore:
         self.chunk_size = max(4096, min(self.config.chunk_kib * 1024, max_payload - 16 * 1024))
         self._store: ObjectStore | None = None
         self._lock = asyncio.Lock()
-        self._loop: asyncio.AbstractEventLoop | None = None
 
     @property
     def enabled(self) -> bool:
         return self.config.enabled
-
-    @property
-    def root(self) -> Path:
-        return self.settings.layout.root
 
     def cache_path(self, kind: str, key: str) -> Path:
         """Where ``<kind>/<key>`` lives in the local state folder."""
@@ -229,7 +224,6 @@ class ArtifactStore:
     # ------------------------------------------------------------------ bucket
 
     async def _bucket(self) -> ObjectStore:
-        self._loop = asyncio.get_running_loop()
         if self._store is not None:
             return self._store
         async with self._lock:

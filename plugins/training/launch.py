@@ -19,7 +19,8 @@ publishes to the bus in the background; ``failed`` for a run that cannot train (
 of memory, its wall-clock cap); ``result`` with the adapter it stored. The trainer turns these into
 the same events a run in its own process publishes. A process that crashes ends the launch with a
 non-zero status; the trainer raises, and the worker tries the input again later (resuming from the
-last checkpoint).
+last checkpoint). When the trainer's process is gone, nobody reads the reports: process 0's next
+one fails (a broken pipe), so the launch ends rather than training on unwatched.
 """
 
 from __future__ import annotations
