@@ -9,6 +9,9 @@
 - ``<prefix>_KEYS`` (a KV bucket, or a folder: ``[keys]``) holds the data keys that seal
   personal text on the log (``engine/sealing.py``).
 
+Artifacts (datasets, adapters, checkpoints, base models) live in the object store beside the
+streams: ``bus.artifacts`` (``engine/artifacts.py``).
+
 Publishing waits for JetStream's ack and retries through a reconnect with the same id, so
 an event is stored exactly once or the caller gets ``PublishFailed``. Every event the bus
 publishes is sealed (its personal text encrypted under its data subject's key) and every
@@ -40,6 +43,7 @@ from nats.js.api import (
 )
 
 from flywheel_loop.engine import telemetry
+from flywheel_loop.engine.artifacts import ArtifactStore
 from flywheel_loop.engine.config import Settings, StreamsConfig
 from flywheel_loop.engine.keys import key_store
 from flywheel_loop.engine.sealing import KeyRing, Opened
@@ -101,6 +105,14 @@ class Bus(EventPublisher):
         self.settings = settings
         #: the data keys: personal text is sealed on publishing and opened on reading
         self.keys = KeyRing(key_store(settings, self.js), settings.keys.cache_s)
+        self._artifacts: ArtifactStore | None = None
+
+    @property
+    def artifacts(self) -> ArtifactStore:
+        """The artifact store on this bus (``engine/artifacts.py``); its bucket is made on first use."""
+        if self._artifacts is None:
+            self._artifacts = ArtifactStore(self.js, self.settings, self.nc.max_payload or (1 << 20))
+        return self._artifacts
 
     @classmethod
     async def connect(cls, settings: Settings, url: str) -> Bus:

@@ -1,9 +1,9 @@
 """The ``flywheel`` command line: the engine's own commands, and every plugin's (``register_commands``).
 
 The engine's commands run the engine and look at the bus: ``up``, ``record``, ``events``,
-``status``, ``replay``, ``config show`` and ``plugins``. Everything else (``train``, ``stats``,
-``deployments``, ``forget``, ``demo``, ...) is added by the feature that owns it, like any
-third-party plugin's commands.
+``status``, ``replay``, ``config show``, ``plugins`` and ``artifacts`` (``artifact_commands.py``).
+Everything else (``train``, ``stats``, ``deployments``, ``forget``, ``demo``, ...) is added by the
+feature that owns it, like any third-party plugin's commands.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from rich.text import Text
 
 from flywheel_loop.engine import commands as cmd
 from flywheel_loop.engine.app import Engine, projection_path
+from flywheel_loop.engine.artifact_commands import artifacts_app
 from flywheel_loop.engine.bus import Bus
 from flywheel_loop.engine.config import ConfigError, Settings, load_settings
 from flywheel_loop.engine.connection import open_bus, running_embedded_url, start_embedded
@@ -39,6 +40,7 @@ def build_app() -> typer.Typer:
     app = typer.Typer(help="Flywheel: a continuous-learning engine for coding agents.", no_args_is_help=True)
     config_app = typer.Typer(help="Inspect the configuration.", no_args_is_help=True)
     app.add_typer(config_app, name="config")
+    app.add_typer(artifacts_app, name="artifacts")
     app.command()(up)
     app.command()(record)
     app.command()(events)

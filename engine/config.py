@@ -6,11 +6,11 @@ Environment variables use the prefix ``FLYWHEEL_`` and ``__`` between levels, e.
 key, the value and what is allowed.
 
 The engine's own settings are the fields of ``Settings`` (``state_dir``, ``[nats]``,
-``[streams]``, ``[worker]``, ``[plugins]``, ``[telemetry]``). Every other section belongs to a
-plugin: a plugin registers its ``PluginSection`` models with the ``register_settings`` hook,
-the plugin host validates each section against its model when it loads the plugins (an
-unknown section is an error naming the installed plugins and their sections), and code reads
-a section with ``TrainerConfig.of(settings)`` (or ``settings.section(TrainerConfig)``).
+``[streams]``, ``[worker]``, ``[plugins]``, ``[telemetry]``, ``[models]``, ``[artifacts]``). Every
+other section belongs to a plugin: a plugin registers its ``PluginSection`` models with the
+``register_settings`` hook, the plugin host validates each section against its model when it
+loads the plugins (an unknown section is an error naming the installed plugins and their
+sections), and code reads a section with ``TrainerConfig.of(settings)`` (or ``settings.section(TrainerConfig)``).
 """
 
 from __future__ import annotations
@@ -173,6 +173,30 @@ class KeysConfig(Section):
         return self
 
 
+class ArtifactsConfig(Section):
+    """Datasets, adapters, run checkpoints and base models as objects on the bus (``engine/artifacts.py``);
+    the state folder caches them."""
+
+    enabled: bool = Field(
+        default=True, description="publish artifacts to the JetStream object store and fetch them from it; false"
+        " keeps them in the local state folder only (one machine, or a shared folder)",
+    )
+    chunk_kib: int = Field(
+        default=512, ge=4, le=8192, description="object chunk size in KiB (capped by the server's max_payload)"
+    )
+    max_bytes: int = Field(default=0, ge=0, description="the bucket's size cap in bytes; 0 = none")
+    stall_timeout_s: float = Field(
+        default=30.0, gt=0, description="a download that receives no chunk for this long fails (chunks missing)"
+    )
+    transfer_timeout_s: float = Field(
+        default=3600.0, gt=0, description="the longest one upload or download from a worker thread may take"
+    )
+    publish_base_model: Literal["auto", "always", "never"] = Field(
+        default="auto", description="publish the base model folder (converted or configured) for other machines:"
+        " auto = when nats.url is set (with the embedded server no other machine can fetch it)",
+    )
+
+
 class WorkerConfig(Section):
     """How processors consume: batch size, retries with back-off, ack wait."""
 
@@ -236,6 +260,7 @@ class Settings(BaseSettings):
     plugins: PluginsConfig = Field(default_factory=PluginsConfig)
     telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
     models: ModelsConfig = Field(default_factory=ModelsConfig)
+    artifacts: ArtifactsConfig = Field(default_factory=ArtifactsConfig)
 
     @classmethod
     def settings_customise_sources(

@@ -1,8 +1,9 @@
 """The state folder's layout: the one place that knows where local files go.
 
 Everything under the state folder is either the embedded server's data (``nats/``) or a
-cache that the log can rebuild: projections, each processor's own files, and the artifacts
-(datasets, adapters, training runs, converted base models, vectors) named by content hash.
+cache: projections and each processor's own files, which the log rebuilds, and the artifacts
+(datasets, adapters, training runs, base models), which are objects on the bus
+(``engine/artifacts.py``) fetched into ``<kind>/<key>`` on use; vectors are recomputed from the log.
 
     <state_dir>/
       nats/                      the embedded nats-server's JetStream files
@@ -71,6 +72,10 @@ class StateLayout:
 
     def run(self, run_id: str) -> Path:
         return self.runs / run_id
+
+    def artifact(self, kind: str, key: str) -> Path:
+        """The cache folder of the artifact ``<kind>/<key>`` (kind: datasets, adapters, runs, models)."""
+        return self.root / kind / key
 
     def projection(self, name: str) -> Path:
         return self.root / "projections" / f"{name}.sqlite"

@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from flywheel_loop.engine.artifacts import ArtifactStore
 from flywheel_loop.engine.config import Settings
 from flywheel_loop.engine.consumes import ConsumesEvents
 from flywheel_loop.engine.layout import StateLayout
@@ -34,8 +35,9 @@ class NoState(RuntimeError):
 @dataclass
 class ProcessContext:
     """What a handler may use besides its input: the settings and the state layout, its own
-    folded state, the log up to a position, a way to publish live events, a logger, and the
-    plugin host's typed hooks (``ctx.plugins.assessors()``, ...)."""
+    folded state, the log up to a position, a way to publish live events, the artifact store
+    (``ctx.artifacts``: datasets, adapters, checkpoints and base models on the bus), a logger, and
+    the plugin host's typed hooks (``ctx.plugins.assessors()``, ...)."""
 
     settings: Settings
     log: logging.Logger
@@ -48,6 +50,8 @@ class ProcessContext:
     reader: LogReader | None = None
     emitter: Emitter | None = None
     loop: asyncio.AbstractEventLoop | None = None
+    #: the bus's artifact store (None outside a worker: local files only)
+    artifacts: ArtifactStore | None = None
 
     @property
     def layout(self) -> StateLayout:

@@ -127,6 +127,7 @@ class ProcessorWorker:
             store=self.store,
             reader=self._read_log,
             emitter=self._emit,
+            artifacts=bus.artifacts,
         )
         self._current: Event[Any] | None = None
         self._started = False

@@ -59,7 +59,7 @@ async def test_a_version_without_a_passed_evaluation_is_refused_and_nothing_chan
     assert refused[0].data.evaluation_id == failed.id
     assert "did not pass the gate" in refused[0].data.reason and "fell by 20 points" in refused[0].data.reason
     assert refused[1].data.evaluation_id == missing.id
-    assert "not in the adapter store" in refused[1].data.reason
+    assert "not found" in refused[1].data.reason and "the bus" in refused[1].data.reason
     assert await read_log(bus, "log", "deployment.completed") == []
 
 
@@ -282,7 +282,7 @@ async def test_with_retrain_the_version_stays_in_service_and_the_trainer_trains_
     # the trainer answers the decision by training the replacement dataset (stubbed: no training in this test)
     calls: list[tuple[str, str, str]] = []
 
-    def train(settings: Any, role: str, digest: str, path: str, emit: Any) -> Any:
+    def train(settings: Any, role: str, digest: str, path: str, emit: Any, *rest: Any) -> Any:
         calls.append((role, digest, path))
         return _trained("ab" * 32, digest)
 

@@ -13,10 +13,15 @@ The build depends on nothing but the log up to P and the configuration, so
 ``rebuild_dataset(settings, bus, role, P)`` (``flywheel replay --until P --dataset ROLE``)
 gives the same hash, also after the state folder was deleted.
 
+**On the bus.** A built dataset is published as the object ``datasets/<hash>``
+(``engine/artifacts.py``) before its ``dataset.built`` is, so a trainer or an evaluator on
+another machine fetches it from there; a superseded dataset's object is erased with its folder.
+
 **Forgetting.** The builder also consumes ``data.forgotten``: every current dataset (built, or
 the replacement of a superseded one) whose lineage holds a forgotten event is rebuilt at its
 own log position without the forgotten interactions; a ``dataset.superseded`` (old hash, new
-hash, the ``data.forgotten`` id) announces the replacement and the old folder is deleted. A
+hash, the ``data.forgotten`` id) announces the replacement and the old folder is deleted, here
+and on the bus. A
 dataset the forgetting does not touch rebuilds to its own hash and is left alone. Builds and
 rebuilds always leave out everything forgotten anywhere on the log, so a replay gives the
 replacement, never the superseded dataset.
@@ -168,6 +173,7 @@ async def rebuild_dataset(
     if outcome.skip is not None:
         raise DatasetNotBuilt(outcome.skip.reason, outcome.skip.detail)
     assert outcome.path is not None
+    await bus.artifacts.publish("datasets", outcome.digest, outcome.path)  # nothing to do when it is there
     return outcome.digest, outcome.path
 
 
@@ -202,6 +208,8 @@ class DatasetBuilder:
             else:
                 built = outcome.built
                 assert built is not None and outcome.path is not None
+                if ctx.artifacts is not None:  # on the bus before the event that names it
+                    await ctx.artifacts.publish("datasets", outcome.digest, outcome.path)
                 cap = CurationConfig.of(ctx.settings).dataset.lineage_in_event
                 output = DatasetBuilt(
                     role=req.role,
@@ -239,11 +247,15 @@ class DatasetBuilder:
             outcome = await build_from_log(ctx.settings, ctx.read_log, ds.role, ds.log_position, synthesize)
             if outcome.digest == ds.digest:
                 continue
+            if ctx.artifacts is not None and outcome.path is not None:
+                await ctx.artifacts.publish("datasets", outcome.digest, outcome.path)
             outputs.append(self._superseded(ctx, event.id, ds, lineage, outcome))
         for out in outputs:
             if remove_dataset(root, out.old_hash):
                 ctx.log.info("dataset %s superseded by %s; its folder is deleted", out.old_hash[:16],
                              (out.new_hash or "nothing")[:16])
+            if ctx.artifacts is not None and await ctx.artifacts.delete("datasets", out.old_hash):
+                ctx.log.info("dataset %s erased from the bus", out.old_hash[:16])
         return outputs
 
     @staticmethod

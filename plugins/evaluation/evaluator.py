@@ -17,8 +17,11 @@ service, or the base model when none is), and measures both on the same items
   the candidate says is scanned by the plugins that find sensitive data (``find_sensitive``).
 
 The gate (``plugins/evaluation/gate.py``) turns the figures into a verdict with its reasons.
-A run whose adapter or dataset is missing, or whose base model cannot be loaded, gets
-``evaluation.completed`` with ``passed: false`` and the reason, so nothing is promoted. The
+The adapters, the dataset and the base model are fetched from the bus when this machine does not
+have them (``engine/artifacts.py``), each verified against its hash. A run whose adapter or
+dataset is missing or fails its check, whose base model cannot be loaded, or whose model in
+service cannot be had here, gets ``evaluation.completed`` with ``passed: false`` and the reason,
+so nothing is promoted (and nothing is measured against the wrong model). The
 verdict per training run is kept (``<state_dir>/evaluator/verdicts.sqlite``), so a redelivered
 ``training.completed`` is answered with the same event instead of a second evaluation.
 """
@@ -33,6 +36,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from flywheel_loop.engine.artifacts import ArtifactCorrupt, ArtifactMissing, ThreadArtifacts
 from flywheel_loop.engine.config import Settings
 from flywheel_loop.engine.processor import ProcessContext, Processor
 from flywheel_loop.plugins.evaluation.gate import verdict
@@ -47,14 +51,17 @@ from flywheel_loop.plugins.evaluation.metrics import (
     task_pass_rate,
 )
 from flywheel_loop.plugins.evaluation.settings import EvaluatorConfig
-from flywheel_loop.plugins.shared.datasets import dataset_root, read_split
+from flywheel_loop.plugins.shared.datasets import DatasetUnusable, dataset_folder, read_split
 from flywheel_loop.plugins.shared.deployment_book import BOOK_EVENTS, book_at
 from flywheel_loop.plugins.shared.models import (
+    AdapterUnusable,
     BaseModelUnusable,
+    adapter_folder,
     base_model_dir,
     load_base,
     read_lineage,
     torch_threads,
+    verify_adapter,
 )
 from flywheel_loop.schemas import EvaluationCompleted, Event, TrainingCompleted
 
@@ -69,7 +76,8 @@ Detector = Callable[[str], list[str] | None]
 
 async def service_adapter(ctx: ProcessContext, role: str) -> Path | None:
     """The adapter folder in service for ``role`` at the position of the event being handled
-    (None: the base model), folded from the log's deployment events."""
+    (None: the base model), folded from the log's deployment events; fetched from the bus when this
+    machine does not have it. ``AdapterUnusable`` when it can be had neither here nor there."""
     book = book_at(await ctx.read_log(BOOK_EVENTS, ctx.sequence or None))
     try:
         service = book.service(role)
@@ -77,8 +85,16 @@ async def service_adapter(ctx: ProcessContext, role: str) -> Path | None:
         book.db.close()
     if service is None or service.adapter_hash is None:
         return None
-    folder = ctx.layout.adapter(service.adapter_hash)
-    return folder if folder.is_dir() else None
+    digest = service.adapter_hash
+    folder = ctx.layout.adapter(digest)
+    if (folder / "adapter_config.json").is_file():
+        return folder
+    if ctx.artifacts is None:
+        raise AdapterUnusable(f"adapter {digest} (in service for {role}) is not in {folder.parent}")
+    try:
+        return await ctx.artifacts.local("adapters", digest, verify_adapter(digest))
+    except (ArtifactMissing, ArtifactCorrupt) as exc:
+        raise AdapterUnusable(f"adapter {digest} (in service for {role}): {exc}") from None
 
 
 def _folder_mb(folder: Path) -> float:
@@ -90,11 +106,17 @@ def _peak_rss_mb() -> float:
 
 
 def evaluate_run(
-    settings: Settings, completed: TrainingCompleted, service: Path | None = None, detect: Detector | None = None
+    settings: Settings,
+    completed: TrainingCompleted,
+    service: Path | None = None,
+    detect: Detector | None = None,
+    artifacts: ThreadArtifacts | None = None,
 ) -> EvaluationCompleted:
     """Measure the run's adapter against the model in service (``service``: its adapter folder;
     None: the base model) and apply the gate. ``detect`` finds the kinds of secrets and personal
-    data in a text (the ``find_sensitive`` hook); without it the canary check is skipped."""
+    data in a text (the ``find_sensitive`` hook); without it the canary check is skipped.
+    ``artifacts`` (from a worker thread) fetches the adapter, the dataset and the base model when
+    this machine lacks them."""
     cfg = EvaluatorConfig.of(settings)
 
     def rejected(reason: str) -> EvaluationCompleted:
@@ -102,16 +124,18 @@ def evaluate_run(
         return EvaluationCompleted(run_id=completed.run_id, role=completed.role, adapter_hash=completed.adapter_hash,
                                    passed=False, reasons=[f"failed: {reason}"[:2000]])
 
-    adapter_dir = Path(completed.path)
-    if not (adapter_dir / "adapter_config.json").is_file():
-        return rejected(f"adapter {completed.adapter_hash} not found: {adapter_dir} has no adapter_config.json")
+    try:
+        adapter_dir = adapter_folder(settings, completed.adapter_hash, artifacts, completed.path)
+    except AdapterUnusable as exc:
+        return rejected(str(exc))
     if completed.dataset_hash is None:
         return rejected("the training run names no dataset, so there is nothing held out to evaluate on")
-    dataset = dataset_root(settings) / completed.dataset_hash
-    if not (dataset / "manifest.json").is_file():
-        return rejected(f"dataset {completed.dataset_hash} not found: {dataset} has no manifest.json")
     try:
-        model_dir = base_model_dir(settings)
+        dataset = dataset_folder(settings, completed.dataset_hash, artifacts)
+    except DatasetUnusable as exc:
+        return rejected(str(exc))
+    try:
+        model_dir = base_model_dir(settings, artifacts)
         base, tokenizer = load_base(model_dir)
     except BaseModelUnusable as exc:
         return rejected(str(exc))
@@ -211,9 +235,16 @@ class Evaluator:
         completed = event.data
         if not isinstance(completed, TrainingCompleted):
             return []
-        service = await service_adapter(ctx, completed.role)
+        try:
+            service = await service_adapter(ctx, completed.role)
+        except AdapterUnusable as exc:
+            return [EvaluationCompleted(
+                run_id=completed.run_id, role=completed.role, adapter_hash=completed.adapter_hash, passed=False,
+                reasons=[f"failed: the model in service cannot be measured here: {exc}"[:2000]],
+            )]
         detect = ctx.plugins.find_sensitive if ctx.plugins is not None else None
-        outcome = await asyncio.to_thread(evaluate_run, ctx.settings, completed, service, detect)
+        artifacts = ctx.artifacts.in_thread() if ctx.artifacts is not None else None
+        outcome = await asyncio.to_thread(evaluate_run, ctx.settings, completed, service, detect, artifacts)
         return [outcome]
 
 

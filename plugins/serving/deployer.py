@@ -2,8 +2,9 @@
 
 It consumes:
 
-- ``evaluation.completed``: a passed evaluation deploys its adapter; one that did not pass (or names no
-  adapter, or an adapter folder that is gone) is refused with ``deployment.failed`` and the reason, and nothing
+- ``evaluation.completed``: a passed evaluation deploys its adapter (fetched from the bus and verified when this
+  machine does not have it); one that did not pass (or names no adapter, or an adapter that can be had neither
+  here nor on the bus) is refused with ``deployment.failed`` and the reason, and nothing
   changes in service. The only way into service is a passed evaluation on the log.
 - ``canary.passed`` (from the drift monitor): a canary that earned as much as the version before it takes all the
   traffic (a new ``deployment.completed`` for the same version, share 1.0) and the previous version stops.
@@ -56,13 +57,14 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from flywheel_loop.engine.artifacts import ThreadArtifacts
 from flywheel_loop.engine.config import Settings
 from flywheel_loop.engine.extensions import Runtime, RuntimeUnavailable, ServedModel
 from flywheel_loop.engine.plugin_host import PluginHost
 from flywheel_loop.engine.processor import ProcessContext, Processor
 from flywheel_loop.plugins.serving.settings import DeployerConfig
 from flywheel_loop.plugins.shared.deployment_book import BOOK_EVENTS, TABLES, DeploymentBook, version_name
-from flywheel_loop.plugins.shared.models import BaseModelUnusable, base_model_dir
+from flywheel_loop.plugins.shared.models import AdapterUnusable, BaseModelUnusable, adapter_folder, base_model_dir
 from flywheel_loop.schemas import (
     AdapterSuperseded,
     CanaryPassed,
@@ -113,6 +115,8 @@ class Deployer:
 
     def __init__(self, settings: Settings, runtime_factory: RuntimeMaker | None = None) -> None:
         self.settings = settings
+        #: the bus's artifact store, for the worker threads (set when the worker starts)
+        self.artifacts: ThreadArtifacts | None = None
         #: tests hand a factory in; the engine's plugin host provides the registered runtimes otherwise
         self.runtime_factory = runtime_factory
         self.runtimes: dict[str, Runtime] = {}
@@ -129,17 +133,15 @@ class Deployer:
     def served_model(self, role: str, adapter_hash: str | None) -> ServedModel:
         """What to serve for ``role`` with ``adapter_hash`` (None: the base model alone)."""
         try:
-            base = base_model_dir(self.settings)
+            base = base_model_dir(self.settings, self.artifacts)
         except BaseModelUnusable as exc:
             raise Refused(f"the base model cannot be used: {exc}") from exc
         adapter_dir = None
         if adapter_hash is not None:
-            adapter_dir = self.settings.layout.adapter(adapter_hash)
-            if not (adapter_dir / "adapter_config.json").is_file():
-                raise Refused(
-                    f"adapter {adapter_hash[:12]} is not in the adapter store ({adapter_dir} has no"
-                    " adapter_config.json)"
-                )
+            try:
+                adapter_dir = adapter_folder(self.settings, adapter_hash, self.artifacts)
+            except AdapterUnusable as exc:
+                raise Refused(f"adapter {adapter_hash[:12]} cannot be served: {exc}") from None
         return ServedModel(role, version_name(role, adapter_hash), base, adapter_dir, adapter_hash)
 
     # ------------------------------------------------------------------ the processor
@@ -424,6 +426,8 @@ class Deployer:
         service, and stop every server when the process ends."""
         if self.runtime_factory is None:
             self.runtime_factory = runtimes_of(ctx.plugins)
+        if ctx.artifacts is not None:
+            self.artifacts = ctx.artifacts.in_thread()
         db = sqlite3.connect(ctx.state.path, check_same_thread=False)  # its own connection: read in a thread
         threading.Thread(target=self.restore, args=(db,), name="deployer-restore", daemon=True).start()
         atexit.register(self.close)

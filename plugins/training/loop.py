@@ -5,7 +5,17 @@ a run resumed from its checkpoint at step ``k`` recomputes the order and goes on
 ``k + 1``. A checkpoint (``<run_dir>/ckpt-<step>``; ``<run_dir>/latest`` names the newest) holds
 the trainable weights, the optimizer, the scheduler, the RNG states, the step, the token count,
 the time spent and the loss history; ``latest`` is replaced atomically, so a kill leaves either
-the old checkpoint or the new one.
+the old checkpoint or the new one. ``on_checkpoint(step)`` is called after each one is written (the
+trainer publishes the run folder to the bus then, so another machine can resume it).
+
+The loop runs through an ``accelerate.Accelerator``: it places the model and the optimizer on the
+device (a GPU when there is one), runs the forward passes under its mixed precision (bf16 when
+``bf16``), and accumulates the gradients of a step's micro-batches (``no_sync`` until the last, so
+processes exchange gradients once per step). Launched as several processes (``accelerate launch``
+or ``torchrun``; ``plugins/training/launch.py``), each takes every n-th micro-batch of a step: the
+step still covers ``batch * grad_accum`` blocks in the same order and its loss is still the mean over
+the step's answer tokens, so the result does not depend on how many processes share it (up to the
+order of floating-point sums). Process 0 writes the checkpoints and reports progress.
 
 Every ``eval_every`` steps (default: once per epoch) and at the end, the validation loss is
 measured; the best weights so far are kept in ``<run_dir>/best.pt``. After ``patience``
@@ -15,13 +25,14 @@ the last one, the best weights are restored before the adapter is stored.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import random
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +41,10 @@ import torch
 
 from flywheel_loop.plugins.shared.packing import IGNORE, Block, block_loss, collate, token_losses
 
-__all__ = ["LoopSettings", "Progress", "RunResult", "WallClockExceeded", "block_loss", "token_losses", "train_loop"]
+__all__ = [
+    "LoopSettings", "Progress", "RunResult", "WallClockExceeded", "block_loss", "make_accelerator", "token_losses",
+    "train_loop",
+]
 
 
 class WallClockExceeded(RuntimeError):
@@ -54,6 +68,8 @@ class LoopSettings:
     eval_every: int | None = None
     #: validations without a better loss before the run stops early (None: never)
     patience: int | None = None
+    #: train on the CPU even where there is a GPU
+    cpu: bool = False
 
 
 @dataclass(frozen=True)
@@ -82,6 +98,18 @@ class RunResult:
     val_losses: list[tuple[int, float]] = field(default_factory=list)
     best_step: int | None = None
     stopped_early: bool = False
+
+
+def make_accelerator(bf16: bool, cpu: bool) -> Any:
+    """An ``Accelerator`` for one run: bf16 mixed precision or none, the CPU or the default device. In a process
+    that was not launched as one of several, accelerate's process-wide state is reset first: a long-running
+    engine trains run after run, with settings that may differ, and accelerate refuses to change them."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        AcceleratorState._reset_state(reset_partial_state=True)  # private, but the documented way to start over
+    return Accelerator(cpu=cpu, mixed_precision="bf16" if bf16 else "no")
 
 
 def _order(n: int, seed: int, epoch: int) -> list[int]:
@@ -158,12 +186,44 @@ def train_loop(
     run_dir: Path,
     pad_id: int,
     on_progress: Callable[[Progress], None] | None = None,
+    on_checkpoint: Callable[[int], None] | None = None,
 ) -> RunResult:
     """Train the trainable parameters of ``model`` (a PEFT model) on ``train``; resume from the
     checkpoint in ``run_dir`` when there is one. ``on_progress`` is called after every step
-    (after that step's checkpoint is written); an exception it raises stops the run there."""
+    (after that step's checkpoint is written); an exception it raises stops the run there.
+    ``on_checkpoint(step)`` is called after each checkpoint. In a run of several processes both are
+    called on process 0 only."""
     if not train:
         raise ValueError("no training blocks")
+    accelerator = make_accelerator(cfg.bf16, cfg.cpu)
+    try:
+        return _train(accelerator, model, train, validation, cfg, run_dir, pad_id, on_progress, on_checkpoint)
+    finally:
+        accelerator.free_memory()  # accelerate keeps references to what it prepared
+
+
+@contextlib.contextmanager
+def _unsynced(accelerator: Any, model: Any, last: bool) -> Iterator[None]:
+    """Gradients are exchanged between processes on the last micro-batch of a step only."""
+    if last:
+        yield
+    else:
+        with accelerator.no_sync(model):
+            yield
+
+
+def _train(
+    accelerator: Any,
+    model: Any,
+    train: Sequence[Block],
+    validation: Sequence[Block],
+    cfg: LoopSettings,
+    run_dir: Path,
+    pad_id: int,
+    on_progress: Callable[[Progress], None] | None,
+    on_checkpoint: Callable[[int], None] | None,
+) -> RunResult:
+    main = bool(accelerator.is_main_process)
     run_dir.mkdir(parents=True, exist_ok=True)
     per_step = cfg.batch * cfg.grad_accum
     steps_per_epoch = math.ceil(len(train) / per_step)
@@ -178,11 +238,14 @@ def train_loop(
             return (step + 1) / (cfg.warmup_steps + 1)
         return max(0.0, (total - step) / max(1, total - cfg.warmup_steps))
 
+    # the scheduler stays outside accelerate: prepared, it would step once per process
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    wrapped, optimizer = accelerator.prepare(model, optimizer)
+    inner = accelerator.unwrap_model(wrapped)  # named as in a single process, for checkpoints
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     fresh = {"step": 0, "tokens": 0, "elapsed_s": 0.0, "losses": [], "val_losses": [], "best": None, "bad": 0}
-    state = {**fresh, **(_load(run_dir, model, optimizer, scheduler) or {})}
+    state = {**fresh, **(_load(run_dir, inner, optimizer, scheduler) or {})}
     start_step = int(state["step"])
     losses: list[float] = list(state["losses"])
     val_losses: list[tuple[int, float]] = [(int(a), float(b)) for a, b in state["val_losses"]]
@@ -192,9 +255,18 @@ def train_loop(
     spent = float(state["elapsed_s"])
     eval_every = cfg.eval_every or steps_per_epoch
     stopped_early = bool(state.get("stopped_early", False))
+    rank, world = int(accelerator.process_index), int(accelerator.num_processes)
     t0 = time.monotonic()
     session_tokens = 0
-    model.train()
+
+    def save(done: int, snapshot: dict[str, Any]) -> None:
+        if main:
+            _save(run_dir, done, inner, optimizer, scheduler, snapshot)
+        accelerator.wait_for_everyone()
+        if main and on_checkpoint is not None:
+            on_checkpoint(done)
+
+    wrapped.train()
     for step in range(start_step, total):
         if stopped_early:
             break
@@ -202,27 +274,45 @@ def train_loop(
         order = _order(len(train), cfg.seed, epoch)[j * per_step : (j + 1) * per_step]
         micro = [order[i : i + cfg.batch] for i in range(0, len(order), cfg.batch)]
         answer_tokens = sum(sum(1 for x in train[i].labels[1:] if x != IGNORE) for i in order)
+        mine = micro[rank::world]
+        # a process with no micro-batch in this step still joins the gradient exchange, with a zero loss
+        runs = mine or micro[:1]
         optimizer.zero_grad(set_to_none=True)
         step_loss = 0.0
-        for idx in micro:
+        step_tokens = 0
+        for k, idx in enumerate(runs):
             blocks = [train[i] for i in idx]
-            loss_sum, _ = token_losses(model, collate(blocks, pad_id), cfg.bf16)
-            (loss_sum / max(answer_tokens, 1)).backward()  # type: ignore[no-untyped-call]
-            step_loss += float(loss_sum.detach())
-            session_tokens += sum(len(b) for b in blocks)
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+            with _unsynced(accelerator, wrapped, last=k == len(runs) - 1):
+                with accelerator.autocast():
+                    loss_sum, _ = token_losses(wrapped, collate(blocks, pad_id), False)
+                # processes average their gradients, so each scales its share up by their number:
+                # the step's gradient is that of the mean loss over all of its answer tokens
+                scale = world if mine else 0
+                accelerator.backward(loss_sum * scale / max(answer_tokens, 1))
+            if mine:
+                step_loss += float(loss_sum.detach())
+                step_tokens += sum(len(b) for b in blocks)
+        if world > 1:
+            shared = accelerator.reduce(torch.tensor([step_loss, float(step_tokens)], device=accelerator.device),
+                                        reduction="sum")
+            step_loss, step_tokens = float(shared[0]), int(shared[1])
+        session_tokens += step_tokens
+        accelerator.clip_grad_norm_(params, 1.0)
         optimizer.step()
         scheduler.step()
         done = step + 1
         losses.append(step_loss / max(answer_tokens, 1))
         val: float | None = None
         if validation and (done % eval_every == 0 or done == total):
-            val = block_loss(model, list(validation), pad_id, cfg.batch, cfg.bf16)
+            with accelerator.autocast():
+                val = block_loss(inner, list(validation), pad_id, cfg.batch, False)
             if val is not None:
                 val_losses.append((done, val))
                 if best is None or val < best[1]:
                     best, bad = (done, val), 0
-                    _save_best(run_dir, model)
+                    if main:
+                        _save_best(run_dir, inner)
+                    accelerator.wait_for_everyone()
                 else:
                     bad += 1
                     stopped_early = cfg.patience is not None and bad >= cfg.patience and done < total
@@ -231,21 +321,22 @@ def train_loop(
         snapshot = {"tokens": tokens + session_tokens, "elapsed_s": spent + now, "losses": losses,
                     "val_losses": val_losses, "best": best, "bad": bad, "stopped_early": stopped_early}
         if done % cfg.checkpoint_every == 0 or done == total or stopped_early:
-            _save(run_dir, done, model, optimizer, scheduler, snapshot)
-        if on_progress is not None:
+            save(done, snapshot)
+        if main and on_progress is not None:
             on_progress(Progress(done, total, done / steps_per_epoch, losses[-1], rate, spent + now, val))
         if cfg.wall_clock_cap_s is not None and spent + now >= cfg.wall_clock_cap_s and done < total:
-            _save(run_dir, done, model, optimizer, scheduler, snapshot)
+            save(done, snapshot)
             raise WallClockExceeded(
                 f"wall-clock cap of {cfg.wall_clock_cap_s:g}s reached after step {done} of {total}"
             )
     now = time.monotonic() - t0
     last_step = val_losses[-1][0] if val_losses else None
     if best is not None and best[0] != last_step:
-        _load_best(run_dir, model)  # the best validation loss was not the last one: restore it
+        _load_best(run_dir, inner)  # the best validation loss was not the last one: restore it
     val_loss = best[1] if best is not None else None
     if val_loss is None and validation:
-        val_loss = block_loss(model, list(validation), pad_id, cfg.batch, cfg.bf16)
+        with accelerator.autocast():
+            val_loss = block_loss(inner, list(validation), pad_id, cfg.batch, False)
     tail = losses[-max(1, min(len(losses), steps_per_epoch)) :]
     return RunResult(
         steps=len(losses),

@@ -41,6 +41,11 @@ class TrainerConfig(PluginSection):
         " 2 threads ran 1.3-2x faster than 1)",
     )
     gradient_checkpointing: bool = Field(default=False, description="recompute activations: less memory, slower")
+    processes: int = Field(
+        default=1, ge=1, le=64, description="processes per SFT run on this machine: above 1 each run is launched as"
+        " that many processes sharing every step (one per GPU with accelerate launch --multi_gpu; on a CPU with"
+        " torch.distributed.run and gloo); the result does not depend on it, so it is not part of the run id",
+    )
     seed: int = 0
     eval_every: int | None = Field(
         default=None, ge=1, description="optimizer steps between validation losses; none = once per epoch"
