@@ -123,7 +123,7 @@ async def test_bandits_choose_the_prompt_variant_and_the_model_and_record_their_
 ) -> None:
     small, big = await StubUpstream("small").start(), await StubUpstream("big").start()
     settings = settings_with(
-        bandit={"seed": 3, "prompt_variants": {"coder": ["plain", "terse"]},
+        bandit={"seed": 3, "prompt_variants": {"coder": ["plain", "terse"], "fixer": ["plain", "terse"]},
                 "models": [{"name": "small", "cost_per_token": 1e-7}, {"name": "big", "cost_per_token": 1e-6}]},
         gateway={"port": 0, "prompt_texts": {"terse": "Answer in one line."},
                  "upstreams": {"small": {"url": small.url}, "big": {"url": big.url}},
@@ -134,11 +134,19 @@ async def test_bandits_choose_the_prompt_variant_and_the_model_and_record_their_
             answers = [await gpt.chat.completions.create(model="coder", user=f"s{i}",
                                                          messages=[{"role": "user", "content": "hi"}])
                        for i in range(12)]
+            for refused in ({"model": "fixer", "messages": [{"role": "user", "content": "hi"}]},  # none serves it
+                            {"model": "nobody", "messages": [{"role": "user", "content": "hi"}]},
+                            {"model": "coder", "messages": "not a list"}):
+                with pytest.raises(openai.APIStatusError):
+                    await gpt.chat.completions.create(**refused)  # type: ignore[call-overload]
             events = await recorded(bus, server, 12)
+            choices = await wait_for_choices(bus, 24)
+            await server.gateway.recorder.flush(10)
             choices = await wait_for_choices(bus, 24)
     finally:
         await small.stop()
         await big.stop()
+    assert len(choices) == 24  # two choices per answered call; none for the refused ones
     assert {a.model for a in answers} == {"small", "big"}  # the bandit explored both
     by_id = {e.id: e.data for e in events}
     for answer in answers:

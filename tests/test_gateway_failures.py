@@ -156,6 +156,12 @@ async def test_bad_requests_are_refused_clearly_and_nothing_is_published(
             assert "less than or equal to 5" in answer["error"]["message"]  # type: ignore[index]
             status, answer = await post("/outcomes", b'{"interaction_id": "nope", "tests_passed": 1}')
             assert status == 422 and answer["error"]["param"] == "interaction_id"  # type: ignore[index]
+            # an unknown path and a wrong method answer in the API's error shape, naming what is served
+            status, answer = await post("/embeddings", b'{"model": "coder", "input": "x"}')
+            assert status == 404 and "POST /v1/chat/completions" in answer["error"]["message"]  # type: ignore
+            async with http.get(server.url + "/feedback") as response:
+                status, answer = response.status, await response.json()
+            assert status == 405 and answer["error"]["message"] == "GET is not allowed on /v1/feedback"  # type: ignore
             await server.gateway.recorder.flush(10)
             assert server.gateway.recorder.published == 0
     finally:

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 import orjson
 from fastapi import FastAPI
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
@@ -66,6 +67,20 @@ def create_app(gw: Gateway) -> HotPaths:
     """The ASGI app serving ``gw``: the call routes on the hot path, the rest a FastAPI app."""
     app = FastAPI(title="Flywheel gateway", docs_url=None, redoc_url=None, openapi_url=None)
     started = int(time.time())
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        """An unknown path or a wrong method, in the API's error shape (clients parse ``error.message``)."""
+        if exc.status_code == 404:
+            message = (f"no route {request.method} {request.url.path}: the gateway serves POST /v1/chat/completions,"
+                       " POST /v1/completions, POST /v1/messages, GET /v1/models, POST /v1/feedback,"
+                       " POST /v1/outcomes and GET /health")
+        elif exc.status_code == 405:
+            message = f"{request.method} is not allowed on {request.url.path}"
+        else:
+            message = str(exc.detail)
+        return Response(error_body(exc.status_code, message), status_code=exc.status_code, media_type=JSON,
+                        headers=exc.headers)
 
     async def chat_completions(request: Request) -> Response:
         """OpenAI chat completions, streamed or whole; ``model`` is a role, a version or an upstream."""

@@ -97,21 +97,25 @@ class Gateway:
         return new_id()
 
     def route(self, model: str, session: str) -> tuple[Target, str | None]:
-        """The target for a request, with the bandits' choices applied: (target, prompt variant)."""
-        variant = None
-        if self.selector is not None and model in BanditSection.of(self.settings).prompt_variants:
-            variant = self.selector.select_prompt(model)
+        """The target for a request, with the bandits' choices applied: (target, prompt variant). A name
+        that is not served raises before any choice is made, so no ``arm.selected`` is recorded for it."""
         spec = self.cfg.roles.get(model)
+        target: Target | None = None
         if self.selector is not None and spec is not None and spec.route == "bandit":
             try:
                 chosen = self.selector.select_model(model)
             except NoEligibleArm:
                 chosen = None
             if chosen is not None:
-                target = self.router.resolve(chosen, session)
-                return Target(target.served_version, model, target.base_url, target.upstream_model, model,
-                              target.api_key, target.canary), variant
-        return self.router.resolve(model, session), variant
+                picked = self.router.resolve(chosen, session)
+                target = Target(picked.served_version, model, picked.base_url, picked.upstream_model, model,
+                                picked.api_key, picked.canary)
+        if target is None:
+            target = self.router.resolve(model, session)
+        variant = None
+        if self.selector is not None and model in BanditSection.of(self.settings).prompt_variants:
+            variant = self.selector.select_prompt(model)
+        return target, variant
 
 
 class _HostedServer(uvicorn.Server):
