@@ -65,8 +65,10 @@ __all__ = [
     "ArtifactInfo",
     "ArtifactMissing",
     "ArtifactStore",
+    "NotFoundAnywhere",
     "ThreadArtifacts",
     "Verifier",
+    "find_folder",
 ]
 
 log = logging.getLogger(__name__)
@@ -89,6 +91,14 @@ class ArtifactError(RuntimeError):
 
 class ArtifactMissing(ArtifactError):
     """Neither in the local cache nor on the bus: another try will not help."""
+
+
+class NotFoundAnywhere(ArtifactMissing):
+    """Not in the local cache, not on the bus, not at the path an event names: ``looked`` says where."""
+
+    def __init__(self, looked: list[str]) -> None:
+        super().__init__(", ".join(looked))
+        self.looked = looked
 
 
 class ArtifactCorrupt(ArtifactError):
@@ -602,3 +612,23 @@ class ThreadArtifacts:
     def delete(self, kind: str, key: str) -> bool:
         return self._run(self.store.delete(kind, key))
 
+
+def find_folder(kind: str, key: str, local: Path, marker: str, artifacts: ThreadArtifacts | None,
+                verify: Verifier | None = None, hint: str | Path | None = None) -> Path:
+    """The folder of ``<kind>/<key>`` for a worker thread: ``local`` (the cache) when it holds ``marker``,
+    else fetched from the bus and checked by ``verify``, else ``hint`` (the path an event names) when this
+    machine has it there. ``ArtifactCorrupt`` when the bus's copy fails a check; ``NotFoundAnywhere``
+    (saying where it looked) when there is none; ``ArtifactError`` when the bus is too slow to answer."""
+    if (local / marker).is_file():
+        return local
+    looked = [str(local)]
+    if artifacts is not None and artifacts.enabled:
+        try:
+            return artifacts.local(kind, key, verify)
+        except ArtifactMissing:
+            looked.append("the bus")
+    if hint is not None:
+        if (Path(hint) / marker).is_file():
+            return Path(hint)
+        looked.append(str(hint))
+    raise NotFoundAnywhere(looked)

@@ -222,16 +222,20 @@ class ProjectionRunner:
                 break
             taken.append(msg)
         if taken:
-            try:
-                opened = await self.bus.open_many([msg.data for msg in taken])
-            except KeyStoreError:
-                await self._drop_subscription()  # nothing applied: start again from the stored position
-                raise
-            self.store.apply_batch([
-                (msg.metadata.sequence.stream, item, msg.metadata.timestamp)
-                for msg, item in zip(taken, opened, strict=True)
-            ])
+            await self._apply(taken)
         return len(taken) if len(taken) == len(msgs) else -1
+
+    async def _apply(self, msgs: list[Any]) -> None:
+        """Open and apply fetched messages in one transaction (``KeyStoreError``: nothing applied, and the
+        subscription starts again from the stored position)."""
+        try:
+            opened = await self.bus.open_many([msg.data for msg in msgs])
+        except KeyStoreError:
+            await self._drop_subscription()
+            raise
+        self.store.apply_batch([
+            (msg.metadata.sequence.stream, item, msg.metadata.timestamp) for msg, item in zip(msgs, opened, strict=True)
+        ])
 
     async def catch_up(self, until_seq: int | None = None, until_time: datetime | None = None) -> int:
         """Apply everything up to the stream's current end (or a bound); return the position."""
@@ -264,17 +268,8 @@ class ProjectionRunner:
                     log.info("projection %s: consumer lost (%s); resubscribing", self.projection.name, exc)
                     await self._drop_subscription()
                     raise
-                if not msgs:
-                    continue
-                try:
-                    opened = await self.bus.open_many([msg.data for msg in msgs])
-                except KeyStoreError:
-                    await self._drop_subscription()  # nothing applied: start again from the stored position
-                    raise
-                self.store.apply_batch([
-                    (msg.metadata.sequence.stream, item, msg.metadata.timestamp)
-                    for msg, item in zip(msgs, opened, strict=True)
-                ])
+                if msgs:
+                    await self._apply(msgs)
         return self.store.position().seq
 
     async def _nothing_pending(self) -> bool:

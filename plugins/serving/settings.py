@@ -3,12 +3,22 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import Annotated, ClassVar, Literal
 
-from pydantic import Field, field_validator
+from pydantic import AfterValidator, Field
 
 from flywheel_loop.engine.config import PluginSection
 from flywheel_loop.sdk.bandit import BanditConfig
+
+
+def _http_base(value: str) -> str:
+    if not value.startswith(("http://", "https://")):
+        raise ValueError("must start with http:// or https://")
+    return value.rstrip("/")
+
+
+#: an HTTP(S) base URL, without its trailing slash
+HttpBase = Annotated[str, AfterValidator(_http_base)]
 
 
 class OllamaConfig(PluginSection):
@@ -16,7 +26,7 @@ class OllamaConfig(PluginSection):
 
     section_name: ClassVar[str] = "ollama"
 
-    url: str = Field(default="http://127.0.0.1:11434", description="Ollama's HTTP API")
+    url: HttpBase = Field(default="http://127.0.0.1:11434", description="Ollama's HTTP API")
     base: str | None = Field(
         default=None,
         description="an Ollama model to build versions FROM (e.g. qwen2.5-coder:1.5b); none = the trainer's"
@@ -26,13 +36,6 @@ class OllamaConfig(PluginSection):
     top_p: float = Field(default=0.9, gt=0, le=1, description="PARAMETER top_p")
     top_k: int = Field(default=40, ge=1, description="PARAMETER top_k")
     timeout_s: float = Field(default=300.0, gt=0, description="longest wait for one API call (uploads, create)")
-
-    @field_validator("url")
-    @classmethod
-    def _http(cls, value: str) -> str:
-        if not value.startswith(("http://", "https://")):
-            raise ValueError("must start with http:// or https://")
-        return value.rstrip("/")
 
 
 class LlamaCppConfig(PluginSection):

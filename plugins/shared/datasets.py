@@ -23,7 +23,7 @@ from typing import Any
 
 import orjson
 
-from flywheel_loop.engine.artifacts import ArtifactCorrupt, ArtifactMissing, ThreadArtifacts, Verifier
+from flywheel_loop.engine.artifacts import ArtifactCorrupt, NotFoundAnywhere, ThreadArtifacts, Verifier, find_folder
 from flywheel_loop.engine.config import Settings
 from flywheel_loop.schemas import DatasetBuilt, DatasetSuperseded, Event
 
@@ -142,22 +142,13 @@ def dataset_folder(
     (``artifacts``), else ``hint`` (the path its ``dataset.built`` names) when this machine has it.
     ``DatasetNotFound`` / ``DatasetCorrupt`` say why there is none; a bus too slow to answer raises
     ``ArtifactError`` (worth another try)."""
-    local = settings.layout.dataset(digest)
-    if (local / "manifest.json").is_file():
-        return local
-    looked = [str(local)]
-    if artifacts is not None and artifacts.enabled:
-        try:
-            return artifacts.local("datasets", digest, verify_dataset(digest))
-        except ArtifactCorrupt as exc:
-            raise DatasetCorrupt(f"dataset {digest} refused: {exc}") from None
-        except ArtifactMissing:
-            looked.append("the bus")
-    if hint is not None:
-        if (Path(hint) / "manifest.json").is_file():
-            return Path(hint)
-        looked.append(str(hint))
-    raise DatasetNotFound(f"dataset {digest} not found (looked in {', '.join(looked)})")
+    try:
+        return find_folder("datasets", digest, settings.layout.dataset(digest), "manifest.json", artifacts,
+                           verify_dataset(digest), hint)
+    except ArtifactCorrupt as exc:
+        raise DatasetCorrupt(f"dataset {digest} refused: {exc}") from None
+    except NotFoundAnywhere as exc:
+        raise DatasetNotFound(f"dataset {digest} not found (looked in {exc})") from None
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from flywheel_loop.engine.artifacts import ArtifactCorrupt, ArtifactMissing, ThreadArtifacts, Verifier
+from flywheel_loop.engine.artifacts import (
+    ArtifactCorrupt,
+    ArtifactMissing,
+    NotFoundAnywhere,
+    ThreadArtifacts,
+    Verifier,
+    find_folder,
+)
 from flywheel_loop.engine.config import Settings
 from flywheel_loop.plugins.shared.chat_format import bundled_base_model
 
@@ -258,22 +265,13 @@ def adapter_folder(
     """The folder of adapter ``digest``: in the local cache, else fetched from the bus and verified, else
     ``hint`` (the path its ``training.completed`` names) when this machine has it. ``AdapterUnusable`` says
     why there is none; a bus too slow to answer raises ``ArtifactError`` (worth another try)."""
-    local = settings.layout.adapter(digest)
-    if (local / "adapter_config.json").is_file():
-        return local
-    looked = [str(local)]
-    if artifacts is not None and artifacts.enabled:
-        try:
-            return artifacts.local("adapters", digest, verify_adapter(digest))
-        except ArtifactCorrupt as exc:
-            raise AdapterUnusable(f"adapter {digest} refused: {exc}") from None
-        except ArtifactMissing:
-            looked.append("the bus")
-    if hint is not None:
-        if (Path(hint) / "adapter_config.json").is_file():
-            return Path(hint)
-        looked.append(str(hint))
-    raise AdapterUnusable(f"adapter {digest} not found (looked in {', '.join(looked)})")
+    try:
+        return find_folder("adapters", digest, settings.layout.adapter(digest), "adapter_config.json", artifacts,
+                           verify_adapter(digest), hint)
+    except ArtifactCorrupt as exc:
+        raise AdapterUnusable(f"adapter {digest} refused: {exc}") from None
+    except NotFoundAnywhere as exc:
+        raise AdapterUnusable(f"adapter {digest} not found (looked in {exc})") from None
 
 
 def read_lineage(adapter_dir: Path) -> dict[str, Any]:

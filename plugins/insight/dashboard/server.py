@@ -9,13 +9,9 @@ streams first so shutting down does not wait on open browser tabs.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import socket
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
-
-import uvicorn
 
 from flywheel_loop.engine.bus import Bus
 from flywheel_loop.engine.config import Settings
@@ -24,20 +20,13 @@ from flywheel_loop.engine.services import ServiceContext
 from flywheel_loop.plugins.insight.dashboard.app import TrainingRequester, create_app
 from flywheel_loop.plugins.insight.dashboard.queries import DashboardData, projection_file
 from flywheel_loop.plugins.insight.settings import DashboardConfig
+from flywheel_loop.plugins.shared.http_server import CannotListen, HostedServer
 
 log = logging.getLogger(__name__)
 
 
-class DashboardUnavailable(RuntimeError):
-    """The dashboard cannot listen where the configuration says."""
-
-
-class _HostedServer(uvicorn.Server):
-    """A uvicorn server that leaves signal handling to the process hosting it."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
+#: the dashboard cannot listen where the configuration says
+DashboardUnavailable = CannotListen
 
 
 class DashboardServer:
@@ -56,62 +45,22 @@ class DashboardServer:
             plugin_pages=pages,
             settings=settings,
         )
-        self._socket: socket.socket | None = None
-        self._server: _HostedServer | None = None
-        self._task: asyncio.Task[None] | None = None
+        self.server = HostedServer(self.app, self.config.host, self.config.port, "dashboard",
+                                   timeout_graceful_shutdown=3)
 
     @property
     def url(self) -> str:
-        if self._socket is None:
-            raise RuntimeError("the dashboard is not started")
-        host, port = self._socket.getsockname()[:2]
-        shown = f"[{host}]" if ":" in host else host
-        return f"http://{shown}:{port}/"
-
-    def _bind(self) -> socket.socket:
-        host, port = self.config.host, self.config.port
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError as exc:
-            sock.close()
-            raise DashboardUnavailable(
-                f"dashboard cannot listen on {host}:{port} ({exc.strerror or exc}); set dashboard.port to a free"
-                " port (0 picks one) or dashboard.enabled = false"
-            ) from None
-        sock.listen(128)
-        sock.setblocking(False)
-        return sock
+        return self.server.base_url + "/"
 
     async def start(self) -> str:
         """Bind, start serving in the background, and return the URL once it answers."""
-        self._socket = self._bind()
-        config = uvicorn.Config(
-            self.app, log_level="warning", lifespan="off", timeout_graceful_shutdown=3,
-            access_log=False,
-        )
-        self._server = _HostedServer(config)
-        self._task = asyncio.create_task(self._server.serve(sockets=[self._socket]), name="dashboard")
-        while not self._server.started:
-            if self._task.done():
-                self._task.result()  # raises what stopped it
-                raise DashboardUnavailable("the dashboard stopped while starting")
-            await asyncio.sleep(0.02)
+        await self.server.start()
         return self.url
 
     async def stop(self) -> None:
         """End the live streams, stop accepting connections, and wait for uvicorn to finish."""
         self.stopping.set()
-        if self._server is not None:
-            self._server.should_exit = True
-        if self._task is not None:
-            try:
-                await asyncio.wait_for(self._task, 10)
-            except (TimeoutError, asyncio.CancelledError):
-                log.warning("the dashboard did not stop within 10 s")
-            self._task = None
+        await self.server.stop(10)
 
     async def __aenter__(self) -> DashboardServer:
         await self.start()

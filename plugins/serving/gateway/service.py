@@ -12,11 +12,8 @@ import asyncio
 import contextlib
 import gc
 import logging
-import socket
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
-
-import uvicorn
 
 from flywheel_loop.engine.config import Settings
 from flywheel_loop.engine.services import ServiceContext
@@ -27,6 +24,7 @@ from flywheel_loop.plugins.serving.gateway.routing import Router, ServiceTable, 
 from flywheel_loop.plugins.serving.gateway.settings import GatewayConfig
 from flywheel_loop.plugins.serving.gateway.upstream import Upstreams
 from flywheel_loop.plugins.serving.settings import BanditSection
+from flywheel_loop.plugins.shared.http_server import CannotListen, HostedServer
 from flywheel_loop.schemas import new_id
 from flywheel_loop.sdk.recorder import SpillingRecorder
 from flywheel_loop.sdk.selector import NoEligibleArm, Selector
@@ -36,8 +34,8 @@ __all__ = ["Gateway", "GatewayServer", "GatewayUnavailable", "gateway_service", 
 log = logging.getLogger(__name__)
 
 
-class GatewayUnavailable(RuntimeError):
-    """The gateway cannot listen where the configuration says."""
+#: the gateway cannot listen where the configuration says
+GatewayUnavailable = CannotListen
 
 
 class Gateway:
@@ -118,14 +116,6 @@ class Gateway:
         return target, variant
 
 
-class _HostedServer(uvicorn.Server):
-    """A uvicorn server that leaves signal handling to the process hosting it."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
-
-
 class GatewayServer:
     """The gateway's HTTP server around a ``Gateway``."""
 
@@ -143,52 +133,22 @@ class GatewayServer:
         self.host = bind_host(GatewayConfig.of(settings), warn)
         if self.gateway.access.open:
             warn("no gateway.keys configured: the gateway is open to anything on this machine")
-        self._socket: socket.socket | None = None
-        self._server: _HostedServer | None = None
-        self._task: asyncio.Task[None] | None = None
+        # httptools: the C HTTP parser; no access log (a line per call would cost more than the call)
+        # proxy_headers off: one middleware less per call (put a proxy's own header handling in the proxy)
+        self.server = HostedServer(self.app, self.host, GatewayConfig.of(settings).port, "gateway", backlog=2048,
+                                   http="httptools", proxy_headers=False, timeout_keep_alive=30,
+                                   timeout_graceful_shutdown=10)
 
     @property
     def url(self) -> str:
         """The base URL agents use (``http://host:port/v1``)."""
-        if self._socket is None:
-            raise RuntimeError("the gateway is not started")
-        host, port = self._socket.getsockname()[:2]
-        shown = f"[{host}]" if ":" in host else host
-        return f"http://{shown}:{port}/v1"
-
-    def _bind(self) -> socket.socket:
-        port = GatewayConfig.of(self.settings).port
-        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((self.host, port))
-        except OSError as exc:
-            sock.close()
-            raise GatewayUnavailable(
-                f"gateway cannot listen on {self.host}:{port} ({exc.strerror or exc}); set gateway.port to a free"
-                " port (0 picks one) or gateway.enabled = false"
-            ) from None
-        sock.listen(2048)
-        sock.setblocking(False)
-        return sock
+        return self.server.base_url + "/v1"
 
     async def start(self) -> str:
         """Bind, start the gateway's parts and serve in the background; return the base URL once it answers."""
-        self._socket = self._bind()
+        self.server.bind()  # a taken port fails before the recorder and the log follower start
         await self.gateway.start()
-        # httptools: the C HTTP parser; no access log (a line per call would cost more than the call)
-        # proxy_headers off: one middleware less per call (put a proxy's own header handling in the proxy)
-        config = uvicorn.Config(self.app, http="httptools", log_level="warning", lifespan="off", access_log=False,
-                                proxy_headers=False, timeout_keep_alive=30, timeout_graceful_shutdown=10,
-                                backlog=2048)
-        self._server = _HostedServer(config)
-        self._task = asyncio.create_task(self._server.serve(sockets=[self._socket]), name="gateway")
-        while not self._server.started:
-            if self._task.done():
-                self._task.result()
-                raise GatewayUnavailable("the gateway stopped while starting")
-            await asyncio.sleep(0.02)
+        await self.server.start()
         # Everything loaded so far (modules, models, schemas) lives as long as the process: out of the collector's
         # sight, a full collection under load no longer walks it (the p99 of a call fell by several ms here).
         if self.freeze_heap:
@@ -198,12 +158,7 @@ class GatewayServer:
 
     async def stop(self) -> None:
         """Stop accepting, let calls in flight end, then flush (or spill) the records."""
-        if self._server is not None:
-            self._server.should_exit = True
-        if self._task is not None:
-            with contextlib.suppress(TimeoutError, asyncio.CancelledError):
-                await asyncio.wait_for(self._task, 15)
-            self._task = None
+        await self.server.stop(15)
         await self.gateway.close()
 
     async def __aenter__(self) -> GatewayServer:

@@ -7,6 +7,7 @@ from typing import ClassVar, Literal
 from pydantic import Field, SecretStr, field_validator
 
 from flywheel_loop.engine.config import PluginSection, Section
+from flywheel_loop.plugins.serving.settings import HttpBase
 
 __all__ = ["SESSION_SOURCES", "GatewayConfig", "GatewayKey", "GatewayRole", "GatewayUpstream", "SessionSource"]
 
@@ -15,17 +16,10 @@ class GatewayUpstream(Section):
     """An OpenAI-compatible server the gateway may forward to, by URL (llama-server, Ollama's ``/v1``, vLLM, a
     hosted API): agents ask for it by its name in ``[gateway.upstreams]``."""
 
-    url: str = Field(description="the OpenAI-compatible base URL, ending in /v1")
+    url: HttpBase = Field(description="the OpenAI-compatible base URL, ending in /v1")
     model: str | None = Field(default=None, description="the model name the upstream knows; none = the upstream's name")
     api_key: SecretStr | None = Field(default=None, description="sent as Authorization: Bearer to the upstream")
     role: str | None = Field(default=None, description="the role recorded for calls to it; none = gateway.default_role")
-
-    @field_validator("url")
-    @classmethod
-    def _http(cls, value: str) -> str:
-        if not value.startswith(("http://", "https://")):
-            raise ValueError("must start with http:// or https://")
-        return value.rstrip("/")
 
 
 class GatewayRole(Section):
