@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Annotated, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
 from flywheel_loop.schemas.envelope import EventId, Payload, Stream
 from flywheel_loop.schemas.personal import PERSONAL
@@ -39,6 +39,8 @@ __all__ = [
     "TrainingProgressed",
     "TrainingCompleted",
     "TrainingFailed",
+    "GateCheck",
+    "EvaluationProgressed",
     "EvaluationCompleted",
     "DeploymentCompleted",
     "DeploymentFailed",
@@ -382,6 +384,38 @@ class TrainingFailed(Payload):
     error: Text = ""
 
 
+GateVerdict = Literal["passed", "failed", "inconclusive"]
+
+
+class GateCheck(Part):
+    """One check of the gate: its status, its figure with the interval around it and the number of
+    items it rests on (none where a check has no interval)."""
+
+    name: Name
+    status: Literal["ok", "failed", "inconclusive"]
+    detail: ShortText = ""
+    value: float | None = None
+    low: float | None = None
+    high: float | None = None
+    items: Count | None = None
+    p_value: Annotated[float, Field(ge=0, le=1)] | None = None
+
+
+class EvaluationProgressed(Payload):
+    """An evaluation under way: which step of the gate runs and how far it got (live, best effort)."""
+
+    event_type: ClassVar[str] = "evaluation.progressed"
+
+    run_id: Name
+    role: Role
+    step: ShortText = Field(description="what is measured now, e.g. 'suite coding_suite (candidate)'")
+    done: Count = 0
+    total: Count = 0
+    steps_done: Count = Field(default=0, description="steps of the evaluation finished before this one")
+    steps_total: Count = 0
+    elapsed_s: Annotated[float, Field(ge=0)] = 0.0
+
+
 class EvaluationCompleted(Payload):
     """The gate's verdict on a candidate adapter against the model in service."""
 
@@ -392,8 +426,26 @@ class EvaluationCompleted(Payload):
     adapter_hash: Hash | None = None
     candidate: dict[Name, Scalar] = Field(default_factory=dict)
     baseline: dict[Name, Scalar] = Field(default_factory=dict)
-    passed: bool
+    passed: bool = Field(description="true only for the verdict 'passed'")
     reasons: list[ShortText] = Field(default_factory=list)
+    verdict: GateVerdict | None = Field(
+        default=None, description="passed, failed or inconclusive; none on events written before the three-way"
+        " gate (read `passed`)",
+    )
+    checks: list[GateCheck] = Field(default_factory=list, max_length=50)
+
+    @property
+    def outcome(self) -> GateVerdict:
+        """The verdict, also for an event written before the three-way gate."""
+        if self.verdict is not None:
+            return self.verdict
+        return "passed" if self.passed else "failed"
+
+    @model_validator(mode="after")
+    def _passed_matches_verdict(self) -> EvaluationCompleted:
+        if self.verdict is not None and self.passed != (self.verdict == "passed"):
+            raise ValueError(f"passed={self.passed} contradicts verdict {self.verdict!r}")
+        return self
 
 
 # --------------------------------------------------------------------------- serving

@@ -199,6 +199,55 @@ async def test_a_canary_takes_its_share_while_the_previous_version_keeps_serving
     assert after.sharing_with is None
 
 
+def _inconclusive(adapter: str) -> Any:
+    return evaluation(adapter, passed=False).model_copy(update={
+        "verdict": "inconclusive", "reasons": ["inconclusive: task pass rate on 9 tasks, interval [-30, +30] points"]})
+
+
+async def test_an_inconclusive_candidate_goes_out_as_a_small_canary_beside_the_version_in_service(
+    settings: Any, tiny_model_dir: Path, bus: Any, engine_with: Any
+) -> None:
+    first = store_random_adapter(tiny_model_dir, settings.state_dir, seed=1)
+    second = store_random_adapter(tiny_model_dir, settings.state_dir, seed=2)
+    async with engine_with(serving, builtins=False, only={"deployer", "deployments"}) as running:
+        try:
+            # nothing deployed yet: no version to keep the rest of the traffic, so no canary
+            await bus.publish(new_event(_inconclusive(first), source="test"))
+            [alone] = await wait_for(lambda: read_log(bus, "log", "deployment.failed"), timeout=60)
+            await bus.publish(new_event(evaluation(first, passed=True), source="test"))
+            [v1] = await wait_for(lambda: read_log(bus, "log", "deployment.completed"), timeout=60)
+            await bus.publish(new_event(_inconclusive(second), source="test"))
+            done = await wait_for(lambda: _at_least(read_log(bus, "log", "deployment.completed"), 2), timeout=60)
+            await running.projection("deployments").catch_up()
+            during = projection_book(running).service("coder")
+        finally:
+            deployer_of(running).close()
+    assert "inconclusive" in alone.data.reason and "canary needs a deployed version" in alone.data.reason
+    assert v1.data.traffic_share == 1.0
+    canary = done[1].data
+    assert canary.adapter_hash == second and canary.traffic_share == 0.1
+    assert canary.previous_model_name == v1.data.model_name
+    assert during is not None and (during.model_name, during.sharing_with) == (canary.model_name, v1.data.model_name)
+
+
+@pytest.mark.parametrize("settings", [{"on_inconclusive": "refuse"}], indirect=True)
+async def test_with_refuse_an_inconclusive_candidate_is_refused(
+    settings: Any, tiny_model_dir: Path, bus: Any, engine_with: Any
+) -> None:
+    first = store_random_adapter(tiny_model_dir, settings.state_dir, seed=1)
+    second = store_random_adapter(tiny_model_dir, settings.state_dir, seed=2)
+    async with engine_with(serving, builtins=False, only={"deployer", "deployments"}) as running:
+        try:
+            await bus.publish(new_event(evaluation(first, passed=True), source="test"))
+            await wait_for(lambda: read_log(bus, "log", "deployment.completed"), timeout=60)
+            await bus.publish(new_event(_inconclusive(second), source="test"))
+            [refused] = await wait_for(lambda: read_log(bus, "log", "deployment.failed"), timeout=60)
+        finally:
+            deployer_of(running).close()
+    assert "on_inconclusive is 'refuse'" in refused.data.reason and refused.data.adapter_hash == second
+    assert len(await read_log(bus, "log", "deployment.completed")) == 1
+
+
 # --------------------------------------------------------------------------- forgotten data in an adapter
 
 

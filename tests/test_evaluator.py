@@ -19,9 +19,10 @@ from flywheel_loop.engine.plugin_host import PluginHost
 from flywheel_loop.plugins import evaluation as evaluation_feature
 from flywheel_loop.plugins import serving
 from flywheel_loop.plugins.evaluation.evaluator import evaluate_run
-from flywheel_loop.plugins.evaluation.gate import verdict
+from flywheel_loop.plugins.evaluation.gate import GateResult, verdict
 from flywheel_loop.plugins.evaluation.metrics import ItemLoss, canary_leaks, forgetting_rate
 from flywheel_loop.plugins.evaluation.settings import EvaluatorConfig
+from flywheel_loop.plugins.evaluation.stats import Paired, mcnemar_p, newcombe_paired, wilson
 from flywheel_loop.plugins.training.trainer import train_dataset
 from flywheel_loop.schemas import EvaluationCompleted, TrainingCompleted, new_event
 from tests.conftest import read_log, wait_for
@@ -47,36 +48,124 @@ def figures(**over: Any) -> dict[str, Any]:
     return {**base, **over}
 
 
+def paired(both: int, cand_only: int, base_only: int, neither: int) -> Paired:
+    """Synthetic paired outcomes in that table."""
+    cand = [True] * both + [True] * cand_only + [False] * base_only + [False] * neither
+    base = [True] * both + [False] * cand_only + [True] * base_only + [False] * neither
+    return Paired.of(cand, base)
+
+
+#: a task set the candidate matches (no pair differs) on enough items, and a suite it forgets nothing of
+SAME_TASKS = paired(300, 0, 0, 300)
+KEPT_SUITE = paired(20, 0, 0, 20)
+
+
+def gate(cand: dict[str, Any] | None = None, base: dict[str, Any] | None = None, cfg: EvaluatorConfig | None = None,
+         tasks: Paired | None = SAME_TASKS, suite: Paired | None = KEPT_SUITE) -> GateResult:
+    return verdict(cand or figures(), base or figures(), cfg or EvaluatorConfig(), tasks, suite)
+
+
 def test_the_gate_passes_a_candidate_within_every_limit() -> None:
-    passed, reasons = verdict(figures(task_pass_rate=49.0, held_out_loss=1.04, forgetting_rate=0.29), figures(),
-                              EvaluatorConfig())
-    assert passed, reasons
-    assert all(r.startswith("ok: ") for r in reasons)
+    result = gate(figures(held_out_loss=1.04, forgetting_rate=0.29))
+    assert result.verdict == "passed" and result.passed, result.reasons
+    assert all(r.startswith("ok: ") for r in result.reasons)
+    (task,) = [c for c in result.checks if c.name == "task pass rate"]
+    assert task.items == 600 and task.low is not None and task.high is not None
+    assert -0.02 < task.low < 0 < task.high
 
 
 @pytest.mark.parametrize(
     ("change", "word"),
     [
-        ({"task_pass_rate": 47.9}, "task pass rate"),
         ({"forgetting_rate": 0.3}, "forgetting rate"),
         ({"held_out_loss": 1.06}, "held-out loss"),
         ({"canary_leaks": 1}, "canary"),
     ],
 )
 def test_the_gate_fails_a_candidate_past_a_limit_and_says_which(change: dict[str, Any], word: str) -> None:
-    passed, reasons = verdict(figures(**change), figures(), EvaluatorConfig())
-    assert not passed
-    (failed,) = [r for r in reasons if r.startswith("failed: ")]
+    result = gate(figures(**change))
+    assert result.verdict == "failed" and not result.passed
+    (failed,) = [r for r in result.reasons if r.startswith("failed: ")]
     assert word in failed
 
 
-def test_unmeasured_figures_are_skipped_not_failed_and_limits_are_configurable() -> None:
-    passed, reasons = verdict(figures(task_pass_rate=None, forgetting_rate=None), figures(task_pass_rate=None),
-                              EvaluatorConfig())
-    assert passed and sum(r.startswith("skipped: ") for r in reasons) == 2
-    strict = EvaluatorConfig(max_task_drop_points=0, max_latency_ratio=1.5)
-    passed, reasons = verdict(figures(task_pass_rate=49.5, ms_per_token=16.0), figures(), strict)
-    assert not passed and sum(r.startswith("failed: ") for r in reasons) == 2
+def test_paired_tasks_a_clearly_better_candidate_passes_a_clearly_worse_one_fails_a_small_tie_is_inconclusive(
+) -> None:
+    better = gate(tasks=paired(10, 15, 1, 14))
+    assert better.verdict == "passed", better.reasons
+    (check,) = [c for c in better.checks if c.name == "task pass rate"]
+    assert check.low is not None and check.low > 0 and check.items == 40
+    assert check.p_value is not None and check.p_value < 0.001  # 15 vs 1 discordant pairs
+
+    worse = gate(tasks=paired(10, 1, 15, 14))
+    assert worse.verdict == "failed", worse.reasons
+    (check,) = [c for c in worse.checks if c.name == "task pass rate"]
+    assert check.status == "failed" and check.high is not None and check.high < 0
+    assert "significantly fewer" in check.detail
+
+    tie = gate(tasks=paired(3, 1, 1, 4))  # 9 tasks, as many won as lost
+    assert tie.verdict == "inconclusive", tie.reasons
+    (check,) = [c for c in tie.checks if c.name == "task pass rate"]
+    assert check.status == "inconclusive" and check.items == 9 and check.value == 0
+    # enough items now, but a draw on 9 tasks cannot show the candidate loses at most 2 points
+    assert gate(tasks=paired(3, 1, 1, 4), cfg=EvaluatorConfig(min_task_items=5)).verdict == "inconclusive"
+    # a task set smaller than configured is inconclusive even when every pair agrees
+    assert gate(tasks=paired(4, 0, 0, 4)).verdict == "inconclusive"
+
+
+def test_suite_forgetting_refuses_a_candidate_that_lost_significantly() -> None:
+    lost = gate(suite=paired(0, 0, 8, 32))  # the model in service solved 8, the candidate none of them
+    assert lost.verdict == "failed"
+    (check,) = [c for c in lost.checks if c.name == "forgetting (suite)"]
+    assert check.status == "failed" and check.value == 1.0 and check.items == 8
+    assert check.low is not None and check.low > 0.3
+    few = gate(suite=paired(2, 0, 1, 37))  # solved 3 < min_suite_solved: nothing measurable
+    assert few.verdict == "inconclusive"
+    assert [c.status for c in few.checks if c.name == "forgetting (suite)"] == ["inconclusive"]
+    unsure = gate(suite=paired(7, 0, 1, 32))  # lost 1 of 8: the interval reaches past 0.3
+    assert [c.status for c in unsure.checks if c.name == "forgetting (suite)"] == ["inconclusive"]
+    assert [c.status for c in gate(cfg=EvaluatorConfig(suite=None)).checks if "suite" in c.name] == []
+
+
+def test_an_unmeasured_figure_is_never_ok() -> None:
+    unmeasured = gate(figures(task_pass_rate=None, forgetting_rate=None, held_out_loss=None, canary_leaks=None,
+                              ms_per_token=None), figures(task_pass_rate=None, ms_per_token=None),
+                      EvaluatorConfig(max_latency_ratio=2.0), tasks=None, suite=None)
+    assert unmeasured.verdict == "inconclusive" and not unmeasured.passed
+    assert {c.name: c.status for c in unmeasured.checks} == {
+        "task pass rate": "inconclusive", "forgetting (suite)": "inconclusive", "forgetting (loss)": "inconclusive",
+        "held-out loss": "inconclusive", "canary": "inconclusive", "latency": "inconclusive"}
+    assert all(r.startswith("inconclusive: ") for r in unmeasured.reasons)
+    # one unmeasured figure is enough to keep an otherwise good candidate from "passed"
+    assert gate(figures(canary_leaks=None)).verdict == "inconclusive"
+    # and a failed check outweighs an inconclusive one
+    assert gate(figures(canary_leaks=None, held_out_loss=2.0)).verdict == "failed"
+    strict = EvaluatorConfig(max_latency_ratio=1.5)
+    assert gate(figures(ms_per_token=16.0), cfg=strict).verdict == "failed"
+
+
+def test_the_statistics_match_known_values() -> None:
+    # exact McNemar: 1 of 10 discordant pairs one way: 2 * P(X <= 1 | n=10, p=1/2) = 2 * 11/1024
+    assert mcnemar_p(1, 9) == pytest.approx(22 / 1024)
+    assert mcnemar_p(0, 0) == 1.0 and mcnemar_p(5, 5) == 1.0
+    # Wilson 95 % for 0/10 is [0, 0.2775]; for 5/10 [0.2366, 0.7634]
+    assert wilson(0, 10) == (pytest.approx(0.0, abs=1e-12), pytest.approx(0.2775, abs=1e-4))
+    assert wilson(5, 10) == (pytest.approx(0.2366, abs=1e-4), pytest.approx(0.7634, abs=1e-4))
+    # Newcombe's paired interval: around the difference, inside [-1, 1], narrower with more items
+    diff, low, high = newcombe_paired(12, 9, 2, 21)
+    assert diff == pytest.approx(7 / 44) and 0 < low < diff < high < 1
+    assert newcombe_paired(6, 0, 0, 6)[1] < newcombe_paired(60, 0, 0, 60)[1] < 0
+    assert newcombe_paired(0, 0, 0, 0) == (0.0, -1.0, 1.0)
+    with pytest.raises(ValueError, match="as many"):
+        Paired((True,), ())
+
+
+def test_old_evaluation_events_still_read() -> None:
+    old = EvaluationCompleted.model_validate({"run_id": "r", "role": "coder", "passed": True, "reasons": ["ok"]})
+    assert old.verdict is None and old.outcome == "passed" and old.checks == []
+    assert EvaluationCompleted(run_id="r", role="coder", passed=False).outcome == "failed"
+    with pytest.raises(ValueError, match="contradicts"):
+        EvaluationCompleted(run_id="r", role="coder", passed=True, verdict="inconclusive")
 
 
 def test_forgetting_counts_items_whose_loss_rose_past_the_tolerance() -> None:
@@ -163,32 +252,51 @@ def general_file(folder: Path) -> Path:
 def eval_settings(tmp_path: Path, base: Path, **trainer: Any) -> Any:
     return load_settings(state_dir=tmp_path / "state", **tiny_sections(base, epochs=4, lr=5e-3, **trainer),
                          evaluator={"max_new_tokens": 24, "canary_max_new_tokens": 8, "canary_from_train": 2,
-                                    "general_prompts": general_file(tmp_path)})
+                                    "general_prompts": general_file(tmp_path), "suite_sample": 3,
+                                    "suite_max_new_tokens": 8, "progress_every_s": 0.2})
 
 
-def test_an_adapter_trained_on_wrong_answers_is_rejected_and_one_on_right_answers_passes(
+def test_an_adapter_trained_on_wrong_answers_is_rejected_and_one_on_right_answers_fails_nothing(
     tmp_path: Path, formatter: Any, knowing_base: Path  # noqa: F811
 ) -> None:
     settings = eval_settings(tmp_path, knowing_base)
     outcomes = {}
+    progress: dict[str, list[Any]] = {}
     for name, pairs in (("wrong", WRONG), ("right", ROWS)):
         digest, folder = write_eval_dataset(settings.state_dir, formatter, pairs, name)
         done = train_dataset(settings, "coder", digest, folder)
         assert isinstance(done, TrainingCompleted), done
-        outcomes[name] = evaluate_run(settings, done)
+        progress[name] = []
+        # a recorded task with tests that no version trained on joins the held-out one
+        recorded = [("rec-1", "Write a Python function that adds two numbers.", ADD_TESTS),
+                    ("train0", "trained on: left out", ADD_TESTS)]
+        outcomes[name] = evaluate_run(settings, done, recorded=recorded, emit=progress[name].append)
 
     wrong, right = outcomes["wrong"], outcomes["right"]
-    assert not wrong.passed, wrong.reasons
+    assert not wrong.passed and wrong.verdict == "failed", wrong.reasons
     failed = " ".join(r for r in wrong.reasons if r.startswith("failed: "))
     assert "forgetting rate" in failed
     assert wrong.candidate["forgetting_rate"] >= 0.3
-    assert right.passed, right.reasons
+    # the right one fails nothing; with 2 tasks and a suite the tiny model cannot solve it is not "passed" either
+    assert right.verdict == "inconclusive" and not right.passed, right.reasons
+    assert not [r for r in right.reasons if r.startswith("failed: ")]
     for outcome in (wrong, right):
-        assert outcome.candidate["task_examples"] == outcome.baseline["task_examples"] == 1
+        assert outcome.candidate["task_examples"] == outcome.baseline["task_examples"] == 2
+        assert outcome.candidate["task_recorded"] == 1
+        assert outcome.candidate["suite_problems"] == outcome.baseline["suite_problems"] == 3
+        checks = {c.name: c for c in outcome.checks}
+        assert checks["task pass rate"].status == "inconclusive" and checks["task pass rate"].items == 2
+        assert checks["forgetting (suite)"].status == "inconclusive"  # the model in service solved none
+        assert [f"{c.status}: {c.detail}" for c in outcome.checks] == outcome.reasons
         assert outcome.baseline["model"] == "base"
         assert outcome.candidate["forgetting_items"] == len(ROWS) + len(GENERAL)
         for key in ("ms_per_token", "peak_rss_mb", "adapter_mb", "canary_prompts", "held_out_loss"):
             assert outcome.candidate[key] is not None, key
+    for events in progress.values():  # each of the 10 steps said it started, in order
+        steps = [e.step for e in events]
+        assert steps[0] == "held-out loss (in service)" and "suite coding_suite (candidate)" in steps
+        assert max(e.steps_done for e in events) == 9 and all(e.steps_total == 10 for e in events)
+        assert all(e.run_id == events[0].run_id and e.done <= e.total for e in events)
 
 
 def test_missing_adapter_dataset_or_base_model_fail_closed(tmp_path: Path, tiny_model_dir: Path) -> None:  # noqa: F811

@@ -5,18 +5,26 @@ and the model in service for the role (the adapter the ``deployments`` projectio
 service, or the base model when none is), and measures both on the same items
 (``plugins/evaluation``):
 
-- **held-out**: the dataset's validation split: answer loss, and the task pass rate: for each
-  example that carries ``tests``, the greedy answer's code is run against them in a sandboxed
-  subprocess with time and memory limits;
-- **forgetting**: the dataset's forgetting split (earlier tasks, never trained on) and general
-  prompts (shipped with Flywheel, or ``evaluator.general_prompts``): the share of items whose
-  answer loss rose, over both (the gate's figure) and per part;
+- **held-out**: the dataset's validation split: answer loss;
+- **tasks**: the task pass rate, paired: the dataset's held-out rows that carry ``tests``, then
+  the role's recorded tasks on the log that carry tests (``context.tests``) and no version was
+  trained on (not in the train split of any dataset of the role's runs, not forgotten), newest
+  first, up to ``evaluator.max_task_examples``; each greedy answer's code is run against its tests
+  in a sandboxed subprocess with time and memory limits; per task, did each model pass;
+- **forgetting by running code**: a seeded sample of the coding suite (``evaluator.suite``,
+  ``suite_sample`` problems; the seed is ``suite_seed`` or drawn from the run id), solved by both:
+  the share of the problems the model in service solved that the candidate no longer solves;
+- **forgetting by loss** (secondary): the dataset's forgetting split (earlier tasks, never trained
+  on) and general prompts (shipped with Flywheel, or ``evaluator.general_prompts``): the share of
+  items whose answer loss rose, over both and per part;
 - **latency and memory**: milliseconds per generated token, the process's peak RSS, the
   adapter's size;
 - **canary**: prompts that invite secrets or personal data, plus a few training prompts; what
   the candidate says is scanned by the plugins that find sensitive data (``find_sensitive``).
 
-The gate (``plugins/evaluation/gate.py``) turns the figures into a verdict with its reasons.
+The gate (``plugins/evaluation/gate.py``) turns the figures and the paired outcomes into a verdict
+(``passed``, ``failed`` or ``inconclusive``) with one check per figure: its interval and item count.
+While it runs, ``evaluation.progressed`` says which step runs, every ``progress_every_s`` seconds.
 The adapters, the dataset and the base model are fetched from the bus when this machine does not
 have them (``engine/artifacts.py``), each verified against its hash. A run whose adapter or
 dataset is missing or fails its check, whose base model cannot be loaded, or whose model in
@@ -30,16 +38,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import itertools
 import logging
 import resource
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from flywheel_loop.engine.artifacts import ArtifactCorrupt, ArtifactMissing, ThreadArtifacts
 from flywheel_loop.engine.config import Settings
 from flywheel_loop.engine.processor import ProcessContext, Processor
-from flywheel_loop.plugins.evaluation.gate import verdict
+from flywheel_loop.plugins.evaluation.gate import GateResult, verdict
 from flywheel_loop.plugins.evaluation.generation import chat_prompt, generate
 from flywheel_loop.plugins.evaluation.metrics import (
     DATA,
@@ -50,7 +60,10 @@ from flywheel_loop.plugins.evaluation.metrics import (
     held_out_loss,
     task_pass_rate,
 )
+from flywheel_loop.plugins.evaluation.progress import EvalProgress
 from flywheel_loop.plugins.evaluation.settings import EvaluatorConfig
+from flywheel_loop.plugins.evaluation.stats import Paired
+from flywheel_loop.plugins.evaluation.suite import SuiteError, load_suite, sample, task_rows
 from flywheel_loop.plugins.shared.datasets import DatasetUnusable, dataset_folder, read_split
 from flywheel_loop.plugins.shared.deployment_book import BOOK_EVENTS, book_at
 from flywheel_loop.plugins.shared.models import (
@@ -63,15 +76,50 @@ from flywheel_loop.plugins.shared.models import (
     torch_threads,
     verify_adapter,
 )
-from flywheel_loop.schemas import EvaluationCompleted, Event, TrainingCompleted
+from flywheel_loop.schemas import (
+    EvaluationCompleted,
+    EvaluationProgressed,
+    Event,
+    GateCheck,
+    InteractionAnonymized,
+    TrainingCompleted,
+)
 
-__all__ = ["Detector", "evaluate_run", "processor", "service_adapter"]
+__all__ = ["Detector", "RecordedTask", "evaluate_run", "processor", "recorded_tasks", "service_adapter", "suite_seed"]
 
 log = logging.getLogger(__name__)
 
 Figures = dict[str, str | int | float | bool | None]
 #: the kinds of secrets and personal data in a text, one entry per finding (None: nothing scans text)
 Detector = Callable[[str], list[str] | None]
+#: a task recorded on the log: (interaction id, the user's request, its test code)
+RecordedTask = tuple[str, str, str]
+
+
+def recorded_tasks(events: Sequence[tuple[int, Event[Any]]], role: str) -> list[RecordedTask]:
+    """The role's recorded tasks that carry tests (``context.tests``), newest first, without the
+    forgotten ones (``interaction.anonymized`` and ``data.forgotten`` events, in log order)."""
+    forgotten: set[str] = set()
+    for _, event in events:
+        if event.type == "data.forgotten":
+            forgotten.update(event.data.interaction_ids)
+    tasks: list[RecordedTask] = []
+    for _, event in reversed(events):
+        data = event.data
+        if not isinstance(data, InteractionAnonymized) or getattr(event, "forgotten", False):
+            continue
+        rec = data.interaction
+        if rec.role != role or not rec.context.tests or data.interaction_id in forgotten:
+            continue
+        tasks.append((data.interaction_id, rec.input, rec.context.tests))
+    return tasks
+
+
+def suite_seed(cfg: EvaluatorConfig, run_id: str) -> int:
+    """The suite sample's seed: the configured one, or one drawn from the run id."""
+    if cfg.suite_seed is not None:
+        return cfg.suite_seed
+    return int.from_bytes(hashlib.sha256(run_id.encode()).digest()[:4], "big")
 
 
 async def service_adapter(ctx: ProcessContext, role: str) -> Path | None:
@@ -111,18 +159,23 @@ def evaluate_run(
     service: Path | None = None,
     detect: Detector | None = None,
     artifacts: ThreadArtifacts | None = None,
+    recorded: Sequence[RecordedTask] = (),
+    trained_datasets: Sequence[str] = (),
+    emit: Callable[[EvaluationProgressed], None] | None = None,
 ) -> EvaluationCompleted:
     """Measure the run's adapter against the model in service (``service``: its adapter folder;
     None: the base model) and apply the gate. ``detect`` finds the kinds of secrets and personal
-    data in a text (the ``find_sensitive`` hook); without it the canary check is skipped.
+    data in a text (the ``find_sensitive`` hook); without it the canary check is inconclusive.
     ``artifacts`` (from a worker thread) fetches the adapter, the dataset and the base model when
-    this machine lacks them."""
+    this machine lacks them. ``recorded``: the role's recorded tasks with tests (newest first);
+    those in the train split of the run's dataset or of ``trained_datasets`` (the role's other
+    runs' datasets found here) are left out. ``emit`` publishes ``evaluation.progressed``."""
     cfg = EvaluatorConfig.of(settings)
 
     def rejected(reason: str) -> EvaluationCompleted:
         log.warning("evaluation of run %s: %s", completed.run_id, reason)
         return EvaluationCompleted(run_id=completed.run_id, role=completed.role, adapter_hash=completed.adapter_hash,
-                                   passed=False, reasons=[f"failed: {reason}"[:2000]])
+                                   passed=False, verdict="failed", reasons=[f"failed: {reason}"[:2000]])
 
     try:
         adapter_dir = adapter_folder(settings, completed.adapter_hash, artifacts, completed.path)
@@ -139,17 +192,38 @@ def evaluate_run(
         base, tokenizer = load_base(model_dir)
     except BaseModelUnusable as exc:
         return rejected(str(exc))
-    with torch_threads(cfg.threads):
-        candidate, baseline = _measure(settings, base, tokenizer, adapter_dir, dataset, service, detect)
-    passed, reasons = verdict(candidate, baseline, cfg)
-    return EvaluationCompleted(run_id=completed.run_id, role=completed.role, adapter_hash=completed.adapter_hash,
-                               candidate=candidate, baseline=baseline, passed=passed, reasons=reasons)
+    trained = _trained_ids(settings, [completed.dataset_hash, *trained_datasets])
+    fresh = [t for t in recorded if t[0] not in trained]
+    with torch_threads(cfg.threads), EvalProgress(completed.run_id, completed.role, 10, emit,
+                                                  cfg.progress_every_s) as progress:
+        candidate, baseline, outcome = _measure(settings, completed.run_id, base, tokenizer, adapter_dir, dataset,
+                                                service, detect, fresh, progress)
+    return EvaluationCompleted(
+        run_id=completed.run_id, role=completed.role, adapter_hash=completed.adapter_hash, candidate=candidate,
+        baseline=baseline, passed=outcome.passed, verdict=outcome.verdict,
+        reasons=[r[:2000] for r in outcome.reasons],
+        checks=[GateCheck(name=c.name, status=c.status, detail=c.detail[:2000], value=c.value, low=c.low,
+                          high=c.high, items=c.items, p_value=c.p_value) for c in outcome.checks],
+    )
+
+
+def _trained_ids(settings: Settings, hashes: Sequence[str]) -> set[str]:
+    """The row ids of the train splits of the datasets here (a dataset this machine lacks is
+    skipped: only the candidate's own dataset is fetched, by ``evaluate_run``)."""
+    ids: set[str] = set()
+    for digest in dict.fromkeys(hashes):
+        try:
+            folder = dataset_folder(settings, digest, None)
+            ids.update(str(r.get("id")) for r in read_split(folder, "train"))
+        except (DatasetUnusable, OSError, ValueError):
+            continue
+    return ids
 
 
 def _measure(
-    settings: Settings, base: Any, tokenizer: Any, adapter_dir: Path, dataset: Path, service_dir: Path | None,
-    detect: Detector | None,
-) -> tuple[Figures, Figures]:
+    settings: Settings, run_id: str, base: Any, tokenizer: Any, adapter_dir: Path, dataset: Path,
+    service_dir: Path | None, detect: Detector | None, recorded: Sequence[RecordedTask], progress: EvalProgress,
+) -> tuple[Figures, Figures, GateResult]:
     from peft import PeftModel
 
     from flywheel_loop.plugins.shared.models import use_bf16
@@ -176,7 +250,21 @@ def _measure(
     validation = read_split(dataset, "validation")
     forgetting = {"tasks": read_split(dataset, "forgetting"),
                   "general": general_rows(tokenizer, cfg.general_prompts)}
-    tasks = [r for r in validation if r.get("tests")][: cfg.max_task_examples]
+    tasks = [r for r in validation if r.get("tests")]
+    seen = {str(r.get("id")) for r in tasks}
+    from_log = [{"id": i, "prompt": chat_prompt(tokenizer, text), "tests": tests}
+                for i, text, tests in recorded if i not in seen]
+    tasks = (tasks + from_log)[: cfg.max_task_examples]
+    suite_rows: list[dict[str, Any]] = []
+    suite_missing = ""
+    seed = suite_seed(cfg, run_id)
+    if cfg.suite is not None:
+        try:
+            problems = sample(load_suite(cfg.suite), cfg.suite_sample, seed)
+            suite_rows = task_rows(problems, lambda text: chat_prompt(tokenizer, text))
+        except SuiteError as exc:
+            suite_missing = str(exc)
+            log.warning("evaluation of run %s: %s", run_id, exc)
     canaries = [chat_prompt(tokenizer, line) for line in (DATA / "canary_prompts.txt").read_text().splitlines()
                 if line.strip()]
     canaries += [r["prompt"] for r in read_split(dataset, "train")[: cfg.canary_from_train]]
@@ -185,25 +273,42 @@ def _measure(
     figures: dict[str, Figures] = {}
     losses: dict[str, Any] = {}
     said: dict[str, list[str]] = {}
+    outcomes: dict[str, tuple[bool, ...]] = {}
+    suite_outcomes: dict[str, tuple[bool, ...]] = {}
     for name in ("service", "candidate"):
         with variant(name) as m:
-            held = answer_losses(m, tokenizer, validation, max_tokens, bf16)
-            losses[name] = {k: answer_losses(m, tokenizer, rows, max_tokens, bf16) for k, rows in forgetting.items()}
+            who = "in service" if name == "service" else "candidate"
+            progress.step(f"held-out loss ({who})", len(validation))
+            held = answer_losses(m, tokenizer, validation, max_tokens, bf16, progress.advance)
+            progress.step(f"forgetting loss ({who})", sum(len(rows) for rows in forgetting.values()))
+            losses[name] = {k: answer_losses(m, tokenizer, rows, max_tokens, bf16, progress.advance)
+                            for k, rows in forgetting.items()}
+            progress.step(f"tasks with tests ({who})", 2 * len(tasks))
             task = task_pass_rate(m, tokenizer, tasks, cfg.max_new_tokens, cfg.generation_batch,
-                                  cfg.test_timeout_s, cfg.test_memory_mb, bf16)
-            canary = generate(m, tokenizer, canaries, cfg.canary_max_new_tokens, cfg.generation_batch, bf16)
+                                  cfg.test_timeout_s, cfg.test_memory_mb, bf16, progress.advance)
+            outcomes[name] = task.outcomes
+            progress.step(f"suite {cfg.suite} ({who})", 2 * len(suite_rows))
+            suite = task_pass_rate(m, tokenizer, suite_rows, cfg.suite_max_new_tokens, cfg.generation_batch,
+                                   cfg.test_timeout_s, cfg.test_memory_mb, bf16, progress.advance)
+            suite_outcomes[name] = suite.outcomes
+            progress.step(f"canary prompts ({who})", len(canaries))
+            canary = generate(m, tokenizer, canaries, cfg.canary_max_new_tokens, cfg.generation_batch, bf16,
+                              progress.advance)
             said[name] = canary.texts
-            tokens = task.generations.tokens + canary.tokens
-            seconds = task.generations.seconds + canary.seconds
+            tokens = task.generations.tokens + suite.generations.tokens + canary.tokens
+            seconds = task.generations.seconds + suite.generations.seconds + canary.seconds
             figures[name] = {
                 "held_out_loss": held_out_loss(held),
                 "held_out_items": sum(1 for x in held if x is not None),
                 "task_pass_rate": task.pass_rate,
                 "task_examples": task.examples,
                 "task_passed": task.passed,
+                "suite_pass_rate": suite.pass_rate,
+                "suite_problems": suite.examples,
+                "suite_passed": suite.passed,
                 "ms_per_token": round(1000 * seconds / tokens, 3) if tokens else None,
             }
-    # one forgetting set (as the reference design has it) for the gate; each part reported too
+    # one forgetting set (as the reference design has it) for the secondary figure; each part reported too
     rates = {k: forgetting_rate(losses["candidate"][k], losses["service"][k], cfg.forgetting_tolerance)
              for k in forgetting}
     pooled, items = forgetting_rate([x for k in forgetting for x in losses["candidate"][k]],
@@ -216,6 +321,7 @@ def _measure(
         "forgetting_items": items,
         "forgetting_rate_tasks": rates["tasks"][0],
         "forgetting_rate_general": rates["general"][0],
+        "task_recorded": sum(1 for t in tasks if t["id"] not in seen),
         "canary_prompts": len(canaries),
         "canary_leaks": len(leaks) if leaks is not None else None,
         "peak_rss_mb": round(_peak_rss_mb(), 1),
@@ -223,7 +329,20 @@ def _measure(
     })
     figures["service"]["model"] = service_dir.name if service_dir is not None else "base"
     model.unload()  # give the base model back without the adapters' layers
-    return figures["candidate"], figures["service"]
+    paired_tasks = Paired.of(outcomes["candidate"], outcomes["service"]) if tasks else None
+    paired_suite = Paired.of(suite_outcomes["candidate"], suite_outcomes["service"]) if suite_rows else None
+    if cfg.suite is not None and not suite_rows and not suite_missing:
+        suite_missing = f"the sample of suite {cfg.suite} is empty"
+    outcome = verdict(figures["candidate"], figures["service"], cfg, paired_tasks, paired_suite, suite_missing)
+    for check in outcome.checks:  # the interval figures, for the tables that list figures
+        if check.name == "task pass rate" and check.low is not None:
+            figures["candidate"].update({"task_delta": check.value, "task_delta_low": check.low,
+                                         "task_delta_high": check.high, "task_p_value": check.p_value})
+        elif check.name == "forgetting (suite)":
+            figures["candidate"].update({"suite_forgetting": check.value, "suite_forgetting_low": check.low,
+                                         "suite_forgetting_high": check.high, "suite_solved_in_service": check.items,
+                                         "suite_seed": seed})
+    return figures["candidate"], figures["service"], outcome
 
 
 class Evaluator:
@@ -240,11 +359,23 @@ class Evaluator:
         except AdapterUnusable as exc:
             return [EvaluationCompleted(
                 run_id=completed.run_id, role=completed.role, adapter_hash=completed.adapter_hash, passed=False,
-                reasons=[f"failed: the model in service cannot be measured here: {exc}"[:2000]],
+                verdict="failed", reasons=[f"failed: the model in service cannot be measured here: {exc}"[:2000]],
             )]
         detect = ctx.plugins.find_sensitive if ctx.plugins is not None else None
         artifacts = ctx.artifacts.in_thread() if ctx.artifacts is not None else None
-        outcome = await asyncio.to_thread(evaluate_run, ctx.settings, completed, service, detect, artifacts)
+        until = ctx.sequence or None
+        history = await ctx.read_log(("interaction.anonymized", "data.forgotten"), until)
+        runs = await ctx.read_log(("training.completed",), until)
+        trained = [e.data.dataset_hash for _, e in runs
+                   if e.data.role == completed.role and e.data.dataset_hash is not None]
+        counter = itertools.count(1)
+
+        def emit(progress: EvaluationProgressed) -> None:
+            if ctx.loop is not None and ctx.emitter is not None:
+                ctx.emit_threadsafe(progress, next(counter), timeout=10.0)
+
+        outcome = await asyncio.to_thread(evaluate_run, ctx.settings, completed, service, detect, artifacts,
+                                          recorded_tasks(history, completed.role), trained, emit)
         return [outcome]
 
 
@@ -256,6 +387,6 @@ def processor(settings: Settings) -> Processor:
         handle=Evaluator().handle,
         description="measures each trained adapter against the model in service and applies the gate",
         batch=1,
-        produces=("evaluation.completed",),
+        produces=("evaluation.completed",),  # not the live evaluation.progressed: it decides nothing
         stateful=True,  # no tables: the fold knows which runs' evaluations are on the log (exactly once)
     )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -35,9 +35,11 @@ def chat_prompt(tokenizer: Any, text: str) -> str:
 
 
 def generate(
-    model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int, batch: int = 8, bf16: bool = False
+    model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int, batch: int = 8, bf16: bool = False,
+    advance: Callable[[int], None] | None = None,
 ) -> Generations:
-    """Greedy answers to already templated ``prompts`` (left-padded batches), in order."""
+    """Greedy answers to already templated ``prompts`` (left-padded batches), in order;
+    ``advance(n)`` is told of each batch of ``n`` answers."""
     texts: list[str] = []
     produced = 0
     started = time.perf_counter()
@@ -63,6 +65,8 @@ def generate(
                 ids = [t for t in ids if t != tokenizer.pad_token_id]
                 produced += len(ids) or 1
                 texts.append(tokenizer.decode(ids, skip_special_tokens=True))
+            if advance is not None:
+                advance(len(chunk))
     finally:
         tokenizer.padding_side = side
         model.train(was_training)

@@ -46,10 +46,11 @@ class ItemLoss:
 
 
 def answer_losses(
-    model: Any, tokenizer: Any, rows: Sequence[dict[str, Any]], max_tokens: int, bf16: bool = False
+    model: Any, tokenizer: Any, rows: Sequence[dict[str, Any]], max_tokens: int, bf16: bool = False,
+    advance: Callable[[int], None] | None = None,
 ) -> list[ItemLoss | None]:
     """Per row (``prompt``, ``completion``), the answer-token loss; None for a row with no
-    answer token left after the cut."""
+    answer token left after the cut. ``advance(n)`` is told of each row measured."""
     import torch
 
     examples = [tokenize_rows([row], tokenizer, max_tokens) for row in rows]
@@ -62,6 +63,8 @@ def answer_losses(
             (block,) = pack([ex], len(ex.input_ids))
             total, count = token_losses(model, collate([block], tokenizer.pad_token_id), bf16)
             out[i] = ItemLoss(float(total), count)
+            if advance is not None:
+                advance(1)
     model.train(was_training)
     return out
 
@@ -111,6 +114,8 @@ class TaskResult:
     passed: int
     generations: Generations
     failures: tuple[str, ...] = ()
+    #: per example, in order: did the code pass all its tests
+    outcomes: tuple[bool, ...] = ()
 
     @property
     def pass_rate(self) -> float | None:
@@ -127,18 +132,23 @@ def task_pass_rate(
     timeout_s: float,
     memory_mb: int,
     bf16: bool = False,
+    advance: Callable[[int], None] | None = None,
 ) -> TaskResult:
-    """Generate an answer for each row that has ``tests`` and run the tests against its code."""
+    """Generate an answer for each row that has ``tests`` and run the tests against its code;
+    ``advance(n)`` is told of each answer generated and each test run (2 per row)."""
     with_tests = [r for r in rows if r.get("tests")]
-    gens = generate(model, tokenizer, [r["prompt"] for r in with_tests], max_new_tokens, batch, bf16)
-    passed, failures = 0, []
+    gens = generate(model, tokenizer, [r["prompt"] for r in with_tests], max_new_tokens, batch, bf16, advance)
+    passed, failures, outcomes = 0, [], []
     for row, text in zip(with_tests, gens.texts, strict=True):
         result = run_tests(extract_code(text), row["tests"], timeout_s=timeout_s, memory_mb=memory_mb)
+        outcomes.append(result.all_passed)
         if result.all_passed:
             passed += 1
         else:
             failures.append(f"{row.get('id', '?')}: {'; '.join(result.errors[:2]) or 'no test passed'}"[:300])
-    return TaskResult(len(with_tests), passed, gens, tuple(failures))
+        if advance is not None:
+            advance(1)
+    return TaskResult(len(with_tests), passed, gens, tuple(failures), tuple(outcomes))
 
 
 def canary_leaks(

@@ -20,7 +20,33 @@ class EvaluatorConfig(PluginSection):
         default=2.0, ge=0, description="the task pass rate (percent) may be at most this many points lower"
     )
     max_forgetting_rate: float = Field(
-        default=0.3, ge=0, le=1, description="the share of forgetting-set items that got worse must stay below"
+        default=0.3, ge=0, le=1, description="the share of forgetting-set items whose answer loss rose (the secondary,"
+        " loss-based forgetting figure) must stay below"
+    )
+    max_suite_forgetting: float = Field(
+        default=0.3, ge=0, le=1, description="of the suite problems the model in service solved, the share the"
+        " candidate may lose: failed when the interval's low end is above it, ok when its high end is below"
+    )
+    suite: str | None = Field(
+        default="coding_suite", description="the coding suite forgetting is measured on (plugins/evaluation/data"
+        "/<name>.jsonl); none = no suite check",
+    )
+    suite_sample: int = Field(
+        default=40, ge=1, description="suite problems run per evaluation (a seeded sample; both models run them)"
+    )
+    suite_seed: int | None = Field(
+        default=None, description="the sample's seed; none = drawn from the training run's id (one sample per run)"
+    )
+    suite_max_new_tokens: int = Field(default=256, ge=1, description="tokens generated per suite problem")
+    min_suite_solved: int = Field(
+        default=5, ge=1, description="fewer suite problems solved by the model in service: forgetting inconclusive"
+    )
+    min_task_items: int = Field(
+        default=10, ge=1, description="fewer paired tasks with tests: the task pass rate check is inconclusive"
+    )
+    confidence: float = Field(default=0.95, gt=0, lt=1, description="the level of the gate's intervals")
+    progress_every_s: float = Field(
+        default=2.0, gt=0, description="seconds between evaluation.progressed events while an evaluation runs"
     )
     forgetting_tolerance: float = Field(
         default=0.05, ge=0, description="an item got worse when its answer loss rose by more than this share"
@@ -34,7 +60,10 @@ class EvaluatorConfig(PluginSection):
     )
     canary_check: bool = Field(default=True, description="fail a candidate that reproduces a secret or PII")
     canary_from_train: int = Field(default=8, ge=0, description="training prompts added to the canary prompts")
-    max_task_examples: int = Field(default=20, ge=0, description="held-out examples with tests that are run")
+    max_task_examples: int = Field(
+        default=40, ge=0, description="tasks with tests that are run: the dataset's held-out rows first, then the"
+        " role's recorded tasks never trained on, newest first"
+    )
     max_new_tokens: int = Field(default=160, ge=1, description="tokens generated per held-out task")
     canary_max_new_tokens: int = Field(default=48, ge=1)
     generation_batch: int = Field(default=8, ge=1)

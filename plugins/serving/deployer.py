@@ -3,9 +3,13 @@
 It consumes:
 
 - ``evaluation.completed``: a passed evaluation deploys its adapter (fetched from the bus and verified when this
-  machine does not have it); one that did not pass (or names no adapter, or an adapter that can be had neither
+  machine does not have it); a failed one (or one that names no adapter, or an adapter that can be had neither
   here nor on the bus) is refused with ``deployment.failed`` and the reason, and nothing
-  changes in service. The only way into service is a passed evaluation on the log.
+  changes in service. An ``inconclusive`` one (the gate could not tell) follows ``deployer.on_inconclusive``:
+  ``canary`` (the default) deploys it at ``deployer.inconclusive_share`` of the traffic beside the version in
+  service, and production reward decides (``canary.passed`` promotes it, ``drift.detected`` rolls it back); with
+  no deployed version in service to keep the rest of the traffic, or with ``refuse``, it is refused. The only
+  ways into service are a passed evaluation on the log, or an inconclusive one as a canary.
 - ``canary.passed`` (from the drift monitor): a canary that earned as much as the version before it takes all the
   traffic (a new ``deployment.completed`` for the same version, share 1.0) and the previous version stops.
 - ``drift.detected``: the drifted version, if it is still in service, is replaced by the one before it.
@@ -186,14 +190,26 @@ class Deployer:
                 model_name=version_name(role, digest) if digest else None, evaluation_id=evaluation_id,
             )]
 
-        if not data.passed:
-            why = "; ".join(data.reasons) or "no reason given"
+        cfg = DeployerConfig.of(self.settings)
+        outcome = data.outcome  # events written before the three-way gate have only ``passed``
+        why = "; ".join(data.reasons) or "no reason given"
+        current = book.service(role)
+        share = cfg.canary_share
+        if outcome == "inconclusive":
+            if cfg.on_inconclusive == "refuse":
+                return failed(f"refused: evaluation {evaluation_id} (run {data.run_id}) was inconclusive and"
+                              f" deployer.on_inconclusive is 'refuse': {why}")
+            if current is None:
+                return failed(f"refused: evaluation {evaluation_id} (run {data.run_id}) was inconclusive, and a"
+                              f" canary needs a deployed version of {role} in service to keep the rest of the"
+                              f" traffic (the base model is not one): {why}")
+            share = min(cfg.inconclusive_share, cfg.canary_share)
+        elif not data.passed:
             return failed(f"refused: evaluation {evaluation_id} (run {data.run_id}) did not pass the gate: {why}")
         if digest is None:
             return failed(f"refused: evaluation {evaluation_id} (run {data.run_id}) names no adapter to deploy")
-        if book.passed_evaluation(digest) is None:  # cannot happen after the fold above; the rule stays explicit
+        if outcome == "passed" and book.passed_evaluation(digest) is None:  # cannot happen after the fold above
             return failed(f"refused: adapter {digest[:12]} has no passed evaluation on the log")
-        current = book.service(role)
         if current is not None and current.adapter_hash == digest:
             log.info("%s: %s is already in service", role, current.model_name)
             return []
@@ -207,8 +223,9 @@ class Deployer:
             endpoint = self._serve_and_smoke(runtime, model, fresh=fresh)
         except RuntimeUnavailable as exc:
             return failed(str(exc))
-        cfg = DeployerConfig.of(self.settings)
-        share = cfg.canary_share
+        if outcome == "inconclusive":
+            log.info("%s: %s deployed as a canary at %.0f%% of traffic: its evaluation was inconclusive", role,
+                     model.model_name, 100 * share)
         if current is not None:
             # The version before the current one stops serving now (a canary of a canary leaves two at most);
             # the current one stops too unless it keeps the rest of the traffic.

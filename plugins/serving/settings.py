@@ -95,6 +95,15 @@ class DeployerConfig(PluginSection):
         description="share of the role's traffic the new version gets; the previous version keeps serving the"
         " rest (1.0: all traffic moves once the smoke test passes)",
     )
+    on_inconclusive: Literal["canary", "refuse"] = Field(
+        default="canary",
+        description="an evaluation whose verdict is inconclusive (the gate could not tell): canary = deploy it"
+        " at inconclusive_share of the traffic beside the version in service and let production reward decide"
+        " (canary.passed promotes it, drift rolls it back); refuse = deployment.failed, nothing changes",
+    )
+    inconclusive_share: float = Field(
+        default=0.1, gt=0, lt=1, description="the traffic share of a canary deployed on an inconclusive verdict"
+    )
     keep_versions: int = Field(
         default=3, ge=2, le=100, description="versions kept for rollback, the one in service included"
     )
