@@ -53,7 +53,7 @@ def rejection(raw: dict[str, Any] | bytes | str) -> str:
 
 
 def test_every_type_has_exactly_one_example_and_one_schema_file() -> None:
-    assert len(TYPES) == 26
+    assert len(TYPES) == 27
     examples = sorted(p.name for p in EXAMPLES_DIR.glob("*.json"))
     schema_files = sorted(p.name for p in JSON_DIR.glob("*.json"))
     expected = [f"{t}.json" for t in TYPES]
@@ -288,6 +288,7 @@ BAD_VALUES = [
     ("training.started", "data.hyperparameters.lora_r", [16], "data.hyperparameters.lora_r"),
     ("training.progressed", "data.step", -1, "data.step"),
     ("training.progressed", "data.tokens_per_s", -3.0, "data.tokens_per_s"),
+    ("evaluation.progressed", "data.done", -1, "data.done"),
     ("training.completed", "data.adapter_hash", "abc", "data.adapter_hash"),
     ("training.completed", "data.path", TOO_LONG_SHORT, "data.path"),
     ("training.failed", "data.reason", TOO_LONG_SHORT, "data.reason"),
