@@ -36,6 +36,7 @@ from flywheel_loop.schemas import (
     DriftDetected,
     EvaluationCompleted,
     EventRejected,
+    GateCheck,
     InteractionAnonymized,
     InteractionRecorded,
     QualityAssessed,
@@ -118,6 +119,14 @@ def realistic_log() -> list[Any]:
         at(EvaluationCompleted(run_id="run-coder-0", role="coder", adapter_hash=HASHES[3],
                                candidate={"task_pass_rate": 40.0}, baseline={"task_pass_rate": 55.0}, passed=False,
                                reasons=["task pass rate 40.0 is 15.0 points below the service's 55.0"]), 125),
+        at(EvaluationCompleted(
+            run_id="run-coder-2", role="coder", adapter_hash=HASHES[1], passed=False, verdict="inconclusive",
+            candidate={"held_out_loss": 1.1, "ms_per_token": 40.0, "task_pass_rate": 50.0},
+            baseline={"held_out_loss": 1.3, "ms_per_token": 45.0, "task_pass_rate": 55.0},
+            checks=[GateCheck(name="task pass rate", status="inconclusive", detail="9 tasks: cannot tell",
+                              value=-0.05, low=-0.31, high=0.21, items=9, p_value=1.0),
+                    GateCheck(name="held-out loss", status="ok", detail="1.1 vs 1.3", value=1.1, items=12)],
+            reasons=["inconclusive: 9 tasks: cannot tell", "ok: 1.1 vs 1.3"]), 122),
         at(DeploymentCompleted(role="coder", runtime="transformers", model_name="coder-c3c3c3",
                                adapter_hash=HASHES[2]), 120),
         at(DriftDetected(role="coder", metric="reward", window=20, baseline_value=0.71, current_value=0.55,
@@ -249,6 +258,10 @@ async def test_every_page_shows_the_log_in_plots_and_tables(
         bars = await page.shot("plot-interactions", "overview-interactions")
         assert coloured(bars, BLUE, 10) > 200 and coloured(bars, ORANGE, 10) > 200  # two roles, stacked
         assert columns_with(bars, BLUE, 10) > 100  # six hours of bars, not one
+        # one hour of data: an axis of whole hours around it, not one zoomed into a single bar
+        axis = await page.js("return hourAxis([{x: ['2026-01-01T10:00:00+00:00']}])")
+        first, last = (datetime.fromisoformat(t.replace("Z", "+00:00")) for t in axis["range"])
+        assert last - first == timedelta(hours=6) and first < datetime(2026, 1, 1, 10, tzinfo=UTC)
         for plot in ("plot-reward-role", "plot-reward-model"):
             pixels = await page.shot(plot, plot)
             # points and moving-mean lines of two series, spread over the x axis
@@ -286,8 +299,16 @@ async def test_every_page_shows_the_log_in_plots_and_tables(
         await page.open("/evaluations", position)
         await page.full_shot("evaluations")
         evaluations = await page.rows("evaluations")
-        assert [(r[2], r[4]) for r in evaluations] == [("run-coder-0", "failed"), ("run-coder-1", "passed")]
-        assert "15.0 points below" in evaluations[0][6] and "+7" in evaluations[1][5]
+        assert [(r[2], r[4].splitlines()[0]) for r in evaluations] == [
+            ("run-coder-2", "inconclusive"), ("run-coder-0", "failed"), ("run-coder-1", "passed")]
+        assert "15.0 points below" in evaluations[1][6] and "+7" in evaluations[2][5]
+        # the inconclusive verdict shows each check with its interval (points) and item count
+        assert "task pass rate -5.0 pts [-31.0, 21.0] · n=9" in evaluations[0][4]
+        # a lower loss and fewer ms per token are better (green), a lower pass rate worse (red)
+        colours = dict(await page.js(
+            "return [...document.querySelectorAll('table#evaluations > tbody > tr:first-child td table tbody tr')]"
+            ".map(tr => [tr.children[0].innerText, tr.children[3].querySelector('span').className])"))
+        assert colours == {"held_out_loss": "up", "ms_per_token": "up", "task_pass_rate": "down"}
 
         await page.open("/deployments", position)
         await page.full_shot("deployments")

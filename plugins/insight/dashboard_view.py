@@ -41,7 +41,7 @@ class DashboardView(Projection):
     """Everything the dashboard's pages read, one table per concern."""
 
     name = NAME
-    version = 2  # forgets the per-interaction rows of data.forgotten
+    version = 3  # the gate's three-way verdict and its checks (intervals, item counts)
     consumes = (
         "interaction.anonymized",
         "quality.assessed",
@@ -91,7 +91,7 @@ class DashboardView(Projection):
     CREATE TABLE IF NOT EXISTS evaluations (
         seq INTEGER PRIMARY KEY, time TEXT NOT NULL, run_id TEXT NOT NULL, role TEXT NOT NULL,
         adapter_hash TEXT, candidate TEXT NOT NULL, baseline TEXT NOT NULL, passed INTEGER NOT NULL,
-        reasons TEXT NOT NULL);
+        reasons TEXT NOT NULL, verdict TEXT NOT NULL, checks TEXT NOT NULL);
     CREATE TABLE IF NOT EXISTS timeline (
         seq INTEGER PRIMARY KEY, time TEXT NOT NULL, kind TEXT NOT NULL, role TEXT NOT NULL,
         runtime TEXT, adapter_hash TEXT, summary TEXT NOT NULL);
@@ -136,9 +136,9 @@ class DashboardView(Projection):
             self._apply_training(db, event, time)
         elif kind == "evaluation.completed":
             db.execute(
-                "INSERT OR REPLACE INTO evaluations VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT OR REPLACE INTO evaluations VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (seq, time, d.run_id, d.role, d.adapter_hash, _json(d.candidate), _json(d.baseline),
-                 int(d.passed), _json(d.reasons)),
+                 int(d.passed), _json(d.reasons), d.outcome, _json([c.model_dump() for c in d.checks])),
             )
         elif kind in TIMELINE_KINDS:
             runtime, adapter, summary = _timeline_entry(event)

@@ -124,11 +124,12 @@ class DashboardData:
             " (SELECT SUM(total) / SUM(n) FROM reward_hourly WHERE dimension = 'role'),"
             " (SELECT COUNT(*) FROM datasets), (SELECT COUNT(*) FROM runs),"
             " (SELECT COUNT(*) FROM evaluations WHERE passed = 1), (SELECT COUNT(*) FROM evaluations),"
+            " (SELECT COUNT(*) FROM evaluations WHERE verdict = 'inconclusive'),"
             " (SELECT COUNT(*) FROM timeline WHERE kind = 'deployed'),"
             " (SELECT COUNT(*) FROM timeline WHERE kind = 'rolled back'), (SELECT COUNT(*) FROM rejections)"
         ).fetchone()
         keys = ("interactions", "assessed", "mean_reward", "datasets", "runs", "evaluations_passed",
-                "evaluations", "deployments", "rollbacks", "rejections")
+                "evaluations", "evaluations_inconclusive", "deployments", "rollbacks", "rejections")
         totals = dict(zip(keys, summary, strict=True))
         if totals["mean_reward"] is not None:
             totals["mean_reward"] = round(totals["mean_reward"], 3)
@@ -163,8 +164,8 @@ class DashboardData:
 
     def _datasets(self, db: sqlite3.Connection) -> dict[str, Any]:
         runs = self._rows(db, "SELECT run_id, dataset_hash, status, adapter_hash FROM runs")
-        verdicts = {r["run_id"]: bool(r["passed"]) for r in self._rows(
-            db, "SELECT run_id, passed FROM evaluations ORDER BY seq")}
+        verdicts = {r["run_id"]: r["verdict"] for r in self._rows(
+            db, "SELECT run_id, verdict FROM evaluations ORDER BY seq")}
         deployed = {r["adapter_hash"] for r in self._rows(
             db, "SELECT adapter_hash FROM timeline WHERE kind = 'deployed' AND adapter_hash IS NOT NULL")}
         datasets = []
@@ -172,7 +173,7 @@ class DashboardData:
             r["sizes"], r["balance"] = _loads(r["sizes"]), _loads(r["balance"])
             r["runs"] = [
                 {"run_id": run["run_id"], "status": run["status"], "adapter_hash": run["adapter_hash"],
-                 "passed": verdicts.get(run["run_id"]), "deployed": run["adapter_hash"] in deployed}
+                 "verdict": verdicts.get(run["run_id"]), "deployed": run["adapter_hash"] in deployed}
                 for run in runs if run["dataset_hash"] == r["dataset_hash"]
             ]
             datasets.append(r)
@@ -207,12 +208,12 @@ class DashboardData:
         rows = []
         for r in self._rows(db, "SELECT * FROM evaluations ORDER BY seq DESC LIMIT 500"):
             candidate, baseline = _loads(r.pop("candidate")), _loads(r.pop("baseline"))
-            r["passed"], r["reasons"] = bool(r["passed"]), _loads(r["reasons"])
-            r["metrics"] = [
-                {"name": k, "candidate": candidate.get(k), "baseline": baseline.get(k),
-                 "delta": _delta(candidate.get(k), baseline.get(k))}
-                for k in sorted(set(candidate) | set(baseline))
-            ]
+            r["passed"], r["reasons"], r["checks"] = bool(r["passed"]), _loads(r["reasons"]), _loads(r["checks"])
+            r["metrics"] = []
+            for k in sorted(set(candidate) | set(baseline)):
+                delta = _delta(candidate.get(k), baseline.get(k))
+                r["metrics"].append({"name": k, "candidate": candidate.get(k), "baseline": baseline.get(k),
+                                     "delta": delta, "better": better(k, delta)})
             rows.append(r)
         return {"evaluations": rows}
 
@@ -259,6 +260,21 @@ def _reward_series(points: list[Row], dimension: str, hourly: list[Row]) -> list
     for s in series.values():
         s["hour"], s["mean"], s["n"] = s["hour"][-MAX_HOURS:], s["mean"][-MAX_HOURS:], s["n"][-MAX_HOURS:]
     return [series[name] for name in sorted(series)]
+
+
+#: figures for which a lower value is the better one (a loss, a latency, forgetting, leaks, memory)
+LOWER_IS_BETTER = ("loss", "ms_per_token", "forgetting", "leaks", "rss", "_mb", "p_value")
+
+
+def better(name: str, delta: float | None) -> int | None:
+    """+1 when the candidate's change of figure ``name`` is an improvement, -1 when it is worse,
+    0 for no change, None for a difference that is not a figure's (a count of items, a text)."""
+    if delta is None or name.endswith(("_examples", "_items", "_problems", "_prompts", "_seed")):
+        return None
+    if delta == 0:
+        return 0
+    lower = any(part in name for part in LOWER_IS_BETTER)
+    return (1 if delta < 0 else -1) if lower else (1 if delta > 0 else -1)
 
 
 def _delta(candidate: Any, baseline: Any) -> float | None:

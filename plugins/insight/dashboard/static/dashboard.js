@@ -8,7 +8,39 @@ const KIND_COLOURS = { "deployed": "#16a34a", "deployment failed": "#f97316", "r
 const KIND_SYMBOLS = { "deployed": "circle", "deployment failed": "x", "rolled back": "triangle-down",
                        "drift": "diamond" };
 // an hourly mean is drawn in the middle of its hour, among that hour's dots, not at its start
-const HOURLY = { xperiod: 3600000, xperiodalignment: "middle" };
+const HOUR_MS = 3600000;
+const HOURLY = { xperiod: HOUR_MS, xperiodalignment: "middle" };
+
+// A time axis for hourly bars: at least MIN_HOURS wide around the data, so that one hour of data gets
+// hour ticks (plotly alone zooms into a single bar down to sub-millisecond ticks).
+const MIN_HOURS = 6;
+function hourAxis(series) {
+  const times = series.flatMap((s) => s.x || []).map((x) => new Date(x).getTime()).filter((t) => !isNaN(t));
+  if (!times.length) return { type: "date" };
+  const first = Math.min(...times), last = Math.max(...times) + HOUR_MS;
+  const pad = Math.max(0, MIN_HOURS * HOUR_MS - (last - first)) / 2;
+  const iso = (t) => new Date(t).toISOString();
+  return { type: "date", range: [iso(first - pad), iso(last + pad)], tickformat: "%H:%M\n%b %d" };
+}
+
+// which way is better: +1 up is better, -1 worse, 0 no change (from the server, per figure)
+function deltaClass(m) { return m.better > 0 ? "up" : m.better < 0 ? "down" : ""; }
+
+function verdictOf(e) { return e.verdict || (e.passed ? "passed" : "failed"); }
+
+function num(v, scale, digits) { return (v === null || v === undefined) ? "–" : (scale * v).toFixed(digits); }
+
+// one check of the gate: status, figure, interval and how many items it rests on
+function checkLine(c) {
+  const pct = c.name === "task pass rate";  // a difference of shares, shown in points
+  const scale = pct ? 100 : 1, digits = pct ? 1 : 2;
+  const interval = c.low === null || c.low === undefined ? "" :
+    ` [${num(c.low, scale, digits)}, ${num(c.high, scale, digits)}]`;
+  const value = c.value === null || c.value === undefined ? "" : ` ${num(c.value, scale, digits)}${pct ? " pts" : ""}`;
+  const items = c.items === null || c.items === undefined ? "" : ` · n=${c.items}`;
+  const p = c.p_value === null || c.p_value === undefined ? "" : ` · p=${c.p_value.toPrecision(2)}`;
+  return el("li", { title: c.detail }, fmt.badge(c.status), " ", el("b", {}, c.name), value + interval + items + p);
+}
 const PAGE = document.body.dataset.page;
 const CAN_TRAIN = document.body.dataset.canTrain === "true";
 let shownPosition = -1;
@@ -116,14 +148,16 @@ const RENDER = {
       ["Interactions", fmt.num(t.interactions || 0)], ["Assessed", fmt.num(t.assessed || 0)],
       ["Mean reward", fmt.num(t.mean_reward)], ["Datasets", fmt.num(t.datasets || 0)],
       ["Training runs", fmt.num(t.runs || 0)],
-      ["Evaluations passed", `${t.evaluations_passed || 0} / ${t.evaluations || 0}`],
+      ["Evaluations passed", `${t.evaluations_passed || 0} / ${t.evaluations || 0}` +
+        (t.evaluations_inconclusive ? ` (${t.evaluations_inconclusive} inconclusive)` : "")],
       ["Deployments", fmt.num(t.deployments || 0)], ["Rollbacks", fmt.num(t.rollbacks || 0)],
       ["Rejected events", fmt.num(t.rejections || 0)],
     ]);
+    const perHour = d.interactions_per_hour || [];
     plot("plot-interactions",
-      (d.interactions_per_hour || []).map((s) => ({ type: "bar", name: s.name, x: s.x, y: s.y,
+      perHour.map((s) => ({ type: "bar", name: s.name, x: s.x, y: s.y, ...HOURLY, width: 0.88 * HOUR_MS,
         hovertemplate: "hour of %{x|%Y-%m-%d %H}:00<br>%{y} interactions<extra>" + s.name + "</extra>" })),
-      { barmode: "stack", bargap: 0.12, yaxis: { title: { text: "interactions" } }, xaxis: { type: "date" } },
+      { barmode: "stack", yaxis: { title: { text: "interactions" } }, xaxis: hourAxis(perHour) },
       "No interactions yet.");
     plot("plot-reward-role", rewardTraces(d.reward_by_role || []),
       { yaxis: { title: { text: "reward" }, range: [-0.03, 1.03] }, xaxis: { type: "date" } }, "No rewards yet.");
@@ -169,7 +203,7 @@ const RENDER = {
           s.request_id ? el("div", { class: "small" }, "request ", el("code", {}, s.request_id)) : null) },
       { title: "trained → evaluated → deployed", value: (s) => s.runs.length ? el("div", {}, s.runs.map((r) =>
           el("div", {}, el("code", {}, r.run_id), " ", fmt.badge(r.status),
-             r.passed === undefined || r.passed === null ? "" : [" ", fmt.badge(r.passed ? "passed" : "failed")],
+             r.verdict ? [" ", fmt.badge(r.verdict)] : "",
              r.deployed ? [" ", fmt.badge("deployed")] : ""))) : el("span", { class: "small" }, "not trained yet") },
       { title: "balance", value: (s) => el("details", {}, el("summary", {}, `${s.balance.length} cells`),
           table([
@@ -229,13 +263,14 @@ const RENDER = {
       { title: "role", value: (e) => e.role },
       { title: "run", value: (e) => el("code", {}, e.run_id) },
       { title: "adapter", value: (e) => fmt.hash(e.adapter_hash) },
-      { title: "gate", value: (e) => fmt.badge(e.passed ? "passed" : "failed") },
+      { title: "gate", value: (e) => el("div", {}, fmt.badge(verdictOf(e)),
+          (e.checks || []).length ? el("ul", { class: "checks" }, e.checks.map(checkLine)) : "") },
       { title: "candidate vs baseline", value: (e) => e.metrics.length ? table([
           { title: "metric", value: (m) => m.name },
           { title: "candidate", num: true, value: (m) => fmt.num(m.candidate) },
           { title: "baseline", num: true, value: (m) => fmt.num(m.baseline) },
           { title: "Δ", num: true, value: (m) => m.delta === null ? "" :
-              el("span", { class: m.delta > 0 ? "up" : m.delta < 0 ? "down" : "" },
+              el("span", { class: deltaClass(m) },
                  (m.delta > 0 ? "+" : "") + fmt.num(m.delta)) },
         ], e.metrics, "") : "–" },
       { title: "reasons", cls: "reason", value: (e) => e.reasons.length ? el("ul", {}, e.reasons.map((r) =>
