@@ -45,7 +45,7 @@ def test_smollm2_trains_and_is_evaluated(tmp_path: Path) -> None:
     settings = load_settings(
         state_dir=tmp_path / "state",
         trainer={"epochs": 2, "batch": 2, "grad_accum": 1, "lr": 5e-4, "max_tokens": 256, "block_tokens": 512},
-        evaluator={"max_new_tokens": 48, "canary_max_new_tokens": 16, "canary_from_train": 2},
+        evaluator={"max_new_tokens": 48, "canary_max_new_tokens": 16, "canary_from_train": 2, "suite_sample": 8},
     )
     formatter = load_formatter(None, settings.state_dir / "cache" / "tokenizers")
     digest = "5e" * 32
@@ -73,4 +73,5 @@ def test_smollm2_trains_and_is_evaluated(tmp_path: Path) -> None:
     assert c["held_out_loss"] < b["held_out_loss"]  # the adapter learned the held-out style of answer
     assert c["forgetting_items"] and c["forgetting_rate"] is not None
     assert c["ms_per_token"] and b["ms_per_token"] and c["peak_rss_mb"]
-    assert verdict.reasons and all(r.split(":")[0] in ("ok", "failed", "skipped") for r in verdict.reasons)
+    assert verdict.reasons and all(r.split(":")[0] in ("ok", "failed", "inconclusive") for r in verdict.reasons)
+    assert c["suite_problems"] == b["suite_problems"] == 8 and verdict.verdict in ("passed", "failed", "inconclusive")

@@ -16,6 +16,7 @@ from flywheel_loop.plugins.training.commands import RunWatcher
 from flywheel_loop.schemas import (
     DatasetBuilt,
     EvaluationCompleted,
+    EvaluationProgressed,
     TrainingCompleted,
     TrainingProgressed,
     TrainingStarted,
@@ -72,6 +73,15 @@ def test_the_watcher_follows_only_its_request_to_the_verdict() -> None:
     ]
     assert not any(watcher.see(new_event(p, source="t")) for p in story)
     assert (watcher.dataset, watcher.run_id, watcher.adapter) == ("ab" * 32, "r1", "ef" * 32)
+    # the evaluation's progress moves a bar of its own; another run's does not
+    assert not watcher.see(new_event(EvaluationProgressed(run_id="r0", role="coder", step="x"), source="t"))
+    assert watcher.eval_bar is None
+    step = EvaluationProgressed(run_id="r1", role="coder", step="suite coding_suite (candidate)", done=3, total=8,
+                                steps_done=8, steps_total=10)
+    assert not watcher.see(new_event(step, source="t"))
+    assert watcher.eval_bar is not None
+    (task,) = watcher.eval_bar.tasks
+    assert (task.description, task.completed, task.total, task.fields["step"]) == (step.step, 3, 8, "9/10")
     verdict = EvaluationCompleted(run_id="r1", role="coder", passed=False, reasons=["failed: x"])
     assert watcher.see(new_event(verdict, source="t"))
     assert watcher.verdict == verdict

@@ -3,13 +3,17 @@
 - processor ``evaluator``: for each ``training.completed``, the candidate and the version in
   service (at that log position) on the same items: held-out loss, a task pass rate from
   running the held-out tasks' tests, forgetting, latency, memory and canary prompts; the gate's
-  verdict with one reason per check in ``evaluation.completed``;
+  verdict (passed, failed or inconclusive) with one check per figure (its interval and item count)
+  in ``evaluation.completed``; ``evaluation.progressed`` while it runs;
+- command ``flywheel eval``: a coding suite's pass@1 with its interval for any version;
 - settings ``[evaluator]``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+
+import typer
 
 from flywheel_loop.engine.config import PluginSection, Settings
 from flywheel_loop.engine.hookspecs import hookimpl
@@ -27,3 +31,10 @@ def register_processors(register: Callable[[Processor], None], settings: Setting
     from flywheel_loop.plugins.evaluation import evaluator
 
     register(evaluator.processor(settings))
+
+
+@hookimpl
+def register_commands(cli: typer.Typer) -> None:
+    from flywheel_loop.plugins.evaluation import commands
+
+    commands.register(cli)

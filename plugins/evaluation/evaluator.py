@@ -63,7 +63,7 @@ from flywheel_loop.plugins.evaluation.metrics import (
 from flywheel_loop.plugins.evaluation.progress import EvalProgress
 from flywheel_loop.plugins.evaluation.settings import EvaluatorConfig
 from flywheel_loop.plugins.evaluation.stats import Paired
-from flywheel_loop.plugins.evaluation.suite import SuiteError, load_suite, sample, task_rows
+from flywheel_loop.plugins.evaluation.suite import SuiteError, open_suite, sample, task_rows
 from flywheel_loop.plugins.shared.datasets import DatasetUnusable, dataset_folder, read_split
 from flywheel_loop.plugins.shared.deployment_book import BOOK_EVENTS, book_at
 from flywheel_loop.plugins.shared.models import (
@@ -260,7 +260,7 @@ def _measure(
     seed = suite_seed(cfg, run_id)
     if cfg.suite is not None:
         try:
-            problems = sample(load_suite(cfg.suite), cfg.suite_sample, seed)
+            problems = sample(open_suite(cfg.suite), cfg.suite_sample, seed)
             suite_rows = task_rows(problems, lambda text: chat_prompt(tokenizer, text))
         except SuiteError as exc:
             suite_missing = str(exc)

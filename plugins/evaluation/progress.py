@@ -14,9 +14,11 @@ from types import TracebackType
 
 from flywheel_loop.schemas import EvaluationProgressed
 
-__all__ = ["EvalProgress"]
+__all__ = ["LOADING", "EvalProgress"]
 
 Emit = Callable[[EvaluationProgressed], None]
+#: the step before the first: the adapters are being loaded
+LOADING = "loading the models"
 
 
 class EvalProgress:
@@ -27,7 +29,7 @@ class EvalProgress:
         self.emit, self.every_s = emit, every_s
         self.steps_total = steps_total
         self.steps_done = -1
-        self.name = "starting"
+        self.name = LOADING
         self.done = self.total = 0
         self.started = time.monotonic()
         self.lock = threading.Lock()

@@ -28,8 +28,8 @@ class EvaluatorConfig(PluginSection):
         " candidate may lose: failed when the interval's low end is above it, ok when its high end is below"
     )
     suite: str | None = Field(
-        default="coding_suite", description="the coding suite forgetting is measured on (plugins/evaluation/data"
-        "/<name>.jsonl); none = no suite check",
+        default="coding_suite", description="the coding suite forgetting is measured on: a shipped suite's name"
+        " (plugins/evaluation/data/<name>.jsonl) or the path of a suite file of your own; none = no suite check",
     )
     suite_sample: int = Field(
         default=40, ge=1, description="suite problems run per evaluation (a seeded sample; both models run them)"

@@ -48,6 +48,7 @@ __all__ = [
     "SuiteError",
     "SuiteProblem",
     "load_suite",
+    "open_suite",
     "parse_suite",
     "sample",
     "split_suite",
@@ -112,6 +113,19 @@ def load_suite(name: str = "coding_suite", folder: Path | None = None) -> list[S
         there = ", ".join(known) or "none"
         raise SuiteError(f"no suite {name!r}: {path} does not exist (suites there: {there})") from None
     return parse_suite(text, source=str(path))
+
+
+def open_suite(spec: str) -> list[SuiteProblem]:
+    """A shipped suite by name (``coding_suite``), or a suite file of your own by its path
+    (``*.jsonl``, in the same format)."""
+    if spec.endswith(".jsonl") or "/" in spec:
+        path = Path(spec).expanduser()
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise SuiteError(f"suite file {path}: {exc.strerror or exc}") from None
+        return parse_suite(text, source=str(path))
+    return load_suite(spec)
 
 
 def parse_suite(text: str, source: str = "<suite>") -> list[SuiteProblem]:

@@ -122,14 +122,40 @@ def register(app: typer.Typer) -> None:
                       _fmt(r.get("train_loss")), _fmt(r.get("val_loss")), _fmt(r.get("tokens_per_s"), 0),
                       (r.get("adapter_hash") or r.get("reason") or "")[:24])
         console.print(t)
-        t = Table("run", "role", "verdict", "figures (candidate / in service)", "reasons", title="evaluations")
+        t = Table("run", "role", "verdict", "checks (figure, interval, items)", "figures (candidate / in service)",
+                  "reasons", title="evaluations")
         for e in evals:
             figures = "\n".join(f"{m['name']}: {_fmt(m['candidate'])} / {_fmt(m['baseline'])}" for m in e["metrics"])
-            t.add_row(e["run_id"], e["role"], Text("passed", "green") if e["passed"] else Text("rejected", "red"),
+            verdict = e.get("verdict") or ("passed" if e["passed"] else "failed")
+            checks = "\n".join(check_line(c) for c in e.get("checks") or [])
+            t.add_row(e["run_id"], e["role"], Text(verdict, VERDICT_STYLES.get(verdict, "")), checks or "-",
                       figures, "\n".join(e["reasons"]))
         console.print(t)
 
 
+
+
+VERDICT_STYLES = {"passed": "green", "ok": "green", "failed": "red", "inconclusive": "yellow"}
+
+
+def check_line(check: dict[str, Any]) -> str:
+    """One gate check as a line: status, name, figure [interval] and n (a pass-rate difference in points)."""
+    points = check.get("name") == "task pass rate"
+    scale, digits, unit = (100.0, 1, " pts") if points else (1.0, 2, "")
+
+    def num(v: Any) -> str:
+        return f"{scale * v:+.{digits}f}" if points else f"{scale * v:.{digits}f}"
+
+    text = f"{check.get('status')}: {check.get('name')}"
+    if check.get("value") is not None:
+        text += f" {num(check['value'])}{unit}"
+    if check.get("low") is not None and check.get("high") is not None:
+        text += f" [{num(check['low'])}, {num(check['high'])}]"
+    if check.get("items") is not None:
+        text += f" n={check['items']}"
+    if check.get("p_value") is not None:
+        text += f" p={check['p_value']:.2g}"
+    return text
 
 
 def _fmt(value: Any, digits: int = 4) -> str:

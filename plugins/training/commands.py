@@ -36,7 +36,7 @@ from flywheel_loop.schemas import (
 )
 
 FOLLOWED = ("dataset.built", "dataset.skipped", "training.started", "training.progressed", "training.completed",
-            "training.failed", "evaluation.completed")
+            "training.failed", "evaluation.progressed", "evaluation.completed")
 
 
 def _bar() -> Progress:
@@ -59,6 +59,8 @@ class RunWatcher:
         self.failed: str | None = None
         self.bar = _bar()
         self.task: Any = None
+        self.eval_bar: Progress | None = None
+        self.eval_task: Any = None
 
     def mine(self, event: Event[Any]) -> bool:
         d = event.data
@@ -68,7 +70,7 @@ class RunWatcher:
             return self.dataset is not None and d.dataset_hash == self.dataset
         if event.type in ("training.progressed", "training.completed", "training.failed"):
             return self.run_id is not None and d.run_id == self.run_id
-        if event.type == "evaluation.completed":
+        if event.type in ("evaluation.progressed", "evaluation.completed"):
             return self.run_id is not None and d.run_id == self.run_id
         return False
 
@@ -100,7 +102,17 @@ class RunWatcher:
             self.bar.stop()
             self.adapter = d.adapter_hash
             err.print(Text(f"run {d.run_id} completed: adapter {d.adapter_hash[:12]}, val loss {d.val_loss}"))
+        elif event.type == "evaluation.progressed":  # the gate's steps, one bar per step
+            if self.eval_bar is None:
+                self.eval_bar = Progress(TextColumn("[bold]evaluating {task.description}"), BarColumn(),
+                                         MofNCompleteColumn(), TextColumn("step {task.fields[step]}"), console=err)
+                self.eval_bar.start()
+                self.eval_task = self.eval_bar.add_task(d.step, total=max(1, d.total), step="")
+            self.eval_bar.update(self.eval_task, description=d.step, total=max(1, d.total), completed=d.done,
+                                 step=f"{d.steps_done + 1}/{d.steps_total}")
         elif event.type == "evaluation.completed":
+            if self.eval_bar is not None:
+                self.eval_bar.stop()
             self.verdict = d
             return True
         return False
@@ -130,6 +142,8 @@ async def _follow(settings: Settings, watcher: RunWatcher, from_seq: int, timeou
             raise TimeoutError
         finally:
             watcher.bar.stop()
+            if watcher.eval_bar is not None:
+                watcher.eval_bar.stop()
             await sub.unsubscribe()
 
 
@@ -138,7 +152,8 @@ def _print_verdict(watcher: RunWatcher) -> None:
         say(watcher.failed, style="red")
         return
     v = watcher.verdict
-    say(f"evaluation: {'passed' if v.passed else 'rejected'}", style="green" if v.passed else "red")
+    outcome = v.outcome  # passed, failed or inconclusive (deployed as a canary or refused: deployer.on_inconclusive)
+    say(f"evaluation: {outcome}", style={"passed": "green", "inconclusive": "yellow"}.get(outcome, "red"))
     for reason in v.reasons:
         say(f"  {reason}")
 
