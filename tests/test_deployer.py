@@ -207,27 +207,28 @@ def _inconclusive(adapter: str) -> Any:
 async def test_an_inconclusive_candidate_goes_out_as_a_small_canary_beside_the_version_in_service(
     settings: Any, tiny_model_dir: Path, bus: Any, engine_with: Any
 ) -> None:
-    first = store_random_adapter(tiny_model_dir, settings.state_dir, seed=1)
-    second = store_random_adapter(tiny_model_dir, settings.state_dir, seed=2)
+    first, second, third = (store_random_adapter(tiny_model_dir, settings.state_dir, seed=s) for s in (1, 2, 3))
     async with engine_with(serving, builtins=False, only={"deployer", "deployments"}) as running:
         try:
-            # nothing deployed yet: no version to keep the rest of the traffic, so no canary
+            # nothing deployed yet: the canary shares the traffic with the base model (the gateway's base upstream)
             await bus.publish(new_event(_inconclusive(first), source="test"))
-            [alone] = await wait_for(lambda: read_log(bus, "log", "deployment.failed"), timeout=60)
-            await bus.publish(new_event(evaluation(first, passed=True), source="test"))
-            [v1] = await wait_for(lambda: read_log(bus, "log", "deployment.completed"), timeout=60)
-            await bus.publish(new_event(_inconclusive(second), source="test"))
-            done = await wait_for(lambda: _at_least(read_log(bus, "log", "deployment.completed"), 2), timeout=60)
+            await wait_for(lambda: read_log(bus, "log", "deployment.completed"), timeout=60)
+            await running.projection("deployments").catch_up()
+            beside_base = projection_book(running).service("coder")
+            await bus.publish(new_event(evaluation(second, passed=True), source="test"))
+            await wait_for(lambda: _at_least(read_log(bus, "log", "deployment.completed"), 2), timeout=60)
+            await bus.publish(new_event(_inconclusive(third), source="test"))
+            done = await wait_for(lambda: _at_least(read_log(bus, "log", "deployment.completed"), 3), timeout=60)
             await running.projection("deployments").catch_up()
             during = projection_book(running).service("coder")
         finally:
             deployer_of(running).close()
-    assert "inconclusive" in alone.data.reason and "canary needs a deployed version" in alone.data.reason
-    assert v1.data.traffic_share == 1.0
-    canary = done[1].data
-    assert canary.adapter_hash == second and canary.traffic_share == 0.1
-    assert canary.previous_model_name == v1.data.model_name
-    assert during is not None and (during.model_name, during.sharing_with) == (canary.model_name, v1.data.model_name)
+    alone, v2, canary = (d.data for d in done)
+    assert (alone.adapter_hash, alone.traffic_share, alone.previous_model_name) == (first, 0.1, "coder-base")
+    assert beside_base is not None and beside_base.sharing_with == "coder-base"
+    assert v2.adapter_hash == second and v2.traffic_share == 1.0  # a passed one takes all the traffic
+    assert (canary.adapter_hash, canary.traffic_share, canary.previous_model_name) == (third, 0.1, v2.model_name)
+    assert during is not None and (during.model_name, during.sharing_with) == (canary.model_name, v2.model_name)
 
 
 @pytest.mark.parametrize("settings", [{"on_inconclusive": "refuse"}], indirect=True)

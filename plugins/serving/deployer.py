@@ -7,9 +7,10 @@ It consumes:
   here nor on the bus) is refused with ``deployment.failed`` and the reason, and nothing
   changes in service. An ``inconclusive`` one (the gate could not tell) follows ``deployer.on_inconclusive``:
   ``canary`` (the default) deploys it at ``deployer.inconclusive_share`` of the traffic beside the version in
-  service, and production reward decides (``canary.passed`` promotes it, ``drift.detected`` rolls it back); with
-  no deployed version in service to keep the rest of the traffic, or with ``refuse``, it is refused. The only
-  ways into service are a passed evaluation on the log, or an inconclusive one as a canary.
+  service (before the role's first deployment: beside its base model, which the gateway serves from
+  ``gateway.roles.<role>.base``), and production reward decides (``canary.passed`` promotes it,
+  ``drift.detected`` rolls it back); with ``refuse`` it is refused. The only ways into service are a passed
+  evaluation on the log, or an inconclusive one as a canary.
 - ``canary.passed`` (from the drift monitor): a canary that earned as much as the version before it takes all the
   traffic (a new ``deployment.completed`` for the same version, share 1.0) and the previous version stops.
 - ``drift.detected``: the drifted version, if it is still in service, is replaced by the one before it.
@@ -67,7 +68,13 @@ from flywheel_loop.engine.extensions import Runtime, RuntimeUnavailable, ServedM
 from flywheel_loop.engine.plugin_host import PluginHost
 from flywheel_loop.engine.processor import ProcessContext, Processor
 from flywheel_loop.plugins.serving.settings import DeployerConfig
-from flywheel_loop.plugins.shared.deployment_book import BOOK_EVENTS, TABLES, DeploymentBook, version_name
+from flywheel_loop.plugins.shared.deployment_book import (
+    BOOK_EVENTS,
+    TABLES,
+    DeploymentBook,
+    base_name,
+    version_name,
+)
 from flywheel_loop.plugins.shared.models import AdapterUnusable, BaseModelUnusable, adapter_folder, base_model_dir
 from flywheel_loop.schemas import (
     AdapterSuperseded,
@@ -199,10 +206,6 @@ class Deployer:
             if cfg.on_inconclusive == "refuse":
                 return failed(f"refused: evaluation {evaluation_id} (run {data.run_id}) was inconclusive and"
                               f" deployer.on_inconclusive is 'refuse': {why}")
-            if current is None:
-                return failed(f"refused: evaluation {evaluation_id} (run {data.run_id}) was inconclusive, and a"
-                              f" canary needs a deployed version of {role} in service to keep the rest of the"
-                              f" traffic (the base model is not one): {why}")
             share = min(cfg.inconclusive_share, cfg.canary_share)
         elif not data.passed:
             return failed(f"refused: evaluation {evaluation_id} (run {data.run_id}) did not pass the gate: {why}")
@@ -237,6 +240,9 @@ class Deployer:
         kept = [model.model_name, *kept_before][: cfg.keep_versions]
         for name in kept_before[cfg.keep_versions - 1:]:
             self._retire(book, role, name)
+        # a canary before the role's first deployment shares the traffic with the base model, which the gateway
+        # serves from the role's base upstream (gateway.roles.<role>.base)
+        previous = current.model_name if current else base_name(role) if share < 1.0 else None
         return [DeploymentCompleted(
             role=role,
             runtime=runtime_name,
@@ -245,7 +251,7 @@ class Deployer:
             evaluation_id=evaluation_id,
             traffic_share=share,
             endpoint=endpoint,
-            previous_model_name=current.model_name if current else None,
+            previous_model_name=previous,
             previous_adapter_hash=current.adapter_hash if current else None,
             kept=kept,
         )]
