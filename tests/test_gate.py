@@ -15,11 +15,20 @@ from typer.testing import CliRunner
 
 from flywheel_loop.engine.cli import app
 from flywheel_loop.engine.config import load_settings
-from flywheel_loop.plugins.evaluation.evaluator import evaluate_run
+from flywheel_loop.plugins.evaluation.evaluator import evaluate_run, recorded_tasks
 from flywheel_loop.plugins.evaluation.suite import load_suite
+from flywheel_loop.plugins.insight.commands import check_line
 from flywheel_loop.plugins.shared.chat_format import bundled_base_model, load_formatter
 from flywheel_loop.plugins.training.trainer import train_dataset
-from flywheel_loop.schemas import TrainingCompleted
+from flywheel_loop.schemas import (
+    Context,
+    DataForgotten,
+    InteractionAnonymized,
+    InteractionRecorded,
+    TrainingCompleted,
+    new_event,
+    new_id,
+)
 from tests.test_trainer import formatter, tiny_model_dir  # noqa: F401  (fixtures)
 
 runner = CliRunner()
@@ -50,6 +59,34 @@ def test_flywheel_eval_prints_pass_at_1_with_its_interval(
     assert missing.exit_code != 0 and "ababababab" in missing.output
     bad = runner.invoke(app, ["eval", "--role", "coder", "--sample", "0"])
     assert bad.exit_code != 0 and "at least 1 problem" in bad.output
+
+
+def test_recorded_tasks_are_the_roles_tasks_with_tests_newest_first_without_the_forgotten() -> None:
+    def recorded(role: str, text: str, tests: str | None) -> Any:
+        raw = InteractionRecorded(session_id="s", role=role, model_id="m", input=text, output="x",
+                                  context=Context(tests=tests))
+        return new_event(InteractionAnonymized(interaction_id=new_id(), interaction=raw), source="t")
+
+    old, other_role, no_tests, forgotten, new = (
+        recorded("coder", "old task", "def test_a(): pass"), recorded("tester", "t", "def test_b(): pass"),
+        recorded("coder", "no tests", None), recorded("coder", "forgotten", "def test_c(): pass"),
+        recorded("coder", "new task", "def test_d(): pass"))
+    gone = new_event(DataForgotten(subject="session", subject_hash="h",
+                                   interaction_ids=[forgotten.data.interaction_id]), source="t")
+    log = list(enumerate([old, other_role, no_tests, forgotten, new, gone], 1))
+    tasks = recorded_tasks(log, "coder")
+    assert [(text, tests) for _, text, tests in tasks] == [("new task", "def test_d(): pass"),
+                                                          ("old task", "def test_a(): pass")]
+    assert tasks[0][0] == new.data.interaction_id
+
+
+def test_runs_show_each_check_with_its_interval_and_items() -> None:
+    task = {"name": "task pass rate", "status": "inconclusive", "value": -0.05, "low": -0.31, "high": 0.21,
+            "items": 9, "p_value": 1.0}
+    assert check_line(task) == "inconclusive: task pass rate -5.0 pts [-31.0, +21.0] n=9 p=1"
+    suite = {"name": "forgetting (suite)", "status": "failed", "value": 1.0, "low": 0.57, "high": 1.0, "items": 5}
+    assert check_line(suite) == "failed: forgetting (suite) 1.00 [0.57, 1.00] n=5"
+    assert check_line({"name": "canary", "status": "inconclusive"}) == "inconclusive: canary"
 
 
 # --------------------------------------------------------------------------- the real model (slow)
