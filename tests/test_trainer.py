@@ -248,6 +248,37 @@ def test_early_stopping_restores_the_best_weights(tmp_path: Path, formatter: Any
     assert block_loss(tuned, blocks, tok.pad_token_id, 1) == pytest.approx(best, rel=1e-4)
 
 
+def test_progress_is_reported_by_time_as_well_as_by_steps(
+    tmp_path: Path, formatter: Any, tiny_model_dir: Path
+) -> None:
+    """``progress_every_s``: a step that ends after that many seconds of training without a report is
+    reported, whatever ``progress_every`` says; without it only every ``progress_every``-th step and the last."""
+    import time
+
+    from flywheel_loop.engine.config import load_settings
+
+    def reported(every_s: float | None, tag: str) -> tuple[list[int], int]:
+        sections = tiny_sections(tiny_model_dir, epochs=4, progress_every=1000, progress_every_s=every_s)
+        settings = load_settings(state_dir=tmp_path / tag, **sections)
+        digest, folder = write_dataset(settings.state_dir, formatter)
+        seen: list[Any] = []
+
+        def slow(p: Any) -> None:  # training stalls after steps 2 and 4 (a slow step, as on a busy CPU)
+            if p.step in (2, 4):
+                time.sleep(1.2)
+
+        done = train_dataset(settings, "coder", digest, folder, emit=seen.append, on_step=slow)
+        assert isinstance(done, TrainingCompleted), done
+        return [e.step for e in seen if e.event_type == "training.progressed"], done.steps
+
+    steps, total = reported(1.0, "timed")
+    assert total >= 6
+    assert {1, 3, 5, total} <= set(steps)  # the first step, each step after a stall, the last
+    assert steps == sorted(set(steps))
+    untimed, total = reported(None, "steps-only")
+    assert untimed == [total]
+
+
 def test_gradient_checkpointing_trains_too(tmp_path: Path, formatter: Any, tiny_model_dir: Path) -> None:
     from flywheel_loop.engine.config import load_settings
 

@@ -33,7 +33,14 @@ class TrainerConfig(PluginSection):
     )
     checkpoint_every: int = Field(default=50, ge=1, description="optimizer steps between checkpoints")
     wall_clock_cap_s: float | None = Field(default=None, gt=0, description="a run that takes longer fails")
-    progress_every: int = Field(default=10, ge=1, description="steps between training.progressed events")
+    progress_every: int = Field(
+        default=10, ge=1, description="steps between training.progressed events (or sooner: progress_every_s)"
+    )
+    progress_every_s: float | None = Field(
+        default=2.0, gt=0, description="at most this many seconds of training between two training.progressed"
+        " events, so a bar moves while steps are slow (a step is reported when it ends: a single step longer"
+        " than this is reported as soon as it ends); none = by step count only",
+    )
     threads: int | None = Field(
         default=None,
         ge=1,

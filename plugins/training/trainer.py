@@ -22,7 +22,8 @@ published as ``adapters/<hash>`` before ``training.completed`` names it, and the
 the run resumes; one that fails its check is a warning, and the run goes on from what is here
 (the same data: only slower).
 
-``training.started`` and ``training.progressed`` (every ``progress_every`` steps) are
+``training.started`` and ``training.progressed`` (every ``progress_every`` steps, and whenever
+``progress_every_s`` seconds of training passed since the last one, so a bar moves on slow steps) are
 published while the run goes on; a progress bar with rate and ETA is drawn when stderr is a
 terminal. A dataset folder that does not exist, a base model that is not a model, a dataset
 with nothing to train on and a run past its wall-clock cap end in ``training.failed`` with the
@@ -336,6 +337,7 @@ def _train_run(
         "hyperparameters": hp,
     }
     bar = _ProgressBar(run_id)
+    last_report = [-math.inf]  # the training time (elapsed_s) of the last training.progressed
 
     def started() -> None:
         if emit is not None:
@@ -344,7 +346,10 @@ def _train_run(
 
     def progressed(p: Progress) -> None:
         bar.update(p)
-        if emit is not None and (p.step % cfg.progress_every == 0 or p.step == p.total_steps):
+        due = p.step % cfg.progress_every == 0 or p.step == p.total_steps or (
+            cfg.progress_every_s is not None and p.elapsed_s - last_report[0] >= cfg.progress_every_s)
+        if emit is not None and due:
+            last_report[0] = p.elapsed_s
             emit(TrainingProgressed(run_id=run_id, step=p.step, total_steps=p.total_steps, epoch=p.epoch,
                                     loss=p.loss, val_loss=p.val_loss, tokens_per_s=p.tokens_per_s,
                                     elapsed_s=p.elapsed_s))
