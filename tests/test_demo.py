@@ -133,9 +133,11 @@ def _recount(events: list[tuple[int, Any]], ids: list[str], kind: str) -> dict[s
 
 @pytest.mark.slow
 @pytest.mark.timeout(3600)
-async def test_the_demo_turns_the_flywheel_and_its_figures_come_from_the_log(
+async def test_the_demo_turns_the_flywheel_the_same_way_twice_and_its_figures_come_from_the_log(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """The demo twice in a row, each in its own state folder and server: the same splits, the same dataset,
+    the same training and the same verdict; and every figure of the first run recomputed from its log."""
     from flywheel_loop.plugins.demo import run_demo
     from flywheel_loop.plugins.demo.run import BASE_MODEL_NAME, demo_settings
 
@@ -145,6 +147,17 @@ async def test_the_demo_turns_the_flywheel_and_its_figures_come_from_the_log(
     run_dir = tmp_path / "run"
     summary = await run_demo(settings, Console(file=out, width=160), state_dir=run_dir)
     printed = out.getvalue()
+    again = await run_demo(settings, Console(file=io.StringIO(), width=160), state_dir=tmp_path / "again")
+    first, second = summary.as_dict(), again.as_dict()
+    print("demo figures:", {k: first[k] for k in ("held_out_pass_rate", "convention_adherence", "verdict",
+                                                  "timings_s")})
+    print("again:", {k: second[k] for k in ("held_out_pass_rate", "convention_adherence", "verdict", "timings_s")})
+    assert summary.dataset["splits"]["train"] and summary.dataset["splits"]["validation"]
+    assert again.dataset["splits"] == summary.dataset["splits"]
+    assert again.dataset["hash"] == summary.dataset["hash"]
+    assert again.verdict == summary.verdict
+    assert again.training["adapter_hash"] == summary.training["adapter_hash"]  # deterministic training
+    assert first["held_out_pass_rate"] == second["held_out_pass_rate"]
 
     assert summary.before is not None and summary.work is not None
     assert summary.before.tasks == len([t for t in load_tasks() if t.split == "held_out"])
