@@ -138,8 +138,7 @@ async def test_the_demo_turns_the_flywheel_the_same_way_twice_and_its_figures_co
 ) -> None:
     """The demo twice in a row, each in its own state folder and server: the same splits, the same dataset,
     the same training and the same verdict; and every figure of the first run recomputed from its log."""
-    from flywheel_loop.plugins.demo import run_demo
-    from flywheel_loop.plugins.demo.run import BASE_MODEL_NAME, demo_settings
+    from flywheel_loop.plugins.demo.run import BASE_MODEL_NAME, demo_settings, run_demo
 
     monkeypatch.chdir(tmp_path)  # no stray flywheel.toml is read
     settings = load_settings(state_dir=tmp_path / "state")
