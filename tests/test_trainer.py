@@ -258,7 +258,8 @@ def test_progress_is_reported_by_time_as_well_as_by_steps(
     from flywheel_loop.engine.config import load_settings
 
     def reported(every_s: float | None, tag: str) -> tuple[list[int], int]:
-        sections = tiny_sections(tiny_model_dir, epochs=4, progress_every=1000, progress_every_s=every_s)
+        sections = tiny_sections(tiny_model_dir, epochs=4, progress_every=1000, progress_every_s=every_s,
+                                 early_stopping_patience=None)
         settings = load_settings(state_dir=tmp_path / tag, **sections)
         digest, folder = write_dataset(settings.state_dir, formatter)
         seen: list[Any] = []
@@ -277,6 +278,21 @@ def test_progress_is_reported_by_time_as_well_as_by_steps(
     assert steps == sorted(set(steps))
     untimed, total = reported(None, "steps-only")
     assert untimed == [total]
+
+
+def test_what_trainer_leaves_open_is_picked_by_the_dataset_size(tmp_path: Path) -> None:
+    from flywheel_loop.engine.config import load_settings
+    from flywheel_loop.plugins.training.settings import TrainerConfig, sized
+
+    cfg = TrainerConfig.of(load_settings(state_dir=tmp_path, trainer={"lr": 1e-4}))
+    small, large = sized(cfg, 50), sized(cfg, 5000)
+    assert (small.epochs, small.lr, small.r, small.alpha) == (3, 1e-4, 16, 32.0)  # the set lr stays
+    assert (large.epochs, large.lr, large.r, large.alpha) == (1, 1e-4, 32, 64.0)
+    assert (sized(cfg, 200).epochs, sized(cfg, 600).epochs) == (3, 2)
+    pinned = TrainerConfig.of(load_settings(state_dir=tmp_path, trainer={"epochs": 5, "r": 4, "alpha": 4}))
+    assert (sized(pinned, 5000).epochs, sized(pinned, 5000).r, sized(pinned, 5000).alpha) == (5, 4, 4.0)
+    off = TrainerConfig.of(load_settings(state_dir=tmp_path, trainer={"size_defaults": False}))
+    assert sized(off, 5000) == off
 
 
 def test_gradient_checkpointing_trains_too(tmp_path: Path, formatter: Any, tiny_model_dir: Path) -> None:
