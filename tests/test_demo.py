@@ -125,6 +125,26 @@ async def test_phase_figures_are_the_latest_outcome_and_score_of_each_interactio
     assert figures.model_ids == ["coder-base"]
 
 
+def test_the_json_figures_and_the_verdict_read_from_either_shape_of_the_gate(tmp_path: Path) -> None:
+    import json
+
+    from flywheel_loop.plugins.demo.figures import PhaseFigures
+    from flywheel_loop.plugins.demo.run import DemoSummary
+
+    summary = DemoSummary(state_dir=tmp_path)
+    assert summary.verdict is None and summary.as_dict()["held_out_pass_rate"]["gain"] is None
+    summary.before = PhaseFigures("before", ["coder-base"], tasks=12, passed=3, following=0)
+    summary.after = PhaseFigures("after", ["coder-abc"], tasks=12, passed=9, following=12)
+    summary.evaluation = {"passed": False, "reasons": ["failed: task pass rate"]}  # passed/refused only
+    assert summary.verdict == "refused"
+    summary.evaluation = {"passed": False, "verdict": "inconclusive", "reasons": []}  # a gate with a verdict
+    figures = json.loads(json.dumps(summary.as_dict()))
+    assert figures["verdict"] == "inconclusive"
+    assert figures["held_out_pass_rate"] == {"before": 0.25, "after": 0.75, "gain": 0.5, "headroom": 0.75}
+    assert figures["convention_adherence"] == {"before": 0.0, "after": 1.0}
+    assert figures["phases"]["after"]["model_ids"] == ["coder-abc"]
+
+
 def _recount(events: list[tuple[int, Any]], ids: list[str], kind: str) -> dict[str, Any]:
     by_id = {event.id: event for _, event in events}
     assert all(i in by_id for i in ids), f"{kind}: ids in the summary that are not on the log"

@@ -13,7 +13,8 @@ limited process) and records what happened through the SDK:
 
 Every event the agent records has an id derived from the session and the task (``event_id``), not a
 random one: the dataset builder splits by interaction id, so the same run of the demo gets the same
-splits, the same dataset and the same training.
+splits, the same dataset and the same training. For the same reason the agent records no answer
+duration (wall time on a shared CPU, which the reward would weigh in).
 
 Held-out tasks are worked without review: they only measure, and give nothing to train on.
 ``converse`` asks the demo's short questions: no tests, so no outcome; the reviewer accepts the
@@ -112,7 +113,8 @@ async def work(
                 input=task.prompt,
                 output=answer.text or "(empty answer)",
                 context={"project": "flywheel-demo", "language": "python", "tests": task.tests},
-                duration_ms=answer.duration_ms,
+                # no duration: it is the busy CPU's wall time, and the reward weighs it in (the dataset
+                # would differ from run to run by the machine's load)
                 tokens={"prompt": answer.prompt_tokens, "completion": answer.completion_tokens},
                 complexity="simple",
                 domain=task.domain,
@@ -157,7 +159,8 @@ async def converse(
                 input=question.prompt,
                 output=answer.text or "(empty answer)",
                 context={"project": "flywheel-demo"},
-                duration_ms=answer.duration_ms,
+                # no duration: it is the busy CPU's wall time, and the reward weighs it in (the dataset
+                # would differ from run to run by the machine's load)
                 tokens={"prompt": answer.prompt_tokens, "completion": answer.completion_tokens},
                 complexity="simple",
                 domain="general",

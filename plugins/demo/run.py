@@ -101,8 +101,10 @@ class DemoSummary:
         gain = (self.after.pass_rate - self.before.pass_rate) if self.after and self.before else None
         return {
             "state_dir": str(self.state_dir),
+            # headroom: how far the pass rate could rise at all (a gain cannot exceed it)
             "held_out_pass_rate": {"before": self.before.pass_rate if self.before else None,
-                                   "after": self.after.pass_rate if self.after else None, "gain": gain},
+                                   "after": self.after.pass_rate if self.after else None, "gain": gain,
+                                   "headroom": 1.0 - self.before.pass_rate if self.before else None},
             "convention_adherence": {"before": self.before.convention_rate if self.before else None,
                                      "after": self.after.convention_rate if self.after else None},
             "verdict": self.verdict,
