@@ -280,6 +280,25 @@ def test_progress_is_reported_by_time_as_well_as_by_steps(
     assert untimed == [total]
 
 
+def test_validation_runs_evals_per_epoch_times_an_epoch(tmp_path: Path, formatter: Any, tiny_model_dir: Path) -> None:
+    from flywheel_loop.engine.config import load_settings
+
+    rows = ROWS * 3  # distinct enough blocks for several steps an epoch
+    sections = tiny_sections(tiny_model_dir, epochs=2, evals_per_epoch=2, early_stopping_patience=None,
+                             block_tokens=48, max_tokens=48)
+    settings = load_settings(state_dir=tmp_path / "state", **sections)
+    digest, folder = write_dataset(settings.state_dir, formatter, rows)
+    seen: list[Any] = []
+    done = train_dataset(settings, "coder", digest, folder, emit=seen.append)
+    assert isinstance(done, TrainingCompleted), done
+    total = done.steps
+    per_epoch = total // 2
+    assert per_epoch >= 4
+    validated = [e.step for e in seen if e.event_type == "training.progressed" and e.val_loss is not None]
+    every = per_epoch // 2
+    assert validated == sorted({*range(every, total + 1, every), total})
+
+
 def test_what_trainer_leaves_open_is_picked_by_the_dataset_size(tmp_path: Path) -> None:
     from flywheel_loop.engine.config import load_settings
     from flywheel_loop.plugins.training.settings import TrainerConfig, sized
