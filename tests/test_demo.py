@@ -125,6 +125,26 @@ async def test_phase_figures_are_the_latest_outcome_and_score_of_each_interactio
     assert figures.model_ids == ["coder-base"]
 
 
+def test_the_json_figures_and_the_verdict_read_from_either_shape_of_the_gate(tmp_path: Path) -> None:
+    import json
+
+    from flywheel_loop.plugins.demo.figures import PhaseFigures
+    from flywheel_loop.plugins.demo.run import DemoSummary
+
+    summary = DemoSummary(state_dir=tmp_path)
+    assert summary.verdict is None and summary.as_dict()["held_out_pass_rate"]["gain"] is None
+    summary.before = PhaseFigures("before", ["coder-base"], tasks=12, passed=3, following=0)
+    summary.after = PhaseFigures("after", ["coder-abc"], tasks=12, passed=9, following=12)
+    summary.evaluation = {"passed": False, "reasons": ["failed: task pass rate"]}  # passed/refused only
+    assert summary.verdict == "refused"
+    summary.evaluation = {"passed": False, "verdict": "inconclusive", "reasons": []}  # a gate with a verdict
+    figures = json.loads(json.dumps(summary.as_dict()))
+    assert figures["verdict"] == "inconclusive"
+    assert figures["held_out_pass_rate"] == {"before": 0.25, "after": 0.75, "gain": 0.5, "headroom": 0.75}
+    assert figures["convention_adherence"] == {"before": 0.0, "after": 1.0}
+    assert figures["phases"]["after"]["model_ids"] == ["coder-abc"]
+
+
 def _recount(events: list[tuple[int, Any]], ids: list[str], kind: str) -> dict[str, Any]:
     by_id = {event.id: event for _, event in events}
     assert all(i in by_id for i in ids), f"{kind}: ids in the summary that are not on the log"
@@ -133,11 +153,12 @@ def _recount(events: list[tuple[int, Any]], ids: list[str], kind: str) -> dict[s
 
 @pytest.mark.slow
 @pytest.mark.timeout(3600)
-async def test_the_demo_turns_the_flywheel_and_its_figures_come_from_the_log(
+async def test_the_demo_turns_the_flywheel_the_same_way_twice_and_its_figures_come_from_the_log(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from flywheel_loop.plugins.demo import run_demo
-    from flywheel_loop.plugins.demo.run import BASE_MODEL_NAME, demo_settings
+    """The demo twice in a row, each in its own state folder and server: the same splits, the same dataset,
+    the same training and the same verdict; and every figure of the first run recomputed from its log."""
+    from flywheel_loop.plugins.demo.run import BASE_MODEL_NAME, demo_settings, run_demo
 
     monkeypatch.chdir(tmp_path)  # no stray flywheel.toml is read
     settings = load_settings(state_dir=tmp_path / "state")
@@ -145,6 +166,17 @@ async def test_the_demo_turns_the_flywheel_and_its_figures_come_from_the_log(
     run_dir = tmp_path / "run"
     summary = await run_demo(settings, Console(file=out, width=160), state_dir=run_dir)
     printed = out.getvalue()
+    again = await run_demo(settings, Console(file=io.StringIO(), width=160), state_dir=tmp_path / "again")
+    first, second = summary.as_dict(), again.as_dict()
+    print("demo figures:", {k: first[k] for k in ("held_out_pass_rate", "convention_adherence", "verdict",
+                                                  "timings_s")})
+    print("again:", {k: second[k] for k in ("held_out_pass_rate", "convention_adherence", "verdict", "timings_s")})
+    assert summary.dataset["splits"]["train"] and summary.dataset["splits"]["validation"]
+    assert again.dataset["splits"] == summary.dataset["splits"]
+    assert again.dataset["hash"] == summary.dataset["hash"]
+    assert again.verdict == summary.verdict
+    assert again.training["adapter_hash"] == summary.training["adapter_hash"]  # deterministic training
+    assert first["held_out_pass_rate"] == second["held_out_pass_rate"]
 
     assert summary.before is not None and summary.work is not None
     assert summary.before.tasks == len([t for t in load_tasks() if t.split == "held_out"])

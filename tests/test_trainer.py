@@ -248,6 +248,72 @@ def test_early_stopping_restores_the_best_weights(tmp_path: Path, formatter: Any
     assert block_loss(tuned, blocks, tok.pad_token_id, 1) == pytest.approx(best, rel=1e-4)
 
 
+def test_progress_is_reported_by_time_as_well_as_by_steps(
+    tmp_path: Path, formatter: Any, tiny_model_dir: Path
+) -> None:
+    """``progress_every_s``: a step that ends after that many seconds of training without a report is
+    reported, whatever ``progress_every`` says; without it only every ``progress_every``-th step and the last."""
+    import time
+
+    from flywheel_loop.engine.config import load_settings
+
+    def reported(every_s: float | None, tag: str) -> tuple[list[int], int]:
+        sections = tiny_sections(tiny_model_dir, epochs=4, progress_every=1000, progress_every_s=every_s,
+                                 early_stopping_patience=None)
+        settings = load_settings(state_dir=tmp_path / tag, **sections)
+        digest, folder = write_dataset(settings.state_dir, formatter)
+        seen: list[Any] = []
+
+        def slow(p: Any) -> None:  # training stalls after steps 2 and 4 (a slow step, as on a busy CPU)
+            if p.step in (2, 4):
+                time.sleep(1.2)
+
+        done = train_dataset(settings, "coder", digest, folder, emit=seen.append, on_step=slow)
+        assert isinstance(done, TrainingCompleted), done
+        return [e.step for e in seen if e.event_type == "training.progressed"], done.steps
+
+    steps, total = reported(1.0, "timed")
+    assert total >= 6
+    assert {1, 3, 5, total} <= set(steps)  # the first step, each step after a stall, the last
+    assert steps == sorted(set(steps))
+    untimed, total = reported(None, "steps-only")
+    assert untimed == [total]
+
+
+def test_validation_runs_evals_per_epoch_times_an_epoch(tmp_path: Path, formatter: Any, tiny_model_dir: Path) -> None:
+    from flywheel_loop.engine.config import load_settings
+
+    rows = ROWS * 3  # distinct enough blocks for several steps an epoch
+    sections = tiny_sections(tiny_model_dir, epochs=2, evals_per_epoch=2, early_stopping_patience=None,
+                             block_tokens=48, max_tokens=48)
+    settings = load_settings(state_dir=tmp_path / "state", **sections)
+    digest, folder = write_dataset(settings.state_dir, formatter, rows)
+    seen: list[Any] = []
+    done = train_dataset(settings, "coder", digest, folder, emit=seen.append)
+    assert isinstance(done, TrainingCompleted), done
+    total = done.steps
+    per_epoch = total // 2
+    assert per_epoch >= 4
+    validated = [e.step for e in seen if e.event_type == "training.progressed" and e.val_loss is not None]
+    every = per_epoch // 2
+    assert validated == sorted({*range(every, total + 1, every), total})
+
+
+def test_what_trainer_leaves_open_is_picked_by_the_dataset_size(tmp_path: Path) -> None:
+    from flywheel_loop.engine.config import load_settings
+    from flywheel_loop.plugins.training.settings import TrainerConfig, sized
+
+    cfg = TrainerConfig.of(load_settings(state_dir=tmp_path, trainer={"lr": 1e-4}))
+    small, large = sized(cfg, 50), sized(cfg, 5000)
+    assert (small.epochs, small.lr, small.r, small.alpha) == (3, 1e-4, 16, 32.0)  # the set lr stays
+    assert (large.epochs, large.lr, large.r, large.alpha) == (1, 1e-4, 32, 64.0)
+    assert (sized(cfg, 200).epochs, sized(cfg, 600).epochs) == (3, 2)
+    pinned = TrainerConfig.of(load_settings(state_dir=tmp_path, trainer={"epochs": 5, "r": 4, "alpha": 4}))
+    assert (sized(pinned, 5000).epochs, sized(pinned, 5000).r, sized(pinned, 5000).alpha) == (5, 4, 4.0)
+    off = TrainerConfig.of(load_settings(state_dir=tmp_path, trainer={"size_defaults": False}))
+    assert sized(off, 5000) == off
+
+
 def test_gradient_checkpointing_trains_too(tmp_path: Path, formatter: Any, tiny_model_dir: Path) -> None:
     from flywheel_loop.engine.config import load_settings
 

@@ -8,13 +8,16 @@
   forgetting set, rehearsal) and ``dataset.built``; rebuilds the datasets forgotten data was in;
 - commands ``flywheel datasets`` (list, show, export); rebuilder ``dataset`` for
   ``flywheel replay --dataset ROLE --until SEQ``;
-- settings ``[curation]`` (with ``[curation.trigger]``, ``[curation.dataset]``, ``[curation.embedding]``).
+- settings ``[curation]`` (with ``[curation.trigger]``, ``[curation.dataset]``, ``[curation.embedding]``);
+- self-synthesized rehearsal (``ssr.py``, settings ``[ssr]``, opt-in): the base model's own answers to general
+  prompts, checked and chosen for diversity, fill the rehearsal share of a role's first dataset.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -28,7 +31,21 @@ from flywheel_loop.plugins.curation.settings import CurationConfig
 
 @hookimpl
 def register_settings(register: Callable[[type[PluginSection]], None]) -> None:
+    from flywheel_loop.plugins.curation.ssr import SsrConfig
+
     register(CurationConfig)
+    register(SsrConfig)
+
+
+@hookimpl
+def synthesize_rehearsal(
+    role: str, examples: list[dict[str, Any]], wanted: int, settings: Settings
+) -> list[dict[str, Any]] | None:
+    from flywheel_loop.plugins.curation.ssr import SsrConfig, self_synthesize
+
+    if not SsrConfig.of(settings).enabled:
+        return None
+    return self_synthesize(settings, wanted)
 
 
 @hookimpl

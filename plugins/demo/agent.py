@@ -11,6 +11,11 @@ limited process) and records what happened through the SDK:
   accepts an answer that passed its tests and follows the convention, and otherwise corrects it
   with the task's reference solution (which follows the convention), saying what was wrong.
 
+Every event the agent records has an id derived from the session and the task (``event_id``), not a
+random one: the dataset builder splits by interaction id, so the same run of the demo gets the same
+splits, the same dataset and the same training. For the same reason the agent records no answer
+duration (wall time on a shared CPU, which the reward would weigh in).
+
 Held-out tasks are worked without review: they only measure, and give nothing to train on.
 ``converse`` asks the demo's short questions: no tests, so no outcome; the reviewer accepts the
 answer as given (``feedback.given`` accepted), which makes it a training example like any other.
@@ -24,11 +29,27 @@ from dataclasses import dataclass
 
 from flywheel_loop.plugins.demo.models import Answerer
 from flywheel_loop.plugins.demo.tasks import LICENSE_HEADER, LICENSE_ID, Question, Task
+from flywheel_loop.schemas import FeedbackGiven, InteractionRecorded, OutcomeObserved, Payload, new_event
+from flywheel_loop.schemas.ids import derive_id
 from flywheel_loop.sdk.recorder import Recorder
 
-__all__ = ["ROLE", "Turn", "converse", "work"]
+__all__ = ["ROLE", "Turn", "converse", "event_id", "work"]
 
 ROLE = "coder"
+
+#: the root the demo's event ids are derived from (a fixed time prefix: the ids do not depend on the clock)
+ID_ROOT = "01K0DEM0000000000000000000"
+
+
+def event_id(session: str, item: str, kind: str) -> str:
+    """The id of the ``kind`` event (interaction, outcome, feedback) of ``item`` in ``session``: the same
+    in every run, so the builder's id-seeded split, and the dataset, are the same in every run."""
+    return str(derive_id(ID_ROOT, session, item, kind))
+
+
+def _record(recorder: Recorder, data: Payload, eid: str, correlation_id: str | None = None) -> str:
+    recorder.enqueue(new_event(data, source=recorder.source, correlation_id=correlation_id, event_id=eid))
+    return eid
 
 
 @dataclass(frozen=True)
@@ -84,7 +105,7 @@ async def work(
             run = await asyncio.to_thread(run_tests, code, task.tests)
             passed = run.all_passed
             follows = follows_convention(code, LICENSE_ID)
-            iid = await recorder.record_interaction(
+            iid = _record(recorder, InteractionRecorded.model_validate(dict(
                 session_id=session,
                 user_id="demo-developer",
                 role=ROLE,
@@ -92,21 +113,24 @@ async def work(
                 input=task.prompt,
                 output=answer.text or "(empty answer)",
                 context={"project": "flywheel-demo", "language": "python", "tests": task.tests},
-                duration_ms=answer.duration_ms,
+                # no duration: it is the busy CPU's wall time, and the reward weighs it in (the dataset
+                # would differ from run to run by the machine's load)
                 tokens={"prompt": answer.prompt_tokens, "completion": answer.completion_tokens},
                 complexity="simple",
                 domain=task.domain,
-            )
-            await recorder.record_outcome(
-                iid,
+            )), event_id(session, task.id, "interaction"))
+            _record(recorder, OutcomeObserved.model_validate(dict(
+                interaction_id=iid,
                 compiles=run.compiles,
                 tests_passed=run.passed,
                 tests_failed=run.failed,
                 runtime_errors=0 if passed else len(run.errors),
                 errors=[e[:500] for e in run.errors[:10]],
-            )
+            )), event_id(session, task.id, "outcome"), iid)
             if review:
-                await recorder.record_feedback(iid, **_review(task, passed, follows, run.failed, run.total))
+                feedback = _review(task, passed, follows, run.failed, run.total)
+                _record(recorder, FeedbackGiven.model_validate({"interaction_id": iid, **feedback}),
+                        event_id(session, task.id, "feedback"), iid)
             turn = Turn(task.id, iid, model.name, passed, follows, review and not (passed and follows))
             turns.append(turn)
             on_turn(turn)
@@ -127,7 +151,7 @@ async def converse(
         chunk = questions[start : start + batch]
         answers = await asyncio.to_thread(model.answer_many, [q.prompt for q in chunk])
         for question, answer in zip(chunk, answers, strict=True):
-            iid = await recorder.record_interaction(
+            iid = _record(recorder, InteractionRecorded.model_validate(dict(
                 session_id=session,
                 user_id="demo-developer",
                 role=ROLE,
@@ -135,12 +159,14 @@ async def converse(
                 input=question.prompt,
                 output=answer.text or "(empty answer)",
                 context={"project": "flywheel-demo"},
-                duration_ms=answer.duration_ms,
+                # no duration: it is the busy CPU's wall time, and the reward weighs it in (the dataset
+                # would differ from run to run by the machine's load)
                 tokens={"prompt": answer.prompt_tokens, "completion": answer.completion_tokens},
                 complexity="simple",
                 domain="general",
-            )
-            await recorder.record_feedback(iid, implicit="accepted", rating=5, time_to_accept_s=3.0)
+            )), event_id(session, question.id, "interaction"))
+            _record(recorder, FeedbackGiven(interaction_id=iid, implicit="accepted", rating=5, time_to_accept_s=3.0),
+                    event_id(session, question.id, "feedback"), iid)
             turn = Turn(question.id, iid, model.name, passed=True, follows_convention=False, corrected=False)
             turns.append(turn)
             on_turn(turn)

@@ -85,6 +85,39 @@ class DemoSummary:
     def deployed(self) -> bool:
         return bool(self.deployment.get("model_name")) and self.deployment.get("type") == "deployment.completed"
 
+    @property
+    def verdict(self) -> str | None:
+        """The gate's verdict: its own word when the event has one (passed, failed, inconclusive), else passed
+        or refused; None before an evaluation."""
+        if not self.evaluation:
+            return None
+        return str(self.evaluation.get("verdict") or ("passed" if self.evaluation.get("passed") else "refused"))
+
+    def as_dict(self) -> dict[str, Any]:
+        """The figures ``flywheel demo --json`` prints (each phase's with the events it came from)."""
+        def phase(p: PhaseFigures | None) -> dict[str, Any] | None:
+            return p.as_dict() if p is not None else None
+
+        gain = (self.after.pass_rate - self.before.pass_rate) if self.after and self.before else None
+        return {
+            "state_dir": str(self.state_dir),
+            # headroom: how far the pass rate could rise at all (a gain cannot exceed it)
+            "held_out_pass_rate": {"before": self.before.pass_rate if self.before else None,
+                                   "after": self.after.pass_rate if self.after else None, "gain": gain,
+                                   "headroom": 1.0 - self.before.pass_rate if self.before else None},
+            "convention_adherence": {"before": self.before.convention_rate if self.before else None,
+                                     "after": self.after.convention_rate if self.after else None},
+            "verdict": self.verdict,
+            "deployed": self.deployed,
+            "phases": {"before": phase(self.before), "work": phase(self.work), "after": phase(self.after)},
+            "request_id": self.request_id,
+            "dataset": self.dataset,
+            "training": self.training,
+            "evaluation": self.evaluation,
+            "deployment": self.deployment,
+            "timings_s": self.timings,
+        }
+
 
 def demo_settings(settings: Settings, state_dir: Path) -> Settings:
     """The user's settings with what the demo needs: its own state folder and embedded server, the
@@ -272,7 +305,8 @@ async def _follow_loop(
             if event.type == "dataset.skipped" and data.request_id == request_id:
                 raise DemoError(f"no dataset was built: {data.reason}: {data.detail}")
             if event.type == "dataset.built" and data.request_id == request_id:
-                summary.dataset = {"id": event.id, "hash": data.dataset_hash, "sizes": dict(data.sizes)}
+                summary.dataset = {"id": event.id, "hash": data.dataset_hash, "sizes": dict(data.sizes),
+                                   "splits": _split_ids(Path(data.path))}
                 phases.done(building, f"dataset {data.dataset_hash[:12]}: {data.sizes.get('train', 0)} train, "
                                       f"{data.sizes.get('validation', 0)} validation rows")
                 summary.timings["dataset"] = time.monotonic() - mark
@@ -290,7 +324,8 @@ async def _follow_loop(
             elif event.type == "training.completed" and data.run_id == run_id:
                 summary.training = {"id": event.id, "run_id": run_id, "adapter_hash": data.adapter_hash,
                                     "train_loss": data.train_loss, "val_loss": data.val_loss, "steps": data.steps,
-                                    "duration_s": data.duration_s}
+                                    "duration_s": data.duration_s, "best_step": data.best_step,
+                                    "stopped_early": data.stopped_early}
                 phases.done(training, f"adapter {data.adapter_hash[:12]}: {data.steps} steps in "
                                       f"{data.duration_s:.0f}s, train loss {data.train_loss or 0:.3f}")
                 summary.timings["training"] = time.monotonic() - mark
@@ -298,9 +333,13 @@ async def _follow_loop(
                 evaluating = phases.start("evaluating: candidate against the base model (the gate)")
             elif event.type == "evaluation.completed" and data.run_id == run_id:
                 evaluation_id = event.id
-                summary.evaluation = {"id": event.id, "passed": data.passed, "reasons": list(data.reasons),
-                                      "candidate": dict(data.candidate), "baseline": dict(data.baseline)}
-                verdict = "passed" if data.passed else "refused"
+                # read defensively: the gate's event may carry more than passed and reasons (a verdict)
+                summary.evaluation = {"id": event.id, "passed": bool(getattr(data, "passed", False)),
+                                      "verdict": getattr(data, "verdict", None),
+                                      "reasons": list(getattr(data, "reasons", []) or []),
+                                      "candidate": dict(getattr(data, "candidate", {}) or {}),
+                                      "baseline": dict(getattr(data, "baseline", {}) or {})}
+                verdict = summary.verdict
                 if evaluating is not None:
                     phases.done(evaluating, f"gate: {verdict}")
                 summary.timings["evaluation"] = time.monotonic() - mark
@@ -320,6 +359,18 @@ async def _follow_loop(
     waiting = "the deployment" if evaluation_id else "the evaluation" if summary.training else \
         "the training run" if summary.dataset else "the dataset"
     raise DemoError(f"{waiting} did not arrive within {timeout_s:.0f}s of the training request")
+
+
+def _split_ids(folder: Path) -> dict[str, list[str]]:
+    """The row ids of each split of the dataset in ``folder`` (what ``--json`` shows to compare runs)."""
+    import orjson
+
+    out: dict[str, list[str]] = {}
+    for split in ("train", "validation"):
+        path = folder / f"{split}.jsonl"
+        if path.is_file():
+            out[split] = [str(orjson.loads(line).get("id")) for line in path.read_bytes().splitlines() if line.strip()]
+    return out
 
 
 async def run_demo(
@@ -419,7 +470,8 @@ async def run_demo(
     summary.timings["total"] = time.monotonic() - started
     console.print(report(summary))
     if summary.evaluation and not summary.evaluation["passed"]:
-        console.print(Text("the gate refused the adapter; nothing was deployed. Its reasons:", style="yellow"))
+        console.print(Text(f"the gate's verdict: {summary.verdict}; nothing was deployed. Its reasons:",
+                           style="yellow"))
     elif summary.evaluation:
         console.print("the gate passed the adapter:")
         if not summary.deployed:
@@ -464,7 +516,7 @@ def report(summary: DemoSummary) -> Table:
         hl_b, hl_c = base.get("held_out_loss"), cand.get("held_out_loss")
         table.add_row("gate: held-out answer loss", f"{hl_b:.3f}" if isinstance(hl_b, float) else "-",
                       f"{hl_c:.3f}" if isinstance(hl_c, float) else "-", "evaluation.completed")
-        table.add_row("gate verdict", "", "passed" if ev["passed"] else "refused", "evaluation.completed")
+        table.add_row("gate verdict", "", str(summary.verdict), "evaluation.completed")
     if summary.work is not None:
         w = summary.work
         table.add_row("training tasks (base model)", f"{w.pass_rate:.0%} passed, {w.convention_rate:.0%} header",

@@ -17,7 +17,7 @@ step still covers ``batch * grad_accum`` blocks in the same order and its loss i
 the step's answer tokens, so the result does not depend on how many processes share it (up to the
 order of floating-point sums). Process 0 writes the checkpoints and reports progress.
 
-Every ``eval_every`` steps (default: once per epoch) and at the end, the validation loss is
+Every ``eval_every`` steps (default: ``evals_per_epoch`` times an epoch) and at the end, the validation loss is
 measured; the best weights so far are kept in ``<run_dir>/best.pt``. After ``patience``
 validations without a better loss the run stops early, and whenever the best validation was not
 the last one, the best weights are restored before the adapter is stored.
@@ -64,8 +64,10 @@ class LoopSettings:
     bf16: bool = False
     seed: int = 0
     weight_decay: float = 0.0
-    #: optimizer steps between validation losses (None: once per epoch)
+    #: optimizer steps between validation losses (None: evals_per_epoch)
     eval_every: int | None = None
+    #: validations per epoch when eval_every is None
+    evals_per_epoch: int = 1
     #: validations without a better loss before the run stops early (None: never)
     patience: int | None = None
     #: train on the CPU even where there is a GPU
@@ -81,6 +83,8 @@ class Progress:
     tokens_per_s: float
     elapsed_s: float
     val_loss: float | None = None
+    #: the run's last step (the last of the schedule, or the one it stopped early after)
+    final: bool = False
 
 
 @dataclass
@@ -253,7 +257,7 @@ def _train(
     bad = int(state["bad"])
     tokens = int(state["tokens"])
     spent = float(state["elapsed_s"])
-    eval_every = cfg.eval_every or steps_per_epoch
+    eval_every = cfg.eval_every or max(1, steps_per_epoch // cfg.evals_per_epoch)
     stopped_early = bool(state.get("stopped_early", False))
     rank, world = int(accelerator.process_index), int(accelerator.num_processes)
     t0 = time.monotonic()
@@ -323,7 +327,8 @@ def _train(
         if done % cfg.checkpoint_every == 0 or done == total or stopped_early:
             save(done, snapshot)
         if main and on_progress is not None:
-            on_progress(Progress(done, total, done / steps_per_epoch, losses[-1], rate, spent + now, val))
+            on_progress(Progress(done, total, done / steps_per_epoch, losses[-1], rate, spent + now, val,
+                                 final=done == total or stopped_early))
         if cfg.wall_clock_cap_s is not None and spent + now >= cfg.wall_clock_cap_s and done < total:
             save(done, snapshot)
             raise WallClockExceeded(

