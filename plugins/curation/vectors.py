@@ -79,7 +79,8 @@ class TextEmbedder:
         if not self.model_dir.is_dir():
             raise FileNotFoundError(f"embedding model folder {self.model_dir} does not exist")
         self._model: Any = None
-        self._lock = threading.Lock()
+        with _MODELS_LOCK:  # one lock per model folder: embedders of several state folders share the model
+            self._lock = _MODEL_LOCKS.setdefault(str(self.model_dir.resolve()), threading.Lock())
 
     @property
     def precision(self) -> str:
@@ -106,10 +107,16 @@ class TextEmbedder:
 
     def _load(self) -> Any:
         if self._model is None:
-            from sentence_transformers import SentenceTransformer
+            folder = str(self.model_dir.resolve())
+            with _MODELS_LOCK:
+                self._model = _MODELS.get(folder)
+            if self._model is None:
+                from sentence_transformers import SentenceTransformer
 
-            self._model = SentenceTransformer(str(self.model_dir), device="cpu")
-            self._model.eval()
+                model = SentenceTransformer(str(self.model_dir), device="cpu")
+                model.eval()
+                with _MODELS_LOCK:
+                    self._model = _MODELS.setdefault(folder, model)
         return self._model
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
@@ -285,6 +292,9 @@ def vectors_for(
 
 
 _EMBEDDERS: dict[str, TextEmbedder] = {}
+_MODELS: dict[str, Any] = {}  # loaded sentence-transformers models by folder (weights only; read-only use)
+_MODEL_LOCKS: dict[str, threading.Lock] = {}
+_MODELS_LOCK = threading.Lock()
 _EMBEDDERS_LOCK = threading.Lock()
 
 
