@@ -230,8 +230,9 @@ class ModelsConfig(Section):
         " converted once from its GGUF and cached under <state_dir>/models",
     )
     precision: Literal["auto", "bf16", "fp32"] = Field(
-        default="auto", description="auto = bf16 autocast on a GPU that supports it or a CPU with AMX; fp32"
-        " elsewhere (without AMX, bf16 autocast was 1.6x slower here)",
+        default="auto", description="auto = bf16 autocast only where the hardware runs it natively (AVX512-BF16"
+        " or AMX, a GPU that supports it) and a short probe measured it faster than fp32 (cached in"
+        " <state_dir>/precision.json per machine); fp32 elsewhere (on AVX2, bf16 is emulated and slower)",
     )
 
 

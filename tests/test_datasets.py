@@ -6,6 +6,7 @@ tests that only need distinct vectors use a stand-in vector source to stay fast.
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from collections.abc import Callable
@@ -312,7 +313,8 @@ async def test_replay_gives_the_same_hash_and_bytes_after_the_state_folder_is_de
             await bus.publish(scored(event, 0.8))
         two = await request_training(bus, "coder")
         _, built2 = await built_or_skipped(bus, 2)
-        store = VectorStore(settings.layout.vectors, embedder.key)
+        store = VectorStore(settings.layout.vectors,
+                            shared_embedder(CurationConfig.of(settings).embedding, settings.state_dir).key)
         await wait_for(lambda: store.count() == 16, timeout=120)  # every anonymized prompt was embedded
 
     assert built1.type == built2.type == "dataset.built", (built1.data, built2.data)
@@ -321,6 +323,10 @@ async def test_replay_gives_the_same_hash_and_bytes_after_the_state_folder_is_de
     assert b2.log_position == two.data.log_position
     m1, m2 = read_manifest(Path(b1.path)), read_manifest(Path(b2.path))
     assert m1["previous_position"] == 0 and m2["previous_position"] == b1.log_position
+    # the manifest records the precision the vectors were computed in (the probe's choice, cached)
+    assert m1["embedding"]["precision"] == m2["embedding"]["precision"] in ("bfloat16", "float32")
+    chosen = json.loads((settings.state_dir / "precision.json").read_text())["cpu"]["chosen"]
+    assert m1["embedding"]["precision"] == {"bf16": "bfloat16", "fp32": "float32"}[chosen]
     # the first dataset has no past: its rehearsal is the hook's; the second rehearses the first's rows
     assert b1.sizes["synthetic"] == b1.sizes["rehearsal"] > 0
     assert b2.sizes["rehearsal"] == rehearsal_count(0.15, b2.sizes["train"] - b2.sizes["rehearsal"]) > 0

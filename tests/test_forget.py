@@ -130,7 +130,8 @@ async def test_forget_leaves_no_trace_of_the_session_and_a_replay_agrees(
     state = settings.state_dir
     scores_path = state / "projections" / "scores.sqlite"
     evidence_path = state / "processors" / "scoring" / "state.sqlite"
-    store = VectorStore((state / "vectors"), shared_embedder(CurationConfig.of(settings).embedding).key)
+    key = shared_embedder(CurationConfig.of(settings).embedding, settings.state_dir).key
+    store = VectorStore((state / "vectors"), key)
 
     async with engine_with(only=ENGINE):
         async def scored() -> bool:

@@ -161,6 +161,8 @@ def test_a_run_is_interrupted_resumes_without_repeating_steps_and_changes_output
     lineage = json.loads((adapter / "lineage.json").read_text())
     assert lineage["dataset_hash"] == digest and lineage["run_id"] == result.run_id
     assert lineage["hyperparameters"]["r"] == 4
+    assert lineage["hyperparameters"]["precision"] == "fp32" and lineage["hyperparameters"]["bf16"] is False
+    assert all(e.tokens_per_s > 0 for e in emitted if e.event_type == "training.progressed")  # each step's rate
 
     # the adapter changes what the model says
     from peft import PeftModel

@@ -118,7 +118,7 @@ def _build(settings: Settings, events: list[tuple[int, Event[Any]]], role: str, 
     except BaseModelMissing as exc:
         return Outcome(skip=Skip("base_model_missing", str(exc)[:2000]))
     evidence = fold_log(events, role, curation, position, forgotten)
-    embedder = shared_embedder(curation.embedding)
+    embedder = shared_embedder(curation.embedding, settings.state_dir)
     store: VectorStore | None = None
 
     def vectors(examples: list[Example]) -> Any:
@@ -139,7 +139,7 @@ def _build(settings: Settings, events: list[tuple[int, Event[Any]]], role: str, 
         formatter,
         vectors,
         synthesize=synthesize,
-        identity={"embedding": {"model": embedder.name, "key": embedder.key}},
+        identity={"embedding": {"model": embedder.name, "key": embedder.key, "precision": embedder.precision}},
     )
     if isinstance(result, Skip):
         return Outcome(skip=result)

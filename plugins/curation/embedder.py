@@ -102,7 +102,8 @@ class Embedder:
     def _delete(self, interaction_ids: list[str]) -> int:
         """Delete from every table of the store (older embedding setups keep their own)."""
         if self.store is None:
-            self.store = VectorStore(self.settings.layout.vectors, shared_embedder(self.config).key)
+            embedder = shared_embedder(self.config, self.settings.state_dir)
+            self.store = VectorStore(self.settings.layout.vectors, embedder.key)
         deleted = self.store.delete(interaction_ids)
         for key in self.store.other_keys():
             deleted += VectorStore(self.store.path, key).delete(interaction_ids)
@@ -110,7 +111,7 @@ class Embedder:
 
     def _write(self, batch: dict[str, tuple[str, str]]) -> None:
         ids = sorted(batch)
-        embedder = shared_embedder(self.config)
+        embedder = shared_embedder(self.config, self.settings.state_dir)
         if self.store is None:
             self.store = VectorStore(self.settings.layout.vectors, embedder.key)
         vectors = embedder.embed([batch[i][1] for i in ids])

@@ -14,7 +14,7 @@ from fractions import Fraction
 
 import numpy as np
 
-__all__ = ["assign", "kmeans", "kmeans_pp", "rehearsal_count", "select_diverse"]
+__all__ = ["assign", "initial_centres", "kmeans", "kmeans_pp", "rehearsal_count", "select_diverse"]
 
 _CHUNK = 8192
 
@@ -76,25 +76,40 @@ def kmeans_pp(x: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
     return np.asarray(chosen[:k], dtype=np.int64)
 
 
+def initial_centres(x: np.ndarray, k: int, seed: int = 0, sample: int | None = None) -> np.ndarray:
+    """``k`` initial centres: k-means++ on a seeded sample of ``sample`` rows of ``x`` (default
+    ``max(4k, 4096)``; k-means++ is sequential, so a sample keeps it fast)."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    n = len(x)
+    k = min(k, n)
+    rng = np.random.default_rng(seed)
+    size = min(n, sample or max(4 * k, 4096))
+    rows = np.sort(rng.choice(n, size=size, replace=False)) if size < n else np.arange(n)
+    centres: np.ndarray = x[rows[kmeans_pp(x[rows], k, rng)]].copy()
+    return centres
+
+
 def kmeans(
-    x: np.ndarray, k: int, seed: int = 0, iterations: int = 5, sample: int | None = None
+    x: np.ndarray, k: int, seed: int = 0, iterations: int = 5, sample: int | None = None,
+    init: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(centroids, labels, squared distances) of ``k``-means on the rows of ``x``.
 
-    The initial centres are k-means++ on a seeded sample of ``sample`` rows (default
-    ``max(4k, 4096)``; k-means++ is sequential, so a sample keeps it fast), then ``iterations``
-    Lloyd steps on all rows, stopping early when no label changes. A cluster left empty is
-    re-seeded with the row farthest from its centre.
+    The initial centres are ``init`` if given, else ``initial_centres`` (seeded k-means++ on a
+    sample), then ``iterations`` Lloyd steps on all rows, stopping early when no label changes.
+    A cluster left empty is re-seeded with the row farthest from its centre.
     """
     x = np.ascontiguousarray(x, dtype=np.float32)
     n = len(x)
     if k <= 0 or n == 0:
         return np.zeros((0, x.shape[1]), np.float32), np.zeros(n, np.int64), np.zeros(n, np.float32)
     k = min(k, n)
-    rng = np.random.default_rng(seed)
-    size = min(n, sample or max(4 * k, 4096))
-    rows = np.sort(rng.choice(n, size=size, replace=False)) if size < n else np.arange(n)
-    centroids = x[rows[kmeans_pp(x[rows], k, rng)]].copy()
+    if init is not None:
+        if init.shape != (k, x.shape[1]):
+            raise ValueError(f"init must be {k} centres of width {x.shape[1]}, not shape {init.shape}")
+        centroids = np.array(init, dtype=np.float32)
+    else:
+        centroids = initial_centres(x, k, seed, sample)
     norms = _sq_norms(x)
     labels, dist = assign(x, centroids, norms)
     for _ in range(iterations):
@@ -116,15 +131,17 @@ def kmeans(
     return centroids, labels, dist
 
 
-def select_diverse(x: np.ndarray, k: int, seed: int = 0, iterations: int = 5) -> np.ndarray:
+def select_diverse(x: np.ndarray, k: int, seed: int = 0, iterations: int = 5,
+                   init: np.ndarray | None = None) -> np.ndarray:
     """Indices of ``k`` distinct rows of ``x`` spread over its space: k-means with ``k``
-    clusters and the row nearest each centroid (ties: the lower index). Sorted ascending."""
+    clusters (from ``init`` if given) and the row nearest each centroid (ties: the lower index).
+    Sorted ascending."""
     n = len(x)
     if k >= n:
         return np.arange(n)
     if k <= 0:
         return np.zeros(0, dtype=np.int64)
-    _, labels, dist = kmeans(x, k, seed=seed, iterations=iterations)
+    _, labels, dist = kmeans(x, k, seed=seed, iterations=iterations, init=init)
     order = np.lexsort((np.arange(n), dist, labels))
     first = np.ones(n, dtype=bool)
     first[1:] = labels[order][1:] != labels[order][:-1]

@@ -46,9 +46,11 @@ class EmbeddingConfig(Section):
         " (so a vector never depends on its batch); 1 = no padding, texts of one length batched together",
     )
     batch: int = Field(default=64, ge=1, le=4096, description="texts per forward pass")
-    precision: Literal["bfloat16", "float32"] = Field(
-        default="bfloat16",
-        description="matrix products in bf16 autocast (measured 1.6x faster here, cosine to fp32 >= 0.9999) or fp32",
+    precision: Literal["auto", "bfloat16", "float32"] = Field(
+        default="auto",
+        description="matrix products in bf16 autocast or fp32; auto = the measured, cached choice of"
+        " plugins/shared/precision.py (bf16 only where the CPU runs it natively and it is faster; cosine"
+        " to fp32 >= 0.9999). The vectors and the dataset record the precision used",
     )
     threads: int | None = Field(default=None, ge=1, description="torch threads while embedding; none = every core")
     flush_s: float = Field(default=1.0, gt=0, description="how long the embedder holds a partial batch")

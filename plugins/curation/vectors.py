@@ -71,19 +71,33 @@ def embedding_text(prompt: str) -> str:
 class TextEmbedder:
     """Batched, shape-stable embedding of texts into unit vectors (float32, ``DIM`` wide)."""
 
-    def __init__(self, config: EmbeddingConfig | None = None) -> None:
+    def __init__(self, config: EmbeddingConfig | None = None, cache_dir: Path | None = None) -> None:
         self.config = config or EmbeddingConfig()
+        self.cache_dir = cache_dir  # where the precision probe's result is cached (the state folder)
+        self._precision: str | None = None
         self.model_dir = Path(self.config.model_dir) if self.config.model_dir else default_model_dir()
         if not self.model_dir.is_dir():
             raise FileNotFoundError(f"embedding model folder {self.model_dir} does not exist")
         self._model: Any = None
-        self._lock = threading.Lock()
+        with _MODELS_LOCK:  # one lock per model folder: embedders of several state folders share the model
+            self._lock = _MODEL_LOCKS.setdefault(str(self.model_dir.resolve()), threading.Lock())
+
+    @property
+    def precision(self) -> str:
+        """``bfloat16`` or ``float32``: the setting, or for ``auto`` the measured, cached choice
+        (``plugins/shared/precision.py``), fixed for the life of this embedder."""
+        if self._precision is None:
+            from flywheel_loop.plugins.shared.precision import resolve_precision
+
+            chosen = resolve_precision(self.config.precision, "cpu", self.cache_dir)
+            self._precision = "bfloat16" if chosen == "bf16" else "float32"
+        return self._precision
 
     @property
     def key(self) -> str:
-        """Names the vectors this setup produces (model, token limit, padding bucket, precision)."""
+        """Names the vectors this setup produces (model, token limit, padding bucket, precision used)."""
         c = self.config
-        ident = f"{self.model_dir.name}|{c.max_tokens}|{c.bucket_tokens}|{c.precision}"
+        ident = f"{self.model_dir.name}|{c.max_tokens}|{c.bucket_tokens}|{self.precision}"
         return hashlib.sha256(ident.encode()).hexdigest()[:12]
 
     @property
@@ -93,10 +107,16 @@ class TextEmbedder:
 
     def _load(self) -> Any:
         if self._model is None:
-            from sentence_transformers import SentenceTransformer
+            folder = str(self.model_dir.resolve())
+            with _MODELS_LOCK:
+                self._model = _MODELS.get(folder)
+            if self._model is None:
+                from sentence_transformers import SentenceTransformer
 
-            self._model = SentenceTransformer(str(self.model_dir), device="cpu")
-            self._model.eval()
+                model = SentenceTransformer(str(self.model_dir), device="cpu")
+                model.eval()
+                with _MODELS_LOCK:
+                    self._model = _MODELS.setdefault(folder, model)
         return self._model
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
@@ -135,7 +155,7 @@ class TextEmbedder:
                         }
                         # bf16 autocast uses the CPU's bf16 matrix units; each text's padding is
                         # still fixed by the text, so its vector does not depend on the batch.
-                        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.precision == "bfloat16"):
+                        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.precision == "bfloat16"):
                             vectors = model(features)["sentence_embedding"]
                         out[chunk] = vectors.float().numpy()
         return out
@@ -272,13 +292,17 @@ def vectors_for(
 
 
 _EMBEDDERS: dict[str, TextEmbedder] = {}
+_MODELS: dict[str, Any] = {}  # loaded sentence-transformers models by folder (weights only; read-only use)
+_MODEL_LOCKS: dict[str, threading.Lock] = {}
+_MODELS_LOCK = threading.Lock()
 _EMBEDDERS_LOCK = threading.Lock()
 
 
-def shared_embedder(config: EmbeddingConfig) -> TextEmbedder:
-    """One loaded model per embedding setup in this process (the embedder and the builder share it)."""
-    key = config.model_dump_json()
+def shared_embedder(config: EmbeddingConfig, cache_dir: Path | None = None) -> TextEmbedder:
+    """One loaded model per embedding setup in this process (the embedder and the builder share it);
+    ``cache_dir`` (the state folder) keeps the precision probe's result."""
+    key = config.model_dump_json() + f"|{cache_dir}"
     with _EMBEDDERS_LOCK:
         if key not in _EMBEDDERS:
-            _EMBEDDERS[key] = TextEmbedder(config)
+            _EMBEDDERS[key] = TextEmbedder(config, cache_dir)
         return _EMBEDDERS[key]

@@ -233,7 +233,7 @@ def _measure(
     if service_dir is not None:
         model.load_adapter(str(service_dir), adapter_name="service")
     model.eval()
-    bf16 = use_bf16(settings.models.precision, "cpu")
+    bf16 = use_bf16(settings.models.precision, "cpu", settings.state_dir)
 
     @contextlib.contextmanager
     def variant(name: str) -> Iterator[Any]:

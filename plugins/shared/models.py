@@ -308,15 +308,11 @@ def store_adapter(peft_model: Any, adapters_dir: Path, lineage: dict[str, Any]) 
     return digest, final
 
 
-def use_bf16(precision: str, device: str) -> bool:
-    """bf16 autocast where it is faster than fp32 (configured ``auto``): on a GPU that supports
-    it, and on a CPU with AMX tiles. AVX512-BF16 alone is not enough: on this project's 2-core
-    machine (AVX512-BF16, no AMX) a bf16 matrix product ran at 82 GFLOP/s against 149 in fp32 on
-    one thread, and a LoRA step on SmolLM2-135M was 1.6x slower under autocast."""
-    import torch
+def use_bf16(precision: str, device: str, cache_dir: Path | None = None) -> bool:
+    """Whether to run matrix work under bf16 autocast: ``bf16``/``fp32`` as set; ``auto`` by the
+    measured, cached probe (``plugins/shared/precision.py``): bf16 only where the hardware runs
+    it natively (AVX512-BF16 or AMX, a GPU that supports it) and it measured faster than fp32.
+    On this project's AVX2 machine bf16 autocast is emulated and several times slower."""
+    from flywheel_loop.plugins.shared.precision import resolve_precision
 
-    if precision != "auto":
-        return precision == "bf16"
-    if device == "cuda":
-        return bool(torch.cuda.is_bf16_supported())
-    return bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())  # private: probe for it
+    return resolve_precision(precision, device, cache_dir) == "bf16"

@@ -322,12 +322,12 @@ def _train_run(
     import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    bf16 = use_bf16(settings.models.precision, device)
+    bf16 = use_bf16(settings.models.precision, device, settings.state_dir)
     launched = cfg.processes > 1 and cfg.method == "sft"
     if cfg.processes > 1 and not launched:
         log.warning("run %s: trainer.processes applies to SFT; DPO trains in this process", run_id)
-    hp = {**hyperparameters(cfg), "bf16": bf16, "threads": cfg.threads, "device": device,
-          "processes": cfg.processes if launched else 1}
+    hp = {**hyperparameters(cfg), "bf16": bf16, "precision": "bf16" if bf16 else "fp32", "threads": cfg.threads,
+          "device": device, "processes": cfg.processes if launched else 1}
     loop_cfg = LoopSettings(**{k: getattr(cfg, k) for k in LOOP_FIELDS},
                             wall_clock_cap_s=cfg.wall_clock_cap_s, bf16=bf16,
                             patience=cfg.early_stopping_patience, cpu=device == "cpu")

@@ -34,6 +34,7 @@ from typing import Any
 from flywheel_loop.engine.extensions import RuntimeUnavailable, ServedModel
 from flywheel_loop.plugins.serving.runtimes.openai_api import BadRequest, OpenAIHandler
 from flywheel_loop.plugins.serving.settings import DeployerConfig
+from flywheel_loop.plugins.shared.models import use_bf16
 from flywheel_loop.plugins.shared.openai_client import post_chat
 
 __all__ = ["ChatModel", "TransformersRuntime", "load_chat_model", "serve_chat_model"]
@@ -50,6 +51,8 @@ class ChatModel:
     name: str
     #: torch threads while generating (None: leave torch's setting); more threads than free cores busy-wait
     threads: int | None = 1
+    #: generate under bf16 autocast (models.precision, resolved by plugins/shared/precision.py)
+    bf16: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def _encode(self, messages: list[dict[str, str]]) -> Any:
@@ -71,7 +74,8 @@ class ChatModel:
         if temperature > 0:
             sampling = {"do_sample": True, "temperature": temperature}
 
-        with self.lock, torch.no_grad(), torch_threads(self.threads):
+        with self.lock, torch.no_grad(), torch_threads(self.threads), \
+                torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
             out = self.model.generate(**enc, max_new_tokens=max_tokens, pad_token_id=tok.pad_token_id, **sampling,
                                       **extra)
         ids: list[int] = out[0, enc["input_ids"].shape[1]:].tolist()
@@ -114,8 +118,10 @@ class ChatModel:
             raise failure[0]
 
 
-def load_chat_model(base_dir: Path, adapter_dir: Path | None, name: str, threads: int | None = 1) -> ChatModel:
-    """Load ``base_dir`` (fp32, eval mode) with the PEFT adapter in ``adapter_dir`` applied, if any."""
+def load_chat_model(base_dir: Path, adapter_dir: Path | None, name: str, threads: int | None = 1,
+                    bf16: bool = False) -> ChatModel:
+    """Load ``base_dir`` (fp32, eval mode) with the PEFT adapter in ``adapter_dir`` applied, if any;
+    ``bf16``: generate under bf16 autocast."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -143,7 +149,7 @@ def load_chat_model(base_dir: Path, adapter_dir: Path | None, name: str, threads
     model.eval()
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return ChatModel(model=model, tokenizer=tokenizer, name=name, threads=threads)
+    return ChatModel(model=model, tokenizer=tokenizer, name=name, threads=threads, bf16=bf16)
 
 
 def _sampling(body: dict[str, Any]) -> tuple[int, float]:
@@ -272,6 +278,10 @@ class TransformersRuntime:
     def __init__(self, settings: Any) -> None:
         self.host: str = str(DeployerConfig.of(settings).host)
         self.threads: int | None = DeployerConfig.of(settings).threads
+        models = getattr(settings, "models", None)
+        self._precision: str = str(getattr(models, "precision", "fp32"))
+        self._state_dir: Path | None = getattr(settings, "state_dir", None)
+        self._bf16: bool | None = None
         self._served: dict[str, _Served] = {}
         self._lock = threading.RLock()
 
@@ -280,7 +290,9 @@ class TransformersRuntime:
         with self._lock:
             if model.model_name in self._served:
                 return
-        chat = load_chat_model(model.base_model_dir, model.adapter_dir, model.model_name, self.threads)
+        if self._bf16 is None:  # models.precision; auto: the cached probe, measured once per machine
+            self._bf16 = use_bf16(self._precision, "cpu", self._state_dir)
+        chat = load_chat_model(model.base_model_dir, model.adapter_dir, model.model_name, self.threads, self._bf16)
         with self._lock:
             self._served.setdefault(model.model_name, _Served(chat))
 
@@ -351,9 +363,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--threads", type=int, default=None, help="torch threads while generating")
+    parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                        help="bf16 autocast or fp32; auto: bf16 only where native and measured faster")
     args = parser.parse_args(argv)
     try:
-        chat = load_chat_model(args.base, args.adapter, args.name, args.threads)
+        chat = load_chat_model(args.base, args.adapter, args.name, args.threads,
+                               use_bf16(args.precision, "cpu"))
     except RuntimeUnavailable as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -1,0 +1,221 @@
+"""The precision of matrix work on this machine, chosen by measurement and cached.
+
+``auto`` (the default of ``models.precision`` and ``curation.embedding.precision``) resolves
+to bf16 only where the hardware executes it natively (a CPU with AVX512-BF16 or AMX, a GPU that
+supports bf16) **and** a short measured probe finds bf16 matrix products faster than fp32;
+everywhere else to fp32 (on an AVX2 CPU, bf16 autocast is emulated and several times slower).
+
+The probe (repeated 384 x 384 matrix products per precision, under a second where bf16 is native,
+a few seconds where it is emulated) runs once per
+machine: its result is cached in ``<state_dir>/precision.json`` under a fingerprint of the
+machine (CPU model and flags, torch version, GPU name), so every later start (and every replay
+on this machine) reuses the same choice and produces the same bytes. A changed machine (a
+state folder copied elsewhere, a new torch) probes again. Setting ``bf16`` or ``fp32``
+overrides the probe; nothing is measured then.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import platform
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+__all__ = [
+    "CACHE_FILE",
+    "Measure",
+    "Precision",
+    "ProbeResult",
+    "cpu_native_bf16",
+    "machine_fingerprint",
+    "matmul_gflops",
+    "probe",
+    "resolve_precision",
+]
+
+log = logging.getLogger(__name__)
+
+Precision = Literal["bf16", "fp32"]
+#: GFLOP/s of a matrix product at a precision ("bf16" or "fp32") on a device ("cpu", "cuda")
+Measure = Callable[[str, str], float]
+
+CACHE_FILE = "precision.json"
+#: bf16 must beat fp32 by this factor to be chosen (a tie is not worth the rounding)
+MARGIN = 1.1
+#: spellings accepted for a fixed setting
+_ALIASES: dict[str, Precision] = {"bf16": "bf16", "bfloat16": "bf16", "fp32": "fp32", "float32": "fp32"}
+
+_MEMO: dict[tuple[str, str], ProbeResult] = {}
+_LOCK = threading.Lock()
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    """What the probe found on one device, and what it chose."""
+
+    device: str
+    machine: str  # the fingerprint it was measured on
+    native_bf16: bool
+    fp32_gflops: float
+    bf16_gflops: float
+    chosen: Precision
+    measured_at: float
+
+
+def _cpu_info() -> tuple[str, set[str]]:
+    """The CPU's model name and feature flags (Linux's /proc/cpuinfo; empty elsewhere)."""
+    model, flags = platform.processor() or platform.machine(), set()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and value.strip():
+                model = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+                break
+    return model, flags
+
+
+def cpu_native_bf16() -> bool:
+    """Whether this CPU computes bf16 matrix products in hardware (AVX512-BF16 or AMX-BF16)."""
+    _, flags = _cpu_info()
+    if flags & {"avx512_bf16", "amx_bf16"}:
+        return True
+    import torch
+
+    return bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())  # private: probe for it
+
+
+def machine_fingerprint(device: str) -> str:
+    """Names what the probe's result depends on: the CPU (or GPU), its flags, torch's version."""
+    import torch
+
+    model, flags = _cpu_info()
+    parts = [device, model, " ".join(sorted(f for f in flags if f.startswith(("avx", "amx", "fma")))),
+             torch.__version__, str(os.cpu_count())]
+    if device == "cuda":
+        parts.append(torch.cuda.get_device_name() if torch.cuda.is_available() else "no cuda")
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
+def matmul_gflops(precision: str, device: str = "cpu", n: int = 512, seconds: float = 0.25,
+                  threads: int | None = None) -> float:
+    """Measured GFLOP/s of ``n`` x ``n`` matrix products at ``precision`` on ``device`` (the best
+    of repeated products over about ``seconds``, after a warm-up)."""
+    import torch
+
+    from flywheel_loop.plugins.shared.models import torch_threads
+
+    if precision not in ("bf16", "fp32"):
+        raise ValueError(f"precision must be bf16 or fp32, not {precision!r}")
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(n, n, generator=gen).to(device=device, dtype=dtype)
+    b = torch.randn(n, n, generator=gen).to(device=device, dtype=dtype)
+
+    def sync() -> None:
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    reps = 50 if device == "cuda" else 1
+    with torch_threads(threads if device == "cpu" else None), torch.inference_mode():
+        a @ b
+        sync()
+        best = float("inf")
+        deadline = time.perf_counter() + seconds
+        runs = 0
+        while runs < 2 or time.perf_counter() < deadline:
+            started = time.perf_counter()
+            for _ in range(reps):
+                a @ b
+            sync()
+            best = min(best, (time.perf_counter() - started) / reps)
+            runs += 1
+    return 2 * n**3 / best / 1e9
+
+
+def probe(device: str, measure: Measure | None = None, native: bool | None = None) -> ProbeResult:
+    """Measure fp32 and bf16 matrix products on ``device`` and choose: bf16 where it is native
+    and at least ``MARGIN`` times faster, else fp32. ``measure`` and ``native`` replace the
+    real measurement and hardware check (tests)."""
+    import torch
+
+    if native is None:
+        native = bool(torch.cuda.is_bf16_supported()) if device == "cuda" else cpu_native_bf16()
+    measure = measure or (lambda p, d: matmul_gflops(p, d, n=384, seconds=0.2))
+    fp32 = float(measure("fp32", device))
+    bf16 = float(measure("bf16", device))
+    if not (fp32 > 0 and bf16 > 0):
+        raise ValueError(f"the precision probe measured {fp32} GFLOP/s in fp32 and {bf16} in bf16: not a rate")
+    chosen: Precision = "bf16" if native and bf16 >= MARGIN * fp32 else "fp32"
+    return ProbeResult(device=device, machine=machine_fingerprint(device), native_bf16=native,
+                       fp32_gflops=round(fp32, 2), bf16_gflops=round(bf16, 2), chosen=chosen,
+                       measured_at=round(time.time(), 3))
+
+
+def _read_cache(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        log.warning("precision cache %s is unreadable (%s); probing again", path, exc)
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _write_cache(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def cached_probe(device: str, cache_dir: Path | None, measure: Measure | None = None,
+                 native: bool | None = None) -> ProbeResult:
+    """The probe's result for ``device`` on this machine: from this process's memo, else from
+    ``cache_dir/precision.json`` when it was measured on this machine, else measured now (and
+    written there)."""
+    machine = machine_fingerprint(device)
+    where = str(cache_dir.resolve()) if cache_dir is not None else ""
+    with _LOCK:
+        memo = _MEMO.get((where, device))
+        if memo is not None and memo.machine == machine and measure is None:
+            return memo
+        path = cache_dir / CACHE_FILE if cache_dir is not None else None
+        cache = _read_cache(path) if path is not None else {}
+        entry = cache.get(device)
+        result: ProbeResult | None = None
+        if isinstance(entry, dict) and entry.get("machine") == machine:
+            with contextlib.suppress(TypeError, ValueError):
+                result = ProbeResult(**entry)
+                if result.chosen not in ("bf16", "fp32"):
+                    result = None
+        if result is None:
+            result = probe(device, measure, native)
+            log.info("precision probe on %s: fp32 %.1f GFLOP/s, bf16 %.1f GFLOP/s, native bf16 %s: %s",
+                     device, result.fp32_gflops, result.bf16_gflops, result.native_bf16, result.chosen)
+            if path is not None:
+                _write_cache(path, {**cache, device: asdict(result)})
+        _MEMO[(where, device)] = result
+        return result
+
+
+def resolve_precision(setting: str, device: str = "cpu", cache_dir: Path | None = None,
+                      measure: Measure | None = None, native: bool | None = None) -> Precision:
+    """``bf16`` or ``fp32`` for a precision setting: a fixed one as it is (``bfloat16`` and
+    ``float32`` spell the same), ``auto`` by the cached probe of ``device``."""
+    if setting in _ALIASES:
+        return _ALIASES[setting]
+    if setting != "auto":
+        raise ValueError(f"precision must be auto, bf16 or fp32, not {setting!r}")
+    return cached_probe(device, cache_dir, measure, native).chosen
