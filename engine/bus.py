@@ -30,6 +30,7 @@ from typing import Any
 
 import nats.errors
 import nats.js.errors
+import orjson
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js.api import (
@@ -54,7 +55,72 @@ log = logging.getLogger(__name__)
 
 DAY_S = 86_400.0
 
-__all__ = ["Bus", "BusUnavailable", "PublishFailed", "StreamNames", "stream_configs"]
+__all__ = ["Bus", "BusUnavailable", "PublishFailed", "StreamNames", "fetch_batch", "stream_configs"]
+
+#: status codes that end a pull request: no messages (404), expired (408), conflict (409: e.g. the
+#: consumer was deleted or its limits changed); 100 is an idle heartbeat
+_PULL_ENDED = {"404", "408", "409"}
+_HEARTBEAT = "100"
+
+
+async def fetch_batch(sub: Any, batch: int, timeout: float) -> list[Msg]:
+    """Up to ``batch`` messages of the pull subscription ``sub``, as its ``fetch(batch, timeout)`` gives them
+    (the same two requests: one for what is there now, and when that is nothing, one that waits up to
+    ``timeout`` for the first message), without nats-py's per-message timer and task: once a message came,
+    whatever else has arrived is taken from the subscription's queue at once, and more is awaited only
+    while the request is still open. ``nats.errors.TimeoutError`` when nothing came within ``timeout``;
+    an error status from the server raises as ``fetch`` raises it."""
+    inner = sub._sub
+    queue: asyncio.Queue[Msg] = inner._pending_queue
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    msgs: list[Msg] = []
+    open_request = False
+
+    def take(msg: Msg) -> None:
+        """Keep a message, or note the end of the open request (a status)."""
+        nonlocal open_request
+        status = (msg.headers or {}).get("Status") if msg.headers else None
+        if not status:
+            msgs.append(msg)
+        elif status in _PULL_ENDED:
+            open_request = False
+        elif status != _HEARTBEAT:
+            raise nats.js.errors.APIError.from_msg(msg)
+
+    def drain() -> None:
+        while len(msgs) < batch and not queue.empty():
+            msg = queue.get_nowait()
+            inner._pending_size -= len(msg.data)
+            queue.task_done()
+            take(msg)
+
+    drain()  # what an earlier request left (its statuses are stale: they end no request of this call)
+    for lingering in (False, True):
+        if len(msgs) >= batch or (lingering and msgs):
+            break
+        request: dict[str, Any] = {"batch": batch - len(msgs)}
+        if lingering:  # nothing yet: wait on the server, up to what is left of the timeout
+            expires = int((deadline - loop.time()) * 1e9) - 100_000  # it ends there before it ends here
+            if expires <= 0:
+                break
+            request["expires"] = expires
+        else:
+            request["no_wait"] = True  # what is there now, then a 404
+        await sub._nc.publish(sub._nms, orjson.dumps(request), sub._deliver)
+        open_request = True
+        while open_request and len(msgs) < batch:
+            if queue.empty():
+                try:
+                    take(await inner.next_msg(timeout=max(deadline - loop.time(), 0.001)))
+                except nats.errors.TimeoutError:
+                    break
+            drain()
+            if lingering and msgs:
+                break  # the first messages are here: hand them over; the rest come with the next call
+    if not msgs:
+        raise nats.errors.TimeoutError
+    return msgs
 
 
 def stream_configs(cfg: StreamsConfig) -> list[StreamConfig]:

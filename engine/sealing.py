@@ -27,7 +27,6 @@ which breaks GCM.
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import logging
 import os
@@ -121,15 +120,10 @@ class KeyRing:
         """``events`` without those whose data subject was forgotten (each dropped one is logged), with the
         keys of the others created or fetched now, so that sealing them needs no more round trips."""
         wanted = {s for e in events if sealable(e) and (s := subject_of(e.data)) is not None}
-        missing = [k for k in wanted if not self._cached(k)[0]]
-
-        async def make(key_id: str) -> None:
-            try:  # one round trip: create, or take the key another process made first
-                self._remember(key_id, await self.store.create(key_id))
-            except SubjectForgotten:
-                self._remember(key_id, None)
-
-        await asyncio.gather(*(make(k) for k in missing))
+        missing = sorted(k for k in wanted if not self._cached(k)[0])
+        if missing:  # one pipelined round: create, or take the key another process made first
+            for key_id, key in (await self.store.create_many(missing)).items():
+                self._remember(key_id, key)
         kept = []
         for event in events:
             subject = subject_of(event.data) if sealable(event) else None
