@@ -64,12 +64,13 @@ _HEARTBEAT = "100"
 
 
 async def fetch_batch(sub: Any, batch: int, timeout: float) -> list[Msg]:
-    """Up to ``batch`` messages of the pull subscription ``sub``, as its ``fetch(batch, timeout)`` gives them
-    (the same two requests: one for what is there now, and when that is nothing, one that waits up to
-    ``timeout`` for the first message), without nats-py's per-message timer and task: once a message came,
-    whatever else has arrived is taken from the subscription's queue at once, and more is awaited only
-    while the request is still open. ``nats.errors.TimeoutError`` when nothing came within ``timeout``;
-    an error status from the server raises as ``fetch`` raises it."""
+    """Up to ``batch`` messages of the pull subscription ``sub``, as its ``fetch(batch, timeout)`` gives them,
+    without nats-py's timer and task per message: once a message came, whatever else has arrived is taken
+    from the subscription's queue at once. Every request it makes is over when it returns, so no message is
+    delivered to it afterwards to wait unprocessed while its ack wait runs: one request for what is there
+    now (``no_wait``: those messages, then a 404); when that is nothing, one for a single message that waits
+    up to ``timeout``, and once it came, another ``no_wait`` one for the rest. ``nats.errors.TimeoutError``
+    when nothing came within ``timeout``; an error status from the server raises as ``fetch`` raises it."""
     inner = sub._sub
     queue: asyncio.Queue[Msg] = inner._pending_queue
     loop = asyncio.get_running_loop()
@@ -88,36 +89,42 @@ async def fetch_batch(sub: Any, batch: int, timeout: float) -> list[Msg]:
         elif status != _HEARTBEAT:
             raise nats.js.errors.APIError.from_msg(msg)
 
-    def drain() -> None:
-        while len(msgs) < batch and not queue.empty():
+    def drain(limit: int) -> None:
+        while len(msgs) < limit and not queue.empty():
             msg = queue.get_nowait()
             inner._pending_size -= len(msg.data)
             queue.task_done()
             take(msg)
 
-    drain()  # what an earlier request left (its statuses are stale: they end no request of this call)
-    for lingering in (False, True):
-        if len(msgs) >= batch or (lingering and msgs):
-            break
-        request: dict[str, Any] = {"batch": batch - len(msgs)}
-        if lingering:  # nothing yet: wait on the server, up to what is left of the timeout
-            expires = int((deadline - loop.time()) * 1e9) - 100_000  # it ends there before it ends here
-            if expires <= 0:
-                break
-            request["expires"] = expires
+    async def request(n: int, wait: bool) -> None:
+        """Ask for ``n`` more messages (``wait``: for up to what is left of the timeout) and take them
+        until the request is over: ``n`` came, or its status ended it, or the time is up."""
+        nonlocal open_request
+        body: dict[str, Any] = {"batch": n}
+        if wait:
+            body["expires"] = max(int((deadline - loop.time()) * 1e9) - 100_000, 1_000_000)  # over there first
         else:
-            request["no_wait"] = True  # what is there now, then a 404
-        await sub._nc.publish(sub._nms, orjson.dumps(request), sub._deliver)
+            body["no_wait"] = True
+        await sub._nc.publish(sub._nms, orjson.dumps(body), sub._deliver)
         open_request = True
-        while open_request and len(msgs) < batch:
+        limit = len(msgs) + n
+        while open_request and len(msgs) < limit:
             if queue.empty():
+                # a no_wait request is answered at once: wait for its end past the timeout if need be
+                left = deadline - loop.time() if wait else max(deadline - loop.time(), 1.0)
                 try:
-                    take(await inner.next_msg(timeout=max(deadline - loop.time(), 0.001)))
+                    take(await inner.next_msg(timeout=max(left, 0.001)))
                 except nats.errors.TimeoutError:
-                    break
-            drain()
-            if lingering and msgs:
-                break  # the first messages are here: hand them over; the rest come with the next call
+                    return
+            drain(limit)
+
+    drain(batch)  # what an earlier request left (its statuses are stale: they end no request of this call)
+    if len(msgs) < batch:
+        await request(batch - len(msgs), wait=False)
+    if not msgs and deadline - loop.time() > 0.002:
+        await request(1, wait=True)  # nothing now: wait for the first, then take what came with it
+        if msgs and len(msgs) < batch:
+            await request(batch - len(msgs), wait=False)
     if not msgs:
         raise nats.errors.TimeoutError
     return msgs
