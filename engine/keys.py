@@ -30,6 +30,8 @@ from typing import TYPE_CHECKING, Any
 
 import nats.errors
 import nats.js.errors
+import orjson
+from nats.aio.msg import Msg
 from nats.js.api import DiscardPolicy, StorageType, StreamConfig
 
 if TYPE_CHECKING:
@@ -53,6 +55,10 @@ KEY_BYTES = 32
 TOMBSTONE = b"destroyed\n"
 #: what a KV message carries when it is a delete or purge marker, not a key
 _KV_OP = "KV-Operation"
+#: the header that makes JetStream store a message only when its subject's last sequence is the one given
+_EXPECTED_LAST_SUBJECT_SEQUENCE = "Nats-Expected-Last-Subject-Sequence"
+#: JetStream's error codes for a wrong expected last (subject) sequence
+_WRONG_LAST_SEQUENCE = (10071, 10164)
 
 
 class KeyStoreError(RuntimeError):
@@ -108,6 +114,17 @@ class KeyStore(ABC):
     async def create(self, key_id: str) -> bytes:
         """The key of ``key_id``, created now unless it exists; ``SubjectForgotten`` if it was destroyed."""
 
+    async def create_many(self, key_ids: Sequence[str]) -> Fetched:
+        """``create`` for each of ``key_ids``: its key, or None when it was destroyed (the subject is forgotten)."""
+
+        async def one(key_id: str) -> tuple[str, bytes | None]:
+            try:
+                return key_id, await self.create(key_id)
+            except SubjectForgotten:
+                return key_id, None
+
+        return dict(await asyncio.gather(*(one(k) for k in _checked(key_ids))))
+
     @abstractmethod
     async def destroy(self, key_ids: Sequence[str]) -> int:
         """Destroy the keys (erase their bytes, leave tombstones); return how many held key bytes."""
@@ -141,6 +158,9 @@ class BusKeyStore(KeyStore):
         self.where = f"the JetStream KV bucket {bucket}"
         self._kv: Any = None
         self._ready = asyncio.Lock()
+        self._inbox: str | None = None
+        #: reply token -> the ack (or error) of a key published by ``create_many``
+        self._acks: dict[str, asyncio.Future[dict[str, Any]]] = {}
 
     def config(self) -> StreamConfig:
         """The bucket's stream, as a KV bucket's, except that single messages may be deleted (a destroyed
@@ -224,6 +244,80 @@ class BusKeyStore(KeyStore):
         if got[1] is None:
             raise SubjectForgotten(key_id)
         return got[1]
+
+    async def _replies(self) -> str:
+        """The inbox prefix the acks of ``create_many`` come back on (one subscription for all of them).
+
+        Not nats-py's ``publish_async``: its reply handler raises instead of failing the future when
+        JetStream answers with an error (a key another process made first), so that future never ends."""
+        if self._inbox is None:
+            nc = self.js._nc
+            prefix = nc.new_inbox()
+
+            async def on_reply(msg: Msg) -> None:
+                fut = self._acks.pop(msg.subject.rsplit(".", 1)[-1], None)
+                if fut is None or fut.done():
+                    return
+                if not msg.data:  # a status without a body: no responders (no stream takes the subject)
+                    fut.set_exception(nats.errors.NoRespondersError())
+                    return
+                try:
+                    answer = orjson.loads(msg.data)
+                except orjson.JSONDecodeError:
+                    answer = {"error": {"description": "an ack that is not JSON"}}
+                fut.set_result(answer if isinstance(answer, dict) else {"error": {"description": str(answer)}})
+
+            await nc.subscribe(f"{prefix}.*", cb=on_reply)
+            self._inbox = prefix
+        return self._inbox
+
+    async def create_many(self, key_ids: Sequence[str]) -> Fetched:
+        """``create`` for many keys in one pipelined round: each key is published with an expected last
+        subject sequence of 0 (as ``create`` does through the KV API) without waiting for its ack before
+        sending the next; those another process made first (or destroyed) are read back after."""
+        key_ids = _checked(key_ids)
+        if len(key_ids) <= 1:
+            return await super().create_many(key_ids)
+        await self._bucket()
+        made = {k: secrets.token_bytes(KEY_BYTES) for k in key_ids}
+        loop = asyncio.get_running_loop()
+        futures: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        try:
+            inbox = await self._replies()
+            nc = self.js._nc
+            for key_id, key in made.items():
+                token = secrets.token_hex(12)
+                futures[key_id] = self._acks[token] = loop.create_future()
+                await nc.publish(f"$KV.{self.bucket}.{key_id}", key, reply=f"{inbox}.{token}",
+                                 headers={_EXPECTED_LAST_SUBJECT_SEQUENCE: "0"})
+            await asyncio.wait(futures.values(), timeout=self.timeout_s)
+        except _UNREACHABLE as exc:
+            raise self._unavailable(exc) from exc
+        finally:
+            for fut in futures.values():
+                if not fut.done():
+                    fut.cancel()
+            for token in [t for t, f in self._acks.items() if f.done()]:
+                self._acks.pop(token, None)
+        out: Fetched = {}
+        taken: list[str] = []  # created elsewhere first, or destroyed: read what is there
+        for key_id, fut in futures.items():
+            if fut.cancelled():
+                raise self._unavailable(TimeoutError(f"no ack for key {key_id} within {self.timeout_s:g}s"))
+            if fut.exception() is not None:
+                raise self._unavailable(fut.exception() or Exception())
+            error = fut.result().get("error")
+            if not error:
+                out[key_id] = made[key_id]
+            elif isinstance(error, dict) and error.get("err_code") in _WRONG_LAST_SEQUENCE:
+                taken.append(key_id)
+            else:
+                raise KeyStoreError(f"{self.where}: could not create key {key_id}: {error}")
+        for found in await asyncio.gather(*(self._get(k) for k in taken)):
+            if found is None:
+                raise KeyStoreError(f"{self.where}: a key exists but cannot be read")
+            out[found[0]] = found[1]
+        return out
 
     async def destroy(self, key_ids: Sequence[str]) -> int:
         kv = await self._bucket()

@@ -35,7 +35,7 @@ import nats.errors
 import nats.js.errors
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
-from flywheel_loop.engine.bus import Bus
+from flywheel_loop.engine.bus import Bus, fetch_batch
 from flywheel_loop.engine.consumes import ConsumesEvents
 from flywheel_loop.engine.keys import KeyStoreError
 from flywheel_loop.engine.sealing import Opened
@@ -204,7 +204,7 @@ class ProjectionRunner:
         try:
             if self._sub is None:
                 self._sub = await self._subscribe(self.store.position().seq + 1)
-            msgs = await self._sub.fetch(self.batch, timeout=timeout)
+            msgs = await fetch_batch(self._sub, self.batch, timeout)
         except nats.errors.TimeoutError:
             return 0
         except (TimeoutError, nats.errors.Error, nats.js.errors.Error) as exc:

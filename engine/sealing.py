@@ -27,7 +27,6 @@ which breaks GCM.
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import logging
 import os
@@ -120,24 +119,24 @@ class KeyRing:
     async def writable(self, events: Sequence[Event[Any]]) -> list[Event[Any]]:
         """``events`` without those whose data subject was forgotten (each dropped one is logged), with the
         keys of the others created or fetched now, so that sealing them needs no more round trips."""
-        wanted = {s for e in events if sealable(e) and (s := subject_of(e.data)) is not None}
-        missing = [k for k in wanted if not self._cached(k)[0]]
-
-        async def make(key_id: str) -> None:
-            try:  # one round trip: create, or take the key another process made first
-                self._remember(key_id, await self.store.create(key_id))
-            except SubjectForgotten:
-                self._remember(key_id, None)
-
-        await asyncio.gather(*(make(k) for k in missing))
+        subjects = await self._keys_of(events)
         kept = []
-        for event in events:
-            subject = subject_of(event.data) if sealable(event) else None
+        for event, subject in zip(events, subjects, strict=True):
             if subject is not None and self._cached(subject) == (True, None):
                 log.info("%s %s is about forgotten data subject %s: not published", event.type, event.id, subject)
                 continue
             kept.append(event)
         return kept
+
+    async def _keys_of(self, events: Sequence[Event[Any]]) -> list[str | None]:
+        """The data subject whose key seals each event (None: not sealed), with the keys not in memory created
+        or fetched in one round (create, or take the key another process made first)."""
+        subjects = [subject_of(e.data) if sealable(e) else None for e in events]
+        missing = sorted({k for k in subjects if k is not None and not self._cached(k)[0]})
+        if missing:
+            for key_id, key in (await self.store.create_many(missing)).items():
+                self._remember(key_id, key)
+        return subjects
 
     async def _key_for_writing(self, key_id: str) -> bytes:
         known, key = self._cached(key_id)
@@ -153,8 +152,11 @@ class KeyRing:
         with personal fields), or its plain form. ``SubjectForgotten`` when that subject was forgotten."""
         if not sealable(event):
             return event.to_bytes()
+        return await self._seal(event, subject_of(event.data))
+
+    async def _seal(self, event: Event[Any], subject: str | None) -> bytes:
+        """``seal`` of a sealable event whose data subject is known."""
         cls = type(event.data)
-        subject = subject_of(event.data)
         if subject is None:
             raise KeyStoreError(f"{event.type} names no data subject ({cls.__name__}.data_subject is empty)")
         # the wire form (as Event.to_bytes writes it), with the values taken out and the ciphertext added
@@ -170,8 +172,11 @@ class KeyRing:
         return orjson.dumps(wire)
 
     async def seal_many(self, events: Sequence[Event[Any]]) -> list[bytes]:
-        await self.writable([e for e in events if sealable(e)])  # create or fetch the keys at once
-        return [await self.seal(e) for e in events]
+        subjects = await self._keys_of(events)  # create or fetch the keys at once
+        return [
+            event.to_bytes() if not sealable(event) else await self._seal(event, subject)
+            for event, subject in zip(events, subjects, strict=True)
+        ]
 
     # ------------------------------------------------------------------ opening
 

@@ -40,7 +40,7 @@ from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from flywheel_loop.engine import telemetry
-from flywheel_loop.engine.bus import Bus, PublishFailed
+from flywheel_loop.engine.bus import Bus, PublishFailed, fetch_batch
 from flywheel_loop.engine.keys import KeyStoreError
 from flywheel_loop.engine.processor import Outputs, ProcessContext, Processor, apply_step
 from flywheel_loop.engine.projection import ProjectionRunner
@@ -171,7 +171,7 @@ class ProcessorWorker:
             try:
                 if self._sub is None:
                     await self.subscribe()
-                msgs = await self._sub.fetch(batch, timeout=self.cfg.fetch_timeout_s)
+                msgs = await fetch_batch(self._sub, batch, self.cfg.fetch_timeout_s)
             except nats.errors.TimeoutError:
                 continue
             except (TimeoutError, nats.errors.Error, nats.js.errors.Error, OSError) as exc:

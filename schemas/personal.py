@@ -150,24 +150,24 @@ def withhold(data: dict[str, Any], paths: tuple[tuple[PersonalPath, Any], ...]) 
     them with their locations. Values that already equal their blank are left where they are."""
     taken: Withheld = []
 
-    def take(node: Any, path: PersonalPath, at: list[str | int], blank: Any) -> None:
+    def take(node: Any, path: PersonalPath, i: int, at: tuple[str | int, ...], blank: Any) -> None:
         if node is None:
             return  # an optional part that is absent holds nothing
-        key = path[0]
+        key = path[i]
         if key == "*":
-            for i, item in enumerate(node):
-                take(item, path[1:], [*at, i], blank)
+            for j, item in enumerate(node):
+                take(item, path, i + 1, (*at, j), blank)
             return
-        if len(path) == 1:
+        if i == len(path) - 1:
             value = node.get(key, blank)
             if value != blank:
                 taken.append(([*at, key], value))
                 node[key] = blank
             return
-        take(node.get(key), path[1:], [*at, key], blank)
+        take(node.get(key), path, i + 1, (*at, key), blank)
 
     for path, blank in paths:
-        take(data, path, [], blank)
+        take(data, path, 0, (), blank)
     return taken
 
 

@@ -6,10 +6,12 @@ import asyncio
 import time
 from pathlib import Path
 
+import nats.errors
 import orjson
 import pytest
+from nats.js.api import AckPolicy, ConsumerConfig
 
-from flywheel_loop.engine.bus import Bus, BusUnavailable, StreamNames
+from flywheel_loop.engine.bus import Bus, BusUnavailable, StreamNames, fetch_batch
 from flywheel_loop.engine.config import Settings, load_settings
 from flywheel_loop.engine.embedded import EmbeddedServer
 from flywheel_loop.schemas import CATALOGUE, InteractionRecorded, new_event, parse_event
@@ -119,3 +121,41 @@ async def test_wire_format_is_orjson_of_the_envelope(bus: Bus) -> None:
     raw = orjson.loads((await bus.js.get_msg(ack.stream, ack.seq)).data)
     assert set(raw) == {"id", "type", "schema_version", "time", "source", "causation_id", "correlation_id", "data"}
     assert raw["correlation_id"] == event.id  # an interaction correlates with itself
+
+
+async def test_fetch_batch_takes_what_is_there_in_order_then_waits_for_more(bus: Bus) -> None:
+    def turn(i: int) -> object:
+        return new_event(InteractionRecorded(session_id="s", role="coder", model_id="m", input=f"turn {i}",
+                                                output="ok"),
+                         source="test")
+
+    events = [turn(i) for i in range(25)]
+    await bus.publish_many(events)  # type: ignore[arg-type]
+    await bus.js.add_consumer(bus.streams.raw, ConsumerConfig(durable_name="fetcher", ack_policy=AckPolicy.EXPLICIT))
+    sub = await bus.js.pull_subscribe_bind(durable="fetcher", stream=bus.streams.raw)
+    got = []
+    for size in (10, 10, 5):
+        msgs = await fetch_batch(sub, 10, timeout=2.0)
+        assert len(msgs) == size
+        for msg in msgs:
+            await msg.ack()
+        got += [parse_event(m.data).id for m in msgs]
+    assert got == [e.id for e in events]  # each once, in the stream's order
+    started = time.monotonic()
+    with pytest.raises(nats.errors.TimeoutError):
+        await fetch_batch(sub, 10, timeout=0.5)  # nothing left: it waits its timeout, then says so
+    assert time.monotonic() - started >= 0.4
+    # a fetch that is waiting hands over what is published meanwhile
+    waiting = asyncio.create_task(fetch_batch(sub, 10, timeout=10.0))
+    await asyncio.sleep(0.3)
+    late = [turn(i) for i in range(25, 28)]
+    await bus.publish_many(late)  # type: ignore[arg-type]
+    msgs = await waiting
+    for msg in msgs:
+        await msg.ack()
+    while len(msgs) < 3:  # the first may come alone; the rest follow with the next call
+        more = await fetch_batch(sub, 10, timeout=2.0)
+        for msg in more:
+            await msg.ack()
+        msgs += more
+    assert [parse_event(m.data).id for m in msgs] == [e.id for e in late]

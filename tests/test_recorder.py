@@ -28,6 +28,20 @@ async def test_async_recorder_publishes_interaction_feedback_and_outcome(bus: Bu
     assert stored[1].data.rating == 4 and stored[2].data.tests_passed == 3
 
 
+async def test_several_batches_in_flight_store_every_event_once_in_the_order_recorded(
+    bus: Bus, settings: Settings
+) -> None:
+    async with Recorder(settings, url=bus.url, batch=7, in_flight=5) as rec:
+        ids = [await rec.record_interaction(**{**TURN, "input": f"turn {i}"}) for i in range(300)]
+        await rec.flush()
+        assert rec.published == 300 and rec.pending == 0
+    stored = await read_log(bus, "raw")
+    assert [e.id for e in stored] == ids
+    assert [e.data.input for e in stored] == [f"turn {i}" for i in range(300)]
+    with pytest.raises(ValueError, match="in_flight"):
+        Recorder(settings, url=bus.url, in_flight=0)
+
+
 async def test_a_bad_field_raises_at_the_call_naming_the_field(bus: Bus, settings: Settings) -> None:
     async with Recorder(settings, url=bus.url) as rec:
         with pytest.raises(InvalidEvent, match="rating"):

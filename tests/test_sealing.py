@@ -210,6 +210,25 @@ async def test_the_file_key_store_creates_once_erases_and_keeps_a_tombstone(tmp_
         await store.create("01JWW9ZQ4A1B2C3D4E5F6G7H8J")
 
 
+async def test_a_bus_key_store_creates_many_keys_in_one_round_agreeing_with_other_processes(
+    bus: Bus, settings: Settings
+) -> None:
+    other = await Bus.connect(settings, bus.url)
+    try:
+        ids = [f"01JWW9ZQ4A1B2C3D4E5F6G7H{i:02d}" for i in range(10)]
+        theirs = await other.keys.store.create(ids[3])  # another process made this one first
+        await other.keys.store.create(ids[7])
+        await other.keys.store.destroy([ids[7]])  # and forgot this one
+        made = await bus.keys.store.create_many([*ids, ids[0]])
+        assert sorted(made) == ids and made[ids[3]] == theirs and made[ids[7]] is None
+        assert all(len(k) == 32 for i, k in made.items() if i != ids[7]) and len(set(made.values())) == 10
+        # what every process reads back is what the round answered; a second round creates nothing new
+        assert await other.keys.store.fetch(ids) == made
+        assert await other.keys.store.create_many(ids) == made
+    finally:
+        await other.close()
+
+
 async def test_a_bus_key_store_that_does_not_answer_is_a_clear_error(
     settings: Settings, nats_server: EmbeddedServer
 ) -> None:

@@ -48,6 +48,9 @@ _RETRYABLE = (
     asyncio.TimeoutError,
 )
 
+#: how many events a batch encodes or sends before it lets other tasks run (the agent's calls wait meanwhile)
+_SLICE = 64
+
 #: A header carrying trace context (``traceparent``), by event id.
 TraceHeaders = dict[str, dict[str, str]]
 
@@ -233,7 +236,12 @@ class EventPublisher:
 
     async def encode_many(self, events: Sequence[Event[Any]]) -> list[bytes]:
         """The bytes published for each event: its JSON form. (The engine's bus seals personal text here.)"""
-        return [e.to_bytes() for e in events]
+        out = []
+        for i, event in enumerate(events):
+            out.append(event.to_bytes())
+            if i % _SLICE == _SLICE - 1:
+                await asyncio.sleep(0)  # let the agent's own tasks run between slices of a big batch
+        return out
 
     async def publish(self, event: Event[Any]) -> PubAck:
         """Publish one event and wait for its ack, retrying through reconnects."""
@@ -280,7 +288,9 @@ class EventPublisher:
             e = events[0]
             return [await self.publish_raw(e.subject, payloads[0], self._headers(e, trace.get(e.id)))]
         futures: list[asyncio.Future[PubAck] | None] = []
-        for event, data in zip(events, payloads, strict=True):
+        for i, (event, data) in enumerate(zip(events, payloads, strict=True)):
+            if i % _SLICE == _SLICE - 1:
+                await asyncio.sleep(0)  # as in encode_many: a batch never holds the event loop for long
             try:
                 fut = await self.js.publish_async(
                     event.subject, data, headers=self._headers(event, trace.get(event.id))

@@ -3,7 +3,8 @@
 ``Recorder`` (asyncio) and ``SyncRecorder`` (any thread) validate each event on the
 caller's side (a bad field raises at once, naming it), put it in a bounded buffer and
 return its id; a background task publishes the buffer in pipelined batches with acks and
-dedupe ids. Nothing is dropped silently:
+dedupe ids, several batches (``in_flight``, 4 by default) waiting for their acks at once.
+Nothing is dropped silently:
 
 - a full buffer makes the caller wait up to ``max_block_s``, then raises ``BufferFull``;
 - an unreachable bus raises ``BusUnavailable`` at start, and during a run the buffer keeps
@@ -114,14 +115,19 @@ class Recorder:
         capacity: int = 10_000,
         max_block_s: float = 2.0,
         batch: int = 512,
+        in_flight: int = 4,
         spill_dir: Path | None = None,
     ) -> None:
+        if batch < 1 or in_flight < 1:
+            raise ValueError(f"batch ({batch}) and in_flight ({in_flight}) must be at least 1")
         self.options, default_spill = resolve_options(config, url)
         self.url = self.options.url if self.options else None
         self.source = source
         self.capacity = capacity
         self.max_block_s = max_block_s
         self.batch = batch
+        #: how many batches may wait for their acks at once
+        self.in_flight = in_flight
         self.spill_dir = spill_dir or default_spill
         self._buf: collections.deque[Event[Any]] = collections.deque()
         self._in_flight = 0
@@ -257,21 +263,41 @@ class Recorder:
                 except TimeoutError:
                     pass
                 continue
-            batch = [self._buf.popleft() for _ in range(min(self.batch, len(self._buf)))]
-            self._in_flight = len(batch)
-            try:
-                await self._bus.publish_many(batch)
-            except (PublishFailed, BusUnavailable, OSError, asyncio.CancelledError) as exc:
-                self.last_error = exc
-                self._buf.extendleft(reversed(batch))  # keep order; ids make the retry safe
-                self._in_flight = 0
+            failure = await self._publish_round(self._bus)
+            if failure is not None:
+                self.last_error = failure
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
                 continue
-            self.published += len(batch)
-            self._in_flight = 0
             delay = 0.05
             await asyncio.sleep(0)
+
+    async def _publish_round(self, bus: EventPublisher) -> BaseException | None:
+        """Publish up to ``in_flight`` batches from the buffer at once (pipelined: each batch's acks are
+        awaited together, not one batch after the other). A batch that fails goes back to the front of
+        the buffer, in order; its ids make the retry safe. Returns the first failure, or None."""
+        batches: list[list[Event[Any]]] = []
+        while self._buf and len(batches) < self.in_flight:
+            batches.append([self._buf.popleft() for _ in range(min(self.batch, len(self._buf)))])
+        self._in_flight = sum(len(b) for b in batches)
+        results: list[Any]
+        try:
+            results = await asyncio.gather(*(bus.publish_many(b) for b in batches), return_exceptions=True)
+        except asyncio.CancelledError:
+            results = [asyncio.CancelledError()] * len(batches)
+        failure: BaseException | None = None
+        failed: list[Event[Any]] = []
+        for batch, result in zip(batches, results, strict=True):
+            if isinstance(result, BaseException):
+                if not isinstance(result, (PublishFailed, BusUnavailable, OSError, asyncio.CancelledError)):
+                    raise result
+                failure = failure or result
+                failed.extend(batch)
+            else:
+                self.published += len(batch)
+        self._buf.extendleft(reversed(failed))  # keep their order, ahead of what came since
+        self._in_flight = 0
+        return failure
 
 
 class SpillingRecorder(Recorder):
@@ -383,21 +409,14 @@ class SpillingRecorder(Recorder):
                 self._down_since = None
                 await self._sleep(0.01)
                 continue
-            batch = [self._buf.popleft() for _ in range(min(self.batch, len(self._buf)))]
-            self._in_flight = len(batch)
-            try:
-                assert self._bus is not None
-                await self._bus.publish_many(batch)
-            except (PublishFailed, BusUnavailable, OSError) as exc:
-                self.last_error = exc
-                self._buf.extendleft(reversed(batch))  # ids make the retry safe
-                self._in_flight = 0
+            assert self._bus is not None
+            failure = await self._publish_round(self._bus)
+            if failure is not None:
+                self.last_error = failure
                 self._note_down()
                 await self._sleep(delay)
                 delay = min(delay * 2, 1.0)
                 continue
-            self.published += len(batch)
-            self._in_flight = 0
             self._down_since = None
             delay = 0.05
 

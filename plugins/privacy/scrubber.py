@@ -565,6 +565,10 @@ _SHORTER = {
 }
 
 
+#: how many phone candidates a scrubber remembers the regions of before it starts again
+_REGIONS_SEEN_MAX = 100_000
+
+
 class Scrubber:
     """Detects and replaces; build once (the detectors are compiled here), call many times."""
 
@@ -588,6 +592,7 @@ class Scrubber:
         self.phone_regions = tuple(phone_regions)
         if not self.phone_regions:
             raise ValueError("phone_regions: name at least one region, e.g. US")
+        self._regions_seen: dict[str, tuple[str, ...]] = {}  # candidate -> its regions (_phone_regions)
         self._detectors = self._detector_expressions()
         self._id = {key: i for i, (key, _, _) in enumerate(self._detectors)}
         self.prefilter = _prefilter(tuple((e, f) for _, e, f in self._detectors)) if prefilter else None
@@ -896,7 +901,7 @@ class Scrubber:
             if 0 <= nl < hi:
                 hi = nl
             window = text[lo:hi]
-            for region in self._phone_regions_of(candidate):
+            for region in self._phone_regions(candidate):
                 hits = [
                     h
                     for h in phonenumbers.PhoneNumberMatcher(
@@ -908,6 +913,17 @@ class Scrubber:
                     yield Finding(lo + h.start, lo + h.end, "PHONE", _RANK_PHONE)
                 if hits:
                     break
+
+    def _phone_regions(self, candidate: str) -> tuple[str, ...]:
+        """``_phone_regions_of``, remembered per candidate (a pure function of the text: the same findings).
+        Agent text repeats its candidates (dates and times in logs, addresses, versions), and parsing one
+        in every region is most of what a line with a candidate costs."""
+        regions = self._regions_seen.get(candidate)
+        if regions is None:
+            if len(self._regions_seen) >= _REGIONS_SEEN_MAX:
+                self._regions_seen.clear()
+            regions = self._regions_seen[candidate] = tuple(self._phone_regions_of(candidate))
+        return regions
 
     def _phone_regions_of(self, candidate: str) -> Iterator[str]:
         """The configured regions in which ``candidate`` is a valid number. Parsing is five
