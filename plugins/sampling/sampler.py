@@ -26,6 +26,7 @@ from flywheel_loop.engine.artifacts import ThreadArtifacts
 from flywheel_loop.engine.config import Settings
 from flywheel_loop.engine.processor import ProcessContext, Processor
 from flywheel_loop.plugins.sampling.attempts import (
+    Attempt,
     Task,
     answer_hash,
     pass_at_k,
@@ -44,7 +45,7 @@ from flywheel_loop.plugins.shared.models import (
 from flywheel_loop.plugins.shared.service_model import service_model
 from flywheel_loop.schemas import AttemptsSampled, Event, SamplingCompleted, SamplingRequested
 
-__all__ = ["NAME", "holdout", "processor", "sample_round"]
+__all__ = ["NAME", "attempts_sampled", "holdout", "processor", "sample_round"]
 
 log = logging.getLogger(__name__)
 
@@ -109,13 +110,7 @@ def sample_round(
             solved += passed > 0
             passed_total += passed
             p1 += pass_at_k(k, passed, 1)
-            outputs.append(AttemptsSampled(
-                role=req.role, request_id=request_id, interaction_id=task.interaction_id,
-                task_event_id=task.event_id, model_version=version, k=k, passed=passed,
-                temperature=temperature, seed=seed, hashes=[answer_hash(a.answer) for a in attempts],
-                verdicts=[a.passed for a in attempts], timed_out=sum(a.timed_out for a in attempts),
-                answers=[a.answer for a in attempts],
-            ))
+            outputs.append(attempts_sampled(req.role, request_id, task, version, temperature, seed, attempts))
             log.info("sampled %s task %d/%d: %d of %d answers passed (%d tasks solved so far, %.0fs)",
                      req.role, i, len(tasks), passed, k, solved, time.monotonic() - started)
     n = len(tasks)
@@ -123,6 +118,17 @@ def sample_round(
         f"{solved} of {n} tasks solved by at least one of {k} answers at temperature {temperature:g}",
         solved, passed_total, p1 / n,
     )]
+
+
+def attempts_sampled(role: str, request_id: str, task: Task, version: str, temperature: float, seed: int,
+                     attempts: list[Attempt]) -> AttemptsSampled:
+    """The event of one task's verified answers."""
+    return AttemptsSampled(
+        role=role, request_id=request_id, interaction_id=task.interaction_id, task_event_id=task.event_id,
+        model_version=version, k=len(attempts), passed=sum(a.passed for a in attempts), temperature=temperature,
+        seed=seed, hashes=[answer_hash(a.answer) for a in attempts], verdicts=[a.passed for a in attempts],
+        timed_out=sum(a.timed_out for a in attempts), answers=[a.answer for a in attempts],
+    )
 
 
 class Sampler:
