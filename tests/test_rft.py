@@ -24,14 +24,15 @@ from flywheel_loop.plugins.curation.builder import rebuild_dataset
 from flywheel_loop.plugins.curation.recipe import Attempts, Evidence, build_dataset, verified_rows
 from flywheel_loop.plugins.curation.settings import CurationConfig
 from flywheel_loop.plugins.sampling.attempts import Task, pass_at_k, sample_task, select_tasks, verify
-from flywheel_loop.plugins.sampling.rounds import ROUND_EVENTS, fold_rounds
 from flywheel_loop.plugins.sampling.sampler import attempts_sampled
 from flywheel_loop.plugins.shared.chat_format import ChatFormatter, bundled_base_model, load_formatter
 from flywheel_loop.plugins.shared.holdout import held_out
 from flywheel_loop.plugins.shared.models import load_base
+from flywheel_loop.plugins.shared.rounds import ROUND_EVENTS, fold_rounds
 from flywheel_loop.plugins.shared.training_requests import request_sampling
 from flywheel_loop.schemas import (
     Context,
+    DataForgotten,
     Event,
     InteractionAnonymized,
     InteractionRecorded,
@@ -150,13 +151,16 @@ def test_pass_at_k_is_the_unbiased_estimator() -> None:
 
 
 def test_held_out_and_forgotten_tasks_and_tasks_without_tests_are_never_selected() -> None:
-    events = [(i + 1, task(f"Write function number {i}.")) for i in range(40)]
-    events.append((41, task("No tests here.", tests="")))
+    with_tests = [(i + 1, task(f"Write function number {i}.")) for i in range(40)]
+    gone = next(e for _, e in with_tests if not held_out(0, 0.3, e.data.interaction_id))
+    forgotten = new_event(DataForgotten(subject="user", subject_hash="anon-1",
+                                        interaction_ids=[gone.data.interaction_id]), source="test")
+    events: list[tuple[int, Event[Any]]] = [*with_tests, (41, task("No tests here.", tests="")), (42, forgotten)]
     tasks = select_tasks(events, "coder", 41, 100, holdout_seed=0, holdout_share=0.3)
     ids = {t.interaction_id for t in tasks}
-    held = {e.data.interaction_id for _, e in events if held_out(0, 0.3, e.data.interaction_id)}
-    assert held and not ids & held
-    assert len(ids) == 40 - len(held)
+    held = {e.data.interaction_id for _, e in with_tests if held_out(0, 0.3, e.data.interaction_id)}
+    assert held and not ids & held and gone.data.interaction_id not in ids
+    assert ids == {e.data.interaction_id for _, e in with_tests} - held - {gone.data.interaction_id}
     assert [t.seq for t in select_tasks(events, "coder", 41, 3, 0, 0.3)] == sorted(t.seq for t in tasks)[-3:]
 
 

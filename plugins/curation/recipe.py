@@ -27,7 +27,8 @@ The recipe, for one role:
 8. **DPO**: each corrected new example gives a pair (chosen: the correction; rejected: the
    original answer), following the SFT split.
 9. **Verified attempts** (``attempts.sampled``, the sampler's answers run against a task's tests):
-   for each task sampled since the role's last dataset, not held out and not forgotten, at most
+   for each task sampled up to the position (in any round: a verified answer does not go stale, so
+   a later round's dataset holds the earlier rounds' answers too), not held out and not forgotten, at most
    ``rft_per_task`` distinct passing answers (shortest first, then by hash) become rows tagged
    ``source: rft``, and at most ``rft_pairs_per_task`` DPO pairs put a passing answer (chosen)
    against a failing one (rejected). A task with no passing answer gives nothing. They follow the
@@ -121,7 +122,7 @@ class Example:
 
 @dataclass(frozen=True)
 class Attempts:
-    """The sampled answers to one recorded task since the role's last dataset (``attempts.sampled``)."""
+    """The sampled answers to one recorded task, every round's (``attempts.sampled``)."""
 
     interaction_id: str
     event_ids: tuple[str, ...]  # the attempts.sampled events, in log order
@@ -224,7 +225,7 @@ def fold_log(
         elif isinstance(data, DatasetBuilt) and data.role == role and data.log_position < position:
             previous = max(previous, data.log_position)
     evidence = Evidence(role=role, position=position, previous_position=previous, interactions=len(interactions))
-    evidence.attempts = _attempts(sampled, interactions, previous)
+    evidence.attempts = _attempts(sampled, interactions)
     for iid in sorted(interactions, key=lambda i: interactions[i][0]):
         event_id, anonymized = interactions[iid]
         if iid not in scores:
@@ -261,12 +262,11 @@ def fold_log(
 def _attempts(
     sampled: list[tuple[int, str, AttemptsSampled]],
     interactions: dict[str, tuple[str, InteractionAnonymized]],
-    previous: int,
 ) -> list[Attempts]:
-    """The answers sampled after ``previous`` per task, for tasks whose interaction is on the log."""
+    """The answers sampled per task (every round), for tasks whose interaction is on the log."""
     per_task: dict[str, list[tuple[str, AttemptsSampled]]] = {}
-    for seq, event_id, data in sampled:
-        if seq > previous and data.interaction_id in interactions:
+    for _, event_id, data in sampled:
+        if data.interaction_id in interactions:
             per_task.setdefault(data.interaction_id, []).append((event_id, data))
     out: list[Attempts] = []
     for iid in sorted(per_task, key=lambda i: interactions[i][0]):

@@ -1,4 +1,5 @@
-"""Rounds of learning from verified attempts, folded from the log: sample -> build -> train -> gate -> deploy.
+"""Rounds of learning from verified attempts, folded from the log: sample -> build -> train -> gate -> deploy
+(``flywheel rounds`` of the sampling feature, and ``flywheel runs`` of the insight feature, show them).
 
 A round starts with a ``sampling.completed`` (the sampler's figures); its dataset is the
 ``dataset.built`` (or ``dataset.skipped``) whose request is that event; its run the
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flywheel_loop.schemas import (
     DatasetBuilt,
@@ -24,7 +25,10 @@ from flywheel_loop.schemas import (
     TrainingStarted,
 )
 
-__all__ = ["ROUND_EVENTS", "Round", "fold_rounds"]
+if TYPE_CHECKING:
+    from rich.table import Table
+
+__all__ = ["ROUND_EVENTS", "Round", "fold_rounds", "rounds_table"]
 
 ROUND_EVENTS = ("sampling.completed", "dataset.built", "dataset.skipped", "training.started", "training.completed",
                 "evaluation.completed", "deployment.completed")
@@ -74,6 +78,7 @@ def fold_rounds(events: Iterable[tuple[int, Event[Any]]], role: str | None = Non
     by_dataset: dict[str, Round] = {}
     by_run: dict[str, Round] = {}
     by_adapter: dict[str, Round] = {}
+    rft_before: dict[str, tuple[int, int]] = {}  # role -> (rft rows, rft pairs) of its last round's dataset
     for _, event in events:
         d = event.data
         if isinstance(d, SamplingCompleted):
@@ -83,8 +88,10 @@ def fold_rounds(events: Iterable[tuple[int, Event[Any]]], role: str | None = Non
         elif isinstance(d, DatasetBuilt) and d.request_id in rounds:
             r = rounds[d.request_id]
             r.dataset = d.dataset_hash
-            r.rows_added = d.sources.get("rft", 0)
-            r.pairs_added = d.sources.get("dpo_rft", 0)
+            rows, pairs = d.sources.get("rft", 0), d.sources.get("dpo_rft", 0)
+            before = rft_before.get(d.role, (0, 0))
+            r.rows_added, r.pairs_added = rows - before[0], pairs - before[1]  # a dataset holds every round's rows
+            rft_before[d.role] = (rows, pairs)
             by_dataset[d.dataset_hash] = r
         elif isinstance(d, DatasetSkipped) and d.request_id in rounds:
             rounds[d.request_id].skipped = f"{d.reason}: {d.detail}"
@@ -102,3 +109,17 @@ def fold_rounds(events: Iterable[tuple[int, Event[Any]]], role: str | None = Non
         elif isinstance(d, DeploymentCompleted) and d.adapter_hash in by_adapter:
             by_adapter[d.adapter_hash].deployed = True
     return list(rounds.values())
+
+
+def rounds_table(found: list[Round]) -> Table:
+    """The rounds as a table (``flywheel rounds``, ``flywheel runs``)."""
+    from rich.table import Table
+
+    t = Table("round", "role", "model sampled", "tasks", "samples", "pass@1", "pass@k", "rows added", "pairs",
+              "dataset", "run", "stage", title="rounds of learning from verified attempts")
+    for n, r in enumerate(found, 1):
+        t.add_row(str(n), r.role, r.model_version, str(r.tasks), str(r.samples), f"{r.pass_at_1:.3f}",
+                  f"{r.pass_at_k:.3f} (k={r.k})", "-" if r.rows_added is None else str(r.rows_added),
+                  "-" if r.pairs_added is None else str(r.pairs_added), (r.dataset or "-")[:12], r.run_id or "-",
+                  r.stage)
+    return t
