@@ -257,3 +257,25 @@ async def test_replaying_the_log_rebuilds_the_same_rft_dataset_byte_for_byte(
     rounds = fold_rounds(await bus.read_log(ROUND_EVENTS))
     assert len(rounds) == 1 and rounds[0].dataset == b.dataset_hash and rounds[0].rows_added == len(train)
     assert rounds[0].stage == "dataset built"
+
+
+def test_the_sampling_trigger_requests_a_round_per_role_every_n_new_tasks_with_tests(
+    settings_with: Callable[..., Settings], tmp_path: Path
+) -> None:
+    from flywheel_loop.engine.state import ProcessorState
+    from flywheel_loop.plugins.sampling.trigger import processor
+
+    cfg = settings_with(sampling={"trigger_new_tasks": 3})
+    state = ProcessorState.open(processor(cfg), tmp_path / "trigger.sqlite")
+    events = [task(f"Task {i}.") for i in range(7)]
+    events.insert(2, task("No tests.", tests=""))  # not a task: does not count
+    state.fold(enumerate(events, 1))
+    decided = [(e.id, state.decision(e.id)) for e in events]
+    requests = [(i, d) for i, (_, d) in enumerate(decided) if d]
+    assert [i for i, _ in requests] == [3, 6]  # the 3rd and 6th task with tests
+    assert all(d[0].reason == "volume" and d[0].role == "coder" for _, d in requests)
+    off = ProcessorState.open(processor(settings_with()), tmp_path / "off.sqlite")
+    off.fold(enumerate(events, 1))
+    assert not any(off.decision(e.id) for e in events)  # 0 (the default): rounds only by hand
+    state.close()
+    off.close()
