@@ -257,6 +257,15 @@ async def test_replaying_the_log_rebuilds_the_same_rft_dataset_byte_for_byte(
     rounds = fold_rounds(await bus.read_log(ROUND_EVENTS))
     assert len(rounds) == 1 and rounds[0].dataset == b.dataset_hash and rounds[0].rows_added == len(train)
     assert rounds[0].stage == "dataset built"
+    # the same figures on the dashboard page, from the sampling feature's projection
+    from flywheel_loop.engine.projection import ProjectionStore
+    from flywheel_loop.plugins.sampling.view import RoundEvents, round_rows
+
+    store = ProjectionStore(RoundEvents(), settings.layout.projection("rounds"))
+    store.apply_batch([(seq, e, None) for seq, e in await bus.read_log(ROUND_EVENTS)])
+    store.close()
+    columns, rows = round_rows(settings)
+    assert len(rows) == 1 and dict(zip(columns, rows[0], strict=True))["rows added"] == len(train)
 
 
 def test_the_sampling_trigger_requests_a_round_per_role_every_n_new_tasks_with_tests(
