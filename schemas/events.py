@@ -52,6 +52,9 @@ __all__ = [
     "DataForgotten",
     "DatasetSuperseded",
     "AdapterSuperseded",
+    "SamplingRequested",
+    "AttemptsSampled",
+    "SamplingCompleted",
 ]
 
 Text = Annotated[str, StringConstraints(max_length=200_000)]
@@ -317,6 +320,11 @@ class DatasetBuilt(Payload):
     log_position: Count = Field(default=0, description="the last log sequence the dataset covers")
     lineage_total: Count = Field(
         default=0, description="how many ids the full lineage has (``lineage`` may list fewer; the folder has all)"
+    )
+    sources: dict[Name, Count] = Field(
+        default_factory=dict,
+        description="training rows per source: human (scored interactions and corrections), rft (verified samples),"
+        " rehearsal; and DPO pairs per source (dpo_human, dpo_rft)",
     )
 
 
@@ -666,4 +674,70 @@ class AdapterSuperseded(Payload):
     forgotten_id: EventId | None = Field(default=None, description="the data.forgotten behind it")
     in_service: bool = False
     action: Literal["retrain", "rollback", "withdraw"]
+    detail: ShortText = ""
+
+
+# --------------------------------------------------------------------------- verified attempts (RFT)
+
+
+class SamplingRequested(Payload):
+    """Someone (``flywheel train --method rft``, a trigger) asked the sampler to sample a role's recorded tasks."""
+
+    event_type: ClassVar[str] = "sampling.requested"
+
+    role: Role
+    reason: Literal["volume", "schedule", "manual"] = "manual"
+    log_position: Count = Field(description="the last log sequence whose tasks may be sampled")
+    k: Annotated[int, Field(ge=1, le=64)] | None = Field(default=None, description="answers per task; none: settings")
+    temperature: Annotated[float, Field(ge=0, le=5)] | None = None
+    max_tasks: Annotated[int, Field(ge=1)] | None = None
+    seed: int | None = None
+    detail: ShortText = ""
+
+
+class AttemptsSampled(Payload):
+    """k answers sampled from the model in service for one recorded task, each run against the task's tests.
+
+    The answers are on the log, sealed under the task's interaction key like the interaction itself:
+    the dataset builder rebuilds its RFT rows from the log alone, and forgetting the task's subject
+    shreds its sampled answers too."""
+
+    event_type: ClassVar[str] = "attempts.sampled"
+    data_subject: ClassVar[str | None] = "interaction_id"
+
+    role: Role
+    request_id: EventId = Field(description="the sampling.requested this round answers")
+    interaction_id: EventId = Field(description="the recorded task (interaction.anonymized's interaction)")
+    task_event_id: EventId = Field(description="the interaction.anonymized event the task came from")
+    model_version: Name = Field(description="what answered: the base model or the adapter hash in service")
+    k: Annotated[int, Field(ge=1, le=64)]
+    passed: Count
+    temperature: Annotated[float, Field(ge=0, le=5)]
+    seed: int
+    hashes: list[Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]] = Field(
+        max_length=64, description="sha256 of each answer, in sampling order"
+    )
+    verdicts: list[bool] = Field(max_length=64, description="whether each answer passed every test")
+    timed_out: Count = Field(default=0, description="answers killed by the sandbox's time or resource limits")
+    answers: Annotated[list[Text], PERSONAL] = Field(default_factory=list, max_length=64)
+
+
+class SamplingCompleted(Payload):
+    """A sampling round is over: its figures (pass@k of the sampler). The dataset builder builds the
+    role's dataset at this event's position, with the round's passing answers."""
+
+    event_type: ClassVar[str] = "sampling.completed"
+
+    role: Role
+    request_id: EventId
+    model_version: Name
+    tasks: Count = Field(description="tasks sampled")
+    samples: Count = Field(description="answers generated")
+    passed_samples: Count
+    solved_tasks: Count = Field(description="tasks with at least one passing answer")
+    pass_at_1: Score = Field(description="unbiased pass@1 over the sampled tasks")
+    pass_at_k: Score = Field(description="share of tasks with a passing answer among k")
+    k: Count
+    temperature: Annotated[float, Field(ge=0, le=5)]
+    seconds: Annotated[float, Field(ge=0)] = 0.0
     detail: ShortText = ""

@@ -53,7 +53,7 @@ def rejection(raw: dict[str, Any] | bytes | str) -> str:
 
 
 def test_every_type_has_exactly_one_example_and_one_schema_file() -> None:
-    assert len(TYPES) == 27
+    assert len(TYPES) == 30
     examples = sorted(p.name for p in EXAMPLES_DIR.glob("*.json"))
     schema_files = sorted(p.name for p in JSON_DIR.glob("*.json"))
     expected = [f"{t}.json" for t in TYPES]
@@ -313,6 +313,10 @@ BAD_VALUES = [
     ("canary.passed", "data.window", -5, "data.window"),
     ("adapter.superseded", "data.action", "shrug", "data.action"),
     ("adapter.superseded", "data.dataset_hash", "NOT-A-HASH", "data.dataset_hash"),
+    ("sampling.requested", "data.k", 0, "data.k"),
+    ("attempts.sampled", "data.hashes.0", "not-a-sha256", "data.hashes.0"),
+    ("attempts.sampled", "data.k", 65, "data.k"),
+    ("sampling.completed", "data.pass_at_k", 1.5, "data.pass_at_k"),
 ]
 
 

@@ -1,6 +1,9 @@
 """Built-in processor ``dataset_builder``: ``training.requested`` in, a dataset folder and
 ``dataset.built`` (or ``dataset.skipped``, with the reason) out.
 
+A ``sampling.completed`` (the sampler's round of verified attempts) is a request too, covering its
+own position: the round's passing answers become rows and pairs (``recipe.py``, step 9).
+
 For a request covering log position P, it reads the log from its first event up to P (a fresh
 consumer over ``interaction.anonymized``, ``feedback.anonymized``, ``quality.assessed`` and
 ``dataset.built``; raw events are never read), folds the role's evidence and builds the
@@ -67,6 +70,7 @@ from flywheel_loop.schemas import (
     DatasetSkipped,
     DatasetSuperseded,
     Event,
+    SamplingCompleted,
     TrainingRequested,
 )
 
@@ -184,6 +188,9 @@ class DatasetBuilder:
         if isinstance(event.data, DataForgotten):
             return await self.supersede(event, ctx)
         req = event.data
+        own_position = isinstance(req, SamplingCompleted)
+        if isinstance(req, SamplingCompleted):  # a round of verified attempts: built at its own position
+            req = TrainingRequested(role=req.role, reason="manual", log_position=ctx.sequence, detail="sampling round")
         if not isinstance(req, TrainingRequested):
             return []
 
@@ -193,7 +200,7 @@ class DatasetBuilder:
             )
 
         output: DatasetBuilt | DatasetSkipped
-        if ctx.sequence and req.log_position >= ctx.sequence:
+        if ctx.sequence and req.log_position >= ctx.sequence and not own_position:
             output = skipped(
                 "invalid_request",
                 f"the request at log position {ctx.sequence} claims to cover position {req.log_position},"
@@ -222,6 +229,7 @@ class DatasetBuilder:
                     path=str(outcome.path),
                     log_position=req.log_position,
                     lineage_total=len(built.lineage),
+                    sources=built.sources,
                 )
         return [output]
 
@@ -290,9 +298,10 @@ def processor(settings: Settings) -> Processor:
     """The builder processor, configured by ``settings``."""
     return Processor(
         name="dataset_builder",
-        consumes=("training.requested", "data.forgotten"),
+        consumes=("training.requested", "sampling.completed", "data.forgotten"),
         handle=DatasetBuilder().handle,
-        description="builds a content-addressed SFT + DPO dataset with rehearsal for each training request;"
+        description="builds a content-addressed SFT + DPO dataset with rehearsal for each training request and each"
+        " sampling round (passing answers as rows, passing-vs-failing pairs);"
         " rebuilds the datasets that held forgotten data",
         batch=1,
         produces=("dataset.built", "dataset.skipped", "dataset.superseded"),

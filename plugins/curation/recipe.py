@@ -26,6 +26,14 @@ The recipe, for one role:
    ``synthesize_rehearsal`` hook may add synthetic rows.
 8. **DPO**: each corrected new example gives a pair (chosen: the correction; rejected: the
    original answer), following the SFT split.
+9. **Verified attempts** (``attempts.sampled``, the sampler's answers run against a task's tests):
+   for each task sampled up to the position (in any round: a verified answer does not go stale, so
+   a later round's dataset holds the earlier rounds' answers too), not held out and not forgotten, at most
+   ``rft_per_task`` distinct passing answers (shortest first, then by hash) become rows tagged
+   ``source: rft``, and at most ``rft_pairs_per_task`` DPO pairs put a passing answer (chosen)
+   against a failing one (rejected). A task with no passing answer gives nothing. They follow the
+   split of their task (seeded by its interaction id). ``sizes`` and ``sources`` count the rows of
+   each source (human, rft, rehearsal; dpo_human, dpo_rft).
 
 **Forgotten data** (``data.forgotten``, see ``plugins/forgetting.py``) is left out whatever its
 position: ``fold_log`` takes the forgotten ids of the whole log, so a dataset rebuilt at an old
@@ -49,7 +57,10 @@ from flywheel_loop.plugins.curation.dedupe import exact_duplicates, exact_key, n
 from flywheel_loop.plugins.curation.rehearsal import rehearsal_count, select_diverse
 from flywheel_loop.plugins.curation.settings import CurationConfig
 from flywheel_loop.plugins.shared.chat_format import ChatFormatter
+from flywheel_loop.plugins.shared.holdout import held_out
+from flywheel_loop.plugins.shared.holdout import unit as _unit
 from flywheel_loop.schemas import (
+    AttemptsSampled,
     BalanceRow,
     DataForgotten,
     DatasetBuilt,
@@ -62,17 +73,19 @@ from flywheel_loop.schemas import (
 __all__ = [
     "READ_TYPES",
     "BuiltDataset",
+    "Attempts",
     "Evidence",
     "Example",
     "Skip",
     "SkipReason",
     "build_dataset",
     "fold_log",
+    "verified_rows",
     "forgotten_ids",
 ]
 
 #: The event types a build reads from the log.
-READ_TYPES = ("interaction.anonymized", "feedback.anonymized", "quality.assessed", "dataset.built")
+READ_TYPES = ("interaction.anonymized", "feedback.anonymized", "quality.assessed", "dataset.built", "attempts.sampled")
 UNKNOWN = "unknown"
 
 SkipReason = Literal["no_data", "no_examples", "too_few_examples", "base_model_missing", "invalid_request"]
@@ -107,6 +120,20 @@ class Example:
         return (self.domain, self.complexity)
 
 
+@dataclass(frozen=True)
+class Attempts:
+    """The sampled answers to one recorded task, every round's (``attempts.sampled``)."""
+
+    interaction_id: str
+    event_ids: tuple[str, ...]  # the attempts.sampled events, in log order
+    task_event_id: str  # the interaction.anonymized event
+    prompt: str
+    tests: str | None
+    domain: str
+    complexity: str
+    answers: tuple[tuple[str, bool], ...]  # (answer, passed its tests), in log order
+
+
 @dataclass
 class Evidence:
     """What the log up to ``position`` holds for one role."""
@@ -117,6 +144,7 @@ class Evidence:
     interactions: int = 0
     scored: int = 0
     examples: list[Example] = field(default_factory=list)
+    attempts: list[Attempts] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -140,6 +168,7 @@ class BuiltDataset:
     rehearsal_share: float
     lineage: list[str]
     identity: dict[str, Any]  # everything else that decided the content (manifest)
+    sources: dict[str, int] = field(default_factory=dict)  # training rows per source (human, rft, rehearsal, dpo_*)
 
 
 # --------------------------------------------------------------------------- fold
@@ -169,6 +198,7 @@ def fold_log(
     scores: dict[str, tuple[str, QualityAssessed]] = {}
     first_high: dict[str, int] = {}
     corrections: dict[str, tuple[str, int, str]] = {}
+    sampled: list[tuple[int, str, AttemptsSampled]] = []
     previous = 0
     bypass = curation.dataset.corrections_bypass_quality
     for seq, event in events:
@@ -189,9 +219,13 @@ def fold_log(
             correction = data.feedback.correction
             if correction and correction.strip():
                 corrections[data.feedback.interaction_id] = (event.id, seq, correction)
+        elif isinstance(data, AttemptsSampled):
+            if data.role == role and data.interaction_id not in forgotten:
+                sampled.append((seq, event.id, data))
         elif isinstance(data, DatasetBuilt) and data.role == role and data.log_position < position:
             previous = max(previous, data.log_position)
     evidence = Evidence(role=role, position=position, previous_position=previous, interactions=len(interactions))
+    evidence.attempts = _attempts(sampled, interactions)
     for iid in sorted(interactions, key=lambda i: interactions[i][0]):
         event_id, anonymized = interactions[iid]
         if iid not in scores:
@@ -225,13 +259,58 @@ def fold_log(
     return evidence
 
 
+def _attempts(
+    sampled: list[tuple[int, str, AttemptsSampled]],
+    interactions: dict[str, tuple[str, InteractionAnonymized]],
+) -> list[Attempts]:
+    """The answers sampled per task (every round), for tasks whose interaction is on the log."""
+    per_task: dict[str, list[tuple[str, AttemptsSampled]]] = {}
+    for _, event_id, data in sampled:
+        if data.interaction_id in interactions:
+            per_task.setdefault(data.interaction_id, []).append((event_id, data))
+    out: list[Attempts] = []
+    for iid in sorted(per_task, key=lambda i: interactions[i][0]):
+        rec = interactions[iid][1].interaction
+        answers = tuple(
+            (answer, bool(ok))
+            for _, data in per_task[iid]
+            for answer, ok in zip(data.answers, data.verdicts, strict=False)
+        )
+        out.append(Attempts(
+            interaction_id=iid,
+            event_ids=tuple(e for e, _ in per_task[iid]),
+            task_event_id=interactions[iid][0],
+            prompt=rec.input,
+            tests=rec.context.tests,
+            domain=rec.domain or UNKNOWN,
+            complexity=rec.complexity or UNKNOWN,
+            answers=answers,
+        ))
+    return out
+
+
+def _short_first(answers: Iterable[str]) -> list[str]:
+    """Distinct answers (up to whitespace), shortest first, then by hash (a stable order)."""
+    seen: dict[str, str] = {}
+    for answer in answers:
+        if answer.strip():
+            seen.setdefault(exact_key("", answer), answer)
+    return sorted(seen.values(), key=lambda a: (len(a), hashlib.sha256(a.encode()).hexdigest()))
+
+
+def verified_rows(attempts: Attempts, per_task: int, pairs_per_task: int) -> tuple[list[str], list[tuple[str, str]]]:
+    """(the passing answers kept as rows, the (passing, failing) pairs) of one task: none without a
+    passing answer; a pair always puts a passing answer first."""
+    passing = _short_first(a for a, ok in attempts.answers if ok)
+    if not passing:
+        return [], []
+    keys = {exact_key("", a) for a in passing}
+    failing = [a for a in _short_first(a for a, ok in attempts.answers if not ok) if exact_key("", a) not in keys]
+    n_pairs = min(pairs_per_task, len(passing), len(failing))
+    return passing[:per_task], [(passing[i], failing[i]) for i in range(n_pairs)]
+
+
 # --------------------------------------------------------------------------- build
-
-
-def _unit(seed: int, *parts: str) -> float:
-    """A seeded, stable number in [0, 1) for ``parts`` (hold-outs and splits)."""
-    digest = hashlib.sha256("\x1f".join([str(seed), *parts]).encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64
 
 
 def _priority(e: Example, is_new: bool) -> tuple[int, int, float, str]:
@@ -256,18 +335,19 @@ def build_dataset(
     if evidence.interactions == 0:
         return Skip("no_data", f"no anonymized {role} interactions on the log up to position {position}")
     bars = sorted({curation.reward_bar(c) for c in (None, *curation.complexity_offsets)})
-    if not evidence.examples:
+    rft_tasks = [
+        a for a in evidence.attempts
+        if not held_out(cfg.seed, cfg.forgetting_share, a.interaction_id)
+        and verified_rows(a, cfg.rft_per_task, cfg.rft_pairs_per_task) != ([], [])
+    ]
+    if not evidence.examples and not rft_tasks:
         return Skip(
             "no_examples",
             f"{evidence.interactions} {role} interactions up to log position {position} ({evidence.scored} scored);"
             f" none cleared the quality bar (reward >= {curation.min_reward:g}, {bars[0]:g} to {bars[-1]:g}"
             " by complexity) or carried a correction",
         )
-    held = {
-        e.interaction_id
-        for e in evidence.examples
-        if _unit(cfg.seed, "forget", e.interaction_id) < cfg.forgetting_share
-    }
+    held = {e.interaction_id for e in evidence.examples if held_out(cfg.seed, cfg.forgetting_share, e.interaction_id)}
     forgetting = sorted(
         (e for e in evidence.examples if e.interaction_id in held),
         key=lambda e: (_unit(cfg.seed, "forget-order", e.interaction_id), e.event_id),
@@ -285,7 +365,7 @@ def build_dataset(
     near = np.zeros(len(pool), dtype=bool)
     row_of: dict[int, int] = {}  # pool index -> row of `matrix`
     matrix = np.zeros((0, 0), dtype=np.float32)
-    if survivors and n_new:
+    if survivors and (n_new or rft_tasks):
         matrix = vectors([pool[i] for i in survivors])
         row_of = {i: n for n, i in enumerate(survivors)}
         dropped = near_duplicates(matrix, list(range(len(survivors))), cfg.near_duplicate_threshold, seed=cfg.seed)
@@ -297,7 +377,7 @@ def build_dataset(
     past_index = [i for i in order if alive[i] and not new_mask[i]]
     past = [pool[i] for i in past_index]
 
-    if len(new) < cfg.min_examples:
+    if len(new) < cfg.min_examples and not rft_tasks:
         since = f"since the last {role} dataset (log position {previous})" if previous else "on the log"
         return Skip(
             "too_few_examples",
@@ -326,8 +406,44 @@ def build_dataset(
         validation.extend(kept[:n_val])
         train.extend(kept[n_val:])
 
+    # Verified attempts: passing answers as rows, passing-vs-failing pairs, split by task.
+    rft_train: list[dict[str, Any]] = []
+    rft_validation: list[dict[str, Any]] = []
+    rft_pairs: dict[str, list[dict[str, Any]]] = {"train": [], "validation": []}
+    for a in rft_tasks:
+        kept_answers, pairs = verified_rows(a, cfg.rft_per_task, cfg.rft_pairs_per_task)
+        side = "validation" if _unit(cfg.seed, "split", a.interaction_id) < cfg.validation_share else "train"
+        rows_out = rft_validation if side == "validation" else rft_train
+        for answer in kept_answers:
+            rows_out.append({
+                "id": f"rft-{a.interaction_id}-{hashlib.sha256(answer.encode()).hexdigest()[:16]}",
+                "event_id": a.event_ids[-1],
+                **formatter.conversation(a.prompt, answer),
+                "role": role,
+                "domain": a.domain,
+                "complexity": a.complexity,
+                "reward": None,
+                "source": "rft",
+                "rehearsal": False,
+                "tests": a.tests,
+            })
+        for good, bad in pairs:
+            rft_pairs[side].append({
+                "id": f"rft-{a.interaction_id}-{hashlib.sha256((good + chr(0) + bad).encode()).hexdigest()[:16]}",
+                "event_id": a.event_ids[-1],
+                "feedback_id": None,
+                "prompt": formatter.prompt(a.prompt),
+                "chosen": good,
+                "rejected": bad,
+                "role": role,
+                "domain": a.domain,
+                "complexity": a.complexity,
+                "tests": a.tests,
+                "source": "rft",
+            })
+
     # Rehearsal: the most diverse past examples, then synthetic ones if a plugin offers them.
-    wanted = rehearsal_count(cfg.rehearsal_share, len(train))
+    wanted = rehearsal_count(cfg.rehearsal_share, len(train) + len(rft_train))
     chosen: list[Example] = []
     if wanted and past:
         if len(past) > wanted:
@@ -375,7 +491,8 @@ def build_dataset(
                     "tests": None,
                 }
             )
-    all_train = sorted(train_rows + rehearsal_rows + synthetic_rows, key=lambda r: (r["event_id"] or "~", r["id"]))
+    all_train = sorted(train_rows + rft_train + rehearsal_rows + synthetic_rows,
+                       key=lambda r: (r["event_id"] or "~", r["id"]))
     n_rehearsal = len(rehearsal_rows) + len(synthetic_rows)
     share = n_rehearsal / len(all_train) if all_train else 0.0
 
@@ -391,6 +508,7 @@ def build_dataset(
             "domain": e.domain,
             "complexity": e.complexity,
             "tests": e.tests,
+            "source": "correction",
         }
 
     def corrected(rows: list[Example]) -> list[Example]:
@@ -399,13 +517,24 @@ def build_dataset(
 
     splits = {
         "train": all_train,
-        "validation": [row(e, False) for e in sorted(validation, key=lambda e: e.event_id)],
+        "validation": sorted([row(e, False) for e in validation] + rft_validation,
+                             key=lambda r: (r["event_id"], r["id"])),
         "forgetting": [row(e, False) for e in sorted(forgetting, key=lambda e: e.event_id)],
-        "dpo_train": [pair(e) for e in corrected(train)],
-        "dpo_validation": [pair(e) for e in corrected(validation)],
+        "dpo_train": sorted([pair(e) for e in corrected(train)] + rft_pairs["train"],
+                            key=lambda r: (r["event_id"], r["id"])),
+        "dpo_validation": sorted([pair(e) for e in corrected(validation)] + rft_pairs["validation"],
+                                 key=lambda r: (r["event_id"], r["id"])),
     }
     used = [*train, *validation, *chosen, *forgetting]
-    lineage = sorted({i for e in used for i in (e.event_id, e.score_id, e.feedback_id) if i})
+    lineage = sorted({i for e in used for i in (e.event_id, e.score_id, e.feedback_id) if i}
+                     | {i for a in rft_tasks for i in (*a.event_ids, a.task_event_id)})
+    sources = {
+        "human": len(train_rows),
+        "rft": len(rft_train),
+        "rehearsal": n_rehearsal,
+        "dpo_human": len(corrected(train)),
+        "dpo_rft": len(rft_pairs["train"]),
+    }
     sizes.update(
         {
             "new": n_new,
@@ -417,6 +546,9 @@ def build_dataset(
             "validation": len(splits["validation"]),
             "dpo_train": len(splits["dpo_train"]),
             "dpo_validation": len(splits["dpo_validation"]),
+            "rft_tasks": len(rft_tasks),
+            "rft": len(rft_train) + len(rft_validation),
+            "dpo_rft": len(rft_pairs["train"]) + len(rft_pairs["validation"]),
         }
     )
     return BuiltDataset(
@@ -428,6 +560,7 @@ def build_dataset(
         balance=balance,
         rehearsal_share=share,
         lineage=lineage,
+        sources=sources,
         identity={
             "chat_template": {"base_model": formatter.name, "sha256": formatter.template_sha256},
             "quality": {

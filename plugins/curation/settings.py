@@ -75,6 +75,12 @@ class DatasetConfig(Section):
     corrections_bypass_quality: bool = Field(
         default=True, description="an interaction with a human correction is kept whatever its reward"
     )
+    rft_per_task: int = Field(
+        default=2, ge=0, le=64, description="passing sampled answers kept per task (attempts.sampled), shortest first"
+    )
+    rft_pairs_per_task: int = Field(
+        default=1, ge=0, le=64, description="DPO pairs per task from sampled answers: a passing against a failing one"
+    )
     seed: int = Field(default=0, description="seeds splits, hold-outs and k-means (part of the dataset's identity)")
     lineage_in_event: int = Field(
         default=10_000, ge=0, description="event ids listed in dataset.built; the folder always has all"

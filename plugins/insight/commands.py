@@ -131,6 +131,7 @@ def register(app: typer.Typer) -> None:
             t.add_row(e["run_id"], e["role"], Text(verdict, VERDICT_STYLES.get(verdict, "")), checks or "-",
                       figures, "\n".join(e["reasons"]))
         console.print(t)
+        _print_rounds(cfg, role)
 
 
 
@@ -156,6 +157,19 @@ def check_line(check: dict[str, Any]) -> str:
     if check.get("p_value") is not None:
         text += f" p={check['p_value']:.2g}"
     return text
+
+
+def _print_rounds(cfg: Settings, role: str | None) -> None:
+    """The rounds of learning from verified attempts, when there are any (read from the log)."""
+    from flywheel_loop.plugins.shared.rounds import ROUND_EVENTS, fold_rounds, rounds_table
+
+    async def read() -> list[Any]:
+        async with open_bus(cfg, ensure_streams=False) as bus:
+            return fold_rounds(await bus.read_log(ROUND_EVENTS), role)
+
+    found = run(read)
+    if found:
+        console.print(rounds_table(found))
 
 
 def _fmt(value: Any, digits: int = 4) -> str:

@@ -10,8 +10,15 @@ style, without pytest) or ``unittest.TestCase`` classes; each counts as one test
 module is executed with ``from solution import *`` already done, so tests may use the
 solution's names directly or import them.
 
-This is a guard against mistakes (an infinite loop, a memory bomb, a crash), not a security
-boundary against hostile code: the child can still read files the user can read.
+An audit hook (``sys.addaudithook``, which Python code cannot remove) installed before the
+solution is imported refuses network access (``socket.*``), new processes (``fork``, ``subprocess``,
+``os.system``, ``exec*``, ``posix_spawn``: no fork bomb), ``ctypes`` and signals, and any write,
+removal or rename outside the sandbox folder; the refusal is a ``PermissionError`` the test run
+reports as a failure.
+
+This is a guard against mistakes and against sampled code that misbehaves (an infinite loop, a
+memory bomb, a fork bomb, a stray write, a crash), not a security boundary against a determined
+attacker: the child can still read files the user can read.
 """
 
 from __future__ import annotations
@@ -33,6 +40,34 @@ __all__ = ["TestRun", "run_tests"]
 _HARNESS = r'''
 import io, json, os, sys, traceback, unittest, contextlib
 sys.path.insert(0, os.getcwd())  # -I leaves the script's folder off the path
+_HOME = os.path.realpath(os.getcwd())
+_REFUSED = ("socket.", "subprocess.", "os.fork", "os.forkpty", "os.posix_spawn", "os.spawn", "os.exec", "os.system",
+            "os.kill", "os.killpg", "pty.", "ctypes.", "os.setrlimit", "resource.setrlimit", "urllib.", "http.")
+
+def _inside(path):
+    try:
+        path = os.fsdecode(path) if not isinstance(path, int) else None
+    except Exception:
+        return False
+    return path is None or os.path.realpath(os.path.join(_HOME, path)).startswith(_HOME + os.sep)
+
+def _guard(event, args):
+    # refuse what generated code has no business doing: network, processes, writes outside its folder
+    if event.startswith(_REFUSED) and not event.startswith("socket.gethostname"):
+        raise PermissionError("sandbox: " + event + " is not allowed")
+    if event == "open" and args and len(args) > 1:
+        mode, flags = args[1], (args[2] if len(args) > 2 else 0)
+        writes = isinstance(mode, str) and any(c in mode for c in "wax+")
+        writes = writes or bool(flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT))
+        if writes and not _inside(args[0]):
+            raise PermissionError("sandbox: writing " + str(args[0]) + " outside the sandbox folder is not allowed")
+    elif event in ("os.remove", "os.rename", "os.rmdir", "os.mkdir", "os.symlink", "os.link", "os.truncate",
+                   "os.chmod", "os.chown", "os.utime", "shutil.rmtree", "shutil.copyfile", "shutil.move"):
+        paths = [a for a in args[:2] if isinstance(a, (str, bytes, os.PathLike))]
+        if not all(_inside(p) for p in paths):
+            raise PermissionError("sandbox: " + event + " outside the sandbox folder is not allowed")
+
+sys.addaudithook(_guard)
 out = io.StringIO()
 result = {"passed": 0, "failed": 0, "errors": [], "compiles": True}
 namespace = {"__name__": "test_solution"}

@@ -35,8 +35,8 @@ from flywheel_loop.schemas import (
     parse_event,
 )
 
-FOLLOWED = ("dataset.built", "dataset.skipped", "training.started", "training.progressed", "training.completed",
-            "training.failed", "evaluation.progressed", "evaluation.completed")
+FOLLOWED = ("sampling.completed", "dataset.built", "dataset.skipped", "training.started", "training.progressed",
+            "training.completed", "training.failed", "evaluation.progressed", "evaluation.completed")
 
 
 def _bar() -> Progress:
@@ -64,6 +64,12 @@ class RunWatcher:
 
     def mine(self, event: Event[Any]) -> bool:
         d = event.data
+        if event.type == "sampling.completed":  # an rft round: its dataset answers the round, not the request
+            if self.request_id is not None and d.request_id == self.request_id:
+                err.print(Text(f"sampled {d.tasks} tasks x {d.k}: pass@1 {d.pass_at_1:.3f}, pass@{d.k}"
+                               f" {d.pass_at_k:.3f}; building the dataset"))
+                self.request_id = event.id
+            return False
         if event.type in ("dataset.built", "dataset.skipped"):
             return self.request_id is not None and getattr(d, "request_id", None) == self.request_id
         if event.type == "training.started":
@@ -167,21 +173,28 @@ def register(app: typer.Typer) -> None:
         dataset: Annotated[str | None, typer.Option(help="train this dataset (hash or unique prefix) here")] = None,
         wait: Annotated[bool, typer.Option(help="follow the run on the log until its verdict")] = True,
         timeout: Annotated[float | None, typer.Option(help="stop following after this many seconds")] = None,
+        method: Annotated[str, typer.Option(help="data: the curated dataset, or rft: a round of learning from"
+                                            " verified attempts (sample, check against tests, build, train)")] = "data",
     ) -> None:
         """Train a role now: request a run from the engine, or train a dataset in this process."""
         cfg = settings()
+        if method not in ("data", "rft"):
+            fail(f"--method is data or rft, got {method!r}")
         if dataset is not None:
+            if method == "rft":
+                fail("--method rft samples the model in service; it takes no --dataset")
             _train_here(cfg, role, dataset)
             return
-        from flywheel_loop.plugins.shared.training_requests import request_training
+        from flywheel_loop.plugins.shared.training_requests import request_sampling, request_training
 
         async def request() -> tuple[Event[Any], int]:
             async with open_bus(cfg) as bus:
-                event = await request_training(bus, role)
+                event = await (request_sampling(bus, role) if method == "rft" else request_training(bus, role))
                 return event, await bus.last_sequence("log")
 
         event, seq = run(request)
-        say(f"requested training for {role} up to log sequence {event.data.log_position} ({event.id})")
+        what = "an rft round (sampling)" if method == "rft" else "training"
+        say(f"requested {what} for {role} up to log sequence {event.data.log_position} ({event.id})")
         if not wait:
             return
         err.print("following the run on the log (the engine, `flywheel up`, does the work; Ctrl-C stops watching)")
