@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from flywheel_loop.engine.cli import app
 from flywheel_loop.engine.config import load_settings
 from flywheel_loop.plugins.evaluation.evaluator import evaluate_run, recorded_tasks
-from flywheel_loop.plugins.evaluation.suite import load_suite
+from flywheel_loop.plugins.evaluation.suite import SuiteError, load_suite, open_suite
 from flywheel_loop.plugins.insight.commands import check_line
 from flywheel_loop.plugins.shared.chat_format import bundled_base_model, load_formatter
 from flywheel_loop.plugins.training.trainer import train_dataset
@@ -87,6 +87,17 @@ def test_runs_show_each_check_with_its_interval_and_items() -> None:
     suite = {"name": "forgetting (suite)", "status": "failed", "value": 1.0, "low": 0.57, "high": 1.0, "items": 5}
     assert check_line(suite) == "failed: forgetting (suite) 1.00 [0.57, 1.00] n=5"
     assert check_line({"name": "canary", "status": "inconclusive"}) == "inconclusive: canary"
+
+
+def test_a_suite_is_a_shipped_name_or_a_file_of_your_own(tmp_path: Path) -> None:
+    mine = tmp_path / "mine.jsonl"
+    mine.write_text("".join(json.dumps(p.as_dict()) + "\n" for p in load_suite()[:2]))
+    assert [p.id for p in open_suite(str(mine))] == [p.id for p in load_suite()[:2]]
+    with pytest.raises(SuiteError, match="nowhere.jsonl"):
+        open_suite(str(tmp_path / "nowhere.jsonl"))
+    mine.write_text("{}\n")
+    with pytest.raises(SuiteError, match=r"mine.jsonl:1: field 'id' is missing"):
+        open_suite(str(mine))
 
 
 # --------------------------------------------------------------------------- the real model (slow)
