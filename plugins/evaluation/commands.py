@@ -115,7 +115,7 @@ def register(app: typer.Typer) -> None:
             fail(str(exc))
         chosen_seed = seed if seed is not None else (ev.suite_seed or 0)
         if not full:
-            problems = sample(problems, sample_size or ev.suite_sample, chosen_seed)
+            problems = sample(problems, sample_size or ev.suite_sample or 40, chosen_seed)
         folder: Path | None = None
         if adapter is None:
             catch_up_projections(cfg, ["deployments"])

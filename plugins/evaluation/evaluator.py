@@ -258,7 +258,7 @@ def _measure(
     suite_rows: list[dict[str, Any]] = []
     suite_missing = ""
     seed = suite_seed(cfg, run_id)
-    if cfg.suite is not None:
+    if cfg.suite is not None and cfg.suite_sample > 0:
         try:
             problems = sample(open_suite(cfg.suite), cfg.suite_sample, seed)
             suite_rows = task_rows(problems, lambda text: chat_prompt(tokenizer, text))
@@ -331,7 +331,7 @@ def _measure(
     model.unload()  # give the base model back without the adapters' layers
     paired_tasks = Paired.of(outcomes["candidate"], outcomes["service"]) if tasks else None
     paired_suite = Paired.of(suite_outcomes["candidate"], suite_outcomes["service"]) if suite_rows else None
-    if cfg.suite is not None and not suite_rows and not suite_missing:
+    if cfg.suite is not None and cfg.suite_sample > 0 and not suite_rows and not suite_missing:
         suite_missing = f"the sample of suite {cfg.suite} is empty"
     outcome = verdict(figures["candidate"], figures["service"], cfg, paired_tasks, paired_suite, suite_missing)
     for check in outcome.checks:  # the interval figures, for the tables that list figures

@@ -7,12 +7,14 @@ Each check gives one ``Check`` (and one reason, starting ``ok:``, ``failed:`` or
   ``evaluator.confidence`` and the exact McNemar p-value. ``ok`` when the interval's low end is
   above ``-max_task_drop_points`` (the candidate is shown to lose at most that many points),
   ``failed`` when its high end is below 0 (it is shown to solve fewer tasks), else
-  ``inconclusive``; ``inconclusive`` too with fewer than ``min_task_items`` tasks;
+  ``inconclusive``; ``inconclusive`` too with fewer than ``min_task_items`` tasks (``gate_tasks =
+  false``: reported, not gated);
 - **forgetting (suite)**, by running code: of the coding-suite problems the model in service
   solved, the share the candidate no longer solves, with its Wilson interval: ``failed`` when the
   low end is above ``max_suite_forgetting`` (it lost significantly more than allowed), ``ok`` when
   the high end is below it, else ``inconclusive``; ``inconclusive`` when the model in service
-  solved fewer than ``min_suite_solved`` problems of the sample, or the suite could not run;
+  solved fewer than ``min_suite_solved`` problems of the sample, or the suite could not run (``suite =
+  none`` or ``suite_sample = 0``: no suite check);
 - **forgetting (loss)**, secondary: the share of forgetting-set items whose answer loss rose, below
   ``max_forgetting_rate``;
 - **held-out loss** at most ``max_loss_increase`` above the model in service;
@@ -141,8 +143,8 @@ def verdict(candidate: Figures, baseline: Figures, cfg: EvaluatorConfig, tasks: 
             suite: Paired | None = None, suite_missing: str = "") -> GateResult:
     """The verdict on the candidate's figures against the model in service's; ``tasks`` and
     ``suite`` are the paired outcomes of the tasks with tests and of the coding-suite sample."""
-    checks: list[Check] = [task_check(tasks, cfg)]
-    if cfg.suite is not None:
+    checks: list[Check] = [task_check(tasks, cfg)] if cfg.gate_tasks else []
+    if cfg.suite is not None and cfg.suite_sample > 0:
         checks.append(suite_check(suite, cfg, suite_missing))
 
     def simple(name: str, ok: bool | None, text: str, value: float | None = None, items: int | None = None) -> None:

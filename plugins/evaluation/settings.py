@@ -32,7 +32,12 @@ class EvaluatorConfig(PluginSection):
         " (plugins/evaluation/data/<name>.jsonl) or the path of a suite file of your own; none = no suite check",
     )
     suite_sample: int = Field(
-        default=40, ge=1, description="suite problems run per evaluation (a seeded sample; both models run them)"
+        default=40, ge=0, description="suite problems run per evaluation (a seeded sample; both models run them);"
+        " 0 = no suite check"
+    )
+    gate_tasks: bool = Field(
+        default=True, description="false: the task pass rate is measured and reported, not gated (tasks without"
+        " tests, say)"
     )
     suite_seed: int | None = Field(
         default=None, description="the sample's seed; none = drawn from the training run's id (one sample per run)"
