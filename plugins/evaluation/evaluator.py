@@ -46,7 +46,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from flywheel_loop.engine.artifacts import ArtifactCorrupt, ArtifactMissing, ThreadArtifacts
+from flywheel_loop.engine.artifacts import ThreadArtifacts
 from flywheel_loop.engine.config import Settings
 from flywheel_loop.engine.processor import ProcessContext, Processor
 from flywheel_loop.plugins.evaluation.gate import GateResult, verdict
@@ -65,7 +65,6 @@ from flywheel_loop.plugins.evaluation.settings import EvaluatorConfig
 from flywheel_loop.plugins.evaluation.stats import Paired
 from flywheel_loop.plugins.evaluation.suite import SuiteError, open_suite, sample, task_rows
 from flywheel_loop.plugins.shared.datasets import DatasetUnusable, dataset_folder, read_split
-from flywheel_loop.plugins.shared.deployment_book import BOOK_EVENTS, book_at
 from flywheel_loop.plugins.shared.models import (
     AdapterUnusable,
     BaseModelUnusable,
@@ -74,8 +73,8 @@ from flywheel_loop.plugins.shared.models import (
     load_base,
     read_lineage,
     torch_threads,
-    verify_adapter,
 )
+from flywheel_loop.plugins.shared.service_model import service_model
 from flywheel_loop.schemas import (
     EvaluationCompleted,
     EvaluationProgressed,
@@ -85,7 +84,7 @@ from flywheel_loop.schemas import (
     TrainingCompleted,
 )
 
-__all__ = ["Detector", "RecordedTask", "evaluate_run", "processor", "recorded_tasks", "service_adapter", "suite_seed"]
+__all__ = ["Detector", "RecordedTask", "evaluate_run", "processor", "recorded_tasks", "suite_seed"]
 
 log = logging.getLogger(__name__)
 
@@ -120,29 +119,6 @@ def suite_seed(cfg: EvaluatorConfig, run_id: str) -> int:
     if cfg.suite_seed is not None:
         return cfg.suite_seed
     return int.from_bytes(hashlib.sha256(run_id.encode()).digest()[:4], "big")
-
-
-async def service_adapter(ctx: ProcessContext, role: str) -> Path | None:
-    """The adapter folder in service for ``role`` at the position of the event being handled
-    (None: the base model), folded from the log's deployment events; fetched from the bus when this
-    machine does not have it. ``AdapterUnusable`` when it can be had neither here nor there."""
-    book = book_at(await ctx.read_log(BOOK_EVENTS, ctx.sequence or None))
-    try:
-        service = book.service(role)
-    finally:
-        book.db.close()
-    if service is None or service.adapter_hash is None:
-        return None
-    digest = service.adapter_hash
-    folder = ctx.layout.adapter(digest)
-    if (folder / "adapter_config.json").is_file():
-        return folder
-    if ctx.artifacts is None:
-        raise AdapterUnusable(f"adapter {digest} (in service for {role}) is not in {folder.parent}")
-    try:
-        return await ctx.artifacts.local("adapters", digest, verify_adapter(digest))
-    except (ArtifactMissing, ArtifactCorrupt) as exc:
-        raise AdapterUnusable(f"adapter {digest} (in service for {role}): {exc}") from None
 
 
 def _folder_mb(folder: Path) -> float:
@@ -355,7 +331,7 @@ class Evaluator:
         if not isinstance(completed, TrainingCompleted):
             return []
         try:
-            service = await service_adapter(ctx, completed.role)
+            service = (await service_model(ctx, completed.role))[1]
         except AdapterUnusable as exc:
             return [EvaluationCompleted(
                 run_id=completed.run_id, role=completed.role, adapter_hash=completed.adapter_hash, passed=False,

@@ -1,5 +1,5 @@
 """The adapter in service for a role at the position of the event being handled, for features that
-run the model in service (the sampler; the evaluator keeps its own copy until it is folded here)."""
+run the model in service (the sampler, the evaluator)."""
 
 from __future__ import annotations
 
