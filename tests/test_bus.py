@@ -40,7 +40,7 @@ async def test_retention_change_upgrades_the_existing_stream(bus: Bus, settings:
     assert info.config.max_age == pytest.approx(7 * 86400)
 
 
-SEALED = {"interaction.anonymized", "feedback.anonymized", "outcome.anonymized"}
+SEALED = {"interaction.anonymized", "feedback.anonymized", "outcome.anonymized", "attempts.sampled"}
 
 
 @pytest.mark.parametrize("event_type", sorted(CATALOGUE))
