@@ -9,6 +9,7 @@ from the events the summary names.
 from __future__ import annotations
 
 import io
+import re
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,15 @@ from flywheel_loop.engine.assessment import Evidence
 from flywheel_loop.engine.config import load_settings
 from flywheel_loop.engine.connection import open_bus
 from flywheel_loop.plugins.demo.figures import CONVENTION_SCORE, read_since
-from flywheel_loop.plugins.demo.tasks import LICENSE_HEADER, LICENSE_ID, TaskFileError, load_questions, load_tasks
+from flywheel_loop.plugins.demo.tasks import (
+    HELPER_NAMES,
+    LICENSE_HEADER,
+    LICENSE_ID,
+    TaskFileError,
+    load_helpers,
+    load_questions,
+    load_tasks,
+)
 from flywheel_loop.plugins.scoring.convention import assess
 from flywheel_loop.plugins.shared.code import extract_code, follows_convention
 from flywheel_loop.plugins.shared.sandbox import run_tests
@@ -40,6 +49,45 @@ def test_every_reference_solution_passes_its_tests_and_follows_the_convention() 
             assert not run_tests(stub, task.tests).all_passed, task.id
 
 
+def _helpers_called(source: str) -> set[str]:
+    import ast
+
+    return {n.func.id for n in ast.walk(ast.parse(source))
+            if isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id in HELPER_NAMES}
+
+
+def test_the_tasks_teach_the_shop_helpers_and_the_held_out_tasks_combine_them_anew() -> None:
+    tasks = load_tasks()
+    train = [t for t in tasks if t.split == "train"]
+    held_out = [t for t in tasks if t.split == "held_out"]
+    taught = {name: sum(name in _helpers_called(t.solution) for t in train) for name in HELPER_NAMES}
+    assert min(taught.values()) >= 5, taught  # each helper is corrected into many training answers
+    def body(task: Any) -> str:  # the function's body, whatever its name (after the header and the `def` line)
+        return "\n".join(task.solution.strip().splitlines()[2:])
+
+    bodies = {body(t) for t in train}
+    for task in held_out:
+        assert _helpers_called(task.solution), task.id
+        assert body(task) not in bodies, task.id  # a new combination, not a renamed one
+    for task in tasks:  # the prompts speak of the house terms, never of the helpers' names
+        assert not any(re.search(rf"\b{name}\(", task.prompt) for name in HELPER_NAMES), task.id
+
+
+def test_the_tests_pass_only_with_the_shop_helpers_behaviour() -> None:
+    tasks = {t.id: t for t in load_tasks()}
+    header = LICENSE_HEADER + "\n"
+    # what a model that does not know the helpers writes: a guess at the format fails the tests
+    guess = header + 'def price_label(cents):\n    return f"${cents / 100:.2f}"\n'
+    assert not run_tests(guess, tasks["price_label"].tests).all_passed
+    # a helper of its own shadows the shop's: the tests check the shop's behaviour, not the name
+    own = header + 'def money(cents):\n    return str(cents)\n\ndef price_label(cents):\n    return money(cents)\n'
+    assert not run_tests(own, tasks["price_label"].tests).all_passed
+    # code that reproduces the helpers' behaviour passes as well as code that calls them
+    inline = header + 'def price_label(cents):\n    return f"EUR {cents // 100}.{cents % 100:02d}"\n'
+    assert run_tests(inline, tasks["price_label"].tests).all_passed
+    assert "EUR" in load_helpers() and all(f"def {name}(" in load_helpers() for name in HELPER_NAMES)
+
+
 def test_a_bad_tasks_file_names_the_task_and_the_field(tmp_path: Path) -> None:
     path = tmp_path / "tasks.toml"
     path.write_text('[[task]]\nid = "x"\nsplit = "train"\ndomain = "math"\nprompt = "p"\ntests = "t"\n')
@@ -52,6 +100,12 @@ def test_a_bad_tasks_file_names_the_task_and_the_field(tmp_path: Path) -> None:
                     'tests = "t"\n')
     with pytest.raises(TaskFileError, match="must start with"):
         load_tasks(path)
+    path.write_text('helpers = "def money(cents):\\n    return cents"\n')
+    with pytest.raises(TaskFileError, match="must define sku, vat, ok, fail"):
+        load_helpers(path)
+    path.write_text('helpers = "def money(:"\n')
+    with pytest.raises(TaskFileError, match="`helpers` does not run: SyntaxError"):
+        load_helpers(path)
 
 
 def test_the_questions_load_and_a_bad_one_is_named(tmp_path: Path) -> None:

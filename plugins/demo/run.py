@@ -3,12 +3,14 @@
 The engine runs with every installed plugin on an embedded NATS server in a fresh state folder
 (``<state_dir>/demo-runs/<time>``; the converted base model is shared between runs), and a
 simulated coding agent (``engine/demo/agent.py``) drives it with the real base model,
-SmolLM2-135M-Instruct, over the coding tasks shipped in ``engine/demo/tasks.toml``:
+SmolLM2-135M-Instruct, over the coding tasks shipped in ``plugins/demo/tasks.toml``, which use the project's
+own helper API (the shop's ``money``, ``sku``, ``vat``, ``ok`` / ``fail``: ``tasks.py``) that the base model
+cannot know:
 
 a. **before**: the base model works the held-out tasks (tests run, nothing to train on);
 b. **work**: it works the training tasks; the simulated human accepts the answers that pass their
-   tests and follow the project convention (an SPDX license header), and corrects the others
-   with the reference solution;
+   tests (which only code with the helpers' behaviour does) and follow the project convention (an SPDX
+   license header), and corrects the others with the reference solution, which calls the helpers;
 c. **learn**: once every training turn is scored the demo asks for a training run, as
    ``flywheel train --role coder`` would (the volume trigger waits for 100 high-quality examples,
    and corrected answers are not high quality); the engine builds the dataset, trains a LoRA
@@ -51,7 +53,7 @@ from flywheel_loop.engine.plugin_host import PluginHost
 from flywheel_loop.plugins.demo.agent import ROLE, Turn, converse, work
 from flywheel_loop.plugins.demo.figures import PhaseFigures, phase_figures, read_since, scored
 from flywheel_loop.plugins.demo.models import Answerer, LocalModel
-from flywheel_loop.plugins.demo.tasks import LICENSE_HEADER, Question, Task, load_questions, load_tasks
+from flywheel_loop.plugins.demo.tasks import HELPER_NAMES, LICENSE_HEADER, Question, Task, load_questions, load_tasks
 from flywheel_loop.plugins.shared.models import base_model_dir
 from flywheel_loop.sdk.recorder import Recorder
 
@@ -393,8 +395,10 @@ async def run_demo(
     console.print(Text.assemble(
         ("flywheel demo", "bold"),
         f": a simulated coding agent on SmolLM2-135M-Instruct, {len(train)} training tasks ({len(questions)}"
-        f" questions between them) and {len(held_out)} held-out tasks; the convention to learn: every file"
-        " starts with ",
+        f" questions between them) and {len(held_out)} held-out tasks; to learn from the corrections: the"
+        " project's helper API (the shop's ",
+        (", ".join(f"{name}()" for name in HELPER_NAMES), "cyan"),
+        "), which held-out tasks use in new combinations, and a convention: every file starts with ",
         (LICENSE_HEADER, "cyan"),
         f". State: {run_dir}",
     ))
