@@ -46,7 +46,7 @@ from nats.js.api import (
 from flywheel_loop.engine import telemetry
 from flywheel_loop.engine.artifacts import ArtifactStore
 from flywheel_loop.engine.config import Settings, StreamsConfig
-from flywheel_loop.engine.keys import key_store
+from flywheel_loop.engine.keys import KeyStoreUnavailable, key_store
 from flywheel_loop.engine.sealing import KeyRing, Opened
 from flywheel_loop.schemas import Event, subject_for
 from flywheel_loop.sdk.client import BusUnavailable, EventPublisher, PublishFailed, StreamNames
@@ -198,8 +198,8 @@ class Bus(EventPublisher):
     async def ensure_streams(self, wait_s: float = 30.0) -> None:
         """Create the streams, or bring an existing one up to the configured settings.
 
-        A cluster that is still electing its JetStream leader does not answer yet: retry for
-        up to ``wait_s`` seconds before giving up."""
+        A cluster that is still electing its JetStream leader (or a stream's, after a node died) does
+        not answer yet: retry for up to ``wait_s`` seconds before giving up; the key store's bucket too."""
         deadline = asyncio.get_running_loop().time() + wait_s
         for config in stream_configs(self.settings.streams):
             while True:
@@ -214,7 +214,14 @@ class Bus(EventPublisher):
                     if asyncio.get_running_loop().time() > deadline:
                         raise BusUnavailable(f"JetStream did not accept stream {config.name}: {exc!r}") from exc
                     await asyncio.sleep(0.3)
-        await self.keys.store.ensure()
+        while True:  # the key bucket's stream too: its leader may still be moving after a node died
+            try:
+                await self.keys.store.ensure()
+                return
+            except KeyStoreUnavailable:
+                if asyncio.get_running_loop().time() > deadline:
+                    raise
+                await asyncio.sleep(0.3)
 
     async def encode_many(self, events: Sequence[Event[Any]]) -> list[bytes]:
         """Each event's wire bytes, its personal text sealed (``SubjectForgotten`` for a forgotten subject:
