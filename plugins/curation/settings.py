@@ -8,6 +8,7 @@ from typing import ClassVar, Literal
 from pydantic import Field, field_validator
 
 from flywheel_loop.engine.config import PluginSection, Section
+from flywheel_loop.plugins.shared.holdout import DEFAULT_SEED, DEFAULT_SHARE
 
 #: The reference design's quality bar moves with the task: a simple task passes 0.05 below
 #: ``min_reward``, a complex or expert one must clear a higher bar.
@@ -65,7 +66,8 @@ class DatasetConfig(Section):
     max_per_cell: int = Field(default=500, ge=1, description="examples kept per (role, domain, complexity) cell")
     validation_share: float = Field(default=0.1, ge=0, lt=1, description="validation split, stratified per cell")
     forgetting_share: float = Field(
-        default=0.05, ge=0, lt=1, description="share of interactions held out of every dataset, to measure forgetting"
+        default=DEFAULT_SHARE, ge=0, lt=1,
+        description="share of interactions held out of every dataset, to measure forgetting",
     )
     forgetting_max: int = Field(default=500, ge=0, description="largest forgetting set")
     rehearsal_share: float = Field(
@@ -81,7 +83,9 @@ class DatasetConfig(Section):
     rft_pairs_per_task: int = Field(
         default=1, ge=0, le=64, description="DPO pairs per task from sampled answers: a passing against a failing one"
     )
-    seed: int = Field(default=0, description="seeds splits, hold-outs and k-means (part of the dataset's identity)")
+    seed: int = Field(
+        default=DEFAULT_SEED, description="seeds splits, hold-outs and k-means (part of the dataset's identity)"
+    )
     lineage_in_event: int = Field(
         default=10_000, ge=0, description="event ids listed in dataset.built; the folder always has all"
     )

@@ -35,6 +35,7 @@ from flywheel_loop.plugins.sampling.attempts import (
     verify,
 )
 from flywheel_loop.plugins.sampling.settings import SamplingConfig
+from flywheel_loop.plugins.shared.holdout import DEFAULT_SEED, DEFAULT_SHARE
 from flywheel_loop.plugins.shared.models import (
     AdapterUnusable,
     BaseModelUnusable,
@@ -50,19 +51,15 @@ __all__ = ["NAME", "attempts_sampled", "holdout", "processor", "sample_round"]
 log = logging.getLogger(__name__)
 
 NAME = "sampler"
-#: the dataset builder's hold-out defaults (curation.dataset), used when [curation] leaves them unset
-_HOLDOUT_DEFAULTS = (0, 0.05)
-
-
 def holdout(settings: Settings) -> tuple[int, float]:
     """(seed, share) of the tasks held out for evaluation: ``sampling.holdout_share`` or the dataset
     builder's ``curation.dataset.forgetting_share``, with ``curation.dataset.seed``."""
     raw = settings.plugin_sections().get("curation") or {}
     curation = raw.model_dump() if isinstance(raw, BaseModel) else dict(raw)
     dataset = curation.get("dataset") or {}
-    seed = int(dataset.get("seed", _HOLDOUT_DEFAULTS[0]))
+    seed = int(dataset.get("seed", DEFAULT_SEED))
     share = SamplingConfig.of(settings).holdout_share
-    return seed, float(share if share is not None else dataset.get("forgetting_share", _HOLDOUT_DEFAULTS[1]))
+    return seed, float(share if share is not None else dataset.get("forgetting_share", DEFAULT_SHARE))
 
 
 def sample_round(

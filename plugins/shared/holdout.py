@@ -6,7 +6,11 @@ from __future__ import annotations
 
 import hashlib
 
-__all__ = ["held_out", "unit"]
+__all__ = ["DEFAULT_SEED", "DEFAULT_SHARE", "held_out", "unit"]
+
+#: the hold-out's defaults: ``curation.dataset.seed`` and ``forgetting_share``, which the sampler reads too
+DEFAULT_SEED = 0
+DEFAULT_SHARE = 0.05
 
 
 def unit(seed: int, *parts: str) -> float:
