@@ -40,6 +40,7 @@ __all__ = [
     "TrainingCompleted",
     "TrainingFailed",
     "GateCheck",
+    "SuiteResults",
     "EvaluationProgressed",
     "EvaluationCompleted",
     "DeploymentCompleted",
@@ -409,6 +410,19 @@ class GateCheck(Part):
     p_value: Annotated[float, Field(ge=0, le=1)] | None = None
 
 
+class SuiteResults(Part):
+    """Which coding-suite problems an evaluation ran and which each side solved: the evidence the next
+    evaluations draw their focused sample from (``evaluator.suite_focus``)."""
+
+    suite: Name
+    service: ShortText = Field(description="the model in service: its adapter hash, or the base model's name")
+    problems: list[Name] = Field(default_factory=list, max_length=5000)
+    candidate_solved: list[Name] = Field(default_factory=list, max_length=5000)
+    service_solved: list[Name] = Field(default_factory=list, max_length=5000)
+    focused: bool = Field(default=False, description="drawn first from the problems the model in service was"
+                          " known to solve")
+
+
 class EvaluationProgressed(Payload):
     """An evaluation under way: which step of the gate runs and how far it got (live, best effort)."""
 
@@ -441,6 +455,7 @@ class EvaluationCompleted(Payload):
         " gate (read `passed`)",
     )
     checks: list[GateCheck] = Field(default_factory=list, max_length=50)
+    suite_results: SuiteResults | None = Field(default=None, description="the suite problems run and solved")
 
     @property
     def outcome(self) -> GateVerdict:

@@ -22,6 +22,7 @@ from flywheel_loop.plugins.evaluation.suite import (
     DATA,
     SuiteError,
     SuiteProblem,
+    focused_sample,
     load_suite,
     parse_suite,
     sample,
@@ -200,3 +201,15 @@ def test_sample_is_seeded_and_grows_by_adding(suite: list[SuiteProblem]) -> None
     assert sample(held, 0, seed=1) == []
     with pytest.raises(ValueError):
         sample(held, -1, seed=1)
+
+
+def test_a_focused_sample_draws_the_known_solved_problems_first(suite: list[SuiteProblem]) -> None:
+    known = [p.id for p in sample(suite, 5, seed=11)]
+    picked = focused_sample(suite, 8, seed=1, solved=[*known, "no-such-problem"])
+    assert len(picked) == 8 and {p.id for p in picked} >= set(known)  # every known one, then 3 of the rest
+    assert picked == focused_sample(suite, 8, seed=1, solved=known)
+    assert [p.id for p in picked] == [p.id for p in suite if p in picked]  # the suite's order
+    many = [p.id for p in sample(suite, 20, seed=11)]
+    drawn = {p.id for p in focused_sample(suite, 8, seed=1, solved=many)}
+    assert drawn <= set(many) and len(drawn) == 8  # enough known: none of the rest
+    assert focused_sample(suite, 8, seed=1, solved=[]) == sample(suite, 8, seed=1)  # nothing known: a plain sample

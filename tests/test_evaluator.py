@@ -18,13 +18,14 @@ from flywheel_loop.engine.config import load_settings
 from flywheel_loop.engine.plugin_host import PluginHost
 from flywheel_loop.plugins import evaluation as evaluation_feature
 from flywheel_loop.plugins import serving
+from flywheel_loop.plugins.evaluation import known
 from flywheel_loop.plugins.evaluation.evaluator import evaluate_run
 from flywheel_loop.plugins.evaluation.gate import GateResult, verdict
 from flywheel_loop.plugins.evaluation.metrics import ItemLoss, canary_leaks, forgetting_rate
 from flywheel_loop.plugins.evaluation.settings import EvaluatorConfig
 from flywheel_loop.plugins.evaluation.stats import Paired, mcnemar_p, newcombe_paired, wilson
 from flywheel_loop.plugins.training.trainer import train_dataset
-from flywheel_loop.schemas import EvaluationCompleted, TrainingCompleted, new_event
+from flywheel_loop.schemas import EvaluationCompleted, SuiteResults, TrainingCompleted, new_event
 from tests.conftest import read_log, wait_for
 from tests.test_trainer import ROWS, formatter, tiny_model_dir, tiny_sections  # noqa: F401  (fixtures)
 
@@ -172,6 +173,35 @@ def test_old_evaluation_events_still_read() -> None:
         EvaluationCompleted(run_id="r", role="coder", passed=True, verdict="inconclusive")
 
 
+def test_known_solved_problems_come_from_the_log_and_the_shipped_calibration(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def evaluation(adapter: str, service: str, cand: list[str], serv: list[str], suite: str = "coding_suite") -> Any:
+        results = SuiteResults(suite=suite, service=service, problems=sorted({*cand, *serv, "p-unsolved"}),
+                               candidate_solved=cand, service_solved=serv)
+        data = EvaluationCompleted(run_id=f"run-{adapter}", role="coder", adapter_hash=adapter, passed=False,
+                                   verdict="failed", suite_results=results)
+        return new_event(data, source="test")
+
+    events = list(enumerate([
+        evaluation("a" * 64, "base-model", cand=["p1", "p2"], serv=["p1", "p3"]),
+        evaluation("b" * 64, "a" * 64, cand=["p4"], serv=["p2", "p5"]),
+        evaluation("c" * 64, "a" * 64, cand=["p9"], serv=["p6"], suite="other"),
+    ]))
+    assert known.logged_solved(events, "coding_suite", "base-model") == {"p1", "p3"}
+    # an adapter's problems: those it solved as the candidate and, once in service, as the model in service
+    assert known.logged_solved(events, "coding_suite", "a" * 64) == {"p1", "p2", "p5"}
+    assert known.logged_solved(events, "coding_suite", "c" * 64) == set()  # another suite's results
+    calibration = tmp_path / "coding_suite.solved.json"
+    monkeypatch.setattr(known, "calibration_path", lambda suite: calibration)
+    assert known.shipped_solved("coding_suite", "base-model") == set()  # no file
+    calibration.write_text(json.dumps({"suite": "coding_suite", "model": "base-model", "solved": ["p7", "p8"]}))
+    assert known.known_solved(events, "coding_suite", "base-model") == {"p1", "p3", "p7", "p8"}
+    assert known.shipped_solved("coding_suite", "another-base") == set()  # measured on another model
+    calibration.write_text("{not json")
+    assert known.shipped_solved("coding_suite", "base-model") == set()
+
+
 def test_forgetting_counts_items_whose_loss_rose_past_the_tolerance() -> None:
     base = [ItemLoss(10, 10), ItemLoss(20, 10), ItemLoss(5, 5), None]
     cand = [ItemLoss(10.4, 10), ItemLoss(30, 10), ItemLoss(4, 5), ItemLoss(1, 1)]
@@ -293,6 +323,10 @@ def test_an_adapter_trained_on_wrong_answers_is_rejected_and_one_on_right_answer
         assert checks["forgetting (suite)"].status == "inconclusive"  # the model in service solved none
         assert [f"{c.status}: {c.detail}" for c in outcome.checks] == outcome.reasons
         assert outcome.baseline["model"] == "base"
+        results = outcome.suite_results  # on the log for the next evaluations' focused sample
+        assert results is not None and results.suite == "coding_suite" and len(results.problems) == 3
+        assert results.service == str(knowing_base) and not results.focused  # nothing known of the tiny model
+        assert set(results.candidate_solved) | set(results.service_solved) <= set(results.problems)
         assert outcome.candidate["forgetting_items"] == len(ROWS) + len(GENERAL)
         for key in ("ms_per_token", "peak_rss_mb", "adapter_mb", "canary_prompts", "held_out_loss"):
             assert outcome.candidate[key] is not None, key

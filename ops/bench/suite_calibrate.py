@@ -70,7 +70,7 @@ def calibrate(args: argparse.Namespace) -> dict[str, Any]:
 
     from flywheel_loop.plugins.evaluation.generation import chat_prompt
     from flywheel_loop.plugins.evaluation.metrics import task_pass_rate
-    from flywheel_loop.plugins.shared.models import load_base, resolve_base_model, torch_threads
+    from flywheel_loop.plugins.shared.models import load_base, resolve_base_model, torch_threads, use_bf16
 
     problems = load_suite(args.suite)
     if args.sample is not None:
@@ -80,10 +80,12 @@ def calibrate(args: argparse.Namespace) -> dict[str, Any]:
     model, tokenizer = load_base(folder)
     loaded = time.perf_counter()
     rows = task_rows(problems, render=lambda text: chat_prompt(tokenizer, text))
+    # the precision the evaluator picks on this machine (models.precision = auto: the measured probe)
+    bf16 = use_bf16(args.precision, "cpu", args.state_dir)
     with torch_threads(args.threads):
         result = task_pass_rate(
             model, tokenizer, rows, args.max_new_tokens, args.batch,
-            timeout_s=args.timeout_s, memory_mb=args.memory_mb,
+            timeout_s=args.timeout_s, memory_mb=args.memory_mb, bf16=bf16,
         )
     finished = time.perf_counter()
     # task_pass_rate reports each failure as "<id>: <why>"; every other problem passed
@@ -103,6 +105,7 @@ def calibrate(args: argparse.Namespace) -> dict[str, Any]:
         "model": str(folder),
         "max_new_tokens": args.max_new_tokens,
         "batch": args.batch,
+        "precision": "bf16" if bf16 else "fp32",
         "threads": args.threads if args.threads is not None else torch.get_num_threads(),
         **breakdown(problems, solved),
         "seconds": {
@@ -128,7 +131,7 @@ def report(figures: dict[str, Any]) -> str:
     secs = figures["seconds"]
     lines = [
         f"suite {figures['suite']}, model {figures['model']}",
-        f"greedy, {figures['max_new_tokens']} new tokens, batch {figures['batch']}, "
+        f"greedy, {figures['max_new_tokens']} new tokens, batch {figures['batch']}, {figures['precision']}, "
         f"{figures['threads']} torch thread(s)",
         _line("pass@1", figures["overall"]),
         "by difficulty:",
@@ -139,6 +142,32 @@ def report(figures: dict[str, Any]) -> str:
         f"{figures['generated_tokens']} tokens, tests {secs['tests']} s)",
     ]
     return "\n".join(lines)
+
+
+def write_solved(args: argparse.Namespace, figures: dict[str, Any]) -> None:
+    """The calibration the evaluator reads (``plugins/evaluation/known.py``): which problems the default
+    base model solved, under which settings, measured by which command."""
+    from flywheel_loop.plugins.evaluation.known import calibration_path
+    from flywheel_loop.plugins.shared.models import base_model_name
+
+    path = calibration_path(args.suite)
+    body = {
+        "suite": args.suite,
+        "model": base_model_name(load_settings_for(args.state_dir)),
+        "precision": figures["precision"],
+        "max_new_tokens": args.max_new_tokens,
+        "measured": time.strftime("%Y-%m-%d"),
+        "command": f"ops/bench/suite_calibrate.py --write-solved --max-new-tokens {args.max_new_tokens}",
+        "solved": sorted(p["id"] for p in figures["problems"] if p["passed"]),
+    }
+    path.write_text(json.dumps(body, indent=1) + "\n")
+    print(f"wrote {path}: {len(body['solved'])} solved of {len(figures['problems'])}")
+
+
+def load_settings_for(state_dir: Path) -> Any:
+    from flywheel_loop.engine.config import load_settings
+
+    return load_settings().model_copy(update={"state_dir": state_dir})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -158,8 +187,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--answers", type=Path, default=None, help="write each answer and outcome (JSON lines)")
+    parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                        help="as models.precision (auto: the measured probe, as the evaluator does)")
+    parser.add_argument("--write-solved", action="store_true",
+                        help="write the solved problems as the suite's calibration for the default base model"
+                        " (plugins/evaluation/data/<suite>.solved.json), which the evaluator's focused sample"
+                        " draws on; only with the base model and the whole suite")
     args = parser.parse_args(argv)
+    if args.write_solved and (args.model is not None or args.sample is not None):
+        parser.error("--write-solved calibrates the default base model on the whole suite: drop --model/--sample")
     figures = calibrate(args)
+    if args.write_solved:
+        write_solved(args, figures)
     print(json.dumps(figures, indent=2) if args.json else report(figures))
     return 0
 

@@ -19,9 +19,10 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 from flywheel_loop.plugins.shared.openai_client import post_chat
+from flywheel_loop.plugins.shared.stopping import closed_fence
 
 __all__ = ["Answer", "Answerer", "LocalModel", "ModelUnreachable", "ServedModel"]
 
@@ -62,23 +63,6 @@ class LocalModel:
         self.model.eval()
         self.tokenizer.padding_side = "left"
 
-    def _stop_criteria(self, start: int) -> Any:
-        from transformers import StoppingCriteria, StoppingCriteriaList
-
-        tokenizer = self.tokenizer
-
-        class ClosedFence(StoppingCriteria):
-            """Stops a sequence once its answer has opened and closed a code fence."""
-
-            def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
-                import torch
-
-                texts = tokenizer.batch_decode(input_ids[:, start:], skip_special_tokens=True)
-                return torch.tensor([t.count("```") >= 2 for t in texts], dtype=torch.bool,
-                                    device=input_ids.device)
-
-        return StoppingCriteriaList([ClosedFence()])
-
     def answer_many(self, prompts: list[str]) -> list[Answer]:
         import torch
 
@@ -100,7 +84,7 @@ class LocalModel:
                     max_new_tokens=self.max_new_tokens,
                     do_sample=False,
                     pad_token_id=self.tokenizer.pad_token_id,
-                    stopping_criteria=self._stop_criteria(start),
+                    stopping_criteria=closed_fence(self.tokenizer, start),
                 )
             elapsed = (time.monotonic() - began) * 1000 / len(chunk)
             for row, mask in zip(out, enc["attention_mask"], strict=True):

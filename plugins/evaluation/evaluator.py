@@ -42,7 +42,7 @@ import hashlib
 import itertools
 import logging
 import resource
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +51,7 @@ from flywheel_loop.engine.config import Settings
 from flywheel_loop.engine.processor import ProcessContext, Processor
 from flywheel_loop.plugins.evaluation.gate import GateResult, verdict
 from flywheel_loop.plugins.evaluation.generation import chat_prompt, generate
+from flywheel_loop.plugins.evaluation.known import known_solved
 from flywheel_loop.plugins.evaluation.metrics import (
     DATA,
     answer_losses,
@@ -63,13 +64,14 @@ from flywheel_loop.plugins.evaluation.metrics import (
 from flywheel_loop.plugins.evaluation.progress import EvalProgress
 from flywheel_loop.plugins.evaluation.settings import EvaluatorConfig
 from flywheel_loop.plugins.evaluation.stats import Paired
-from flywheel_loop.plugins.evaluation.suite import SuiteError, open_suite, sample, task_rows
+from flywheel_loop.plugins.evaluation.suite import SuiteError, focused_sample, open_suite, sample, task_rows
 from flywheel_loop.plugins.shared.datasets import DatasetUnusable, dataset_folder, read_split
 from flywheel_loop.plugins.shared.models import (
     AdapterUnusable,
     BaseModelUnusable,
     adapter_folder,
     base_model_dir,
+    base_model_name,
     load_base,
     read_lineage,
     torch_threads,
@@ -81,6 +83,7 @@ from flywheel_loop.schemas import (
     Event,
     GateCheck,
     InteractionAnonymized,
+    SuiteResults,
     TrainingCompleted,
 )
 
@@ -138,6 +141,7 @@ def evaluate_run(
     recorded: Sequence[RecordedTask] = (),
     trained_datasets: Sequence[str] = (),
     emit: Callable[[EvaluationProgressed], None] | None = None,
+    known_solved: Collection[str] = (),
 ) -> EvaluationCompleted:
     """Measure the run's adapter against the model in service (``service``: its adapter folder;
     None: the base model) and apply the gate. ``detect`` finds the kinds of secrets and personal
@@ -145,7 +149,9 @@ def evaluate_run(
     ``artifacts`` (from a worker thread) fetches the adapter, the dataset and the base model when
     this machine lacks them. ``recorded``: the role's recorded tasks with tests (newest first);
     those in the train split of the run's dataset or of ``trained_datasets`` (the role's other
-    runs' datasets found here) are left out. ``emit`` publishes ``evaluation.progressed``."""
+    runs' datasets found here) are left out. ``emit`` publishes ``evaluation.progressed``.
+    ``known_solved``: the suite problems the model in service is known to solve (``known.py``), which the
+    suite sample is drawn from first (``evaluator.suite_focus``)."""
     cfg = EvaluatorConfig.of(settings)
 
     def rejected(reason: str) -> EvaluationCompleted:
@@ -172,14 +178,16 @@ def evaluate_run(
     fresh = [t for t in recorded if t[0] not in trained]
     with torch_threads(cfg.threads), EvalProgress(completed.run_id, completed.role, 10, emit,
                                                   cfg.progress_every_s) as progress:
-        candidate, baseline, outcome = _measure(settings, completed.run_id, base, tokenizer, adapter_dir, dataset,
-                                                service, detect, fresh, progress)
+        candidate, baseline, outcome, suite_results = _measure(
+            settings, completed.run_id, base, tokenizer, adapter_dir, dataset, service, detect, fresh, progress,
+            known_solved)
     return EvaluationCompleted(
         run_id=completed.run_id, role=completed.role, adapter_hash=completed.adapter_hash, candidate=candidate,
         baseline=baseline, passed=outcome.passed, verdict=outcome.verdict,
         reasons=[r[:2000] for r in outcome.reasons],
         checks=[GateCheck(name=c.name, status=c.status, detail=c.detail[:2000], value=c.value, low=c.low,
                           high=c.high, items=c.items, p_value=c.p_value) for c in outcome.checks],
+        suite_results=suite_results,
     )
 
 
@@ -199,7 +207,8 @@ def _trained_ids(settings: Settings, hashes: Sequence[str]) -> set[str]:
 def _measure(
     settings: Settings, run_id: str, base: Any, tokenizer: Any, adapter_dir: Path, dataset: Path,
     service_dir: Path | None, detect: Detector | None, recorded: Sequence[RecordedTask], progress: EvalProgress,
-) -> tuple[Figures, Figures, GateResult]:
+    known_solved: Collection[str] = (),
+) -> tuple[Figures, Figures, GateResult, SuiteResults | None]:
     from peft import PeftModel
 
     from flywheel_loop.plugins.shared.models import use_bf16
@@ -236,7 +245,9 @@ def _measure(
     seed = suite_seed(cfg, run_id)
     if cfg.suite is not None and cfg.suite_sample > 0:
         try:
-            problems = sample(open_suite(cfg.suite), cfg.suite_sample, seed)
+            suite_problems = open_suite(cfg.suite)
+            problems = (focused_sample(suite_problems, cfg.suite_sample, seed, known_solved)
+                        if cfg.suite_focus == "solved" else sample(suite_problems, cfg.suite_sample, seed))
             suite_rows = task_rows(problems, lambda text: chat_prompt(tokenizer, text))
         except SuiteError as exc:
             suite_missing = str(exc)
@@ -318,7 +329,23 @@ def _measure(
             figures["candidate"].update({"suite_forgetting": check.value, "suite_forgetting_low": check.low,
                                          "suite_forgetting_high": check.high, "suite_solved_in_service": check.items,
                                          "suite_seed": seed})
-    return figures["candidate"], figures["service"], outcome
+    results = None
+    if suite_rows and cfg.suite is not None:
+        ids = [str(r["id"]) for r in suite_rows]
+        results = SuiteResults(
+            suite=cfg.suite, service=service_key(settings, service_dir), problems=ids,
+            candidate_solved=[i for i, ok in zip(ids, suite_outcomes["candidate"], strict=True) if ok],
+            service_solved=[i for i, ok in zip(ids, suite_outcomes["service"], strict=True) if ok],
+            focused=cfg.suite_focus == "solved" and bool(known_solved),
+        )
+        figures["candidate"]["suite_known_solved"] = len(set(known_solved) & set(ids))
+    return figures["candidate"], figures["service"], outcome, results
+
+
+def service_key(settings: Settings, service_dir: Path | None) -> str:
+    """How suite results name the model in service: its adapter's hash (the folder's name), or the base
+    model's name."""
+    return service_dir.name if service_dir is not None else base_model_name(settings)
 
 
 class Evaluator:
@@ -341,6 +368,11 @@ class Evaluator:
         artifacts = ctx.artifacts.in_thread() if ctx.artifacts is not None else None
         until = ctx.sequence or None
         history = await ctx.read_log(("interaction.anonymized", "data.forgotten"), until)
+        cfg = EvaluatorConfig.of(ctx.settings)
+        known: set[str] = set()
+        if cfg.suite is not None and cfg.suite_focus == "solved":
+            evaluations = await ctx.read_log(("evaluation.completed",), until)
+            known = known_solved(evaluations, cfg.suite, service_key(ctx.settings, service))
         runs = await ctx.read_log(("training.completed",), until)
         trained = [e.data.dataset_hash for _, e in runs
                    if e.data.role == completed.role and e.data.dataset_hash is not None]
@@ -351,7 +383,7 @@ class Evaluator:
                 ctx.emit_threadsafe(progress, next(counter), timeout=10.0)
 
         outcome = await asyncio.to_thread(evaluate_run, ctx.settings, completed, service, detect, artifacts,
-                                          recorded_tasks(history, completed.role), trained, emit)
+                                          recorded_tasks(history, completed.role), trained, emit, known)
         return [outcome]
 
 

@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from flywheel_loop.plugins.shared.stopping import closed_fence
+
 __all__ = ["Generations", "chat_prompt", "generate"]
 
 
@@ -36,10 +38,11 @@ def chat_prompt(tokenizer: Any, text: str) -> str:
 
 def generate(
     model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int, batch: int = 8, bf16: bool = False,
-    advance: Callable[[int], None] | None = None,
+    advance: Callable[[int], None] | None = None, stop_after_code: bool = False,
 ) -> Generations:
     """Greedy answers to already templated ``prompts`` (left-padded batches), in order;
-    ``advance(n)`` is told of each batch of ``n`` answers."""
+    ``advance(n)`` is told of each batch of ``n`` answers. ``stop_after_code``: an answer ends once it
+    has closed a fenced code block (``plugins/shared/stopping.py``), which is all a test run reads."""
     texts: list[str] = []
     produced = 0
     started = time.perf_counter()
@@ -53,9 +56,11 @@ def generate(
             chunk = list(prompts[i : i + batch])
             enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
             ctx = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+            stop = closed_fence(tokenizer, enc["input_ids"].shape[1]) if stop_after_code else None
             with torch.no_grad(), ctx:
                 out = model.generate(
                     **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                    stopping_criteria=stop,
                 )
             new = out[:, enc["input_ids"].shape[1] :]
             for row in new:

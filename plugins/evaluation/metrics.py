@@ -137,7 +137,8 @@ def task_pass_rate(
     """Generate an answer for each row that has ``tests`` and run the tests against its code;
     ``advance(n)`` is told of each answer generated and each test run (2 per row)."""
     with_tests = [r for r in rows if r.get("tests")]
-    gens = generate(model, tokenizer, [r["prompt"] for r in with_tests], max_new_tokens, batch, bf16, advance)
+    gens = generate(model, tokenizer, [r["prompt"] for r in with_tests], max_new_tokens, batch, bf16, advance,
+                    stop_after_code=True)
     passed, failures, outcomes = 0, [], []
     for row, text in zip(with_tests, gens.texts, strict=True):
         result = run_tests(extract_code(text), row["tests"], timeout_s=timeout_s, memory_mb=memory_mb)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 from pydantic import Field
 
@@ -34,6 +34,11 @@ class EvaluatorConfig(PluginSection):
     suite_sample: int = Field(
         default=40, ge=0, description="suite problems run per evaluation (a seeded sample; both models run them);"
         " 0 = no suite check"
+    )
+    suite_focus: Literal["solved", "any"] = Field(
+        default="solved", description="solved: draw the sample first from the problems the model in service is"
+        " known to solve (earlier evaluations on the log; the shipped calibration of the default base model),"
+        " where forgetting can show, then from the rest; any: a seeded sample of the whole suite",
     )
     gate_tasks: bool = Field(
         default=True, description="false: the task pass rate is measured and reported, not gated (tasks without"

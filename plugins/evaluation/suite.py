@@ -47,6 +47,7 @@ __all__ = [
     "DIFFICULTIES",
     "SuiteError",
     "SuiteProblem",
+    "focused_sample",
     "load_suite",
     "open_suite",
     "parse_suite",
@@ -236,3 +237,18 @@ def task_rows(problems: Iterable[SuiteProblem], render: Callable[[str], str] = s
     """Rows in the form ``plugins.evaluation.metrics.task_pass_rate`` measures: ``prompt``
     (passed through ``render``, e.g. the model's chat template), ``tests`` (``test_code``) and ``id``."""
     return [{"id": p.id, "prompt": render(p.prompt), "tests": p.test_code} for p in problems]
+
+
+def focused_sample(
+    problems: Sequence[SuiteProblem], n: int, seed: int, solved: Iterable[str]
+) -> list[SuiteProblem]:
+    """``n`` problems drawn first from those in ``solved`` (the ids the model in service is known to solve),
+    then, when fewer are known, from the rest; each part by ``sample``'s seeded draw, the result in the
+    suite's order. Forgetting is the share of the problems the model in service solves that the candidate no
+    longer solves: a problem it cannot solve shows nothing, so a sample of known-solved problems measures
+    forgetting on every problem run, where a plain sample (a model solving 14 % of the suite) on a few."""
+    known = set(solved)
+    first = sample([p for p in problems if p.id in known], n, seed)
+    rest = sample([p for p in problems if p.id not in known], n - len(first), seed)
+    chosen = {p.id for p in first + rest}
+    return [p for p in problems if p.id in chosen]
