@@ -101,6 +101,7 @@ class DemoSummary:
             return p.as_dict() if p is not None else None
 
         gain = (self.after.pass_rate - self.before.pass_rate) if self.after and self.before else None
+        cand, base = self.evaluation.get("candidate", {}), self.evaluation.get("baseline", {})
         return {
             "state_dir": str(self.state_dir),
             # headroom: how far the pass rate could rise at all (a gain cannot exceed it)
@@ -109,6 +110,13 @@ class DemoSummary:
                                    "headroom": 1.0 - self.before.pass_rate if self.before else None},
             "convention_adherence": {"before": self.before.convention_rate if self.before else None,
                                      "after": self.after.convention_rate if self.after else None},
+            # general capability: the coding suite's sample, run on both models by the gate
+            "forgetting_suite": {
+                "pass_rate": {"before": base.get("suite_pass_rate"), "after": cand.get("suite_pass_rate")},
+                "problems": base.get("suite_problems"), "solved_before": base.get("suite_passed"),
+                "forgetting": cand.get("suite_forgetting"), "low": cand.get("suite_forgetting_low"),
+                "high": cand.get("suite_forgetting_high"),
+            } if self.evaluation else None,
             "verdict": self.verdict,
             "deployed": self.deployed,
             "phases": {"before": phase(self.before), "work": phase(self.work), "after": phase(self.after)},
@@ -519,6 +527,12 @@ def report(summary: DemoSummary) -> Table:
     ev = summary.evaluation
     if ev:
         cand, base = ev["candidate"], ev["baseline"]
+        solved, lost = base.get("suite_passed"), cand.get("suite_forgetting")
+        table.add_row("forgetting: suite problems lost", f"solved {solved if solved is not None else '-'}"
+                      f" of {base.get('suite_problems', '-')}",
+                      f"{_percent(lost)} [{_percent(cand.get('suite_forgetting_low'))},"
+                      f" {_percent(cand.get('suite_forgetting_high'))}]" if lost is not None else "not measured",
+                      "evaluation.completed")
         table.add_row("forgetting (items whose loss rose)", "-",
                       f"{_percent(cand.get('forgetting_rate'))} of {cand.get('forgetting_items', '-')}",
                       "evaluation.completed")
