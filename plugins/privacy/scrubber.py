@@ -265,8 +265,11 @@ _VALUE_SHAPE: dict[str, re.Pattern[str]] = {
 }
 
 _KEY_END = re.compile(r"-----END [A-Z0-9 ]*-----|---- END SSH2[^\n]*")
-_TOKEN_CHARS = re.compile(r"[A-Za-z0-9_\-]")
+#: the characters a token is extended by: a run of them matched at once forwards, looked up one by one backwards
+_TOKEN_RUN = re.compile(r"[A-Za-z0-9_\-]*")
+_TOKEN_CHAR_SET = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
 _TRIM = " \t\"'=:"
+_TRIM_SPAN = _TRIM + "\n\r"
 
 
 def _token_detectors() -> list[tuple[str, re.Pattern[str]]]:
@@ -305,13 +308,13 @@ def _secret_span(match: re.Match[str], text: str) -> tuple[int, int]:
         best = max(groups, key=lambda i: match.end(i) - match.start(i))
         return match.start(best), match.end(best)
     start, end = match.start(), match.end()
-    while start < end and text[start] in _TRIM + "\n\r":
+    while start < end and text[start] in _TRIM_SPAN:
         start += 1
-    while end > start and text[end - 1] in _TRIM + "\n\r":
+    while end > start and text[end - 1] in _TRIM_SPAN:
         end -= 1
-    while end < len(text) and _TOKEN_CHARS.match(text, end):
-        end += 1
-    while start > 0 and _TOKEN_CHARS.match(text, start - 1):
+    run = _TOKEN_RUN.match(text, end)
+    end = run.end() if run else end
+    while start > 0 and text[start - 1] in _TOKEN_CHAR_SET:
         start -= 1
     return start, end
 
