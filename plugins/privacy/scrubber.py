@@ -547,12 +547,17 @@ class Candidates:
         self.whole = [(0, len(text))]
         self.found = found
         self.ids = ids
+        # the detectors that may match at all, looked up once: most of some hundred are asked and answer no
+        self.may = found.hits() if found is not None else None
 
     def __call__(self, key: object) -> list[Span]:
-        return self.found.spans(self.ids[key]) if self.found is not None else self.whole
+        if self.found is None or self.may is None:
+            return self.whole
+        i = self.ids[key]
+        return self.found.spans(i) if i in self.may else []
 
     def hit(self, key: object) -> bool:
-        return self.found is None or self.found.hit(self.ids[key])
+        return self.may is None or self.ids[key] in self.may
 
 # Prefilter expressions for patterns that end in an unbounded run, for which Hyperscan reports a
 # match at every offset of the run: each matches the start of every match of its pattern (which

@@ -125,6 +125,10 @@ class Candidates:
         """Whether detector ``i`` may match anywhere (cheap: ask before ``spans``)."""
         return self._ends is None or i in self._ends or i in self._always
 
+    def hits(self) -> set[int] | None:
+        """The detectors that may match anywhere (``hit``), or None when every one may (no prefilter)."""
+        return None if self._ends is None else set(self._ends) | self._always
+
     def spans(self, i: int) -> list[Span]:
         """The spans of the text (whole lines, merged) where detector ``i`` may match."""
         if self._ends is None or i in self._always:
