@@ -11,15 +11,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import Callable
 
 import typer
 
 from flywheel_loop.engine.config import PluginSection, Settings
 from flywheel_loop.engine.hookspecs import hookimpl
-from flywheel_loop.engine.processor import Outputs, ProcessContext, Processor
+from flywheel_loop.engine.processor import Handler, Processor
 from flywheel_loop.plugins.evaluation.settings import EvaluatorConfig
+from flywheel_loop.plugins.shared.deferred import Deferred
 
 
 @hookimpl
@@ -27,20 +27,10 @@ def register_settings(register: Callable[[type[PluginSection]], None]) -> None:
     register(EvaluatorConfig)
 
 
-class _Evaluator:
-    """The evaluator's handler, imported on its first input. Its module brings in torch and
-    transformers (a second or more), and every ``flywheel up`` registers this processor, also one
-    started with ``--only`` for other steps, which never runs it."""
+def _evaluator() -> Handler:
+    from flywheel_loop.plugins.evaluation.evaluator import Evaluator
 
-    def __init__(self) -> None:
-        self._handle: Callable[[Any, ProcessContext], Awaitable[list[Any]]] | None = None
-
-    async def __call__(self, event: Any, ctx: ProcessContext) -> Outputs:
-        if self._handle is None:
-            from flywheel_loop.plugins.evaluation.evaluator import Evaluator
-
-            self._handle = Evaluator().handle
-        return await self._handle(event, ctx)
+    return Evaluator().handle
 
 
 def processor(settings: Settings) -> Processor:
@@ -48,7 +38,7 @@ def processor(settings: Settings) -> Processor:
     return Processor(
         name="evaluator",
         consumes=("training.completed",),
-        handle=_Evaluator(),
+        handle=Deferred(_evaluator),  # its module imports torch: on the first input
         description="measures each trained adapter against the model in service and applies the gate",
         batch=1,
         produces=("evaluation.completed",),  # not the live evaluation.progressed: it decides nothing
