@@ -201,6 +201,11 @@ class WorkerConfig(Section):
     """How processors consume: batch size, retries with back-off, ack wait."""
 
     batch: int = Field(default=256, ge=1, le=10_000)
+    in_flight: int = Field(
+        default=2, ge=1, le=16,
+        description="batches of a stateless processor whose outputs may await their acks while the next batch"
+        " is fetched and handled (1: one batch at a time); stateful processors always take one at a time",
+    )
     fetch_timeout_s: float = Field(default=1.0, gt=0)
     ack_wait_s: float = Field(default=30.0, gt=0)
     max_attempts: int = Field(default=5, ge=1, le=100)

@@ -54,6 +54,10 @@ class Projection(ConsumesEvents):
     version: int = 1
     #: SQL run once when the store is created.
     tables: str = ""
+    #: whether ``apply`` reads personal fields (``schemas/personal.py``). False: the runner folds events
+    #: as stored, their personal fields blank and sealed (``event.forgotten`` reads True), and fetches no
+    #: key and decrypts nothing for them (a count by type, by finding kind, ...).
+    personal: bool = True
 
     def apply(self, db: sqlite3.Connection, event: Event[Any], seq: int) -> None:
         """Fold one event into the tables (inside the runner's transaction)."""
@@ -229,7 +233,8 @@ class ProjectionRunner:
         """Open and apply fetched messages in one transaction (``KeyStoreError``: nothing applied, and the
         subscription starts again from the stored position)."""
         try:
-            opened = await self.bus.open_many([msg.data for msg in msgs])
+            raws = [msg.data for msg in msgs]
+            opened = await self.bus.open_many(raws) if self.projection.personal else self.bus.keys.as_stored(raws)
         except KeyStoreError:
             await self._drop_subscription()
             raise

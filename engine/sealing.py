@@ -209,6 +209,22 @@ class KeyRing:
             out.append(event)
         return out
 
+    def as_stored(self, raws: Sequence[bytes]) -> list[Opened]:
+        """Parse each message without opening it: a sealed event keeps its blanks and ``sealed`` (``forgotten``
+        reads True), so no key is fetched and nothing decrypted. For readers that use no personal field (a
+        projection with ``personal = False``); a ``data.forgotten`` among them still drops its keys here."""
+        out: list[Opened] = []
+        for raw in raws:
+            try:
+                event = parse_event(raw)
+            except InvalidEvent as exc:
+                out.append(exc)
+                continue
+            if isinstance(event.data, DataForgotten):
+                self.forget_cached(event.data.interaction_ids)
+            out.append(event)
+        return out
+
     async def open(self, raw: bytes) -> Event[Any]:
         """One message, opened (see ``open_many``); ``InvalidEvent`` when it is not a valid event."""
         [item] = await self.open_many([raw])

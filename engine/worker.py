@@ -21,6 +21,12 @@ input id + processor name + index), and ack each input only after its outputs ar
 - A key store that does not answer leaves the batch unacked (naked with a delay), with the reason
   logged: nothing is rejected for it.
 - ``stop`` lets the current batch finish (drain) before the worker returns.
+- **Batches in flight.** A stateless processor's worker does not wait for a batch's outputs to be
+  acked before it fetches and handles the next: up to ``worker.in_flight`` batches may be waiting
+  for their acks at once (the round trips to JetStream overlap the next batch's work). Each input
+  is still acked only after its own outputs are; outputs of two batches in flight may be stored in
+  either order, which no stateless step depends on. A stateful processor handles one batch at a
+  time: its state is folded from the log, up to the previous batch's outputs, before the next.
 """
 
 from __future__ import annotations
@@ -60,6 +66,9 @@ if TYPE_CHECKING:
     from flywheel_loop.engine.plugin_host import PluginHost
 
 log = logging.getLogger(__name__)
+
+#: a handled input: its message, whether it was rejected, and what it produced
+Handled = tuple[Msg, bool, list[Event[Any]]]
 
 #: how far apart two servers' clocks may be: an output is looked for from this long before its input's
 #: store time (in a cluster the input's and the output's streams may have leaders on different servers)
@@ -167,19 +176,36 @@ class ProcessorWorker:
             await self.catch_up()
             self.processor.on_start(self.ctx)
         self._started = True
-        while not stop.is_set():
-            try:
-                if self._sub is None:
-                    await self.subscribe()
-                msgs = await fetch_batch(self._sub, batch, self.cfg.fetch_timeout_s)
-            except nats.errors.TimeoutError:
-                continue
-            except (TimeoutError, nats.errors.Error, nats.js.errors.Error, OSError) as exc:
-                log.info("%s: fetch failed (%s); retrying", self.processor.name, exc)
-                self._sub = None
-                await asyncio.sleep(0.5)
-                continue
-            await self.process_batch(msgs)
+        limit = 1 if self.processor.stateful else self.cfg.in_flight
+        in_flight: set[asyncio.Task[None]] = set()
+        try:
+            while not stop.is_set():
+                try:
+                    if self._sub is None:
+                        await self.subscribe()
+                    msgs = await fetch_batch(self._sub, batch, self.cfg.fetch_timeout_s)
+                except nats.errors.TimeoutError:
+                    continue
+                except (TimeoutError, nats.errors.Error, nats.js.errors.Error, OSError) as exc:
+                    log.info("%s: fetch failed (%s); retrying", self.processor.name, exc)
+                    self._sub = None
+                    await asyncio.sleep(0.5)
+                    continue
+                if limit <= 1:
+                    await self.process_batch(msgs)
+                    continue
+                handled = await self.handle_batch(msgs)
+                if handled is None:
+                    continue
+                while len(in_flight) >= limit:
+                    finished, _ = await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
+                    in_flight -= finished
+                    for task in finished:
+                        task.result()  # an unexpected error stops the worker, as without batches in flight
+                in_flight.add(asyncio.create_task(self.publish_and_ack(*handled)))
+        finally:
+            if in_flight:  # drain: every batch handled has its outputs published and its inputs acked
+                await asyncio.gather(*in_flight, return_exceptions=True)
 
     async def catch_up(self) -> None:
         """Bring a stateful processor's fold up to the end of the log (everything other processes
@@ -191,6 +217,13 @@ class ProcessorWorker:
 
     async def process_batch(self, msgs: list[Msg]) -> None:
         """Handle a batch; publish all outputs not yet on the log (pipelined), then ack the inputs."""
+        handled = await self.handle_batch(msgs)
+        if handled is not None:
+            await self.publish_and_ack(*handled)
+
+    async def handle_batch(self, msgs: list[Msg]) -> tuple[list[Handled], dict[str, dict[str, str]]] | None:
+        """Run the step on a batch: (message, rejected?, outputs) for each input not nak'd for a retry, and
+        the outputs' trace headers; None when the whole batch was handed back (nak'd)."""
         name = self.processor.name
         try:
             await self.catch_up()
@@ -198,26 +231,32 @@ class ProcessorWorker:
             log.warning("%s: its state could not be brought up to date (%r); the batch is retried", name, exc)
             for msg in msgs:
                 await self._nak(msg, self.cfg.backoff_s)
-            return
+            return None
         try:
             opened = await self.bus.open_many([msg.data for msg in msgs])
         except KeyStoreError as exc:
             log.error("%s: %s; the batch is retried", name, exc)
             for msg in msgs:
                 await self._nak(msg, self.cfg.max_backoff_s)
-            return
-        done: list[tuple[Msg, bool, list[Event[Any]]]] = []
-        self._trace = {}
+            return None
+        done: list[Handled] = []
+        trace: dict[str, dict[str, str]] = {}  # this batch's: a batch in flight keeps its own
+        self._trace = trace
         for msg, item in zip(msgs, opened, strict=True):
             handled = await self._handle(msg, item)
             if handled is None:
                 continue  # nak'd for a retry
             produced, rejected = handled
             done.append((msg, rejected, produced))
+        return done, trace
+
+    async def publish_and_ack(self, done: list[Handled], trace: dict[str, dict[str, str]]) -> None:
+        """Publish a handled batch's outputs not yet on the log (pipelined), then ack its inputs."""
+        name = self.processor.name
         try:
             outputs = await self._not_yet_stored(done)
             outputs = await self.bus.keys.writable(outputs)
-            await self.bus.publish_many(outputs, trace=self._trace)
+            await self.bus.publish_many(outputs, trace=trace)
         except KeyStoreError as exc:
             log.error("%s: could not seal outputs (%s); the batch is retried", name, exc)
             for msg, _, _ in done:
@@ -231,7 +270,7 @@ class ProcessorWorker:
             await (self._term(msg) if rejected else msg.ack())
         self.stats.produced += len(outputs)
 
-    async def _not_yet_stored(self, done: list[tuple[Msg, bool, list[Event[Any]]]]) -> list[Event[Any]]:
+    async def _not_yet_stored(self, done: list[Handled]) -> list[Event[Any]]:
         """The batch's outputs, less those of redelivered inputs that are on the log already (see the
         module docstring: exactly once after the duplicate window)."""
         outputs = [out for _, _, produced in done for out in produced]

@@ -389,3 +389,28 @@ def test_hook_find_sensitive(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     assert found is not None
     assert found.count("EMAIL") == 2 and "AWS_ACCESS_KEY" in found
     assert with_privacy.find_sensitive("def add(a, b): return a + b") == []
+
+
+def test_registering_every_installed_plugin_imports_no_torch(tmp_path: Path) -> None:
+    """``flywheel up`` registers every plugin's processors and projections, also when started ``--only`` for
+    steps that never train or evaluate: the trainer's and the evaluator's modules (torch, transformers) load on
+    their processors' first input (``plugins/shared/deferred.py``), not here. In a fresh interpreter, since
+    this one may have imported torch for other tests."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from flywheel_loop.engine.config import load_settings\n"
+        "from flywheel_loop.engine.plugin_host import PluginHost\n"
+        f"host = PluginHost(load_settings(state_dir=Path({str(tmp_path)!r})))\n"
+        "host.configure()\n"
+        "names = sorted(p.name for p in host.processors()) + sorted(p.name for p in host.projections())\n"
+        "print(' '.join(names))\n"
+        "print('torch' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True)
+    names, torch_loaded = done.stdout.strip().splitlines()[-2:]
+    assert {"trainer", "evaluator", "anonymizer", "scoring"} <= set(names.split())
+    assert torch_loaded == "False"

@@ -488,6 +488,19 @@ def test_new_ids_are_unique_within_one_millisecond() -> None:
     assert len(ids) == 1000
 
 
+def test_ids_are_encoded_as_the_reference_loop_encodes_them() -> None:
+    """The unrolled encoders (two characters a lookup) write what one character at a time writes."""
+    import random
+
+    from flywheel_loop.schemas.ids import _encode, _encode50, _encode80
+
+    rng = random.Random(7)
+    values = [0, 1, 31, 32, 1023, 1024, (1 << 50) - 1, (1 << 80) - 1] + [rng.getrandbits(80) for _ in range(2000)]
+    for v in values:
+        assert _encode80(v) == _encode(v, 16)
+        assert _encode50(v) == _encode(v, 10)
+
+
 def test_new_id_without_a_clock_is_now() -> None:
     import time
 

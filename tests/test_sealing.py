@@ -193,6 +193,50 @@ async def test_plugins_see_plain_payloads_or_a_forgotten_subject_never_a_ciphert
     assert witness.folded[1].data.interaction.input == "" and witness.folded[1].sealed is not None
 
 
+class CountsOnly(Projection):
+    """A projection that reads no personal field: its runner hands it events as stored."""
+
+    name = "counts_only"
+    consumes = ("interaction.anonymized",)
+    personal = False
+
+    def __init__(self) -> None:
+        self.folded: list[Event[Any]] = []
+
+    def apply(self, db: Any, event: Event[Any], seq: int) -> None:
+        self.folded.append(event)
+
+
+async def test_a_projection_that_reads_nothing_personal_folds_events_sealed_without_their_keys(
+    bus: Bus, engine_with: Callable[..., RunningEngine]
+) -> None:
+    kept = anonymized("kept words")
+    await bus.publish_many([kept])
+    projection = CountsOnly()
+
+    class Plugin:
+        @hookimpl
+        def register_projections(self, register: Callable[[Projection], None], settings: Settings) -> None:
+            register(projection)
+
+    fetched: list[list[str]] = []
+    original = bus.keys.store.fetch
+
+    async def fetch(key_ids: Any) -> Any:
+        fetched.append(list(key_ids))
+        return await original(key_ids)
+
+    bus.keys.store.fetch = fetch  # type: ignore[method-assign]
+    bus.keys._cache.clear()  # as a process that never held the key
+    async with engine_with(Plugin(), builtins=False):
+        await wait_for(lambda: projection.folded)
+    [folded] = projection.folded
+    assert folded.id == kept.id and folded.sealed is not None  # as stored: still sealed ...
+    assert folded.data.interaction.input == "" and folded.data.interaction.role == "coder"  # ... its blanks
+    assert folded.data.findings == kept.data.findings  # what is never personal reads as it was
+    assert kept.data.interaction_id not in {k for keys in fetched for k in keys}  # its key was never asked for
+
+
 # --------------------------------------------------------------------------- the key stores
 
 

@@ -17,8 +17,9 @@ import typer
 
 from flywheel_loop.engine.config import PluginSection, Settings
 from flywheel_loop.engine.hookspecs import hookimpl
-from flywheel_loop.engine.processor import Processor
+from flywheel_loop.engine.processor import Handler, Processor
 from flywheel_loop.plugins.evaluation.settings import EvaluatorConfig
+from flywheel_loop.plugins.shared.deferred import Deferred
 
 
 @hookimpl
@@ -26,11 +27,28 @@ def register_settings(register: Callable[[type[PluginSection]], None]) -> None:
     register(EvaluatorConfig)
 
 
+def _evaluator() -> Handler:
+    from flywheel_loop.plugins.evaluation.evaluator import Evaluator
+
+    return Evaluator().handle
+
+
+def processor(settings: Settings) -> Processor:
+    """The evaluator processor (``evaluator.Evaluator`` does the work)."""
+    return Processor(
+        name="evaluator",
+        consumes=("training.completed",),
+        handle=Deferred(_evaluator),  # its module imports torch: on the first input
+        description="measures each trained adapter against the model in service and applies the gate",
+        batch=1,
+        produces=("evaluation.completed",),  # not the live evaluation.progressed: it decides nothing
+        stateful=True,  # no tables: the fold knows which runs' evaluations are on the log (exactly once)
+    )
+
+
 @hookimpl
 def register_processors(register: Callable[[Processor], None], settings: Settings) -> None:
-    from flywheel_loop.plugins.evaluation import evaluator
-
-    register(evaluator.processor(settings))
+    register(processor(settings))
 
 
 @hookimpl

@@ -48,7 +48,7 @@ from typing import Any
 
 from flywheel_loop.engine.artifacts import ThreadArtifacts
 from flywheel_loop.engine.config import Settings
-from flywheel_loop.engine.processor import ProcessContext, Processor
+from flywheel_loop.engine.processor import ProcessContext
 from flywheel_loop.plugins.evaluation.gate import GateResult, verdict
 from flywheel_loop.plugins.evaluation.generation import chat_prompt, generate
 from flywheel_loop.plugins.evaluation.known import known_solved
@@ -87,7 +87,7 @@ from flywheel_loop.schemas import (
     TrainingCompleted,
 )
 
-__all__ = ["Detector", "RecordedTask", "evaluate_run", "processor", "recorded_tasks", "suite_seed"]
+__all__ = ["Detector", "RecordedTask", "evaluate_run", "recorded_tasks", "suite_seed"]
 
 log = logging.getLogger(__name__)
 
@@ -385,16 +385,3 @@ class Evaluator:
         outcome = await asyncio.to_thread(evaluate_run, ctx.settings, completed, service, detect, artifacts,
                                           recorded_tasks(history, completed.role), trained, emit, known)
         return [outcome]
-
-
-def processor(settings: Settings) -> Processor:
-    """The evaluator processor, configured by ``settings``."""
-    return Processor(
-        name="evaluator",
-        consumes=("training.completed",),
-        handle=Evaluator().handle,
-        description="measures each trained adapter against the model in service and applies the gate",
-        batch=1,
-        produces=("evaluation.completed",),  # not the live evaluation.progressed: it decides nothing
-        stateful=True,  # no tables: the fold knows which runs' evaluations are on the log (exactly once)
-    )

@@ -14,6 +14,7 @@ class LogIndex(Projection):
 
     name = "log_index"
     consumes = tuple(t for t, c in CATALOGUE.items() if c.stream == "log")
+    personal = False  # types, sources, times and finding counts: never personal
     tables = """
     CREATE TABLE IF NOT EXISTS event_counts (
         type TEXT NOT NULL, source TEXT NOT NULL, count INTEGER NOT NULL,

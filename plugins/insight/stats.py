@@ -39,6 +39,7 @@ class Anonymization(Projection):
 
     name = "anonymization"
     consumes = ("interaction.anonymized", "feedback.anonymized", "outcome.anonymized")
+    personal = False  # types, sources, times and finding counts: never personal
     tables = """
     CREATE TABLE IF NOT EXISTS anonymized (
         hour INTEGER NOT NULL, type TEXT NOT NULL, events INTEGER NOT NULL, PRIMARY KEY (hour, type));

@@ -265,8 +265,11 @@ _VALUE_SHAPE: dict[str, re.Pattern[str]] = {
 }
 
 _KEY_END = re.compile(r"-----END [A-Z0-9 ]*-----|---- END SSH2[^\n]*")
-_TOKEN_CHARS = re.compile(r"[A-Za-z0-9_\-]")
+#: the characters a token is extended by: a run of them matched at once forwards, looked up one by one backwards
+_TOKEN_RUN = re.compile(r"[A-Za-z0-9_\-]*")
+_TOKEN_CHAR_SET = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
 _TRIM = " \t\"'=:"
+_TRIM_SPAN = _TRIM + "\n\r"
 
 
 def _token_detectors() -> list[tuple[str, re.Pattern[str]]]:
@@ -305,13 +308,13 @@ def _secret_span(match: re.Match[str], text: str) -> tuple[int, int]:
         best = max(groups, key=lambda i: match.end(i) - match.start(i))
         return match.start(best), match.end(best)
     start, end = match.start(), match.end()
-    while start < end and text[start] in _TRIM + "\n\r":
+    while start < end and text[start] in _TRIM_SPAN:
         start += 1
-    while end > start and text[end - 1] in _TRIM + "\n\r":
+    while end > start and text[end - 1] in _TRIM_SPAN:
         end -= 1
-    while end < len(text) and _TOKEN_CHARS.match(text, end):
-        end += 1
-    while start > 0 and _TOKEN_CHARS.match(text, start - 1):
+    run = _TOKEN_RUN.match(text, end)
+    end = run.end() if run else end
+    while start > 0 and text[start - 1] in _TOKEN_CHAR_SET:
         start -= 1
     return start, end
 
@@ -544,12 +547,17 @@ class Candidates:
         self.whole = [(0, len(text))]
         self.found = found
         self.ids = ids
+        # the detectors that may match at all, looked up once: most of some hundred are asked and answer no
+        self.may = found.hits() if found is not None else None
 
     def __call__(self, key: object) -> list[Span]:
-        return self.found.spans(self.ids[key]) if self.found is not None else self.whole
+        if self.found is None or self.may is None:
+            return self.whole
+        i = self.ids[key]
+        return self.found.spans(i) if i in self.may else []
 
     def hit(self, key: object) -> bool:
-        return self.found is None or self.found.hit(self.ids[key])
+        return self.may is None or self.ids[key] in self.may
 
 # Prefilter expressions for patterns that end in an unbounded run, for which Hyperscan reports a
 # match at every offset of the run: each matches the start of every match of its pattern (which

@@ -67,7 +67,7 @@ class Prefilter:
         except ImportError:  # pragma: no cover - the dependency is declared; run unfiltered without it
             self.always = set(range(self.size))
             return
-        ids, exprs, flags = [], [], []
+        wanted: list[tuple[int, bytes, int]] = []
         for i, (expr, re_flags) in enumerate(expressions):
             if i in self.always or expr is None:
                 continue
@@ -76,15 +76,17 @@ class Prefilter:
                 hs_flags |= hyperscan.HS_FLAG_CASELESS
             if re_flags & re.MULTILINE:
                 hs_flags |= hyperscan.HS_FLAG_MULTILINE
-            if not _compiles(hyperscan, expr, hs_flags):
-                self.always.add(i)
-                continue
-            ids.append(i)
-            exprs.append(expr.encode("ascii"))
-            flags.append(hs_flags)
-        if ids:
-            self._db = hyperscan.Database()
-            self._db.compile(expressions=exprs, ids=ids, elements=len(ids), flags=flags)
+            wanted.append((i, expr.encode("ascii"), hs_flags))
+        # One compilation of them all (most of a scrubber's start-up); only when Hyperscan refuses
+        # the set is each expression tried alone, to find those that run on the whole text instead.
+        db = _database(hyperscan, wanted)
+        if db is None:
+            refused = {i for i, expr, hs_flags in wanted if _database(hyperscan, [(i, expr, hs_flags)]) is None}
+            self.always |= refused
+            wanted = [w for w in wanted if w[0] not in refused]
+            db = _database(hyperscan, wanted)
+        if db is not None:
+            self._db = db
             self._hyperscan = hyperscan
 
     @property
@@ -123,6 +125,10 @@ class Candidates:
         """Whether detector ``i`` may match anywhere (cheap: ask before ``spans``)."""
         return self._ends is None or i in self._ends or i in self._always
 
+    def hits(self) -> set[int] | None:
+        """The detectors that may match anywhere (``hit``), or None when every one may (no prefilter)."""
+        return None if self._ends is None else set(self._ends) | self._always
+
     def spans(self, i: int) -> list[Span]:
         """The spans of the text (whole lines, merged) where detector ``i`` may match."""
         if self._ends is None or i in self._always:
@@ -136,12 +142,17 @@ class Candidates:
         return _spans(lines, newlines, len(self._text))
 
 
-def _compiles(hyperscan: Any, expr: str, flags: int) -> bool:
+def _database(hyperscan: Any, wanted: Sequence[tuple[int, bytes, int]]) -> Any:
+    """A Hyperscan database of (id, expression, flags), or None when it does not compile (or is empty)."""
+    if not wanted:
+        return None
+    db = hyperscan.Database()
     try:
-        hyperscan.Database().compile(expressions=[expr.encode("ascii")], ids=[0], elements=1, flags=[flags])
+        db.compile(expressions=[e for _, e, _ in wanted], ids=[i for i, _, _ in wanted], elements=len(wanted),
+                   flags=[f for _, _, f in wanted])
     except hyperscan.error:
-        return False
-    return True
+        return None
+    return db
 
 
 def _spans(lines: list[int], newlines: list[int], size: int) -> list[Span]:

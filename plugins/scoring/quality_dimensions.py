@@ -37,6 +37,11 @@ _FENCE = re.compile(r"```[ \t]*([\w+#.-]*)[^\n]*\n(.*?)```", re.DOTALL)
 _PYTHON_TAGS = {"python", "py", "python3"}
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _WORD = re.compile(r"[a-z][a-z0-9]{3,}")
+# What _key_terms looks for, compiled once: it runs on every word of every request scored.
+_BACKTICKED = re.compile(r"`([^`]+)`")
+_CODE_WORD = re.compile(r"[\w./]+\(?")
+_FILE_SUFFIX = re.compile(r"\.\w{1,4}$")
+_CAMEL = re.compile(r"[a-z][A-Z]")
 _STOPWORDS = frozenset(
     {
         "that",
@@ -247,12 +252,12 @@ def _key_terms(text: str) -> set[str]:
     (snake_case, CamelCase, calls). File paths are left out: they say where the answer
     goes, not what it must use."""
     terms: set[str] = set()
-    for span in re.findall(r"`([^`]+)`", text):
+    for span in _BACKTICKED.findall(text):
         terms |= {t.lower() for t in _IDENTIFIER.findall(span) if len(t) > 2 and t.lower() not in _STOPWORDS}
-    for word in re.findall(r"[\w./]+\(?", text):
-        if "/" in word or re.search(r"\.\w{1,4}$", word):
+    for word in _CODE_WORD.findall(text):
+        if "/" in word or _FILE_SUFFIX.search(word):
             continue
-        if "_" in word.strip("_") or re.search(r"[a-z][A-Z]", word) or word.endswith("("):
+        if "_" in word.strip("_") or _CAMEL.search(word) or word.endswith("("):
             terms |= {t.lower() for t in _IDENTIFIER.findall(word) if len(t) > 2}
     return terms
 

@@ -16,7 +16,8 @@ import typer
 
 from flywheel_loop.engine.config import PluginSection, Settings
 from flywheel_loop.engine.hookspecs import hookimpl
-from flywheel_loop.engine.processor import Processor
+from flywheel_loop.engine.processor import Handler, Processor
+from flywheel_loop.plugins.shared.deferred import Deferred
 from flywheel_loop.plugins.training.settings import TrainerConfig
 
 
@@ -25,11 +26,29 @@ def register_settings(register: Callable[[type[PluginSection]], None]) -> None:
     register(TrainerConfig)
 
 
+def _trainer() -> Handler:
+    from flywheel_loop.plugins.training.trainer import Trainer
+
+    return Trainer().handle
+
+
+def processor(settings: Settings) -> Processor:
+    """The trainer processor (``trainer.Trainer`` does the work)."""
+    return Processor(
+        name="trainer",
+        consumes=("dataset.built", "adapter.superseded"),
+        handle=Deferred(_trainer),  # its module imports torch: on the first input
+        description="trains a LoRA adapter on each built dataset, and on the replacement of one whose adapter in"
+        " service was trained on forgotten data (checkpointed, resumable)",
+        batch=1,
+        produces=("training.completed", "training.failed"),
+        stateful=True,
+    )
+
+
 @hookimpl
 def register_processors(register: Callable[[Processor], None], settings: Settings) -> None:
-    from flywheel_loop.plugins.training import trainer
-
-    register(trainer.processor(settings))
+    register(processor(settings))
 
 
 @hookimpl

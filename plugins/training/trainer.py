@@ -52,7 +52,7 @@ from typing import Any
 
 from flywheel_loop.engine.artifacts import ArtifactCorrupt, ArtifactInfo, ThreadArtifacts
 from flywheel_loop.engine.config import Settings
-from flywheel_loop.engine.processor import ProcessContext, Processor
+from flywheel_loop.engine.processor import ProcessContext
 from flywheel_loop.plugins.shared.datasets import DatasetUnusable, dataset_folder, read_split
 from flywheel_loop.plugins.shared.models import (
     BaseModelUnusable,
@@ -556,17 +556,3 @@ class Trainer:
         artifacts = ctx.artifacts.in_thread() if ctx.artifacts is not None else None
         outcome = await asyncio.to_thread(train_dataset, ctx.settings, role, digest, path, emit, None, artifacts)
         return [outcome]
-
-
-def processor(settings: Settings) -> Processor:
-    """The trainer processor, configured by ``settings``."""
-    return Processor(
-        name="trainer",
-        consumes=("dataset.built", "adapter.superseded"),
-        handle=Trainer().handle,
-        description="trains a LoRA adapter on each built dataset, and on the replacement of one whose adapter in"
-        " service was trained on forgotten data (checkpointed, resumable)",
-        batch=1,
-        produces=("training.completed", "training.failed"),
-        stateful=True,
-    )
