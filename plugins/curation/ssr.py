@@ -39,8 +39,9 @@ from pydantic import Field
 
 from flywheel_loop.engine.config import PluginSection, Settings
 from flywheel_loop.plugins.curation.rehearsal import select_diverse
+from flywheel_loop.plugins.shared.stopping import FENCE, closed_fence
 
-__all__ = ["Candidate", "SsrConfig", "check", "features", "load_prompts", "self_synthesize"]
+__all__ = ["Candidate", "SsrConfig", "check", "features", "load_prompts", "self_synthesize", "through_code"]
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,10 @@ class SsrConfig(PluginSection):
     )
     require_finished: bool = Field(
         default=True, description="refuse an answer the token limit cut (it did not end its turn)"
+    )
+    stop_after_code: bool = Field(
+        default=True, description="an answer ends once it has closed a code block and counts as finished (the"
+        " code is what a coding model rehearses; the prose after it costs most of the tokens)",
     )
     threads: int | None = Field(default=None, ge=1, description="torch threads while generating; none = all")
     seed: int = Field(default=0, description="seeds the prompt order and the diversity selection")
@@ -136,6 +141,13 @@ def features(texts: list[str], dim: int = 512) -> np.ndarray:
     return normalised
 
 
+def through_code(text: str) -> str | None:
+    """``text`` up to the end of its first closed code block; None when it closes none."""
+    first = text.find(FENCE)
+    close = text.find(FENCE, first + len(FENCE)) if first >= 0 else -1
+    return text[: close + len(FENCE)] if close >= 0 else None
+
+
 def _order(prompts: list[str], seed: int) -> list[str]:
     return sorted(prompts, key=lambda p: hashlib.sha256(f"{seed}\x1f{p}".encode()).digest())
 
@@ -157,14 +169,20 @@ def _generate(folder: Path, prompts: list[str], cfg: SsrConfig) -> list[Candidat
                                                    add_generation_prompt=True) for p in chunk]
             enc = tokenizer(texts, return_tensors="pt", padding=True)
             start = enc["input_ids"].shape[1]
+            stop = closed_fence(tokenizer, start) if cfg.stop_after_code else None
             generated = model.generate(**enc, max_new_tokens=cfg.max_new_tokens, do_sample=False,
-                                       pad_token_id=tokenizer.pad_token_id, eos_token_id=sorted(eos))
+                                       pad_token_id=tokenizer.pad_token_id, eos_token_id=sorted(eos),
+                                       stopping_criteria=stop)
             for prompt, row in zip(chunk, generated, strict=True):
                 new = row[start:].tolist()
                 finished = any(t in eos for t in new)
                 if finished:
                     new = new[: next(k for k, t in enumerate(new) if t in eos)]
-                out.append(Candidate(prompt, tokenizer.decode(new, skip_special_tokens=True).strip(), finished))
+                text = tokenizer.decode(new, skip_special_tokens=True).strip()
+                code = through_code(text) if cfg.stop_after_code and not finished else None
+                if code is not None:
+                    text, finished = code, True
+                out.append(Candidate(prompt, text, finished))
     return out
 
 
@@ -191,7 +209,8 @@ def self_synthesize(settings: Settings, wanted: int) -> list[dict[str, Any]]:
     pool = prompts[: cfg.pool or max(3 * wanted, 12)]
     folder = base_model_dir(settings)
     key = hashlib.sha256(json.dumps([CACHE_VERSION, base_model_name(settings), str(folder), pool,
-                                     cfg.max_new_tokens, cfg.batch], sort_keys=True).encode()).hexdigest()[:32]
+                                     cfg.max_new_tokens, cfg.batch, cfg.stop_after_code],
+                                    sort_keys=True).encode()).hexdigest()[:32]
     candidates = _cached(settings.layout.cache / "ssr" / f"{key}.jsonl", lambda: _generate(folder, pool, cfg))
     refused: Counter[str] = Counter()
     kept: list[Candidate] = []
