@@ -31,7 +31,7 @@ import collections
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import orjson
@@ -197,26 +197,26 @@ class KeyRing:
                     f"{len(never)} sealed event(s) name keys that {self.store.where} never held (e.g. {never[0]}):"
                     " is it the key store this log was sealed with? (keys.store, keys.folder, streams.prefix)"
                 )
-        out: list[Opened] = []
-        for raw, wire in zip(raws, wires, strict=True):
-            try:
-                event = parse_event(raw) if wire is None else self._open(raw, wire)
-            except InvalidEvent as exc:
-                out.append(exc)
-                continue
-            if isinstance(event.data, DataForgotten):
-                self.forget_cached(event.data.interaction_ids)
-            out.append(event)
-        return out
+
+        def read(raw: bytes, i: int) -> Event[Any]:
+            wire = wires[i]
+            return parse_event(raw) if wire is None else self._open(raw, wire)
+
+        return self._each(raws, read)
 
     def as_stored(self, raws: Sequence[bytes]) -> list[Opened]:
         """Parse each message without opening it: a sealed event keeps its blanks and ``sealed`` (``forgotten``
         reads True), so no key is fetched and nothing decrypted. For readers that use no personal field (a
         projection with ``personal = False``); a ``data.forgotten`` among them still drops its keys here."""
+        return self._each(raws, lambda raw, _: parse_event(raw))
+
+    def _each(self, raws: Sequence[bytes], read: Callable[[bytes, int], Event[Any]]) -> list[Opened]:
+        """``read`` each message in order: an invalid one is kept as its ``InvalidEvent``, and a
+        ``data.forgotten`` drops the cached keys it names."""
         out: list[Opened] = []
-        for raw in raws:
+        for i, raw in enumerate(raws):
             try:
-                event = parse_event(raw)
+                event = read(raw, i)
             except InvalidEvent as exc:
                 out.append(exc)
                 continue
