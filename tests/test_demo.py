@@ -273,4 +273,4 @@ async def test_the_demo_turns_the_flywheel_the_same_way_twice_and_its_figures_co
     else:
         assert deployment.type == "deployment.failed"
         assert summary.after is None
-        assert "refused" in printed
+        assert f"the gate's verdict: {summary.verdict}; nothing was deployed" in printed
