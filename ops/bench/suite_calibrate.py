@@ -147,13 +147,14 @@ def report(figures: dict[str, Any]) -> str:
 def write_solved(args: argparse.Namespace, figures: dict[str, Any]) -> None:
     """The calibration the evaluator reads (``plugins/evaluation/known.py``): which problems the default
     base model solved, under which settings, measured by which command."""
+    from flywheel_loop.engine.config import load_settings
     from flywheel_loop.plugins.evaluation.known import calibration_path
     from flywheel_loop.plugins.shared.models import base_model_name
 
     path = calibration_path(args.suite)
     body = {
         "suite": args.suite,
-        "model": base_model_name(load_settings_for(args.state_dir)),
+        "model": base_model_name(load_settings()),
         "precision": figures["precision"],
         "max_new_tokens": args.max_new_tokens,
         "measured": time.strftime("%Y-%m-%d"),
@@ -162,12 +163,6 @@ def write_solved(args: argparse.Namespace, figures: dict[str, Any]) -> None:
     }
     path.write_text(json.dumps(body, indent=1) + "\n")
     print(f"wrote {path}: {len(body['solved'])} solved of {len(figures['problems'])}")
-
-
-def load_settings_for(state_dir: Path) -> Any:
-    from flywheel_loop.engine.config import load_settings
-
-    return load_settings().model_copy(update={"state_dir": state_dir})
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -39,9 +39,9 @@ from pydantic import Field
 
 from flywheel_loop.engine.config import PluginSection, Settings
 from flywheel_loop.plugins.curation.rehearsal import select_diverse
-from flywheel_loop.plugins.shared.stopping import FENCE, closed_fence
+from flywheel_loop.plugins.shared.stopping import closed_fence, through_code
 
-__all__ = ["Candidate", "SsrConfig", "check", "features", "load_prompts", "self_synthesize", "through_code"]
+__all__ = ["Candidate", "SsrConfig", "check", "features", "load_prompts", "self_synthesize"]
 
 log = logging.getLogger(__name__)
 
@@ -139,13 +139,6 @@ def features(texts: list[str], dim: int = 512) -> np.ndarray:
     norms = np.linalg.norm(x, axis=1, keepdims=True)
     normalised: np.ndarray = x / np.maximum(norms, 1e-12)
     return normalised
-
-
-def through_code(text: str) -> str | None:
-    """``text`` up to the end of its first closed code block; None when it closes none."""
-    first = text.find(FENCE)
-    close = text.find(FENCE, first + len(FENCE)) if first >= 0 else -1
-    return text[: close + len(FENCE)] if close >= 0 else None
 
 
 def _order(prompts: list[str], seed: int) -> list[str]:

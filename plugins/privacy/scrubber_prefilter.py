@@ -121,12 +121,9 @@ class Candidates:
         self._always = always
         self._newlines: list[int] | None = None
 
-    def hit(self, i: int) -> bool:
-        """Whether detector ``i`` may match anywhere (cheap: ask before ``spans``)."""
-        return self._ends is None or i in self._ends or i in self._always
-
     def hits(self) -> set[int] | None:
-        """The detectors that may match anywhere (``hit``), or None when every one may (no prefilter)."""
+        """The detectors that may match anywhere (cheap: ask before ``spans``), or None when every one may
+        (no prefilter)."""
         return None if self._ends is None else set(self._ends) | self._always
 
     def spans(self, i: int) -> list[Span]:

@@ -51,6 +51,8 @@ __all__ = ["NAME", "attempts_sampled", "holdout", "processor", "sample_round"]
 log = logging.getLogger(__name__)
 
 NAME = "sampler"
+
+
 def holdout(settings: Settings) -> tuple[int, float]:
     """(seed, share) of the tasks held out for evaluation: ``sampling.holdout_share`` or the dataset
     builder's ``curation.dataset.forgetting_share``, with ``curation.dataset.seed``."""
