@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -88,24 +89,23 @@ def test_the_tests_pass_only_with_the_shop_helpers_behaviour() -> None:
     assert "EUR" in load_helpers() and all(f"def {name}(" in load_helpers() for name in HELPER_NAMES)
 
 
-def test_a_bad_tasks_file_names_the_task_and_the_field(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("text", "load", "message"), [
+    ('[[task]]\nid = "x"\nsplit = "train"\ndomain = "math"\nprompt = "p"\ntests = "t"\n', load_tasks,
+     "task 1: `solution`"),
+    ('[[task]]\nid = "x"\nsplit = "later"\ndomain = "m"\nprompt = "p"\nsolution = "s"\ntests = "t"\n', load_tasks,
+     "split is train or held_out"),
+    ('[[task]]\nid = "x"\nsplit = "train"\ndomain = "m"\nprompt = "p"\nsolution = "def x(): pass"\n'
+     'tests = "t"\n', load_tasks, "must start with"),
+    ('helpers = "def money(cents):\\n    return cents"\n', load_helpers, "must define sku, vat, ok, fail"),
+    ('helpers = "def money(:"\n', load_helpers, "`helpers` does not run: SyntaxError"),
+])
+def test_a_bad_tasks_file_names_the_task_and_the_field(
+    tmp_path: Path, text: str, load: Callable[[Path], object], message: str
+) -> None:
     path = tmp_path / "tasks.toml"
-    path.write_text('[[task]]\nid = "x"\nsplit = "train"\ndomain = "math"\nprompt = "p"\ntests = "t"\n')
-    with pytest.raises(TaskFileError, match="task 1: `solution`"):
-        load_tasks(path)
-    path.write_text('[[task]]\nid = "x"\nsplit = "later"\ndomain = "m"\nprompt = "p"\nsolution = "s"\ntests = "t"\n')
-    with pytest.raises(TaskFileError, match="split is train or held_out"):
-        load_tasks(path)
-    path.write_text('[[task]]\nid = "x"\nsplit = "train"\ndomain = "m"\nprompt = "p"\nsolution = "def x(): pass"\n'
-                    'tests = "t"\n')
-    with pytest.raises(TaskFileError, match="must start with"):
-        load_tasks(path)
-    path.write_text('helpers = "def money(cents):\\n    return cents"\n')
-    with pytest.raises(TaskFileError, match="must define sku, vat, ok, fail"):
-        load_helpers(path)
-    path.write_text('helpers = "def money(:"\n')
-    with pytest.raises(TaskFileError, match="`helpers` does not run: SyntaxError"):
-        load_helpers(path)
+    path.write_text(text)
+    with pytest.raises(TaskFileError, match=message):
+        load(path)
 
 
 def test_the_questions_load_and_a_bad_one_is_named(tmp_path: Path) -> None:
