@@ -61,6 +61,9 @@ __all__ = ["Bus", "BusUnavailable", "PublishFailed", "StreamNames", "fetch_batch
 #: consumer was deleted or its limits changed); 100 is an idle heartbeat
 _PULL_ENDED = {"404", "408", "409"}
 _HEARTBEAT = "100"
+#: how long past its timeout a call waits for the status that ends its open request: a status
+#: left unread would be taken by the next call as the end of *its* request (an early, empty return)
+_STATUS_GRACE_S = 1.0
 
 
 async def fetch_batch(sub: Any, batch: int, timeout: float) -> list[Msg]:
@@ -69,8 +72,11 @@ async def fetch_batch(sub: Any, batch: int, timeout: float) -> list[Msg]:
     from the subscription's queue at once. Every request it makes is over when it returns, so no message is
     delivered to it afterwards to wait unprocessed while its ack wait runs: one request for what is there
     now (``no_wait``: those messages, then a 404); when that is nothing, one for a single message that waits
-    up to ``timeout``, and once it came, another ``no_wait`` one for the rest. ``nats.errors.TimeoutError``
-    when nothing came within ``timeout``; an error status from the server raises as ``fetch`` raises it."""
+    up to ``timeout``, and once it came, another ``no_wait`` one for the rest. A request that the server
+    ends with a status (no messages, expired) is read to that status, up to ``_STATUS_GRACE_S`` past the
+    timeout, so no status of this call is left for the next one to mistake for the end of its own request.
+    ``nats.errors.TimeoutError`` when nothing came within ``timeout``; an error status from the server
+    raises as ``fetch`` raises it."""
     inner = sub._sub
     queue: asyncio.Queue[Msg] = inner._pending_queue
     loop = asyncio.get_running_loop()
@@ -110,8 +116,9 @@ async def fetch_batch(sub: Any, batch: int, timeout: float) -> list[Msg]:
         limit = len(msgs) + n
         while open_request and len(msgs) < limit:
             if queue.empty():
-                # a no_wait request is answered at once: wait for its end past the timeout if need be
-                left = deadline - loop.time() if wait else max(deadline - loop.time(), 1.0)
+                # the server ends the request by the timeout (``expires``) or at once (``no_wait``): wait
+                # for that end a little past the timeout if need be
+                left = deadline - loop.time() + _STATUS_GRACE_S
                 try:
                     take(await inner.next_msg(timeout=max(left, 0.001)))
                 except nats.errors.TimeoutError:

@@ -159,3 +159,17 @@ async def test_fetch_batch_takes_what_is_there_in_order_then_waits_for_more(bus:
             await msg.ack()
         msgs += more
     assert [parse_event(m.data).id for m in msgs] == [e.id for e in late]
+
+
+async def test_fetch_batch_leaves_no_status_for_the_next_call(bus: Bus) -> None:
+    # a call that found nothing has read the server's end of its waiting request (the 408): left
+    # unread, the next call would take it for the end of its own request and return early, empty
+    await bus.js.add_consumer(bus.streams.raw, ConsumerConfig(durable_name="idle", ack_policy=AckPolicy.EXPLICIT))
+    sub = await bus.js.pull_subscribe_bind(durable="idle", stream=bus.streams.raw)
+    left_behind = 0
+    for _ in range(20):
+        with pytest.raises(nats.errors.TimeoutError):
+            await fetch_batch(sub, 10, timeout=0.05)
+        await asyncio.sleep(0.05)  # time for a late status to arrive
+        left_behind += sub._sub._pending_queue.qsize()
+    assert left_behind == 0
