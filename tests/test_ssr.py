@@ -43,10 +43,10 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-def ssr_settings(state: Path, model: Path, **ssr: Any) -> Any:
+def ssr_settings(state: Path, model: Path, precision: str = "fp32", **ssr: Any) -> Any:
     # a random model never ends its turn: the test accepts answers the token limit cut, and keeps the rest
     section = {"enabled": True, "max_new_tokens": 24, "require_finished": False, "pool": 12, "batch": 4, **ssr}
-    return load_settings(state_dir=state, models={"base": model, "precision": "fp32"}, ssr=section)
+    return load_settings(state_dir=state, models={"base": model, "precision": precision}, ssr=section)
 
 
 def test_the_checks_refuse_what_should_not_be_rehearsed() -> None:
@@ -82,6 +82,9 @@ def test_ssr_rows_are_generated_deterministically_checked_and_diverse(tmp_path: 
     assert all(r["domain"] == "general" and r["completion"].strip() for r in one)
     cached = list((tmp_path / "a" / "cache" / "ssr").glob("*.jsonl"))
     assert len(cached) == 1 and len(cached[0].read_text().splitlines()) == 12  # the pool, answered once
+    # the precision is part of the cache key: bf16 answers are generated anew, not read from the fp32 ones
+    self_synthesize(ssr_settings(tmp_path / "a", tiny_model_dir, precision="bf16"), 5)
+    assert len(list((tmp_path / "a" / "cache" / "ssr").glob("*.jsonl"))) == 2
 
     # checks come before use: with a bar no answer of a random model clears, nothing is offered
     strict = ssr_settings(tmp_path / "a", tiny_model_dir, require_finished=True)

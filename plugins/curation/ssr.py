@@ -7,9 +7,11 @@ A role's first dataset has no past to rehearse, so the dataset builder asks the
    in an order seeded by ``ssr.seed``; the first ``pool`` of them are answered (a pool larger than
    the rows wanted, so there is something to choose from);
 2. **answers**: the base model (``models.base``; the same one the trainer tunes) answers each one
-   greedily, in fixed batches, up to ``max_new_tokens``. The answers are cached under
-   ``<state_dir>/cache/ssr/<key>.jsonl`` (the key: the model, the prompts, the generation
-   settings), so a rebuild or a replay reads the same bytes and does not generate again;
+   greedily, in fixed batches, up to ``max_new_tokens``, at the precision the other model work of this
+   machine uses (``models.precision``: bf16 autocast only where the CPU runs it natively and it measured
+   faster). The answers are cached under ``<state_dir>/cache/ssr/<key>.jsonl`` (the key: the model, the
+   prompts, the generation settings and the precision), so a rebuild or a replay reads the same bytes and
+   does not generate again;
 3. **checks**: an answer is kept only when it finished (ended with the end-of-turn token, not cut by the
    token limit), has at least ``min_chars`` characters, is printable text, does not repeat itself
    (distinct word 3-grams at least ``min_distinct_trigrams`` of all, no line three times), and is not the
@@ -145,7 +147,9 @@ def _order(prompts: list[str], seed: int) -> list[str]:
     return sorted(prompts, key=lambda p: hashlib.sha256(f"{seed}\x1f{p}".encode()).digest())
 
 
-def _generate(folder: Path, prompts: list[str], cfg: SsrConfig) -> list[Candidate]:
+def _generate(folder: Path, prompts: list[str], cfg: SsrConfig, bf16: bool) -> list[Candidate]:
+    from contextlib import nullcontext
+
     import torch
 
     from flywheel_loop.plugins.shared.models import load_base, torch_threads
@@ -155,7 +159,8 @@ def _generate(folder: Path, prompts: list[str], cfg: SsrConfig) -> list[Candidat
     tokenizer.padding_side = "left"
     eos = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")} - {None}
     out: list[Candidate] = []
-    with torch_threads(cfg.threads), torch.no_grad():
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else nullcontext()
+    with torch_threads(cfg.threads), torch.no_grad(), autocast:
         for i in range(0, len(prompts), cfg.batch):
             chunk = prompts[i : i + cfg.batch]
             texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
@@ -196,15 +201,17 @@ def self_synthesize(settings: Settings, wanted: int) -> list[dict[str, Any]]:
     cfg = SsrConfig.of(settings)
     if wanted <= 0:
         return []
-    from flywheel_loop.plugins.shared.models import base_model_dir, base_model_name
+    from flywheel_loop.plugins.shared.models import base_model_dir, base_model_name, use_bf16
 
     prompts = _order(load_prompts(cfg.prompts_file), cfg.seed)
     pool = prompts[: cfg.pool or max(3 * wanted, 12)]
     folder = base_model_dir(settings)
+    bf16 = use_bf16(settings.models.precision, "cpu", settings.state_dir)
     key = hashlib.sha256(json.dumps([CACHE_VERSION, base_model_name(settings), str(folder), pool,
-                                     cfg.max_new_tokens, cfg.batch, cfg.stop_after_code],
+                                     cfg.max_new_tokens, cfg.batch, cfg.stop_after_code, bf16],
                                     sort_keys=True).encode()).hexdigest()[:32]
-    candidates = _cached(settings.layout.cache / "ssr" / f"{key}.jsonl", lambda: _generate(folder, pool, cfg))
+    candidates = _cached(settings.layout.cache / "ssr" / f"{key}.jsonl",
+                         lambda: _generate(folder, pool, cfg, bf16))
     refused: Counter[str] = Counter()
     kept: list[Candidate] = []
     for candidate in candidates:
