@@ -23,12 +23,13 @@ from flywheel_loop.engine.hookspecs import hookimpl
 from flywheel_loop.engine.plugin_host import PluginHost
 from flywheel_loop.engine.processor import ProcessContext
 from flywheel_loop.plugins.curation.builder import DatasetBuilder, DatasetNotBuilt, build_from_log, rebuild_dataset
-from flywheel_loop.plugins.curation.recipe import BuiltDataset, Evidence, Example, Skip, build_dataset
+from flywheel_loop.plugins.curation.recipe import BuiltDataset, Evidence, Example, Skip, build_dataset, fold_log
 from flywheel_loop.plugins.curation.rehearsal import rehearsal_count, select_diverse
 from flywheel_loop.plugins.curation.settings import CurationConfig
 from flywheel_loop.plugins.curation.store import export_dataset, list_datasets, load_dataset_dict, show_dataset
 from flywheel_loop.plugins.curation.vectors import TextEmbedder, VectorStore, shared_embedder
 from flywheel_loop.plugins.shared.chat_format import ChatFormatter, load_formatter
+from flywheel_loop.plugins.shared.code import in_answer_form
 from flywheel_loop.plugins.shared.datasets import read_manifest
 from flywheel_loop.plugins.shared.training_requests import request_training
 from flywheel_loop.schemas import (
@@ -474,3 +475,25 @@ async def test_an_unknown_base_model_is_a_clear_refusal_with_no_partial_folder(
     # and with the bundled model the same log builds
     digest, path = await rebuild_dataset(settings, bus, "coder", request.data.log_position)
     assert [p.name for p in dataset_folders(settings)] == [digest]
+
+
+def test_a_bare_code_correction_is_learned_in_the_answers_form() -> None:
+    answer = "Here it is:\n```python\ndef total(xs):\n    return 0\n```\nIt adds them."
+    fixed = "# SPDX-License-Identifier: Apache-2.0\ndef total(xs):\n    return sum(xs)\n"
+    fenced = "```python\n# SPDX-License-Identifier: Apache-2.0\ndef total(xs):\n    return sum(xs)\n```"
+    assert in_answer_form(fixed, answer) == fenced
+    assert in_answer_form(fixed, answer.replace("```python", "```")) == fenced.replace("```python", "```")
+    # kept as given: prose (even a word that parses as an expression), a fenced correction, a bare answer
+    assert in_answer_form("Use sum() instead.", answer) == "Use sum() instead."
+    assert in_answer_form("wrong", answer) == "wrong"
+    assert in_answer_form(fenced, answer) == fenced
+    assert in_answer_form(fixed, "def total(xs):\n    return 0") == fixed
+    assert in_answer_form("let x = 1;", answer) == "let x = 1;"  # not Python
+
+    # the builder's evidence: the target (and the DPO pair's chosen side) is the fenced correction; off: as given
+    interaction = anonymized("Sum a list", answer)
+    log = list(enumerate([interaction, scored(interaction, 0.2), corrected(interaction, fixed)], start=1))
+    [on] = fold_log(log, "coder", curation(), position=3).examples
+    assert on.target == on.correction == fenced and on.output == answer
+    [off] = fold_log(log, "coder", curation(fence_code_corrections=False), position=3).examples
+    assert off.target == fixed

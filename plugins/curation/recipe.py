@@ -9,7 +9,8 @@ The recipe, for one role:
 
 1. **Eligible**: an anonymized interaction whose latest score (as of the position) clears the
    quality bar (``curation.min_reward`` moved by complexity), or that carries a human
-   correction (``corrections_bypass_quality``). A correction becomes the target.
+   correction (``corrections_bypass_quality``). A correction becomes the target (bare code fenced like
+   the answer it corrects: ``fence_code_corrections``).
 2. **New or past**: an example is new when it became eligible after the role's last
    ``dataset.built`` on the log; earlier ones are past, material for rehearsal only.
 3. **Forgetting set**: ``forgetting_share`` of all interactions (by a seeded hash of the
@@ -57,6 +58,7 @@ from flywheel_loop.plugins.curation.dedupe import exact_duplicates, exact_key, n
 from flywheel_loop.plugins.curation.rehearsal import rehearsal_count, select_diverse
 from flywheel_loop.plugins.curation.settings import CurationConfig
 from flywheel_loop.plugins.shared.chat_format import ChatFormatter
+from flywheel_loop.plugins.shared.code import in_answer_form
 from flywheel_loop.plugins.shared.holdout import held_out
 from flywheel_loop.plugins.shared.holdout import unit as _unit
 from flywheel_loop.schemas import (
@@ -201,6 +203,7 @@ def fold_log(
     sampled: list[tuple[int, str, AttemptsSampled]] = []
     previous = 0
     bypass = curation.dataset.corrections_bypass_quality
+    fence = curation.dataset.fence_code_corrections
     for seq, event in events:
         if seq > position:
             break
@@ -251,7 +254,7 @@ def fold_log(
                 complexity=complexity or UNKNOWN,
                 prompt=rec.input,
                 output=rec.output,
-                correction=fb[2] if fb else None,
+                correction=(in_answer_form(fb[2], rec.output) if fence else fb[2]) if fb else None,
                 reward=score.reward,
                 tests=rec.context.tests,
             )

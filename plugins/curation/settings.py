@@ -77,6 +77,11 @@ class DatasetConfig(Section):
     corrections_bypass_quality: bool = Field(
         default=True, description="an interaction with a human correction is kept whatever its reward"
     )
+    fence_code_corrections: bool = Field(
+        default=True, description="a correction that is bare Python, of an answer that held its code in a fenced"
+        " block, is learned fenced like that answer (plugins/shared/code.py in_answer_form): the model learns the"
+        " fix, not to drop its answer format",
+    )
     rft_per_task: int = Field(
         default=2, ge=0, le=64, description="passing sampled answers kept per task (attempts.sampled), shortest first"
     )

@@ -1,6 +1,7 @@
 """Reading code out of a model's answer, and the license-header convention.
 
 - ``extract_code``: the Python a chat answer holds (its fenced blocks, or the whole answer);
+- ``in_answer_form``: a reviewer's bare-code correction fenced like the answer it corrects;
 - ``follows_convention`` / ``header_line``: the SPDX license-header convention
   (``# SPDX-License-Identifier: <license>`` on the first non-blank line), which the scoring
   feature's ``convention`` assessor scores and the demo's reviewer enforces.
@@ -8,9 +9,10 @@
 
 from __future__ import annotations
 
+import ast
 import re
 
-__all__ = ["HEADER", "extract_code", "follows_convention", "header_line"]
+__all__ = ["HEADER", "extract_code", "follows_convention", "header_line", "in_answer_form"]
 
 _FENCE = re.compile(r"```[ \t]*(?:python|py|python3)?[ \t]*\n(.*?)(?:```|\Z)", re.DOTALL | re.IGNORECASE)
 
@@ -20,6 +22,32 @@ def extract_code(answer: str) -> str:
     whole answer when it has none."""
     blocks = [m.group(1).strip("\n") for m in _FENCE.finditer(answer)]
     return "\n\n".join(b for b in blocks if b.strip()) + "\n" if blocks else answer
+
+
+#: the opening line of a fenced block whose language is Python or unnamed (its tag captured)
+_PYTHON_OPENING = re.compile(r"^```[ \t]*(python3?|py)?[ \t]*$", re.MULTILINE | re.IGNORECASE)
+
+
+def in_answer_form(correction: str, answer: str) -> str:
+    """``correction`` in the form of the ``answer`` it corrects. A reviewer's correction is often the
+    file's text (bare code) while the model answers in Markdown with its code in a fenced block; learning
+    the bare text would teach the model to drop its answer format as well as fix the code, on every prompt
+    (a DPO pair would prefer the format, not the fix). So a correction that is Python (it parses, to more
+    than bare expressions) and holds no fence is put in a block fenced as the answer's first Python block
+    was (same tag); anything else (prose, a fenced correction, an answer without a Python block) is kept
+    as given."""
+    if "```" in correction:
+        return correction
+    opening = _PYTHON_OPENING.search(answer)
+    if opening is None:
+        return correction
+    try:
+        body = ast.parse(correction).body
+    except (SyntaxError, ValueError):  # prose, or code of another language
+        return correction
+    if all(isinstance(node, ast.Expr) for node in body):  # a word or two of prose parses as an expression
+        return correction
+    return f"```{opening.group(1) or ''}\n{correction.strip(chr(10))}\n```"
 
 
 #: the header line the convention asks for, with the license id captured
