@@ -191,6 +191,12 @@ def test_sampling_is_seeded_per_task(tiny_model_dir: Path) -> None:
     assert len(first) == 3 and len(set(first)) > 1  # sampled, not greedy
     assert sample_task(model, tokenizer, t, 3, 1.0, 1.0, 10, seed=7)[0] == first
     assert sample_task(model, tokenizer, t, 3, 1.0, 1.0, 10, seed=8)[0] != first
+    # the sampler's default path (stopping at a closed code block; bf16 where the machine chose it) is seeded too
+    # and samples the same tokens until a block closes: an answer without one is as before
+    stopped, _ = sample_task(model, tokenizer, t, 3, 1.0, 1.0, 10, seed=7, stop_after_code=True)
+    assert stopped == first or any("```" in a for a in first)
+    assert sample_task(model, tokenizer, t, 3, 1.0, 1.0, 10, seed=7, bf16=True, stop_after_code=True)[0] == \
+        sample_task(model, tokenizer, t, 3, 1.0, 1.0, 10, seed=7, bf16=True, stop_after_code=True)[0]
 
 
 async def test_a_round_on_the_log_samples_every_task_but_the_held_out_ones_and_reports_its_figures(

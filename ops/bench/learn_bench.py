@@ -45,8 +45,9 @@ def say(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
-def held_out_passes(model: Any, tokenizer: Any, problems: list[Any], max_new_tokens: int) -> list[bool]:
-    """Greedy answers to every problem, each run against its tests: pass or not, per problem."""
+def held_out_passes(model: Any, tokenizer: Any, problems: list[Any], max_new_tokens: int, bf16: bool) -> list[bool]:
+    """Greedy answers to every problem, each run against its tests: pass or not, per problem (as the
+    evaluator's suite run: at the machine's precision, each answer ending at its closed code block)."""
     from flywheel_loop.plugins.evaluation.generation import chat_prompt, generate
     from flywheel_loop.plugins.shared.code import extract_code
     from flywheel_loop.plugins.shared.sandbox import run_tests
@@ -54,7 +55,8 @@ def held_out_passes(model: Any, tokenizer: Any, problems: list[Any], max_new_tok
     out: list[bool] = []
     for i in range(0, len(problems), 8):
         chunk = problems[i:i + 8]
-        gen = generate(model, tokenizer, [chat_prompt(tokenizer, p.prompt) for p in chunk], max_new_tokens, batch=8)
+        gen = generate(model, tokenizer, [chat_prompt(tokenizer, p.prompt) for p in chunk], max_new_tokens, batch=8,
+                       bf16=bf16, stop_after_code=True)
         out += [run_tests(extract_code(t), p.test_code, timeout_s=5, memory_mb=512).all_passed
                 for t, p in zip(gen.texts, chunk, strict=True)]
         say(f"  held-out {len(out)}/{len(problems)}: {sum(out)} solved")
@@ -113,7 +115,7 @@ def main() -> int:
     from flywheel_loop.plugins.evaluation.suite import load_suite, sample, split_suite
     from flywheel_loop.plugins.sampling.attempts import Task, pass_at_k, sample_task, verify
     from flywheel_loop.plugins.shared.chat_format import load_formatter
-    from flywheel_loop.plugins.shared.models import base_model_dir, load_base
+    from flywheel_loop.plugins.shared.models import base_model_dir, load_base, use_bf16
     from flywheel_loop.schemas import TrainingFailed
 
     torch.set_num_threads(args.threads)
@@ -136,11 +138,12 @@ def main() -> int:
     model_dir = base_model_dir(settings)
     formatter = load_formatter(None, settings.layout.cache / "tokenizers")
     base, tokenizer = load_base(model_dir)
+    bf16 = use_bf16(settings.models.precision, "cpu", settings.state_dir)
     times["load"] = time.monotonic() - started
 
     t = time.monotonic()
     say("held-out pass@1 of the base model")
-    before = held_out_passes(base, tokenizer, held, args.max_new_tokens)
+    before = held_out_passes(base, tokenizer, held, args.max_new_tokens, bf16)
     base_passes = before
     times["measure_base"] = time.monotonic() - t
     model: Any = base
@@ -155,7 +158,7 @@ def main() -> int:
         for i, p in enumerate(train_tasks, 1):
             task = Task(p.id, p.id, i, p.prompt, p.test_code)
             answers, _ = sample_task(model, tokenizer, task, args.k, args.temperature, 0.95, args.max_new_tokens,
-                                     args.seed + r)
+                                     args.seed + r, bf16, stop_after_code=True)
             tv = time.monotonic()
             verdicts = [a.passed for a in verify(answers, p.test_code, timeout_s=5, memory_mb=512)]
             figures["seconds"]["verify"] = figures["seconds"].get("verify", 0.0) + time.monotonic() - tv
@@ -201,7 +204,7 @@ def main() -> int:
         t = time.monotonic()
         fresh, _ = load_base(model_dir)
         model = PeftModel.from_pretrained(fresh, outcome.path)
-        after = held_out_passes(model, tokenizer, held, args.max_new_tokens)
+        after = held_out_passes(model, tokenizer, held, args.max_new_tokens, bf16)
         figures["seconds"]["measure"] = time.monotonic() - t
         figures["held_out"] = paired(before, after)
         figures["held_out_vs_base"] = paired(base_passes, after)

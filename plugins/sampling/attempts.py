@@ -94,22 +94,32 @@ def chat_prompt(tokenizer: Any, text: str) -> str:
 
 
 def sample_task(
-    model: Any, tokenizer: Any, task: Task, k: int, temperature: float, top_p: float, max_new_tokens: int, seed: int
+    model: Any, tokenizer: Any, task: Task, k: int, temperature: float, top_p: float, max_new_tokens: int, seed: int,
+    bf16: bool = False, stop_after_code: bool = False,
 ) -> tuple[list[str], int]:
     """``k`` sampled answers to ``task`` in one batched forward pass (seeded by ``seed`` and the task);
-    returns (answers, tokens generated)."""
+    returns (answers, tokens generated). ``bf16``: under bf16 autocast. ``stop_after_code``: an answer
+    ends once it has closed a fenced code block, and is cut there (``plugins/shared/stopping.py``): the
+    tests read only the code, and the prose after it costs most of a small model's tokens."""
+    from contextlib import nullcontext
+
     import torch
 
+    from flywheel_loop.plugins.shared.stopping import closed_fence, through_code
+
     prompt = chat_prompt(tokenizer, task.prompt)
-    enc = tokenizer([prompt], return_tensors="pt", add_special_tokens=False).to(next(model.parameters()).device)
+    device = next(model.parameters()).device
+    enc = tokenizer([prompt], return_tensors="pt", add_special_tokens=False).to(device)
     torch.manual_seed(task_seed(seed, task.interaction_id))
     was_training = model.training
     model.eval()
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+    stop = closed_fence(tokenizer, enc["input_ids"].shape[1]) if stop_after_code else None
     try:
-        with torch.no_grad():
+        with torch.no_grad(), autocast:
             out = model.generate(
                 **enc, max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature, top_p=top_p,
-                top_k=0, num_return_sequences=k, pad_token_id=tokenizer.pad_token_id,
+                top_k=0, num_return_sequences=k, pad_token_id=tokenizer.pad_token_id, stopping_criteria=stop,
             )
     finally:
         model.train(was_training)
@@ -121,7 +131,8 @@ def sample_task(
             ids = ids[: ids.index(tokenizer.eos_token_id)]
         ids = [t for t in ids if t != tokenizer.pad_token_id]
         produced += len(ids)
-        answers.append(tokenizer.decode(ids, skip_special_tokens=True))
+        text = tokenizer.decode(ids, skip_special_tokens=True)
+        answers.append((through_code(text) or text) if stop_after_code else text)
     return answers, produced
 
 

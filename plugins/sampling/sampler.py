@@ -42,6 +42,7 @@ from flywheel_loop.plugins.shared.models import (
     base_model_dir,
     load_base,
     torch_threads,
+    use_bf16,
 )
 from flywheel_loop.plugins.shared.service_model import service_model
 from flywheel_loop.schemas import AttemptsSampled, Event, SamplingCompleted, SamplingRequested
@@ -100,10 +101,11 @@ def sample_round(
         model = PeftModel.from_pretrained(model, str(adapter))
     solved = passed_total = 0
     p1 = 0.0
+    bf16 = use_bf16(settings.models.precision, "cpu", settings.state_dir)
     with torch_threads(cfg.threads):
         for i, task in enumerate(tasks, 1):
             answers, _ = sample_task(model, tokenizer, task, k, max(temperature, 1e-5), cfg.top_p,
-                                     cfg.max_new_tokens, seed)
+                                     cfg.max_new_tokens, seed, bf16, cfg.stop_after_code)
             attempts = verify(answers, task.tests, cfg.timeout_s, cfg.memory_mb)
             passed = sum(a.passed for a in attempts)
             solved += passed > 0

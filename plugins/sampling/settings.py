@@ -19,6 +19,10 @@ class SamplingConfig(PluginSection):
     top_p: float = Field(default=0.95, gt=0, le=1, description="nucleus sampling: the smallest set of tokens with"
                          " this much probability")
     max_new_tokens: int = Field(default=256, ge=8, le=4096, description="tokens an answer may have")
+    stop_after_code: bool = Field(
+        default=True, description="an answer ends once it has closed a fenced code block and is cut there (the"
+        " tests read only the code; the prose after it costs most of the tokens)",
+    )
     max_tasks: int = Field(default=256, ge=1, description="tasks sampled per round (the newest first)")
     seed: int = Field(default=0, description="seeds the sampling: a task's answers depend on it and the task only")
     timeout_s: float = Field(default=5.0, gt=0, le=600, description="wall clock an answer's tests may take")
