@@ -499,3 +499,61 @@ async def test_no_planted_raw_value_reaches_any_event_on_the_log(
     assert counts["SESSION_ID"] == counts["USER_ID"] == 1
     assert {"EMAIL", "PHONE", "PASSWORD", "PRIVATE_KEY", "USERNAME", "JWT"} <= set(counts)
     assert "[EMAIL]" in orjson.dumps(anonymized).decode()
+
+
+# --------------------------------------------------------------------------- the scrubber's shortcuts
+
+# Windows around phone numbers, dates and times the way agent text has them (logs, pings, page
+# ranges, numbers with letters around them, one number after another).
+_PHONE_WINDOWS = (
+    "2024-05-01 11:08:19,424 WARN call +44 20 7946 0958 now",
+    "2024-05-01 11 +1 415 555 2671",
+    "20240501 11:08 (415) 555-2671 x12",
+    "ping -c 4 127.0.0.1 && curl http://x",
+    "tel: 030 901820 / 030 901821",
+    "pages 211-227 (2003) then 0151 234 5678",
+    "abc8005001234 or 8005001234def or 800 500 1234",
+    "3/10/2011 +33 6 12 34 56 78; 31/10/96",
+    "12345 - 332-445-1234 is my number",
+    "2024-04-22T14:06:54.4 +49 1512 3456789",
+    "%4155552671 $4155552671 415.555.2671%",
+)
+
+
+def test_the_stopping_matcher_finds_what_phonenumbers_finds_before_the_stop() -> None:
+    """_WindowMatcher stops at the first of the matcher's candidates starting at the stop, _ParseProbe says
+    whether any is parsed before it; both must agree with phonenumbers' own matcher at every stop."""
+    import phonenumbers
+
+    from flywheel_loop.plugins.privacy.scrubber import _ParseProbe, _WindowMatcher
+
+    found = 0
+    for window in _PHONE_WINDOWS:
+        for region in ("US", "GB", "DE", "FR", "IN", "AU", "BR", "ES"):
+            whole = [
+                (h.start, h.end)
+                for h in phonenumbers.PhoneNumberMatcher(window, region, leniency=phonenumbers.Leniency.VALID)
+            ]
+            found += len(whole)
+            for stop in range(len(window) + 1):
+                stopped = [(h.start, h.end) for h in _WindowMatcher(window, region, stop)]
+                # the whole matcher's matches in order, up to (at least) every one starting before the stop
+                assert stopped == whole[: len(stopped)], (window, stop, region)
+                assert [h for h in whole if h[0] < stop] == [h for h in stopped if h[0] < stop], (window, stop)
+                if not _ParseProbe.parses(window, stop):  # no parse: nothing found in any region
+                    assert not [h for h in whole if h[0] < stop], (window, stop, region)
+    assert found >= 20  # the windows hold numbers the matcher finds
+
+
+def test_phone_numbers_next_to_time_stamps_are_found() -> None:
+    """The time stamps the parse probe skips sit next to numbers that must still be found."""
+    cases = {
+        "2024-05-01 11:08:19,424 WARN call +44 20 7946 0958 now": "+44 20 7946 0958",
+        "2024-05-01 11:08:19 call (415) 555-2671": "(415) 555-2671",
+        "2024-04-22T14:06:54.4 +49 1512 3456789": "+49 1512 3456789",
+        "[2024-05-01 11:08] phone: 020 7946 0958": "020 7946 0958",
+    }
+    for text, number in cases.items():
+        out, counts = scrub(text)
+        assert number not in out and counts["PHONE"] == 1, (text, out)
+        assert "2024-0" in out, out  # the time stamp stays
