@@ -557,3 +557,25 @@ def test_phone_numbers_next_to_time_stamps_are_found() -> None:
         out, counts = scrub(text)
         assert number not in out and counts["PHONE"] == 1, (text, out)
         assert "2024-0" in out, out  # the time stamp stays
+
+
+def test_a_national_number_is_found_in_whichever_configured_region_reads_it() -> None:
+    """The regions are parsed one at a time, the matcher run in each valid one until it finds the number:
+    numbers valid in several regions whose matcher finds them only in a later one are found too."""
+    import phonenumbers
+
+    from flywheel_loop.plugins.privacy.scrubber import DEFAULT_PHONE_REGIONS
+
+    later = 0
+    for region in DEFAULT_PHONE_REGIONS:
+        for kind in (phonenumbers.PhoneNumberType.FIXED_LINE, phonenumbers.PhoneNumberType.MOBILE):
+            example = phonenumbers.example_number_for_type(region, kind)
+            assert example is not None
+            number = phonenumbers.format_number(example, phonenumbers.PhoneNumberFormat.NATIONAL)
+            text = f"call me on {number} today"
+            out, counts = scrub(text)
+            assert out == "call me on [PHONE] today" and counts == Counter({"PHONE": 1}), (region, text, out)
+            valid = [r for r in DEFAULT_PHONE_REGIONS if phonenumbers.is_valid_number(phonenumbers.parse(number, r))]
+            first = [r for r in valid if list(phonenumbers.PhoneNumberMatcher(text, r))]
+            later += first[0] != valid[0]
+    assert later >= 1  # some are found only past the first region they parse in

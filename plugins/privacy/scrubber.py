@@ -577,10 +577,6 @@ _SHORTER = {
 }
 
 
-#: how many phone candidates a scrubber remembers the regions of before it starts again
-_REGIONS_SEEN_MAX = 100_000
-
-
 class Scrubber:
     """Detects and replaces; build once (the detectors are compiled here), call many times."""
 
@@ -604,7 +600,6 @@ class Scrubber:
         self.phone_regions = tuple(phone_regions)
         if not self.phone_regions:
             raise ValueError("phone_regions: name at least one region, e.g. US")
-        self._regions_seen: dict[str, tuple[str, ...]] = {}  # candidate -> its regions (_phone_regions)
         self._detectors = self._detector_expressions()
         self._id = {key: i for i, (key, _, _) in enumerate(self._detectors)}
         self.prefilter = _prefilter(tuple((e, f) for _, e, f in self._detectors)) if prefilter else None
@@ -915,7 +910,7 @@ class Scrubber:
             window = text[lo:hi]
             if not _ParseProbe.parses(window, m.end() - lo):
                 continue  # the matcher rejects every number-like part of the window up to the candidate's end
-            for region in self._phone_regions(candidate):
+            for region in self._phone_regions_of(candidate):
                 hits = [
                     h
                     for h in _WindowMatcher(window, region, stop=m.end() - lo)
@@ -926,20 +921,10 @@ class Scrubber:
                 if hits:
                     break
 
-    def _phone_regions(self, candidate: str) -> tuple[str, ...]:
-        """``_phone_regions_of``, remembered per candidate (a pure function of the text: the same findings).
-        Agent text repeats its candidates (dates and times in logs, addresses, versions), and parsing one
-        in every region is most of what a line with a candidate costs."""
-        regions = self._regions_seen.get(candidate)
-        if regions is None:
-            if len(self._regions_seen) >= _REGIONS_SEEN_MAX:
-                self._regions_seen.clear()
-            regions = self._regions_seen[candidate] = tuple(self._phone_regions_of(candidate))
-        return regions
-
     def _phone_regions_of(self, candidate: str) -> Iterator[str]:
-        """The configured regions in which ``candidate`` is a valid number. Parsing is five
-        times cheaper than matching, so it picks the regions the matcher then runs in."""
+        """The configured regions in which ``candidate`` is a valid number, one at a time (the matcher runs in
+        each before the next is parsed; most numbers are found in the first). Parsing is cheaper than
+        matching, so it picks the regions the matcher then runs in."""
         international = candidate.lstrip("( ").startswith("+")
         for region in self.phone_regions:
             try:
