@@ -579,3 +579,43 @@ def test_a_national_number_is_found_in_whichever_configured_region_reads_it() ->
             first = [r for r in valid if list(phonenumbers.PhoneNumberMatcher(text, r))]
             later += first[0] != valid[0]
     assert later >= 1  # some are found only past the first region they parse in
+
+
+def test_the_detectors_asked_are_those_the_prefilter_reports(corpus: pc.Corpus) -> None:
+    """Candidates.among: each family's detectors that may match, by index, the first and last included."""
+    scrubber = Scrubber()
+    families = (scrubber._token_keys, scrubber._private_key_keys, scrubber._context_keys, scrubber._keyword_keys)
+    seen: set[tuple[int, int]] = set()
+    ends = [  # the first and last detector of each family
+        "artifactory: AKCp8abcdef1234567890XyZ",
+        "HF_TOKEN=hf_" + "aB3dE5gH7jK9mN1pQ3sT5vX7zA9cE1gI3k",
+        "-----BEGIN DSA PRIVATE KEY-----\nMIIBuwIBAAKBgQ\n-----END DSA PRIVATE KEY-----",
+        '<add key="ApiKey" value="Zr8tWq1Xk9mPq2vL7"/>',
+        'dbPassword := "Zr8tWq1Xk9mPq2vL7"',  # Go
+    ]
+    for text in [sample.text for sample in corpus.samples] + ends:
+        at = scrubber._candidates(text)
+        assert at.may is not None
+        for f, keys in enumerate(families):
+            expected = [i for i, key in enumerate(keys) if scrubber._id[key] in at.may]
+            assert at.among(keys) == expected, text[:200]
+            seen |= {(f, i) for i in expected if i in (0, len(keys) - 1)}
+    assert {(f, i) for f, keys in enumerate(families) for i in (0, len(keys) - 1)} <= seen  # the ends
+    unfiltered = Scrubber(prefilter=False)._candidates("no prefilter: every detector runs")
+    assert unfiltered.among(families[0]) == list(range(len(families[0])))
+
+
+def test_unquoted_random_strings_are_found_by_their_classes_and_entropy() -> None:
+    """An unquoted run needs digits, upper and lower case and a key's entropy; the classes are checked first,
+    so a run lacking one is dropped whatever its entropy."""
+    from flywheel_loop.plugins.privacy.scrubber import _shannon_entropy
+
+    scrubber = Scrubber()
+    rng = random.Random(7)
+    value = "".join(rng.choice(string.ascii_letters + string.digits) for _ in range(160))
+    out, counts = scrubber.scrub(f"the key I pasted: {value[:48]} (do not share)")
+    assert value[:48] not in out and counts["HIGH_ENTROPY_SECRET"] == 1, out
+    for same_class in (value.lower(), value.upper(), "".join(c for c in value if not c.isdigit())):
+        assert _shannon_entropy(scrubber.base64, same_class) > scrubber.base64.entropy_limit
+        out, counts = scrubber.scrub(f"the key I pasted: {same_class} (do not share)")
+        assert out.endswith(f"{same_class} (do not share)") and not counts, (same_class, out)

@@ -420,6 +420,7 @@ _HASH_CONTEXT = re.compile(
 )
 _SRI_PREFIX = re.compile(r"sha(?:1|256|384|512)-$")
 _UNQUOTED_MIN = 32  # unquoted strings shorter than this are words and identifiers, not keys
+_DIGIT, _UPPER, _LOWER = re.compile("[0-9]"), re.compile("[A-Z]"), re.compile("[a-z]")
 
 
 # --------------------------------------------------------------------------- PII patterns
@@ -560,8 +561,13 @@ class Candidates:
         i = self.ids[key]
         return self.found.spans(i) if i in self.may else []
 
-    def hit(self, key: object) -> bool:
-        return self.may is None or self.ids[key] in self.may
+    def among(self, keys: Sequence[object]) -> list[int]:
+        """The indexes in ``keys`` of the detectors that may match, ascending: one pass over the few the
+        prefilter reported rather than a lookup per detector (most of a short text's fixed cost)."""
+        if self.may is None:
+            return list(range(len(keys)))
+        first = self.ids[keys[0]] if keys else 0
+        return sorted(i - first for i in self.may if first <= i < first + len(keys))
 
 # Prefilter expressions for patterns that end in an unbounded run, for which Hyperscan reports a
 # match at every offset of the run: each matches the start of every match of its pattern (which
@@ -602,6 +608,13 @@ class Scrubber:
             raise ValueError("phone_regions: name at least one region, e.g. US")
         self._detectors = self._detector_expressions()
         self._id = {key: i for i, (key, _, _) in enumerate(self._detectors)}
+        # each family's keys, in the order of their detector ids (contiguous: Candidates.among)
+        self._token_keys = [("token", i) for i in range(len(self.tokens))]
+        self._private_key_keys = [("private key", i) for i in range(len(self.private_key_headers))]
+        self._context_keys = [("context", i) for i in range(len(CONTEXT_RULES))]
+        self._keyword_keys = [("keyword", k) for k in range(len(_KEYWORD_PATTERNS))]
+        for keys in (self._token_keys, self._private_key_keys, self._context_keys, self._keyword_keys):
+            assert [self._id[k] for k in keys] == list(range(self._id[keys[0]], self._id[keys[0]] + len(keys)))
         self.prefilter = _prefilter(tuple((e, f) for _, e, f in self._detectors)) if prefilter else None
 
     def _detector_expressions(self) -> list[tuple[object, str | None, int]]:
@@ -630,7 +643,7 @@ class Scrubber:
         return out
 
     def _candidates(self, text: str) -> Candidates:
-        """key -> the spans of ``text`` its pattern needs to scan (``.hit(key)``: any at all)."""
+        """key -> the spans of ``text`` its pattern needs to scan (``.among(keys)``: which of a family may match)."""
         found = self.prefilter.scan(text) if self.prefilter is not None else None
         return Candidates(text, found, self._id)
 
@@ -673,7 +686,8 @@ class Scrubber:
     # ------------------------------------------------------------------ secrets
 
     def _private_keys(self, text: str, at: Candidates) -> Iterator[Finding]:
-        for i, pattern in enumerate(self.private_key_headers):
+        for i in at.among(self._private_key_keys):
+            pattern = self.private_key_headers[i]
             for m in _scan(pattern, text, at(("private key", i))):
                 line_start = text.rfind("\n", 0, m.start()) + 1
                 dashes = text.rfind("-----", line_start, m.start())
@@ -690,9 +704,8 @@ class Scrubber:
                 kind: _lines_at(text, (m.start() for m in shape.finditer(text)))
                 for kind, shape in _VALUE_SHAPE.items()
             }
-        for i, (kind, pattern) in enumerate(self.tokens):
-            if not at.hit(("token", i)):
-                continue
+        for i in at.among(self._token_keys):
+            kind, pattern = self.tokens[i]
             spans = shaped[kind] if kind in shaped else at(("token", i))
             for m in _scan(pattern, text, spans):
                 start, end = _secret_span(m, text)
@@ -706,9 +719,8 @@ class Scrubber:
         # The same length as text, unlike text.lower(); without the prefilter every rule scans
         # plainly, which makes Scrubber(prefilter=False) the reference the fast path must equal.
         lowered = ascii_view(text).lower() if self.prefilter is not None else None
-        for i, rule in enumerate(CONTEXT_RULES):
-            if not at.hit(("context", i)):
-                continue
+        for i in at.among(self._context_keys):
+            rule = CONTEXT_RULES[i]
             for lo, hi in at(("context", i)):
                 for start, end, kind in rule.findings(text, lo, hi, lowered):
                     if kind == "SECRET" and _entropy_kind(text, start, text[start:end]) == "AWS_SECRET_KEY":
@@ -720,7 +732,7 @@ class Scrubber:
         if gated:
             # The prefilter says which of detect-secrets' keyword patterns can match on which line.
             per_line: dict[Span, list[int]] = {}
-            for k in range(len(_KEYWORD_PATTERNS)):
+            for k in at.among(self._keyword_keys):
                 for span in _lines_in(text, at(("keyword", k))):
                     per_line.setdefault(span, []).append(k)
             lines = sorted(per_line)
@@ -778,12 +790,14 @@ class Scrubber:
                 value = segment.rstrip("=")
                 if covered(start, start + len(segment)):
                     continue
+                # the character classes first: a run without all three (a hex digest, a path, a
+                # wheel's name) is dropped without computing its entropy; the value is ASCII (the pattern)
                 if (
                     len(value) >= _UNQUOTED_MIN
+                    and _DIGIT.search(value) is not None
+                    and _UPPER.search(value) is not None
+                    and _LOWER.search(value) is not None
                     and self._high_entropy(self.base64, value)
-                    and any(c.isdigit() for c in value)
-                    and any(c.isupper() for c in value)
-                    and any(c.islower() for c in value)
                     and not self._hash_like(text, start)
                 ):
                     yield Finding(start, start + len(segment), _entropy_kind(text, start, value), _RANK_ENTROPY)
