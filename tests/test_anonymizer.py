@@ -499,3 +499,123 @@ async def test_no_planted_raw_value_reaches_any_event_on_the_log(
     assert counts["SESSION_ID"] == counts["USER_ID"] == 1
     assert {"EMAIL", "PHONE", "PASSWORD", "PRIVATE_KEY", "USERNAME", "JWT"} <= set(counts)
     assert "[EMAIL]" in orjson.dumps(anonymized).decode()
+
+
+# --------------------------------------------------------------------------- the scrubber's shortcuts
+
+# Windows around phone numbers, dates and times the way agent text has them (logs, pings, page
+# ranges, numbers with letters around them, one number after another).
+_PHONE_WINDOWS = (
+    "2024-05-01 11:08:19,424 WARN call +44 20 7946 0958 now",
+    "2024-05-01 11 +1 415 555 2671",
+    "20240501 11:08 (415) 555-2671 x12",
+    "ping -c 4 127.0.0.1 && curl http://x",
+    "tel: 030 901820 / 030 901821",
+    "pages 211-227 (2003) then 0151 234 5678",
+    "abc8005001234 or 8005001234def or 800 500 1234",
+    "3/10/2011 +33 6 12 34 56 78; 31/10/96",
+    "12345 - 332-445-1234 is my number",
+    "2024-04-22T14:06:54.4 +49 1512 3456789",
+    "%4155552671 $4155552671 415.555.2671%",
+)
+
+
+def test_the_stopping_matcher_finds_what_phonenumbers_finds_before_the_stop() -> None:
+    """_WindowMatcher stops at the first of the matcher's candidates starting at the stop, _ParseProbe says
+    whether any is parsed before it; both must agree with phonenumbers' own matcher at every stop."""
+    import phonenumbers
+
+    from flywheel_loop.plugins.privacy.scrubber import _ParseProbe, _WindowMatcher
+
+    found = 0
+    for window in _PHONE_WINDOWS:
+        for region in ("US", "GB", "DE", "FR", "IN", "AU", "BR", "ES"):
+            whole = [
+                (h.start, h.end)
+                for h in phonenumbers.PhoneNumberMatcher(window, region, leniency=phonenumbers.Leniency.VALID)
+            ]
+            found += len(whole)
+            for stop in range(len(window) + 1):
+                stopped = [(h.start, h.end) for h in _WindowMatcher(window, region, stop)]
+                # the whole matcher's matches in order, up to (at least) every one starting before the stop
+                assert stopped == whole[: len(stopped)], (window, stop, region)
+                assert [h for h in whole if h[0] < stop] == [h for h in stopped if h[0] < stop], (window, stop)
+                if not _ParseProbe.parses(window, stop):  # no parse: nothing found in any region
+                    assert not [h for h in whole if h[0] < stop], (window, stop, region)
+    assert found >= 20  # the windows hold numbers the matcher finds
+
+
+def test_phone_numbers_next_to_time_stamps_are_found() -> None:
+    """The time stamps the parse probe skips sit next to numbers that must still be found."""
+    cases = {
+        "2024-05-01 11:08:19,424 WARN call +44 20 7946 0958 now": "+44 20 7946 0958",
+        "2024-05-01 11:08:19 call (415) 555-2671": "(415) 555-2671",
+        "2024-04-22T14:06:54.4 +49 1512 3456789": "+49 1512 3456789",
+        "[2024-05-01 11:08] phone: 020 7946 0958": "020 7946 0958",
+    }
+    for text, number in cases.items():
+        out, counts = scrub(text)
+        assert number not in out and counts["PHONE"] == 1, (text, out)
+        assert "2024-0" in out, out  # the time stamp stays
+
+
+def test_a_national_number_is_found_in_whichever_configured_region_reads_it() -> None:
+    """The regions are parsed one at a time, the matcher run in each valid one until it finds the number:
+    numbers valid in several regions whose matcher finds them only in a later one are found too."""
+    import phonenumbers
+
+    from flywheel_loop.plugins.privacy.scrubber import DEFAULT_PHONE_REGIONS
+
+    later = 0
+    for region in DEFAULT_PHONE_REGIONS:
+        for kind in (phonenumbers.PhoneNumberType.FIXED_LINE, phonenumbers.PhoneNumberType.MOBILE):
+            example = phonenumbers.example_number_for_type(region, kind)
+            assert example is not None
+            number = phonenumbers.format_number(example, phonenumbers.PhoneNumberFormat.NATIONAL)
+            text = f"call me on {number} today"
+            out, counts = scrub(text)
+            assert out == "call me on [PHONE] today" and counts == Counter({"PHONE": 1}), (region, text, out)
+            valid = [r for r in DEFAULT_PHONE_REGIONS if phonenumbers.is_valid_number(phonenumbers.parse(number, r))]
+            first = [r for r in valid if list(phonenumbers.PhoneNumberMatcher(text, r))]
+            later += first[0] != valid[0]
+    assert later >= 1  # some are found only past the first region they parse in
+
+
+def test_the_detectors_asked_are_those_the_prefilter_reports(corpus: pc.Corpus) -> None:
+    """Candidates.among: each family's detectors that may match, by index, the first and last included."""
+    scrubber = Scrubber()
+    families = (scrubber._token_keys, scrubber._private_key_keys, scrubber._context_keys, scrubber._keyword_keys)
+    seen: set[tuple[int, int]] = set()
+    ends = [  # the first and last detector of each family
+        "artifactory: AKCp8abcdef1234567890XyZ",
+        "HF_TOKEN=hf_" + "aB3dE5gH7jK9mN1pQ3sT5vX7zA9cE1gI3k",
+        "-----BEGIN DSA PRIVATE KEY-----\nMIIBuwIBAAKBgQ\n-----END DSA PRIVATE KEY-----",
+        '<add key="ApiKey" value="Zr8tWq1Xk9mPq2vL7"/>',
+        'dbPassword := "Zr8tWq1Xk9mPq2vL7"',  # Go
+    ]
+    for text in [sample.text for sample in corpus.samples] + ends:
+        at = scrubber._candidates(text)
+        assert at.may is not None
+        for f, keys in enumerate(families):
+            expected = [i for i, key in enumerate(keys) if scrubber._id[key] in at.may]
+            assert at.among(keys) == expected, text[:200]
+            seen |= {(f, i) for i in expected if i in (0, len(keys) - 1)}
+    assert {(f, i) for f, keys in enumerate(families) for i in (0, len(keys) - 1)} <= seen  # the ends
+    unfiltered = Scrubber(prefilter=False)._candidates("no prefilter: every detector runs")
+    assert unfiltered.among(families[0]) == list(range(len(families[0])))
+
+
+def test_unquoted_random_strings_are_found_by_their_classes_and_entropy() -> None:
+    """An unquoted run needs digits, upper and lower case and a key's entropy; the classes are checked first,
+    so a run lacking one is dropped whatever its entropy."""
+    from flywheel_loop.plugins.privacy.scrubber import _shannon_entropy
+
+    scrubber = Scrubber()
+    rng = random.Random(7)
+    value = "".join(rng.choice(string.ascii_letters + string.digits) for _ in range(160))
+    out, counts = scrubber.scrub(f"the key I pasted: {value[:48]} (do not share)")
+    assert value[:48] not in out and counts["HIGH_ENTROPY_SECRET"] == 1, out
+    for same_class in (value.lower(), value.upper(), "".join(c for c in value if not c.isdigit())):
+        assert _shannon_entropy(scrubber.base64, same_class) > scrubber.base64.entropy_limit
+        out, counts = scrubber.scrub(f"the key I pasted: {same_class} (do not share)")
+        assert out.endswith(f"{same_class} (do not share)") and not counts, (same_class, out)

@@ -66,6 +66,10 @@ from detect_secrets.plugins.high_entropy_strings import (
     HexHighEntropyString,
     HighEntropyStringsPlugin,
 )
+from phonenumbers.phonenumbermatcher import _LEAD_PATTERN, _MATCHING_BRACKETS, _PUB_PAGES, PhoneNumberMatch
+from phonenumbers.phonenumbermatcher import _PATTERN as _MATCHER_PATTERN
+from phonenumbers.phonenumberutil import _SECOND_NUMBER_START_PATTERN
+from phonenumbers.re_util import fullmatch as _matcher_fullmatch
 from stdnum import iban as std_iban
 from stdnum import luhn
 from stdnum.br import cpf as br_cpf
@@ -416,6 +420,7 @@ _HASH_CONTEXT = re.compile(
 )
 _SRI_PREFIX = re.compile(r"sha(?:1|256|384|512)-$")
 _UNQUOTED_MIN = 32  # unquoted strings shorter than this are words and identifiers, not keys
+_DIGIT, _UPPER, _LOWER = re.compile("[0-9]"), re.compile("[A-Z]"), re.compile("[a-z]")
 
 
 # --------------------------------------------------------------------------- PII patterns
@@ -556,8 +561,13 @@ class Candidates:
         i = self.ids[key]
         return self.found.spans(i) if i in self.may else []
 
-    def hit(self, key: object) -> bool:
-        return self.may is None or self.ids[key] in self.may
+    def among(self, keys: Sequence[object]) -> list[int]:
+        """The indexes in ``keys`` of the detectors that may match, ascending: one pass over the few the
+        prefilter reported rather than a lookup per detector (most of a short text's fixed cost)."""
+        if self.may is None:
+            return list(range(len(keys)))
+        first = self.ids[keys[0]] if keys else 0
+        return sorted(i - first for i in self.may if first <= i < first + len(keys))
 
 # Prefilter expressions for patterns that end in an unbounded run, for which Hyperscan reports a
 # match at every offset of the run: each matches the start of every match of its pattern (which
@@ -571,10 +581,6 @@ _SHORTER = {
     r"\bya29\.[0-9A-Za-z_\-]{20,}": r"ya29\.",
     r"pypi-AgEIcHlwaS5vcmc[A-Za-z0-9-_]{70,}": r"pypi-AgEIcHlwaS5vcmc",
 }
-
-
-#: how many phone candidates a scrubber remembers the regions of before it starts again
-_REGIONS_SEEN_MAX = 100_000
 
 
 class Scrubber:
@@ -600,9 +606,15 @@ class Scrubber:
         self.phone_regions = tuple(phone_regions)
         if not self.phone_regions:
             raise ValueError("phone_regions: name at least one region, e.g. US")
-        self._regions_seen: dict[str, tuple[str, ...]] = {}  # candidate -> its regions (_phone_regions)
         self._detectors = self._detector_expressions()
         self._id = {key: i for i, (key, _, _) in enumerate(self._detectors)}
+        # each family's keys, in the order of their detector ids (contiguous: Candidates.among)
+        self._token_keys = [("token", i) for i in range(len(self.tokens))]
+        self._private_key_keys = [("private key", i) for i in range(len(self.private_key_headers))]
+        self._context_keys = [("context", i) for i in range(len(CONTEXT_RULES))]
+        self._keyword_keys = [("keyword", k) for k in range(len(_KEYWORD_PATTERNS))]
+        for keys in (self._token_keys, self._private_key_keys, self._context_keys, self._keyword_keys):
+            assert [self._id[k] for k in keys] == list(range(self._id[keys[0]], self._id[keys[0]] + len(keys)))
         self.prefilter = _prefilter(tuple((e, f) for _, e, f in self._detectors)) if prefilter else None
 
     def _detector_expressions(self) -> list[tuple[object, str | None, int]]:
@@ -631,7 +643,7 @@ class Scrubber:
         return out
 
     def _candidates(self, text: str) -> Candidates:
-        """key -> the spans of ``text`` its pattern needs to scan (``.hit(key)``: any at all)."""
+        """key -> the spans of ``text`` its pattern needs to scan (``.among(keys)``: which of a family may match)."""
         found = self.prefilter.scan(text) if self.prefilter is not None else None
         return Candidates(text, found, self._id)
 
@@ -674,7 +686,8 @@ class Scrubber:
     # ------------------------------------------------------------------ secrets
 
     def _private_keys(self, text: str, at: Candidates) -> Iterator[Finding]:
-        for i, pattern in enumerate(self.private_key_headers):
+        for i in at.among(self._private_key_keys):
+            pattern = self.private_key_headers[i]
             for m in _scan(pattern, text, at(("private key", i))):
                 line_start = text.rfind("\n", 0, m.start()) + 1
                 dashes = text.rfind("-----", line_start, m.start())
@@ -691,9 +704,8 @@ class Scrubber:
                 kind: _lines_at(text, (m.start() for m in shape.finditer(text)))
                 for kind, shape in _VALUE_SHAPE.items()
             }
-        for i, (kind, pattern) in enumerate(self.tokens):
-            if not at.hit(("token", i)):
-                continue
+        for i in at.among(self._token_keys):
+            kind, pattern = self.tokens[i]
             spans = shaped[kind] if kind in shaped else at(("token", i))
             for m in _scan(pattern, text, spans):
                 start, end = _secret_span(m, text)
@@ -707,9 +719,8 @@ class Scrubber:
         # The same length as text, unlike text.lower(); without the prefilter every rule scans
         # plainly, which makes Scrubber(prefilter=False) the reference the fast path must equal.
         lowered = ascii_view(text).lower() if self.prefilter is not None else None
-        for i, rule in enumerate(CONTEXT_RULES):
-            if not at.hit(("context", i)):
-                continue
+        for i in at.among(self._context_keys):
+            rule = CONTEXT_RULES[i]
             for lo, hi in at(("context", i)):
                 for start, end, kind in rule.findings(text, lo, hi, lowered):
                     if kind == "SECRET" and _entropy_kind(text, start, text[start:end]) == "AWS_SECRET_KEY":
@@ -721,7 +732,7 @@ class Scrubber:
         if gated:
             # The prefilter says which of detect-secrets' keyword patterns can match on which line.
             per_line: dict[Span, list[int]] = {}
-            for k in range(len(_KEYWORD_PATTERNS)):
+            for k in at.among(self._keyword_keys):
                 for span in _lines_in(text, at(("keyword", k))):
                     per_line.setdefault(span, []).append(k)
             lines = sorted(per_line)
@@ -779,12 +790,14 @@ class Scrubber:
                 value = segment.rstrip("=")
                 if covered(start, start + len(segment)):
                     continue
+                # the character classes first: a run without all three (a hex digest, a path, a
+                # wheel's name) is dropped without computing its entropy; the value is ASCII (the pattern)
                 if (
                     len(value) >= _UNQUOTED_MIN
+                    and _DIGIT.search(value) is not None
+                    and _UPPER.search(value) is not None
+                    and _LOWER.search(value) is not None
                     and self._high_entropy(self.base64, value)
-                    and any(c.isdigit() for c in value)
-                    and any(c.isupper() for c in value)
-                    and any(c.islower() for c in value)
                     and not self._hash_like(text, start)
                 ):
                     yield Finding(start, start + len(segment), _entropy_kind(text, start, value), _RANK_ENTROPY)
@@ -909,12 +922,12 @@ class Scrubber:
             if 0 <= nl < hi:
                 hi = nl
             window = text[lo:hi]
-            for region in self._phone_regions(candidate):
+            if not _ParseProbe.parses(window, m.end() - lo):
+                continue  # the matcher rejects every number-like part of the window up to the candidate's end
+            for region in self._phone_regions_of(candidate):
                 hits = [
                     h
-                    for h in phonenumbers.PhoneNumberMatcher(
-                        window, region, leniency=phonenumbers.Leniency.VALID
-                    )
+                    for h in _WindowMatcher(window, region, stop=m.end() - lo)
                     if lo + h.start < m.end() and m.start() < lo + h.end
                 ]
                 for h in hits:
@@ -922,20 +935,10 @@ class Scrubber:
                 if hits:
                     break
 
-    def _phone_regions(self, candidate: str) -> tuple[str, ...]:
-        """``_phone_regions_of``, remembered per candidate (a pure function of the text: the same findings).
-        Agent text repeats its candidates (dates and times in logs, addresses, versions), and parsing one
-        in every region is most of what a line with a candidate costs."""
-        regions = self._regions_seen.get(candidate)
-        if regions is None:
-            if len(self._regions_seen) >= _REGIONS_SEEN_MAX:
-                self._regions_seen.clear()
-            regions = self._regions_seen[candidate] = tuple(self._phone_regions_of(candidate))
-        return regions
-
     def _phone_regions_of(self, candidate: str) -> Iterator[str]:
-        """The configured regions in which ``candidate`` is a valid number. Parsing is five
-        times cheaper than matching, so it picks the regions the matcher then runs in."""
+        """The configured regions in which ``candidate`` is a valid number, one at a time (the matcher runs in
+        each before the next is parsed; most numbers are found in the first). Parsing is cheaper than
+        matching, so it picks the regions the matcher then runs in."""
         international = candidate.lstrip("( ").startswith("+")
         for region in self.phone_regions:
             try:
@@ -954,6 +957,72 @@ class Scrubber:
             if name.lower() in _SERVICE_USERS or not name:
                 continue
             yield Finding(m.start("name"), m.start("name") + len(name), "USERNAME", _RANK_PII)
+
+
+class _WindowMatcher(phonenumbers.PhoneNumberMatcher):
+    """phonenumbers' matcher (leniency VALID) that stops at the first of its candidates starting at or
+    after ``stop``: every match it makes from a candidate lies inside the candidate, so those can only
+    end past ``stop`` and ``_phones`` (which keeps the matches that overlap its own candidate, ending at
+    ``stop`` in the window) drops them; the matches before are made exactly as the whole matcher makes
+    them, one after the other. The matcher's own candidates after a phone candidate (the seconds and
+    milliseconds after a log's date, the text after an address) were most of what a window cost."""
+
+    def __init__(self, text: str, region: str, stop: int) -> None:
+        super().__init__(text, region, leniency=phonenumbers.Leniency.VALID)
+        self._stop = stop
+
+    def _find(self, index: int) -> PhoneNumberMatch | None:
+        # phonenumbers.PhoneNumberMatcher._find (8.13 to 9.0), with the stop added
+        match = _MATCHER_PATTERN.search(self.text, index)
+        while self._max_tries > 0 and match is not None and match.start() < self._stop:
+            start = match.start()
+            candidate = self._trim_after_first_match(_SECOND_NUMBER_START_PATTERN, self.text[start : match.end()])
+            if len(candidate) >= self._min_candidate_length:
+                found = self._extract_match(candidate, start)
+                if found is not None:
+                    return found
+                self._max_tries -= 1
+            index = start + len(candidate)
+            match = _MATCHER_PATTERN.search(self.text, index)
+        return None
+
+
+class _Parsed(Exception):
+    """The matcher got as far as parsing a number: what it finds depends on the region."""
+
+
+class _ParseProbe(_WindowMatcher):
+    """The matcher's region-free steps: whether, before ``stop``, any of its candidates passes the checks
+    that come before parsing (dates, time stamps, brackets, page ranges, letters around it). Where none
+    does, the matcher finds nothing in any region, and nothing needs parsing: a log's time stamps
+    (``2024-05-01 11:08:19``) took eight parses and up to three matcher runs each."""
+
+    def __init__(self, text: str, stop: int) -> None:
+        super().__init__(text, "ZZ", stop)
+
+    @classmethod
+    def parses(cls, text: str, stop: int) -> bool:
+        try:
+            for _ in cls(text, stop):
+                pass
+        except _Parsed:
+            return True
+        return False
+
+    def _parse_and_verify(self, candidate: str, offset: int) -> PhoneNumberMatch | None:
+        # phonenumbers.PhoneNumberMatcher._parse_and_verify (8.13 to 9.0) up to its parse, at leniency VALID
+        if not _matcher_fullmatch(_MATCHING_BRACKETS, candidate) or _PUB_PAGES.search(candidate):
+            return None
+        if offset > 0 and not _LEAD_PATTERN.match(candidate):
+            previous = self.text[offset - 1]
+            if self._is_invalid_punctuation_symbol(previous) or self._is_latin_letter(previous):
+                return None
+        last = offset + len(candidate)
+        if last < len(self.text):
+            following = self.text[last]
+            if self._is_invalid_punctuation_symbol(following) or self._is_latin_letter(following):
+                return None
+        raise _Parsed
 
 
 class _Covered:
