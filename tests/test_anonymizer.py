@@ -269,6 +269,19 @@ def test_the_prefilter_changes_no_finding(independent: ic.Corpus, corpus: pc.Cor
         assert fast.find(text) == slow.find(text), text[:200]
 
 
+def test_every_word_that_names_a_secret_is_found_the_same_with_and_without_the_prefilter() -> None:
+    from flywheel_loop.plugins.privacy.scrubber_context import _PASSWORD_WORDS, _SECRET_WORDS
+
+    fast, slow = Scrubber(), Scrubber(prefilter=False)
+    value = "Zr8tQ9vX2mK7pL4nW6"
+    for word in sorted(_PASSWORD_WORDS | _SECRET_WORDS | {"client_key", "AccountKey"}):
+        for text in (f'{word} = "{value}"', f"{word.upper()}={value}", f'"{word}={value}"',
+                     f"<{word}>{value}</{word}>", f"  {word}: {value}"):
+            found = slow.find(text)
+            assert fast.find(text) == found, text
+            assert found, text  # each form is found at all
+
+
 # --------------------------------------------------------------------------- the anonymizer
 
 

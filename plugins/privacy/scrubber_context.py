@@ -23,6 +23,7 @@ from detect_secrets.filters.heuristic import is_sequential_string, is_templated_
 __all__ = [
     "CONTEXT_RULES",
     "ContextRule",
+    "KEY_NEEDLES",
     "is_placeholder",
     "is_variable",
     "key_kind",
@@ -42,6 +43,10 @@ _SECRET_WORDS = frozenset(
         "auth", "authorization",
     }
 )
+#: lower-case parts one of which every key ``key_kind`` accepts holds (each word above, "key", and the
+#: run-together names): the needles of the rules that take their kind from the key, so the prefilter asks
+#: them wherever such a key may be (a test checks every word of these lists with and without it)
+KEY_NEEDLES = ("pass", "pw", "secret", "token", "key", "auth", "cred", "sig", "sas", "bearer", "contrase", "senha")
 # "key" is a secret only with one of these before it: api_key, AccountKey, SECRET_KEY; a bare
 # "key" names dictionary entries, sort orders and cache entries far more often.
 _KEY_QUALIFIERS = frozenset(
@@ -407,7 +412,7 @@ CONTEXT_RULES: tuple[ContextRule, ...] = (
             r"(?=" + _VALUE + ")"
         ),
         None,
-        ("pass", "pwd", "pw", "secret", "token", "key", "auth", "cred", "sig", "contrase", "senha", "bearer"),
+        KEY_NEEDLES,
         code=True,
     ),
     # A whole line KEY=value (.env, shell, INI, properties) or key: value (YAML): the value runs
@@ -420,7 +425,7 @@ CONTEXT_RULES: tuple[ContextRule, ...] = (
             re.MULTILINE,
         ),
         None,
-        ("pass", "pwd", "pw", "secret", "token", "key", "auth", "cred", "contrase", "senha"),
+        KEY_NEEDLES,
         code=True,
         whole_line=True,
     ),
@@ -442,14 +447,14 @@ CONTEXT_RULES: tuple[ContextRule, ...] = (
         "quoted KEY=value",
         re.compile(r"\"(?P<key>[A-Za-z_][\w.\-]{0,80})=(?P<value>[^\"\n]{1,512})\""),
         None,
-        ("pass", "pwd", "secret", "token", "key", "auth", "cred"),
+        KEY_NEEDLES,
     ),
     # <password>value</password>, and .NET's <add key="ApiKey" value="..."/>.
     ContextRule(
         "xml element",
         re.compile(r"<(?P<key>[\w:.\-]{1,80})>(?P<value>[^<\n]{1,512})</"),
         None,
-        ("pass", "pwd", "secret", "token", "key", "cred", "auth"),
+        KEY_NEEDLES,
     ),
     ContextRule(
         "xml key/value",
