@@ -74,7 +74,8 @@ async def fetch_batch(sub: Any, batch: int, timeout: float) -> list[Msg]:
     now (``no_wait``: those messages, then a 404); when that is nothing, one for a single message that waits
     up to ``timeout``, and once it came, another ``no_wait`` one for the rest. A request that the server
     ends with a status (no messages, expired) is read to that status, up to ``_STATUS_GRACE_S`` past the
-    timeout, so no status of this call is left for the next one to mistake for the end of its own request.
+    timeout, so that a status of this call is not left for the next one to mistake for the end of its own
+    request (a server slower than that still can: the next call then returns early, empty, and loses nothing).
     ``nats.errors.TimeoutError`` when nothing came within ``timeout``; an error status from the server
     raises as ``fetch`` raises it."""
     inner = sub._sub

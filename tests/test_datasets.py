@@ -489,6 +489,13 @@ def test_a_bare_code_correction_is_learned_in_the_answers_form() -> None:
     assert in_answer_form(fenced, answer) == fenced
     assert in_answer_form(fixed, "def total(xs):\n    return 0") == fixed
     assert in_answer_form("let x = 1;", answer) == "let x = 1;"  # not Python
+    # the Python block's tag, not another block's; a closing fence opens nothing
+    js = "```js\nlet total = 0;\n```\n"
+    assert in_answer_form(fixed, js) == fixed
+    assert in_answer_form(fixed, "```bash\npip install x\n```\nthen:\n```python\npass\n```") == fenced
+    # too deep for the parser: kept as given, never an error that would stop the role's builds
+    deep = "x = " + " + ".join(["1"] * 20_000)
+    assert in_answer_form(deep, answer) == deep
 
     # the builder's evidence: the target (and the DPO pair's chosen side) is the fenced correction; off: as given
     interaction = anonymized("Sum a list", answer)

@@ -199,6 +199,26 @@ def test_sampling_is_seeded_per_task(tiny_model_dir: Path) -> None:
         sample_task(model, tokenizer, t, 3, 1.0, 1.0, 10, seed=7, bf16=True, stop_after_code=True)[0]
 
 
+def test_a_sampled_answer_is_cut_after_its_closed_code_block(tiny_model_dir: Path, monkeypatch: Any) -> None:
+    import torch
+
+    model, tokenizer = load_base(tiny_model_dir)
+    answer = "```python\ndef add(a, b):\n    return a + b\n```\nThis adds two numbers, as asked."
+    said = tokenizer(answer, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    asked: dict[str, Any] = {}
+
+    def generate(**kwargs: Any) -> Any:  # the random model cannot be made to write a fence: it says `answer`
+        asked.update(kwargs)
+        return torch.cat([kwargs["input_ids"], said], dim=1).repeat(kwargs["num_return_sequences"], 1)
+
+    monkeypatch.setattr(model, "generate", generate)
+    cut, _ = sample_task(model, tokenizer, as_task(task()), 2, 1.0, 1.0, 64, seed=1, stop_after_code=True)
+    assert cut == [answer[: answer.index("```\n", 3) + 3]] * 2
+    assert asked["stopping_criteria"] is not None  # and generation was told to stop there
+    whole, _ = sample_task(model, tokenizer, as_task(task()), 2, 1.0, 1.0, 64, seed=1)
+    assert whole == [answer] * 2 and asked["stopping_criteria"] is None
+
+
 async def test_a_round_on_the_log_samples_every_task_but_the_held_out_ones_and_reports_its_figures(
     bus: Bus, engine_with: Any
 ) -> None:

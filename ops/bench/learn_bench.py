@@ -114,6 +114,7 @@ def main() -> int:
     from flywheel_loop.plugins.curation.store import write_dataset
     from flywheel_loop.plugins.evaluation.suite import load_suite, sample, split_suite
     from flywheel_loop.plugins.sampling.attempts import Task, pass_at_k, sample_task, verify
+    from flywheel_loop.plugins.sampling.settings import SamplingConfig
     from flywheel_loop.plugins.shared.chat_format import load_formatter
     from flywheel_loop.plugins.shared.models import base_model_dir, load_base, use_bf16
     from flywheel_loop.schemas import TrainingFailed
@@ -158,7 +159,7 @@ def main() -> int:
         for i, p in enumerate(train_tasks, 1):
             task = Task(p.id, p.id, i, p.prompt, p.test_code)
             answers, _ = sample_task(model, tokenizer, task, args.k, args.temperature, 0.95, args.max_new_tokens,
-                                     args.seed + r, bf16, stop_after_code=True)
+                                     args.seed + r, bf16, SamplingConfig.of(settings).stop_after_code)
             tv = time.monotonic()
             verdicts = [a.passed for a in verify(answers, p.test_code, timeout_s=5, memory_mb=512)]
             figures["seconds"]["verify"] = figures["seconds"].get("verify", 0.0) + time.monotonic() - tv

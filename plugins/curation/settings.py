@@ -80,7 +80,8 @@ class DatasetConfig(Section):
     fence_code_corrections: bool = Field(
         default=True, description="a correction that is bare Python, of an answer that held its code in a fenced"
         " block, is learned fenced like that answer (plugins/shared/code.py in_answer_form): the model learns the"
-        " fix, not to drop its answer format",
+        " fix, not to drop its answer format. Part of the recipe: a dataset built before it existed replays byte"
+        " for byte with it set to false",
     )
     rft_per_task: int = Field(
         default=2, ge=0, le=64, description="passing sampled answers kept per task (attempts.sampled), shortest first"

@@ -148,8 +148,6 @@ def _order(prompts: list[str], seed: int) -> list[str]:
 
 
 def _generate(folder: Path, prompts: list[str], cfg: SsrConfig, bf16: bool) -> list[Candidate]:
-    from contextlib import nullcontext
-
     import torch
 
     from flywheel_loop.plugins.shared.models import load_base, torch_threads
@@ -159,8 +157,7 @@ def _generate(folder: Path, prompts: list[str], cfg: SsrConfig, bf16: bool) -> l
     tokenizer.padding_side = "left"
     eos = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")} - {None}
     out: list[Candidate] = []
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else nullcontext()
-    with torch_threads(cfg.threads), torch.no_grad(), autocast:
+    with torch_threads(cfg.threads), torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         for i in range(0, len(prompts), cfg.batch):
             chunk = prompts[i : i + cfg.batch]
             texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,

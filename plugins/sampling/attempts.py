@@ -101,8 +101,6 @@ def sample_task(
     returns (answers, tokens generated). ``bf16``: under bf16 autocast. ``stop_after_code``: an answer
     ends once it has closed a fenced code block, and is cut there (``plugins/shared/stopping.py``): the
     tests read only the code, and the prose after it costs most of a small model's tokens."""
-    from contextlib import nullcontext
-
     import torch
 
     from flywheel_loop.plugins.shared.stopping import closed_fence, through_code
@@ -113,10 +111,9 @@ def sample_task(
     torch.manual_seed(task_seed(seed, task.interaction_id))
     was_training = model.training
     model.eval()
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
     stop = closed_fence(tokenizer, enc["input_ids"].shape[1]) if stop_after_code else None
     try:
-        with torch.no_grad(), autocast:
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             out = model.generate(
                 **enc, max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature, top_p=top_p,
                 top_k=0, num_return_sequences=k, pad_token_id=tokenizer.pad_token_id, stopping_criteria=stop,

@@ -24,7 +24,8 @@ class SamplingConfig(PluginSection):
         " tests read only the code; the prose after it costs most of the tokens)",
     )
     max_tasks: int = Field(default=256, ge=1, description="tasks sampled per round (the newest first)")
-    seed: int = Field(default=0, description="seeds the sampling: a task's answers depend on it and the task only")
+    seed: int = Field(default=0, description="seeds the sampling: a task's answers depend on it, the task, the"
+                      " precision (models.precision) and stop_after_code")
     timeout_s: float = Field(default=5.0, gt=0, le=600, description="wall clock an answer's tests may take")
     memory_mb: int = Field(default=512, ge=32, description="address space an answer's test run may use")
     threads: int | None = Field(default=2, ge=1, description="torch threads while sampling; none = every core")

@@ -24,8 +24,19 @@ def extract_code(answer: str) -> str:
     return "\n\n".join(b for b in blocks if b.strip()) + "\n" if blocks else answer
 
 
-#: the opening line of a fenced block whose language is Python or unnamed (its tag captured)
-_PYTHON_OPENING = re.compile(r"^```[ \t]*(python3?|py)?[ \t]*$", re.MULTILINE | re.IGNORECASE)
+#: a fence line: ``` and the block's language tag, if any (captured)
+_FENCE_LINE = re.compile(r"^[ \t]*```[ \t]*([\w+#.-]*)[ \t]*$", re.MULTILINE)
+
+
+def _python_opening_tag(answer: str) -> str | None:
+    """The tag of the first fenced block of ``answer`` that is Python or unnamed ("" for unnamed), None when it
+    has none; fence lines alternate between opening and closing a block."""
+    inside = False
+    for match in _FENCE_LINE.finditer(answer):
+        if not inside and match.group(1).lower() in ("", "python", "python3", "py"):
+            return match.group(1)
+        inside = not inside
+    return None
 
 
 def in_answer_form(correction: str, answer: str) -> str:
@@ -38,16 +49,16 @@ def in_answer_form(correction: str, answer: str) -> str:
     as given."""
     if "```" in correction:
         return correction
-    opening = _PYTHON_OPENING.search(answer)
-    if opening is None:
+    tag = _python_opening_tag(answer)
+    if tag is None:
         return correction
     try:
         body = ast.parse(correction).body
-    except (SyntaxError, ValueError):  # prose, or code of another language
+    except (SyntaxError, ValueError, RecursionError, MemoryError):  # prose, another language, or too deep to parse
         return correction
     if all(isinstance(node, ast.Expr) for node in body):  # a word or two of prose parses as an expression
         return correction
-    return f"```{opening.group(1) or ''}\n{correction.strip(chr(10))}\n```"
+    return f"```{tag}\n{correction.strip(chr(10))}\n```"
 
 
 #: the header line the convention asks for, with the license id captured

@@ -5,7 +5,8 @@ generating it costs most of an answer's tokens on a small model. ``closed_fence`
 stopping criterion that ends each sequence of a batch once its new tokens hold two fence markers
 (an opened and a closed block); an answer with no fence runs to the end-of-text token or the token
 limit as before; ``through_code`` cuts an answer there. The demo's agent, the evaluator's task and
-suite runs and self-synthesized rehearsal use it, so both sides of every comparison stop by the same rule.
+suite runs, self-synthesized rehearsal and the sampler use it, so both sides of every comparison stop by the
+same rule.
 """
 
 from __future__ import annotations
