@@ -314,3 +314,39 @@ def test_the_sampling_trigger_requests_a_round_per_role_every_n_new_tasks_with_t
     assert not any(off.decision(e.id) for e in events)  # 0 (the default): rounds only by hand
     state.close()
     off.close()
+
+
+def test_the_sampling_trigger_requests_a_round_per_period_by_the_events_times_when_new_tasks_came(
+    settings_with: Callable[..., Settings], tmp_path: Path
+) -> None:
+    from datetime import timedelta
+
+    from flywheel_loop.engine.state import ProcessorState
+    from flywheel_loop.plugins.sampling.trigger import processor
+
+    def at(event: Event[Any], hours: float) -> Event[Any]:
+        return event.model_copy(update={"time": start + timedelta(hours=hours)})
+
+    start = task().time
+    cfg = settings_with(sampling={"trigger_every_h": 24})
+    manual = new_event(SamplingRequested(role="coder", log_position=4), source="cli")
+    timeline = [at(task("T0."), 0), at(task("T1."), 10), at(task("T2."), 25),  # 25 h after the first task: a round
+                at(manual, 30), at(task("T3."), 50),  # 20 h after the manual round: not yet
+                at(task("No tests.", tests=""), 60),  # not a task: no round, however late
+                at(task("T4."), 52), at(task("T5."), 80)]  # 50 h after the manual round: a round
+    state = ProcessorState.open(processor(cfg), tmp_path / "schedule.sqlite")
+    state.fold(enumerate(timeline, 1))
+    requests = {e.id: state.decision(e.id) for e in timeline if state.decision(e.id)}
+    assert list(requests) == [timeline[2].id, timeline[7].id]
+    assert all(d[0].reason == "schedule" and d[0].role == "coder" for d in requests.values())
+    assert requests[timeline[7].id][0].log_position == 8
+    # the same log decides the same (a replay), and a volume threshold reached first wins the reason
+    again = ProcessorState.open(processor(cfg), tmp_path / "again.sqlite")
+    again.fold(enumerate(timeline, 1))
+    assert {e.id: again.decision(e.id) for e in timeline if again.decision(e.id)} == requests
+    both = ProcessorState.open(processor(settings_with(sampling={"trigger_every_h": 24, "trigger_new_tasks": 2})),
+                               tmp_path / "both.sqlite")
+    both.fold(enumerate(timeline, 1))
+    assert [both.decision(e.id)[0].reason for e in timeline if both.decision(e.id)][0] == "volume"
+    for s in (state, again, both):
+        s.close()

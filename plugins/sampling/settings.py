@@ -33,6 +33,10 @@ class SamplingConfig(PluginSection):
         default=0, ge=0, description="request a round when this many new tasks with tests were recorded for a role"
         " since its last round; 0 = only by hand (flywheel train --method rft)",
     )
+    trigger_every_h: float = Field(
+        default=0.0, ge=0, description="request a round when a new task with tests comes at least this many hours"
+        " (by the events' times) after the role's last round, or its first task; 0 = no schedule",
+    )
     holdout_share: float | None = Field(
         default=None, ge=0, lt=1, description="share of tasks held out for evaluation, never sampled; none ="
         " curation.dataset.forgetting_share (the dataset builder's hold-out, with its seed)",
