@@ -11,7 +11,7 @@ nothing."""
 from __future__ import annotations
 
 import sqlite3
-from typing import Any
+from typing import Any, Literal
 
 from flywheel_loop.engine.config import Settings
 from flywheel_loop.engine.processor import Processor, decided
@@ -59,6 +59,7 @@ class SamplingTrigger:
         count, since_ms = db.execute("SELECT new_tasks, since_ms FROM sampling_roles WHERE role = ?",
                                      (role,)).fetchone()
         hours = (_ms(event) - since_ms) / 3_600_000
+        reason: Literal["volume", "schedule"]
         if self.threshold and count >= self.threshold:
             reason, why = "volume", (f"{count} new {role} tasks with tests since the last round"
                                      f" (sampling.trigger_new_tasks = {self.threshold})")
