@@ -259,8 +259,11 @@ class ProjectionRunner:
 
     async def follow_up(self) -> int:
         """Apply whatever its consumer has pending now and keep the consumer (a processor's fold,
-        brought up to date before each batch): one consumer-info request when nothing is new."""
+        brought up to date before each batch): one consumer-info request when nothing is new. A consumer
+        the server deleted (idle past its inactive threshold: a processor whose inputs are rare) is
+        subscribed again from the stored position, once a call."""
         async with self._lock:
+            resubscribed = False
             for _ in range(1000):  # a bound: 1,000 fetches of ``batch`` messages, then the next call goes on
                 try:
                     if self._sub is None:
@@ -269,6 +272,12 @@ class ProjectionRunner:
                     if pending == 0:
                         break
                     msgs = await self._sub.fetch(min(self.batch, pending), timeout=5.0)
+                except nats.js.errors.NotFoundError:
+                    await self._drop_subscription()
+                    if resubscribed:
+                        raise
+                    resubscribed = True
+                    continue
                 except (TimeoutError, nats.errors.Error, nats.js.errors.Error) as exc:
                     log.info("projection %s: consumer lost (%s); resubscribing", self.projection.name, exc)
                     await self._drop_subscription()

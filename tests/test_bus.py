@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from pathlib import Path
+from typing import Any
 
 import nats.errors
 import orjson
@@ -173,3 +174,33 @@ async def test_fetch_batch_leaves_no_status_for_the_next_call(bus: Bus) -> None:
         await asyncio.sleep(0.05)  # time for a late status to arrive
         left_behind += sub._sub._pending_queue.qsize()
     assert left_behind == 0
+
+
+async def test_a_follow_up_whose_consumer_went_away_while_idle_subscribes_again(bus: Bus, tmp_path: Path) -> None:
+    import sqlite3
+
+    from flywheel_loop.engine.projection import Projection, ProjectionRunner
+
+    class Seen(Projection):
+        name = "seen"
+        consumes = ("interaction.recorded",)
+        tables = "CREATE TABLE IF NOT EXISTS seen (input TEXT NOT NULL);"
+
+        def apply(self, db: sqlite3.Connection, event: Any, seq: int) -> None:
+            db.execute("INSERT INTO seen VALUES (?)", (event.data.input,))
+
+    def turn(i: int) -> Any:
+        return new_event(InteractionRecorded(session_id="s", role="coder", model_id="m", input=f"turn {i}",
+                                             output="ok"), source="test")
+
+    runner = ProjectionRunner(bus, Seen(), tmp_path / "seen.sqlite")
+    await bus.publish_many([turn(i) for i in range(3)])
+    assert await runner.follow_up() == 3
+    # idle past its inactive threshold, the consumer is deleted by the server (as while a training run holds
+    # the CPU for minutes): the next follow-up subscribes again from the stored position, and raises nothing
+    await bus.js.delete_consumer(runner.stream_name, runner._sub._consumer)
+    await bus.publish_many([turn(i) for i in range(3, 5)])
+    assert await runner.follow_up() == 5
+    with sqlite3.connect(runner.store.path) as db:
+        assert [r[0] for r in db.execute("SELECT input FROM seen")] == [f"turn {i}" for i in range(5)]
+    runner.close()
