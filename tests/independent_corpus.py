@@ -35,6 +35,7 @@ import re
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from datetime import datetime
 from importlib.metadata import version
 from importlib.resources import files
 from typing import Any
@@ -47,6 +48,8 @@ from stdnum import verhoeff
 
 SECRET, PII = "secret", "pii"
 LEAK_WINDOW = 10
+#: the latest time Faker may draw: its default, now, made the same seed give other microseconds a moment later
+CLOCK = datetime(2026, 1, 1)
 
 #: Faker locale -> the phone region its numbers must be valid in.
 LOCALES: dict[str, str] = {
@@ -466,8 +469,9 @@ class Values:
             return Put(which, PII, self.fakers["en_US"].ssn())
         if which == "ca_sin":
             return Put(which, PII, self.fakers["en_CA"].ssn())
-        if which == "es_dni":
-            return Put(which, PII, self.fakers["es_ES"].nif())
+        if which == "es_dni":  # as Faker's es_ES nif(), which draws from the global random: not seeded
+            body = self.rng.randrange(10**8)
+            return Put(which, PII, f"{body:08d}{'TRWAGMYFPDXBNJZSQVHLCKE'[body % 23]}")
         if which == "br_cpf":
             return Put(which, PII, self.fakers["pt_BR"].cpf())
         if which == "fr_nir":
@@ -693,7 +697,7 @@ def connection_urls(v: Values, b: Builder) -> None:
         b.line("  datasource:")
         b.line("    url: ", *url)
     elif form == "log":
-        b.line(f"{v.faker().iso8601()} INFO connecting to ", *url)
+        b.line(f"{v.faker().iso8601(end_datetime=CLOCK)} INFO connecting to ", *url)
         b.line("Traceback (most recent call last):")
         b.line('  File "/srv/app/db.py", line 12, in connect')
         b.line("ConnectionRefusedError: [Errno 111] Connection refused")
@@ -973,13 +977,15 @@ def pii_records(v: Values, b: Builder) -> None:
         b.line('    resp = client.post("/signup", json={"email": "', email, '", "phone": "', phone, '",')
         b.line(f'                                         "{extra}": "', third, '"})')
     else:
-        b.line(f"{f.iso8601()} WARN signup rejected email=", email, " phone=\"", phone, f"\" {extra}=", third)
+        stamp = f.iso8601(end_datetime=CLOCK)
+        b.line(f"{stamp} WARN signup rejected email=", email, " phone=\"", phone, f"\" {extra}=", third)
 
 
 def access_logs(v: Values, b: Builder) -> None:
     f = v.faker()
     for _ in range(v.rng.randint(1, 3)):
-        b.line(v.ip(), f" - - [{f.date_time().strftime('%d/%b/%Y:%H:%M:%S')} +0000] \"GET /{f.uri_path()} HTTP/1.1\" "
+        when = f.date_time(end_datetime=CLOCK).strftime('%d/%b/%Y:%H:%M:%S')
+        b.line(v.ip(), f" - - [{when} +0000] \"GET /{f.uri_path()} HTTP/1.1\" "
                f"{v.pick(['200', '304', '404', '500'])} {v.rng.randint(100, 90000)} \"-\" \"{f.user_agent()}\"")
 
 
@@ -989,7 +995,7 @@ def git_and_mail(v: Values, b: Builder) -> None:
     if form == "log":
         b.line(f"commit {hashlib.sha1(v.rng.randbytes(8)).hexdigest()}")
         b.line(f"Author: {f.name()} <", v.email(), ">")
-        b.line(f"Date:   {f.date_time().strftime('%a %b %d %H:%M:%S %Y')} +0200")
+        b.line(f"Date:   {f.date_time(end_datetime=CLOCK).strftime('%a %b %d %H:%M:%S %Y')} +0200")
         b.line("")
         b.line(f"    {f.sentence(nb_words=6)}")
     elif form == "mail":
