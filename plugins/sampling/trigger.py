@@ -53,12 +53,12 @@ class SamplingTrigger:
         tests = data.interaction.context.tests
         if not tests or not tests.strip():
             return []
-        role = data.interaction.role
+        role, now = data.interaction.role, _ms(event)
         db.execute("INSERT INTO sampling_roles VALUES (?, 1, ?)"
-                   " ON CONFLICT (role) DO UPDATE SET new_tasks = new_tasks + 1", (role, _ms(event)))
+                   " ON CONFLICT (role) DO UPDATE SET new_tasks = new_tasks + 1", (role, now))
         count, since_ms = db.execute("SELECT new_tasks, since_ms FROM sampling_roles WHERE role = ?",
                                      (role,)).fetchone()
-        hours = (_ms(event) - since_ms) / 3_600_000
+        hours = (now - since_ms) / 3_600_000
         reason: Literal["volume", "schedule"]
         if self.threshold and count >= self.threshold:
             reason, why = "volume", (f"{count} new {role} tasks with tests since the last round"
@@ -68,7 +68,7 @@ class SamplingTrigger:
                                        f" round (sampling.trigger_every_h = {self.every_h:g})")
         else:
             return []
-        db.execute("UPDATE sampling_roles SET new_tasks = 0, since_ms = ? WHERE role = ?", (_ms(event), role))
+        db.execute("UPDATE sampling_roles SET new_tasks = 0, since_ms = ? WHERE role = ?", (now, role))
         return [SamplingRequested(role=role, reason=reason, log_position=seq, detail=why)]
 
 
