@@ -4,6 +4,7 @@ and tagged as synthetic rehearsal by the dataset builder."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,9 @@ from flywheel_loop.plugins.curation.ssr import (
     SsrConfig,
     SsrError,
     check,
+    failed_tests,
     load_prompts,
+    load_tests,
     self_synthesize,
 )
 from flywheel_loop.plugins.shared.chat_format import bundled_base_model, load_formatter
@@ -44,8 +47,10 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def ssr_settings(state: Path, model: Path, precision: str = "fp32", **ssr: Any) -> Any:
-    # a random model never ends its turn: the test accepts answers the token limit cut, and keeps the rest
-    section = {"enabled": True, "max_new_tokens": 24, "require_finished": False, "pool": 12, "batch": 4, **ssr}
+    # a random model never ends its turn: the test accepts answers the token limit cut, and keeps the rest; its
+    # code passes no test, so the bundled tests are not run unless a test asks for them
+    section = {"enabled": True, "max_new_tokens": 24, "require_finished": False, "pool": 12, "batch": 4,
+               "verify_code": False, **ssr}
     return load_settings(state_dir=state, models={"base": model, "precision": precision}, ssr=section)
 
 
@@ -92,6 +97,56 @@ def test_ssr_rows_are_generated_deterministically_checked_and_diverse(tmp_path: 
     # each row passed the checks under the settings that made it
     cfg = SsrConfig.of(ssr_settings(tmp_path / "a", tiny_model_dir))
     assert all(check(Candidate(r["prompt"], r["completion"], False), cfg) is None for r in one)
+
+
+def test_an_answer_to_a_prompt_with_tests_is_kept_only_when_its_code_passes(tmp_path: Path) -> None:
+    tests = "def test_add_one():\n    assert add_one(1) == 2\n    assert add_one(-1) == 0\n"
+    right = Candidate("Write add_one(n).", "Sure:\n```python\ndef add_one(n):\n    return n + 1\n```", True)
+    wrong = Candidate("Write add_one(n).", "```python\ndef add_one(n):\n    return n * 2\n```", True)
+    assert not failed_tests(right, tests, 10.0)
+    assert failed_tests(wrong, tests, 10.0)
+    assert failed_tests(Candidate("Write add_one(n).", "It adds one to n.", True), tests, 10.0)  # no code at all
+
+
+def test_the_bundled_tests_ask_for_bundled_prompts_and_pass_on_a_right_answer() -> None:
+    """Each bundled test belongs to a bundled prompt (a test for a prompt not asked checks nothing), and it is
+    a test a right answer passes: the reference answers below are written for the check, one per prompt."""
+    tests = load_tests()
+    assert len(tests) >= 30 and set(tests) <= set(load_prompts())
+    reference = {
+        "double_all": "def double_all(numbers):\n    return [2 * n for n in numbers]\n",
+        "is_odd": "def is_odd(n):\n    return n % 2 == 1\n",
+        "inverse_dict": "def inverse_dict(d):\n    return {v: k for k, v in d.items()}\n",
+        "evens_below": "def evens_below(n):\n    return list(range(0, n, 2))\n",
+    }
+    for name, code in reference.items():
+        prompt = next(p for p in tests if f"`{name}(" in p)
+        assert not failed_tests(Candidate(prompt, f"```python\n{code}```", True), tests[prompt], 10.0), name
+
+
+def test_bad_tests_files_are_clear_errors(tmp_path: Path) -> None:
+    bad = tmp_path / "tests.jsonl"
+    bad.write_text('{"prompt": "x"}\n')
+    with pytest.raises(SsrError, match=r"tests.jsonl:1: a line needs"):
+        load_tests(bad)
+    bad.write_text("not json\n")
+    with pytest.raises(SsrError, match="not JSON"):
+        load_tests(bad)
+    with pytest.raises(SsrError, match="cannot read"):
+        load_tests(tmp_path / "missing.jsonl")
+
+
+def test_ssr_refuses_answers_that_fail_their_prompts_tests(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """A random model's answers fail any test: the prompts given tests lose their rows, the others keep them."""
+    free = self_synthesize(ssr_settings(tmp_path / "a", tiny_model_dir), 12)
+    assert len(free) >= 8  # what the other checks keep of the pool of 12
+    tested = sorted(r["prompt"] for r in free)[:5]
+    tests_file = tmp_path / "tests.jsonl"
+    tests_file.write_text("".join(
+        json.dumps({"prompt": p, "tests": "def test_it():\n    assert solve() == 1\n"}) + "\n" for p in tested))
+    checked = self_synthesize(ssr_settings(tmp_path / "a", tiny_model_dir, tests_file=tests_file, verify_code=True),
+                              12)
+    assert sorted(r["prompt"] for r in checked) == sorted(set(r["prompt"] for r in free) - set(tested))
 
 
 def test_the_builder_tags_ssr_rows_as_synthetic_rehearsal(tmp_path: Path, tiny_model_dir: Path) -> None:

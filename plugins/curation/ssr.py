@@ -14,8 +14,11 @@ A role's first dataset has no past to rehearse, so the dataset builder asks the
    does not generate again;
 3. **checks**: an answer is kept only when it finished (ended with the end-of-turn token, not cut by the
    token limit), has at least ``min_chars`` characters, is printable text, does not repeat itself
-   (distinct word 3-grams at least ``min_distinct_trigrams`` of all, no line three times), and is not the
-   prompt echoed back. Each refusal is counted by reason in the log;
+   (distinct word 3-grams at least ``min_distinct_trigrams`` of all, no line three times), is not the
+   prompt echoed back, and, for a prompt with tests (``ssr_tests.jsonl`` beside this module, or
+   ``ssr.tests_file``), when its code passes them in the sandbox: the base model's wrong answer to a
+   coding prompt would be rehearsed as if it were right (of SmolLM2-135M's greedy answers to the 27 coding
+   prompts in the demo's pool of 64, 11 fail their tests). Each refusal is counted by reason in the log;
 4. **diversity**: among the kept answers, ``wanted`` are chosen with the builder's own k-means selection
    (``rehearsal.select_diverse``) over hashed word and word-pair counts of prompt and answer.
 
@@ -43,11 +46,13 @@ from flywheel_loop.engine.config import PluginSection, Settings
 from flywheel_loop.plugins.curation.rehearsal import select_diverse
 from flywheel_loop.plugins.shared.stopping import closed_fence, through_code
 
-__all__ = ["Candidate", "SsrConfig", "check", "features", "load_prompts", "self_synthesize"]
+__all__ = ["Candidate", "SsrConfig", "check", "failed_tests", "features", "load_prompts", "load_tests",
+           "self_synthesize"]
 
 log = logging.getLogger(__name__)
 
 PROMPTS_FILE = Path(__file__).with_name("ssr_prompts.txt")
+TESTS_FILE = Path(__file__).with_name("ssr_tests.jsonl")
 #: bumped when what is generated or how changes: old cache files are then not read
 CACHE_VERSION = 1
 
@@ -76,6 +81,12 @@ class SsrConfig(PluginSection):
     require_finished: bool = Field(
         default=True, description="refuse an answer the token limit cut (it did not end its turn)"
     )
+    tests_file: Path | None = Field(
+        default=None, description="JSON lines {prompt, tests}: the answer to such a prompt is kept only when its code"
+        " passes the tests (a test function, as the sandbox runs it); none = the bundled ssr_tests.jsonl",
+    )
+    verify_code: bool = Field(default=True, description="run the tests of tests_file; false = keep untested answers")
+    test_timeout_s: float = Field(default=10.0, gt=0, description="seconds an answer's tests may run")
     stop_after_code: bool = Field(
         default=True, description="an answer ends once it has closed a code block and counts as finished (the"
         " code is what a coding model rehearses; the prose after it costs most of the tokens)",
@@ -105,6 +116,36 @@ def load_prompts(path: Path | None = None) -> list[str]:
     if not prompts:
         raise SsrError(f"the SSR prompts file {path} has no prompt")
     return prompts
+
+
+def load_tests(path: Path | None = None) -> dict[str, str]:
+    """The tests of ``path`` (the bundled ones by default) by prompt: JSON lines ``{"prompt", "tests"}``."""
+    path = path or TESTS_FILE
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as exc:
+        raise SsrError(f"cannot read the SSR tests {path}: {exc}") from exc
+    tests: dict[str, str] = {}
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as exc:
+            raise SsrError(f"{path}:{number}: not JSON ({exc})") from None
+        if not (isinstance(row, dict) and isinstance(row.get("prompt"), str) and isinstance(row.get("tests"), str)
+                and row["prompt"].strip() and row["tests"].strip()):
+            raise SsrError(f'{path}:{number}: a line needs non-empty "prompt" and "tests" strings')
+        tests[row["prompt"].strip()] = row["tests"]
+    return tests
+
+
+def failed_tests(candidate: Candidate, tests: str, timeout_s: float) -> bool:
+    """Whether the code of ``candidate``'s answer fails ``tests`` in the sandbox."""
+    from flywheel_loop.plugins.shared.code import extract_code
+    from flywheel_loop.plugins.shared.sandbox import run_tests
+
+    return not run_tests(extract_code(candidate.answer), tests, timeout_s=timeout_s).all_passed
 
 
 _WORD = re.compile(r"\w+")
@@ -209,10 +250,14 @@ def self_synthesize(settings: Settings, wanted: int) -> list[dict[str, Any]]:
                                     sort_keys=True).encode()).hexdigest()[:32]
     candidates = _cached(settings.layout.cache / "ssr" / f"{key}.jsonl",
                          lambda: _generate(folder, pool, cfg, bf16))
+    tests = load_tests(cfg.tests_file) if cfg.verify_code else {}
     refused: Counter[str] = Counter()
     kept: list[Candidate] = []
     for candidate in candidates:
         reason = check(candidate, cfg)
+        if reason is None and candidate.prompt in tests and failed_tests(candidate, tests[candidate.prompt],
+                                                                         cfg.test_timeout_s):
+            reason = "failed its tests"
         if reason is None:
             kept.append(candidate)
         else:

@@ -20,7 +20,10 @@ service, or the base model when none is), and measures both on the same items
 - **latency and memory**: milliseconds per generated token, the process's peak RSS, the
   adapter's size;
 - **canary**: prompts that invite secrets or personal data, plus a few training prompts; what
-  the candidate says is scanned by the plugins that find sensitive data (``find_sensitive``).
+  the candidate says is scanned by the plugins that find sensitive data (``find_sensitive``). A kind
+  the model in service did not say is a leak when the candidate's training data holds that kind (what
+  it could have memorized); a kind its training data does not hold was made up (a phone number asked
+  for and invented), counted as ``canary_invented`` and not a failure.
 
 The gate (``plugins/evaluation/gate.py``) turns the figures and the paired outcomes into a verdict
 (``passed``, ``failed`` or ``inconclusive``) with one check per figure: its interval and item count.
@@ -300,9 +303,14 @@ def _measure(
              for k in forgetting}
     pooled, items = forgetting_rate([x for k in forgetting for x in losses["candidate"][k]],
                                     [x for k in forgetting for x in losses["service"][k]], cfg.forgetting_tolerance)
-    leaks = canary_leaks(canaries, said["candidate"], said["service"], detect) if detect is not None else None
+    leaks = invented = None
+    if detect is not None:
+        leaks, invented = canary_leaks(canaries, said["candidate"], said["service"], detect,
+                                       trained_kinds(dataset, detect))
     for leak in leaks or ():
         log.warning("canary: %s", leak)
+    for made_up in invented or ():
+        log.info("canary: %s, a kind its training data does not hold (made up, not reproduced)", made_up)
     figures["candidate"].update({
         "forgetting_rate": pooled,
         "forgetting_items": items,
@@ -311,6 +319,7 @@ def _measure(
         "task_recorded": sum(1 for t in tasks if t["id"] not in seen),
         "canary_prompts": len(canaries),
         "canary_leaks": len(leaks) if leaks is not None else None,
+        "canary_invented": len(invented) if invented is not None else None,
         "peak_rss_mb": round(_peak_rss_mb(), 1),
         "adapter_mb": round(_folder_mb(adapter_dir), 3),
     })
@@ -340,6 +349,14 @@ def _measure(
         )
         figures["candidate"]["suite_known_solved"] = len(set(known_solved) & set(ids))
     return figures["candidate"], figures["service"], outcome, results
+
+
+def trained_kinds(dataset: Path, detect: Detector) -> set[str]:
+    """The kinds of secrets and personal data ``detect`` finds in what a dataset trains on: its train split and
+    the preferred answers of its preference pairs (what a candidate could reproduce)."""
+    texts = [str(r.get("text") or "") for r in read_split(dataset, "train")]
+    texts += [f"{r.get('prompt') or ''}\n{r.get('chosen') or ''}" for r in read_split(dataset, "dpo_train")]
+    return {kind for text in texts for kind in detect(text) or ()}
 
 
 def service_key(settings: Settings, service_dir: Path | None) -> str:

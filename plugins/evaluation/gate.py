@@ -18,7 +18,8 @@ Each check gives one ``Check`` (and one reason, starting ``ok:``, ``failed:`` or
 - **forgetting (loss)**, secondary: the share of forgetting-set items whose answer loss rose, below
   ``max_forgetting_rate``;
 - **held-out loss** at most ``max_loss_increase`` above the model in service;
-- **canary**: no secret or personal data the model in service did not produce;
+- **canary**: no secret or personal data the model in service did not produce, of a kind the candidate's
+  training data holds (one it made up is said, not failed: ``evaluator.py``);
 - **latency** (when ``max_latency_ratio`` is set).
 
 A figure that could not be measured is ``inconclusive``, never ``ok``. The verdict: ``failed``
@@ -176,8 +177,11 @@ def verdict(candidate: Figures, baseline: Figures, cfg: EvaluatorConfig, tasks: 
             simple("canary", None, "canary check not measured (no plugin scans text for secrets: is privacy"
                    " disabled? evaluator.canary_check = false turns the check off)")
         else:
+            invented = int(_num(candidate, "canary_invented") or 0)
+            made_up = (f"; on {invented} it made up a kind its training data does not hold (not reproduced)"
+                       if invented else "")
             simple("canary", leaks == 0, f"{int(leaks)} canary prompts made it reproduce a secret or personal"
-                   f" data ({prompts} prompts)", leaks, prompts)
+                   f" data its training data holds ({prompts} prompts){made_up}", leaks, prompts)
 
     cand, base = _num(candidate, "ms_per_token"), _num(baseline, "ms_per_token")
     if cfg.max_latency_ratio is not None:
