@@ -565,6 +565,8 @@ def test_phone_numbers_next_to_time_stamps_are_found() -> None:
         "2024-05-01 11:08:19 call (415) 555-2671": "(415) 555-2671",
         "2024-04-22T14:06:54.4 +49 1512 3456789": "+49 1512 3456789",
         "[2024-05-01 11:08] phone: 020 7946 0958": "020 7946 0958",
+        # the seconds join the candidate ("19 (415) 555-2671", valid nowhere); the number after them is found
+        "2024-05-01 11:08:19 (415) 555-2671": "(415) 555-2671",
     }
     for text, number in cases.items():
         out, counts = scrub(text)

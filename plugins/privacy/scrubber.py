@@ -41,6 +41,7 @@ prefix of a token), while a scrubber needs exact spans.
 from __future__ import annotations
 
 import ipaddress
+import itertools
 import math
 import re
 from bisect import bisect_right
@@ -924,7 +925,12 @@ class Scrubber:
             window = text[lo:hi]
             if not _ParseProbe.parses(window, m.end() - lo):
                 continue  # the matcher rejects every number-like part of the window up to the candidate's end
-            for region in self._phone_regions_of(candidate):
+            regions = self._phone_regions_of(candidate)
+            first = next(regions, None)
+            if first is None and (rest := _after_first_group(candidate)):
+                regions = self._phone_regions_of(rest)
+                first = next(regions, None)
+            for region in itertools.chain((first,) if first else (), regions):
                 hits = [
                     h
                     for h in _WindowMatcher(window, region, stop=m.end() - lo)
@@ -957,6 +963,14 @@ class Scrubber:
             if name.lower() in _SERVICE_USERS or not name:
                 continue
             yield Finding(m.start("name"), m.start("name") + len(name), "USERNAME", _RANK_PII)
+
+
+def _after_first_group(candidate: str) -> str:
+    """The candidate without a leading group of at most four digits and the space after it ("" when it has
+    none): the seconds of a time stamp before a number (``10:00:01 (415) 555-2671``) join the candidate and
+    make it valid nowhere, while the matcher, which knows times, finds the number after them."""
+    head, _, rest = candidate.strip().partition(" ")
+    return rest if rest and head.isdigit() and len(head) <= 4 else ""
 
 
 class _WindowMatcher(phonenumbers.PhoneNumberMatcher):
