@@ -346,3 +346,56 @@ async def test_the_trainer_processor_publishes_its_run(
     total = progressed[-1].data.total_steps
     assert [e.data.step for e in progressed] == list(range(1, total + 1))
     assert Path(done[0].data.path).is_dir()
+
+
+def test_the_kl_anchor_is_zero_at_the_start_and_adds_the_divergence_from_the_base_model(
+    tmp_path: Path, formatter: Any, tiny_model_dir: Path
+) -> None:
+    """With the adapter as initialised (B = 0) the anchored loss is the cross-entropy; once the adapter moved,
+    it is the cross-entropy plus the weight times the KL divergence from the base model (the model with the
+    adapter off) on the answer tokens; a run with the anchor trains, and the anchor is part of its id."""
+    import torch.nn.functional as F
+    from peft import LoraConfig, get_peft_model
+
+    from flywheel_loop.engine.config import load_settings
+    from flywheel_loop.plugins.shared.packing import anchored_losses
+
+    tok = formatter.tokenizer
+    blocks = pack(tokenize_rows([formatter.conversation(p, c) for p, c in ROWS], tok, 96), 96)
+    batch = collate(blocks[:2], tok.pad_token_id)
+    model = get_peft_model(tiny_model(tiny_model_dir), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    ce, n = token_losses(model, batch, False)
+    anchored, m = anchored_losses(model, batch, False, 1.0)
+    assert n == m and float(anchored) == pytest.approx(float(ce), rel=1e-5)
+
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    answer = batch["labels"][:, 1:] != IGNORE
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    with torch.no_grad():
+        moved = F.log_softmax(model(**inputs).logits[:, :-1][answer].float(), -1)
+        with model.disable_adapter():
+            base = F.log_softmax(model(**inputs).logits[:, :-1][answer].float(), -1)
+        kl = float(F.kl_div(moved, base, log_target=True, reduction="sum"))
+        ce = token_losses(model, batch, False)[0]
+        anchored = anchored_losses(model, batch, False, 3.0)[0]
+    assert kl > 0.01
+    assert float(anchored) == pytest.approx(float(ce) + 3.0 * kl, rel=1e-4)
+
+    settings = load_settings(state_dir=tmp_path / "kl", **tiny_sections(tiny_model_dir, kl_weight=0.5))
+    digest, folder = write_dataset(settings.state_dir, formatter)
+    done = train_dataset(settings, "coder", digest, folder)
+    assert isinstance(done, TrainingCompleted), done
+    plain = load_settings(state_dir=tmp_path / "kl", **tiny_sections(tiny_model_dir))
+    from flywheel_loop.plugins.training.settings import TrainerConfig
+    from flywheel_loop.plugins.training.trainer import hyperparameters, run_id_for
+
+    assert hyperparameters(TrainerConfig.of(settings))["kl_weight"] == 0.5
+    assert "kl_weight" not in hyperparameters(TrainerConfig.of(plain))  # earlier runs keep their ids
+    assert done.run_id == run_id_for("coder", digest, done.base_model, TrainerConfig.of(settings))
+    assert done.run_id != run_id_for("coder", digest, done.base_model, TrainerConfig.of(plain))
+    without = train_dataset(plain, "coder", digest, folder)  # the same data and seed, no anchor: other weights
+    assert isinstance(without, TrainingCompleted) and without.adapter_hash != done.adapter_hash

@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
-    "IGNORE", "Block", "Example", "attention_bias", "block_loss", "collate", "pack", "token_losses", "tokenize_rows",
+    "IGNORE", "Block", "Example", "anchored_losses", "attention_bias", "block_loss", "collate", "pack",
+    "token_losses", "tokenize_rows",
 ]
 
 IGNORE = -100
@@ -133,12 +134,12 @@ def collate(blocks: Sequence[Block], pad_id: int, dtype: torch.dtype = torch.flo
     }
 
 
-def token_losses(model: Any, batch: dict[str, torch.Tensor], bf16: bool) -> tuple[torch.Tensor, int]:
-    """(sum of the answer tokens' cross-entropy, how many answer tokens) of one batch.
+def _answer_logits(model: Any, batch: dict[str, torch.Tensor], bf16: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits of the positions that predict an answer token, those tokens), row by row.
 
-    Only the positions that predict an answer token go through the vocabulary projection
-    (``logits_to_keep`` as a boolean mask): with a 49k-token vocabulary that projection is a
-    large share of the work, and the prompt's logits are never used."""
+    Only those positions go through the vocabulary projection (``logits_to_keep`` as a boolean mask):
+    with a 49k-token vocabulary that projection is a large share of the work, and the prompt's logits
+    are never used."""
     device = next(model.parameters()).device
     batch = {k: v.to(device) for k, v in batch.items()}
     labels = batch.pop("labels")
@@ -152,8 +153,32 @@ def token_losses(model: Any, batch: dict[str, torch.Tensor], bf16: bool) -> tupl
     logits = logits.reshape(-1, logits.shape[-1])
     if logits.shape[0] != wanted.shape[0]:  # a model that ignores a mask for logits_to_keep: all positions
         logits = logits.reshape(labels.shape[0], labels.shape[1], -1)[:, :-1][keep[:, :-1]]
+    return logits, wanted
+
+
+def token_losses(model: Any, batch: dict[str, torch.Tensor], bf16: bool) -> tuple[torch.Tensor, int]:
+    """(sum of the answer tokens' cross-entropy, how many answer tokens) of one batch."""
+    logits, wanted = _answer_logits(model, batch, bf16)
     loss = F.cross_entropy(logits.float(), wanted, ignore_index=IGNORE, reduction="sum")
     return loss, int(wanted.numel())
+
+
+def anchored_losses(
+    model: Any, batch: dict[str, torch.Tensor], bf16: bool, weight: float, peft: Any = None
+) -> tuple[torch.Tensor, int]:
+    """``token_losses`` plus ``weight`` times the KL divergence from the base model's next-token distribution
+    to the model's, summed over the same answer tokens. ``model`` is a PEFT model (or wraps ``peft``, one, as
+    a distributed wrapper does): the base model is the same model with its adapters disabled (one more
+    forward pass, without gradients). Where a target token
+    is one the base model already expects, the pull toward the base costs the fit little; where the model
+    drifts on what it was not asked to change, it costs."""
+    with torch.no_grad(), (peft or model).disable_adapter():
+        reference, _ = _answer_logits(model, batch, bf16)
+    logits, wanted = _answer_logits(model, batch, bf16)
+    ce = F.cross_entropy(logits.float(), wanted, ignore_index=IGNORE, reduction="sum")
+    kl = F.kl_div(F.log_softmax(logits.float(), dim=-1), F.log_softmax(reference.float(), dim=-1),
+                  log_target=True, reduction="sum")
+    return ce + weight * kl, int(wanted.numel())
 
 
 def block_loss(model: Any, blocks: Sequence[Block], pad_id: int, batch: int = 4, bf16: bool = False) -> float | None:

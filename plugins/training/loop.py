@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 
-from flywheel_loop.plugins.shared.packing import IGNORE, Block, block_loss, collate, token_losses
+from flywheel_loop.plugins.shared.packing import IGNORE, Block, anchored_losses, block_loss, collate, token_losses
 
 __all__ = [
     "LoopSettings", "Progress", "RunResult", "WallClockExceeded", "block_loss", "make_accelerator", "token_losses",
@@ -64,6 +64,8 @@ class LoopSettings:
     bf16: bool = False
     seed: int = 0
     weight_decay: float = 0.0
+    #: weight of the KL divergence from the base model on the answer tokens (0: plain cross-entropy)
+    kl_weight: float = 0.0
     #: optimizer steps between validation losses (None: evals_per_epoch)
     eval_every: int | None = None
     #: validations per epoch when eval_every is None
@@ -288,7 +290,10 @@ def _train(
             blocks = [train[i] for i in idx]
             with _unsynced(accelerator, wrapped, last=k == len(runs) - 1):
                 with accelerator.autocast():
-                    loss_sum, _ = token_losses(wrapped, collate(blocks, pad_id), False)
+                    if cfg.kl_weight > 0:
+                        loss_sum, _ = anchored_losses(wrapped, collate(blocks, pad_id), False, cfg.kl_weight, inner)
+                    else:
+                        loss_sum, _ = token_losses(wrapped, collate(blocks, pad_id), False)
                 # processes average their gradients, so each scales its share up by their number:
                 # the step's gradient is that of the mean loss over all of its answer tokens
                 scale = world if mine else 0

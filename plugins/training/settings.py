@@ -71,6 +71,12 @@ class TrainerConfig(PluginSection):
         default=2, ge=1, description="stop after this many validations without a better loss (the best weights"
         " are restored); none = never stop early",
     )
+    kl_weight: float = Field(
+        default=0.0, ge=0, description="SFT: add this weight times the KL divergence from the base model's"
+        " next-token distribution on the answer tokens (the base model is the model with its adapter off: one"
+        " more forward pass a step); it holds back drift on what the data does not ask to change. 0 = plain"
+        " cross-entropy",
+    )
     method: Literal["sft", "dpo"] = Field(
         default="sft", description="sft on the train split, or dpo on the preference pairs (dpo_train)"
     )

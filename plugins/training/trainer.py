@@ -86,7 +86,7 @@ Emit = Callable[[Payload], None]
 
 LOOP_FIELDS = (
     "lr", "epochs", "batch", "grad_accum", "max_steps", "warmup_steps", "checkpoint_every", "seed", "eval_every",
-    "evals_per_epoch",
+    "evals_per_epoch", "kl_weight",
 )
 
 
@@ -113,6 +113,7 @@ def hyperparameters(cfg: TrainerConfig) -> dict[str, Any]:
         "early_stopping_patience": cfg.early_stopping_patience,
         "method": cfg.method,
         **({"dpo_beta": cfg.dpo_beta} if cfg.method == "dpo" else {}),
+        **({"kl_weight": cfg.kl_weight} if cfg.kl_weight else {}),  # absent at 0: earlier run ids stay
     }
 
 
