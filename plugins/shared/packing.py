@@ -167,11 +167,10 @@ def anchored_losses(
     model: Any, batch: dict[str, torch.Tensor], bf16: bool, weight: float, peft: Any = None
 ) -> tuple[torch.Tensor, int]:
     """``token_losses`` plus ``weight`` times the KL divergence from the base model's next-token distribution
-    to the model's, summed over the same answer tokens. ``model`` is a PEFT model (or wraps ``peft``, one, as
-    a distributed wrapper does): the base model is the same model with its adapters disabled (one more
-    forward pass, without gradients). Where a target token
-    is one the base model already expects, the pull toward the base costs the fit little; where the model
-    drifts on what it was not asked to change, it costs."""
+    to the model's, summed over the same answer tokens (so the reported training loss includes it).
+    ``model`` is a PEFT model, or wraps ``peft``, one (as a distributed wrapper does): the base model is the
+    same model with its adapters disabled (one more forward pass, without gradients). The anchor acts on the
+    answer tokens only; what it holds back elsewhere is measured, not implied (README, The demo)."""
     with torch.no_grad(), (peft or model).disable_adapter():
         reference, _ = _answer_logits(model, batch, bf16)
     logits, wanted = _answer_logits(model, batch, bf16)
