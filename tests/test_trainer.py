@@ -395,6 +395,8 @@ def test_the_kl_anchor_is_zero_at_the_start_and_adds_the_divergence_from_the_bas
 
     assert hyperparameters(TrainerConfig.of(settings))["kl_weight"] == 0.5
     assert "kl_weight" not in hyperparameters(TrainerConfig.of(plain))  # earlier runs keep their ids
+    dpo = TrainerConfig.of(settings).model_copy(update={"method": "dpo"})
+    assert "kl_weight" not in hyperparameters(dpo)  # the DPO loop does not use it: no other run id for it
     assert done.run_id == run_id_for("coder", digest, done.base_model, TrainerConfig.of(settings))
     assert done.run_id != run_id_for("coder", digest, done.base_model, TrainerConfig.of(plain))
     without = train_dataset(plain, "coder", digest, folder)  # the same data and seed, no anchor: other weights

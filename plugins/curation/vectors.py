@@ -159,8 +159,8 @@ class TextEmbedder:
                             "attention_mask": mask,
                             "token_type_ids": torch.zeros_like(input_ids),
                         }
-                        # bf16 autocast uses the CPU's bf16 matrix units; each text's padding is
-                        # still fixed by the text, so its vector does not depend on the batch.
+                        # bf16 autocast uses the CPU's bf16 matrix units; the fixed shape above keeps a
+                        # text's vector independent of its batch there too.
                         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.precision == "bfloat16"):
                             vectors = model(features)["sentence_embedding"]
                         out[chunk] = vectors[: len(chunk)].float().numpy()

@@ -74,8 +74,8 @@ class TrainerConfig(PluginSection):
     kl_weight: float = Field(
         default=0.0, ge=0, description="SFT: add this weight times the KL divergence from the base model's"
         " next-token distribution on the answer tokens (the base model is the model with its adapter off: one"
-        " more forward pass a step); it holds back drift on what the data does not ask to change. 0 = plain"
-        " cross-entropy",
+        " more forward pass a step). On the demo's data, weight 1 lost 5 of 23 suite problems instead of 8 and"
+        " learned 4 of 12 validation tasks instead of 7 (README, The demo). 0 = plain cross-entropy",
     )
     method: Literal["sft", "dpo"] = Field(
         default="sft", description="sft on the train split, or dpo on the preference pairs (dpo_train)"

@@ -113,7 +113,8 @@ def hyperparameters(cfg: TrainerConfig) -> dict[str, Any]:
         "early_stopping_patience": cfg.early_stopping_patience,
         "method": cfg.method,
         **({"dpo_beta": cfg.dpo_beta} if cfg.method == "dpo" else {}),
-        **({"kl_weight": cfg.kl_weight} if cfg.kl_weight else {}),  # absent at 0: earlier run ids stay
+        # absent at 0 (earlier run ids stay) and for DPO, whose loop does not use it (its reference is built in)
+        **({"kl_weight": cfg.kl_weight} if cfg.kl_weight and cfg.method == "sft" else {}),
     }
 
 
