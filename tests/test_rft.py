@@ -350,3 +350,24 @@ def test_the_sampling_trigger_requests_a_round_per_period_by_the_events_times_wh
     assert [both.decision(e.id)[0].reason for e in timeline if both.decision(e.id)][0] == "volume"
     for s in (state, again, both):
         s.close()
+
+
+@pytest.mark.parametrize(("verdict", "passed"), [("inconclusive", False), ("failed", False), ("passed", True),
+                                                 (None, False)])
+def test_a_rounds_verdict_is_the_gates_own_word(verdict: str | None, passed: bool) -> None:
+    from flywheel_loop.schemas import DatasetBuilt, EvaluationCompleted, TrainingCompleted
+
+    digest, adapter = "d" * 64, "a" * 64
+    sampled = new_event(SamplingCompleted(role="coder", request_id=new_id(), model_version="coder-base", tasks=4,
+                                          samples=16, passed_samples=3, solved_tasks=2, pass_at_1=0.19,
+                                          pass_at_k=0.5, k=4, temperature=0.8), source="sampler")
+    events = [sampled,
+              new_event(DatasetBuilt(role="coder", dataset_hash=digest, request_id=sampled.id, sizes={"train": 3},
+                                     path="datasets/x", sources={"rft": 3}), source="dataset_builder"),
+              new_event(TrainingCompleted(run_id="run-1", role="coder", adapter_hash=adapter, path="adapters/x",
+                                          base_model="tiny", dataset_hash=digest), source="trainer"),
+              new_event(EvaluationCompleted(run_id="run-1", role="coder", adapter_hash=adapter, passed=passed,
+                                            verdict=verdict), source="evaluator")]
+    (r,) = fold_rounds(enumerate(events, 1))
+    # an event from before the three-way gate has no verdict: read from passed
+    assert r.verdict == (verdict or "failed") and r.stage == f"gate: {verdict or 'failed'}"

@@ -104,8 +104,7 @@ def fold_rounds(events: Iterable[tuple[int, Event[Any]]], role: str | None = Non
             by_adapter[d.adapter_hash] = r
         elif isinstance(d, EvaluationCompleted) and d.run_id in by_run:
             r = by_run[d.run_id]
-            status = getattr(d, "status", None)
-            r.verdict = str(status) if status else ("passed" if d.passed else "failed")
+            r.verdict = d.outcome  # the gate's word (inconclusive too); passed/failed for an event from before it
         elif isinstance(d, DeploymentCompleted) and d.adapter_hash in by_adapter:
             by_adapter[d.adapter_hash].deployed = True
     return list(rounds.values())
