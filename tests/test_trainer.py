@@ -401,3 +401,42 @@ def test_the_kl_anchor_is_zero_at_the_start_and_adds_the_divergence_from_the_bas
     assert done.run_id != run_id_for("coder", digest, done.base_model, TrainerConfig.of(plain))
     without = train_dataset(plain, "coder", digest, folder)  # the same data and seed, no anchor: other weights
     assert isinstance(without, TrainingCompleted) and without.adapter_hash != done.adapter_hash
+
+
+def test_min_steps_gives_a_small_split_more_passes(tmp_path: Path, formatter: Any, tiny_model_dir: Path) -> None:
+    from flywheel_loop.engine.config import load_settings
+    from flywheel_loop.plugins.training.settings import TrainerConfig
+    from flywheel_loop.plugins.training.trainer import hyperparameters
+
+    one = dict(epochs=1, early_stopping_patience=None, checkpoint_every=1000)
+    plain = load_settings(state_dir=tmp_path / "s", **tiny_sections(tiny_model_dir, **one))
+    digest, folder = write_dataset(plain.state_dir, formatter)
+    once = train_dataset(plain, "coder", digest, folder)
+    assert isinstance(once, TrainingCompleted), once
+    wanted = 2 * once.steps + 1  # two passes and a step of the third
+    more = load_settings(state_dir=tmp_path / "s", **tiny_sections(tiny_model_dir, min_steps=wanted, **one))
+    longer = train_dataset(more, "coder", digest, folder)
+    assert isinstance(longer, TrainingCompleted), longer
+    assert longer.steps == wanted and longer.run_id != once.run_id and longer.adapter_hash != once.adapter_hash
+    capped = load_settings(state_dir=tmp_path / "s", **tiny_sections(tiny_model_dir, min_steps=wanted, max_steps=2,
+                                                                    **one))
+    short = train_dataset(capped, "coder", digest, folder)
+    assert isinstance(short, TrainingCompleted) and short.steps == 2  # max_steps still caps
+    assert "min_steps" not in hyperparameters(TrainerConfig.of(plain))  # earlier runs keep their ids
+    assert hyperparameters(TrainerConfig.of(more))["min_steps"] == wanted
+
+
+def test_early_stopping_waits_for_min_steps(tmp_path: Path, formatter: Any, tiny_model_dir: Path) -> None:
+    from flywheel_loop.engine.config import load_settings
+
+    # lr 1 makes every validation worse than the first: patience 1 stops at the second validation, or after min_steps
+    eager = dict(lr=1.0, epochs=3, early_stopping_patience=1, eval_every=1, checkpoint_every=1000)
+    plain = load_settings(state_dir=tmp_path / "s", **tiny_sections(tiny_model_dir, **eager))
+    digest, folder = write_dataset(plain.state_dir, formatter)
+    early = train_dataset(plain, "coder", digest, folder)
+    assert isinstance(early, TrainingCompleted) and early.stopped_early, early
+    floor = early.steps + 3
+    held = load_settings(state_dir=tmp_path / "s", **tiny_sections(tiny_model_dir, min_steps=floor, **eager))
+    later = train_dataset(held, "coder", digest, folder)
+    assert isinstance(later, TrainingCompleted) and later.stopped_early and later.steps == floor, later
+    assert later.best_step is not None and later.best_step < floor  # the best weights are still the ones kept

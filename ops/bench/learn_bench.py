@@ -95,6 +95,8 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--lr", type=float, default=2e-4)
+    ap.add_argument("--min-steps", type=int, default=0, help="at least this many optimizer steps a round"
+                    " ([trainer] min_steps: a round's few rows take more passes)")
     ap.add_argument("--per-task", type=int, default=2, help="passing answers kept per task (rft_per_task)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
@@ -125,7 +127,7 @@ def main() -> int:
         curation={"dataset": {"min_examples": 1, "forgetting_share": 0.0, "validation_share": 0.15,
                               "rehearsal_share": 0.0, "rft_per_task": args.per_task, "seed": args.seed}},
         trainer={"epochs": args.epochs, "lr": args.lr, "threads": args.threads, "max_tokens": 512,
-                 "early_stopping_patience": None, "seed": args.seed},
+                 "early_stopping_patience": None, "seed": args.seed, "min_steps": args.min_steps},
     )
     curation = CurationConfig.of(settings)
     train_half, held_half = split_suite(load_suite(), args.seed, 0.5)
@@ -216,7 +218,8 @@ def main() -> int:
             f" forgetting {figures['held_out']['forgetting']:.3f} of {figures['held_out']['forgetting_of']}")
         before = after
     report = {"train_tasks": len(train_tasks), "heldout": len(held), "k": args.k, "temperature": args.temperature,
-              "max_new_tokens": args.max_new_tokens, "epochs": args.epochs, "threads": args.threads,
+              "max_new_tokens": args.max_new_tokens, "epochs": args.epochs, "min_steps": args.min_steps,
+              "threads": args.threads,
               "base_held_out_pass_at_1": round(sum(base_passes) / len(held), 4),
               "seconds": {k: round(v, 1) for k, v in times.items()}, "rounds": rounds,
               "total_seconds": round(time.monotonic() - started, 1)}

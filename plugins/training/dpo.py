@@ -57,7 +57,7 @@ def train_dpo(
         output_dir=str(run_dir / "dpo"),
         beta=beta,
         learning_rate=cfg.lr,
-        num_train_epochs=cfg.epochs,
+        num_train_epochs=max(cfg.epochs, -(-cfg.min_steps // steps_per_epoch)),
         max_steps=cfg.max_steps or -1,
         per_device_train_batch_size=cfg.batch,
         per_device_eval_batch_size=cfg.batch,

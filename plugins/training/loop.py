@@ -58,6 +58,8 @@ class LoopSettings:
     batch: int = 2
     grad_accum: int = 4
     max_steps: int | None = None
+    #: at least this many optimizer steps (more passes over a small train split); max_steps still caps
+    min_steps: int = 0
     warmup_steps: int = 0
     checkpoint_every: int = 50
     wall_clock_cap_s: float | None = None
@@ -233,7 +235,7 @@ def _train(
     run_dir.mkdir(parents=True, exist_ok=True)
     per_step = cfg.batch * cfg.grad_accum
     steps_per_epoch = math.ceil(len(train) / per_step)
-    total = steps_per_epoch * cfg.epochs
+    total = max(steps_per_epoch * cfg.epochs, cfg.min_steps)
     if cfg.max_steps is not None:
         total = min(total, cfg.max_steps)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -324,7 +326,7 @@ def _train(
                     accelerator.wait_for_everyone()
                 else:
                     bad += 1
-                    stopped_early = cfg.patience is not None and bad >= cfg.patience and done < total
+                    stopped_early = cfg.patience is not None and bad >= cfg.patience and cfg.min_steps <= done < total
         now = time.monotonic() - t0
         rate = session_tokens / now if now > 0 else 0.0
         snapshot = {"tokens": tokens + session_tokens, "elapsed_s": spent + now, "losses": losses,

@@ -31,6 +31,12 @@ class TrainerConfig(PluginSection):
     batch: int = Field(default=2, ge=1, description="packed blocks per forward pass")
     grad_accum: int = Field(default=4, ge=1, description="forward passes per optimizer step")
     max_steps: int | None = Field(default=None, ge=1, description="stop after this many optimizer steps")
+    min_steps: int = Field(
+        default=0, ge=0, description="at least this many optimizer steps: a train split too small for them in"
+        " `epochs` passes takes more passes; early stopping waits for them, validation still chooses the weights"
+        " kept, max_steps still caps (DPO: whole epochs, rounded up). For rounds of verified attempts, whose"
+        " datasets are tens of rows. 0 = epochs alone",
+    )
     warmup_steps: int = Field(default=0, ge=0)
     max_tokens: int = Field(default=1024, ge=8, description="an example is cut to this many tokens")
     block_tokens: int = Field(

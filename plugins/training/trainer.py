@@ -86,7 +86,7 @@ Emit = Callable[[Payload], None]
 
 LOOP_FIELDS = (
     "lr", "epochs", "batch", "grad_accum", "max_steps", "warmup_steps", "checkpoint_every", "seed", "eval_every",
-    "evals_per_epoch", "kl_weight",
+    "evals_per_epoch", "kl_weight", "min_steps",
 )
 
 
@@ -115,6 +115,7 @@ def hyperparameters(cfg: TrainerConfig) -> dict[str, Any]:
         **({"dpo_beta": cfg.dpo_beta} if cfg.method == "dpo" else {}),
         # absent at 0 (earlier run ids stay) and for DPO, whose loop does not use it (its reference is built in)
         **({"kl_weight": cfg.kl_weight} if cfg.kl_weight and cfg.method == "sft" else {}),
+        **({"min_steps": cfg.min_steps} if cfg.min_steps else {}),  # absent at 0: earlier run ids stay
     }
 
 
