@@ -401,7 +401,8 @@ class GateCheck(Part):
     items it rests on (none where a check has no interval)."""
 
     name: Name
-    status: Literal["ok", "failed", "inconclusive"]
+    status: Literal["ok", "failed", "inconclusive", "reported"] = Field(
+        description="reported: a figure measured and shown, not gated (the verdict does not count it)")
     detail: ShortText = ""
     value: float | None = None
     low: float | None = None

@@ -266,11 +266,14 @@ async def test_the_demo_turns_the_flywheel_the_same_way_twice_and_its_figures_co
     assert evaluation.data.adapter_hash == summary.training["adapter_hash"]
     deployment = _recount(events, [summary.deployment["id"]], "deployment")[summary.deployment["id"]]
     assert deployment.data.evaluation_id == evaluation.id
-    if evaluation.data.passed:
-        assert deployment.type == "deployment.completed"
+    if deployment.type == "deployment.completed":  # passed, or inconclusive and deployed as a canary
+        assert evaluation.data.passed or evaluation.data.verdict == "inconclusive"
         assert summary.after is not None and summary.after.model_ids == [deployment.data.model_name]
         assert summary.after.tasks == summary.before.tasks
+        if not evaluation.data.passed:
+            assert deployment.data.traffic_share < 1 and "deployed as a canary" in printed
     else:
+        assert not evaluation.data.passed
         assert deployment.type == "deployment.failed"
         assert summary.after is None
         assert f"the gate's verdict: {summary.verdict}; nothing was deployed" in printed

@@ -69,7 +69,7 @@ def gate(cand: dict[str, Any] | None = None, base: dict[str, Any] | None = None,
 def test_the_gate_passes_a_candidate_within_every_limit() -> None:
     result = gate(figures(held_out_loss=1.04, forgetting_rate=0.29))
     assert result.verdict == "passed" and result.passed, result.reasons
-    assert all(r.startswith("ok: ") for r in result.reasons)
+    assert {c.name: c.status for c in result.checks if c.status != "ok"} == {"forgetting (loss)": "reported"}
     (task,) = [c for c in result.checks if c.name == "task pass rate"]
     assert task.items == 600 and task.low is not None and task.high is not None
     assert -0.02 < task.low < 0 < task.high
@@ -78,7 +78,6 @@ def test_the_gate_passes_a_candidate_within_every_limit() -> None:
 @pytest.mark.parametrize(
     ("change", "word"),
     [
-        ({"forgetting_rate": 0.3}, "forgetting rate"),
         ({"held_out_loss": 1.06}, "held-out loss"),
         ({"canary_leaks": 1}, "canary"),
     ],
@@ -88,6 +87,26 @@ def test_the_gate_fails_a_candidate_past_a_limit_and_says_which(change: dict[str
     assert result.verdict == "failed" and not result.passed
     (failed,) = [r for r in result.reasons if r.startswith("failed: ")]
     assert word in failed
+
+
+def test_loss_forgetting_gates_only_where_the_suite_could_not_measure_forgetting() -> None:
+    worse = figures(forgetting_rate=0.3)
+    # the suite measured forgetting (20 problems solved in service, none lost): the loss figure is shown, not gated
+    shown = gate(worse)
+    assert shown.verdict == "passed", shown.reasons
+    (loss,) = [c for c in shown.checks if c.name == "forgetting (loss)"]
+    assert loss.status == "reported" and loss.value == 0.3 and loss.items == 20 and "not gated" in loss.detail
+    # the model in service solved too few suite problems (or there is no suite): the loss figure gates
+    for unmeasured in (gate(worse, suite=paired(2, 0, 0, 38)), gate(worse, cfg=EvaluatorConfig(suite=None))):
+        assert unmeasured.verdict == "failed"
+        (failed,) = [r for r in unmeasured.reasons if r.startswith("failed: ")]
+        assert "forgetting rate" in failed
+    # configured to gate always: it fails the candidate beside a suite that kept everything
+    assert gate(worse, cfg=EvaluatorConfig(loss_forgetting="gate")).verdict == "failed"
+    # a reported figure never makes a verdict: the same candidate is inconclusive for its other checks only
+    assert gate(worse, tasks=paired(3, 1, 1, 4)).verdict == "inconclusive"
+    # and the suite still refuses what it shows lost
+    assert gate(figures(forgetting_rate=0.0), suite=paired(0, 0, 8, 32)).verdict == "failed"
 
 
 def test_paired_tasks_a_clearly_better_candidate_passes_a_clearly_worse_one_fails_a_small_tie_is_inconclusive(

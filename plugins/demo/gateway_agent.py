@@ -2,9 +2,11 @@
 
 After the deployment, the agent no longer learns a URL or a model name: it asks the gateway for the role
 (``coder``) with the ``openai`` package, exactly as any OpenAI-compatible agent would, and gets the version in
-service. The gateway records each call (the served version as its ``model_id``, the answer it returned); the
-agent runs the task's tests and posts the outcome over HTTP (``POST /v1/outcomes``) against the response id. So
-the after figures come from the log with nothing recorded by the agent itself.
+service (a canary, which the gateway gives a small share of the role's sessions, is asked for by its version's
+name, so the after figures are the canary's). The gateway records each call (the served version as its
+``model_id``, the answer it returned); the agent runs the task's tests and posts the outcome over HTTP
+(``POST /v1/outcomes``) against the response id. So the after figures come from the log with nothing recorded
+by the agent itself.
 """
 
 from __future__ import annotations
@@ -33,8 +35,9 @@ async def serves(base_url: str, role: str, version: str) -> bool:
 
 
 async def work_through_gateway(base_url: str, tasks: list[Task], session: str, max_tokens: int,
-                               on_turn: Callable[[Turn], None]) -> list[Turn]:
-    """Work ``tasks`` through the gateway at ``base_url`` (``.../v1``); one turn per task."""
+                               on_turn: Callable[[Turn], None], model: str = ROLE) -> list[Turn]:
+    """Work ``tasks`` through the gateway at ``base_url`` (``.../v1``); one turn per task. ``model``: what the
+    agent asks for (the role, which the gateway routes; or one version by its name)."""
     from openai import AsyncOpenAI
 
     from flywheel_loop.plugins.shared.code import extract_code, follows_convention
@@ -45,7 +48,7 @@ async def work_through_gateway(base_url: str, tasks: list[Task], session: str, m
     async with aiohttp.ClientSession() as http:
         for task in tasks:
             completion = await client.chat.completions.create(
-                model=ROLE, messages=[{"role": "user", "content": task.prompt}], max_tokens=max_tokens,
+                model=model, messages=[{"role": "user", "content": task.prompt}], max_tokens=max_tokens,
                 temperature=0, user=session,
                 # what the SDK's record_interaction said about the task, said to the gateway instead
                 extra_headers={"x-flywheel-language": "python", "x-flywheel-project": "flywheel-demo",

@@ -17,7 +17,8 @@ c. **learn**: once every training turn is scored the demo asks for a training ru
    adapter (``training.progressed`` drives the bar), the evaluator gates it and the deployer
    puts it in service behind an OpenAI-compatible endpoint;
 d. **after**: the held-out tasks again, through the gateway: the agent asks for the role ``coder`` with the
-   official OpenAI client and gets the deployed version; the gateway records each call and the agent posts
+   official OpenAI client and gets the deployed version (a canary, deployed for an inconclusive verdict, it asks
+   for by the version's name); the gateway records each call and the agent posts
    each outcome over HTTP (``gateway_agent.py``);
 e. the before/after table: test pass rate and convention adherence per phase, read back from the
    log (``engine/demo/figures.py``), and forgetting and the verdict from ``evaluation.completed``.
@@ -265,11 +266,14 @@ async def _work_phase(
 
 async def _gateway_phase(
     phases: _Phases, bus: Bus, gateway_url: str, tasks: list[Task], version: str, max_tokens: int, timeout_s: float,
+    canary: bool = False,
 ) -> PhaseFigures:
-    """d.: the held-out tasks again, through the gateway (the official OpenAI client asking for the role)."""
+    """d.: the held-out tasks again, through the gateway (the official OpenAI client asking for the role; for a
+    canary, which takes a small share of the role's sessions, asking for the canary's version by its name)."""
     from flywheel_loop.plugins.demo.gateway_agent import serves, work_through_gateway
 
-    description = f"d. {ROLE} through the gateway ({version}), held-out tasks"
+    asked = f"{version}, the canary, by name" if canary else version
+    description = f"d. {ROLE} through the gateway ({asked}), held-out tasks"
     deadline = time.monotonic() + 60
     while not await serves(gateway_url, ROLE, version):
         if time.monotonic() > deadline:
@@ -285,7 +289,8 @@ async def _gateway_phase(
         phases.update(bar, advance=1, description=(
             f"{description}: {stats['passed']}/{stats['n']} passed, {stats['following']} with the header"))
 
-    turns = await work_through_gateway(gateway_url, tasks, "demo-after", max_tokens, on_turn)
+    turns = await work_through_gateway(gateway_url, tasks, "demo-after", max_tokens, on_turn,
+                                       model=version if canary else ROLE)
     phases.done(bar, f"{description}: {stats['passed']}/{stats['n']} passed, {stats['following']} with the header")
     await _wait_scored(bus, turns, TESTED, timeout_s, description)  # the gateway's records reach the log, scored
     return await phase_figures(bus, "after", [t.interaction_id for t in turns])
@@ -371,6 +376,7 @@ async def _follow_loop(
                     and data.evaluation_id == evaluation_id:
                 summary.deployment = {"id": event.id, "type": event.type, "model_name": data.model_name,
                                       "endpoint": getattr(data, "endpoint", None),
+                                      "traffic_share": getattr(data, "traffic_share", None),
                                       "reason": getattr(data, "reason", None)}
                 summary.timings["deployment"] = time.monotonic() - mark
                 if deploying is not None:
@@ -443,7 +449,7 @@ async def run_demo(
             raise DemoError(f"the demo needs the {', '.join(sorted(missing))} plugin(s): enable them "
                             "(plugins.enabled / plugins.disabled in flywheel.toml)")
         # the gateway, as `flywheel up` serves it (a service of the serving feature): the after phase asks it
-        # for the role, as an agent does
+        # for the role, as an agent does (for a canary, for its version by name)
         engine.services = [s for s in engine.services if s.name == "gateway"]
         services = dict(await engine.start_services(warn=lambda _: None))
         gateway_url = services["gateway"].url if "gateway" in services else None
@@ -484,7 +490,7 @@ async def run_demo(
                         mark = time.monotonic()
                         summary.after = await _gateway_phase(
                             phases, bus, gateway_url, held_out, str(summary.deployment["model_name"]),
-                            max_tokens=160, timeout_s=600,
+                            max_tokens=160, timeout_s=600, canary=(summary.deployment.get("traffic_share") or 1) < 1,
                         )
                         summary.timings["after"] = time.monotonic() - mark
         finally:
@@ -493,7 +499,13 @@ async def run_demo(
             await running
     summary.timings["total"] = time.monotonic() - started
     console.print(report(summary))
-    if summary.evaluation and not summary.evaluation["passed"]:
+    if summary.evaluation and not summary.evaluation["passed"] and summary.deployed:
+        share = summary.deployment.get("traffic_share")
+        console.print(Text(f"the gate's verdict: {summary.verdict}; deployed as a canary at {_percent(share)} of"
+                           " the role's traffic beside the version in service (deployer.on_inconclusive): production"
+                           " reward decides (canary.passed promotes it, drift rolls it back). The after phase asked"
+                           " for the canary by name. Its reasons:", style="yellow"))
+    elif summary.evaluation and not summary.evaluation["passed"]:
         console.print(Text(f"the gate's verdict: {summary.verdict}; nothing was deployed. Its reasons:",
                            style="yellow"))
     elif summary.evaluation:

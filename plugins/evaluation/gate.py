@@ -1,6 +1,7 @@
 """The gate: may the candidate replace the model in service? ``passed``, ``failed`` or ``inconclusive``.
 
-Each check gives one ``Check`` (and one reason, starting ``ok:``, ``failed:`` or ``inconclusive:``):
+Each check gives one ``Check`` (and one reason, starting ``ok:``, ``failed:``, ``inconclusive:``, or
+``reported:`` for a figure shown and not gated):
 
 - **task pass rate**, paired: the candidate and the model in service ran the same tasks' tests
   (``Paired``); the difference of their pass rates with Newcombe's interval at
@@ -16,14 +17,16 @@ Each check gives one ``Check`` (and one reason, starting ``ok:``, ``failed:`` or
   solved fewer than ``min_suite_solved`` problems of the sample, or the suite could not run (``suite =
   none`` or ``suite_sample = 0``: no suite check);
 - **forgetting (loss)**, secondary: the share of forgetting-set items whose answer loss rose, below
-  ``max_forgetting_rate``;
+  ``max_forgetting_rate``; with ``loss_forgetting = "fallback"`` (the default) it gates only where the suite
+  check could not measure forgetting, and is ``reported`` (shown, not gated) where it could;
 - **held-out loss** at most ``max_loss_increase`` above the model in service;
 - **canary**: no secret or personal data the model in service did not produce, of a kind the candidate's
   training data holds (one it made up is said, not failed: ``evaluator.py``);
 - **latency** (when ``max_latency_ratio`` is set).
 
 A figure that could not be measured is ``inconclusive``, never ``ok``. The verdict: ``failed``
-when a check failed, else ``inconclusive`` when one is, else ``passed``. What an inconclusive
+when a check failed, else ``inconclusive`` when one is, else ``passed`` (a ``reported`` figure does not
+count). What an inconclusive
 verdict leads to is the deployer's policy (``deployer.on_inconclusive``).
 """
 
@@ -39,7 +42,8 @@ from flywheel_loop.plugins.evaluation.stats import Paired, mcnemar_p, wilson
 __all__ = ["Check", "Figures", "GateResult", "Status", "Verdict", "verdict"]
 
 Figures = Mapping[str, str | int | float | bool | None]
-Status = Literal["ok", "failed", "inconclusive"]
+#: reported: measured and shown beside the checks, not gated
+Status = Literal["ok", "failed", "inconclusive", "reported"]
 Verdict = Literal["passed", "failed", "inconclusive"]
 
 
@@ -145,8 +149,10 @@ def verdict(candidate: Figures, baseline: Figures, cfg: EvaluatorConfig, tasks: 
     """The verdict on the candidate's figures against the model in service's; ``tasks`` and
     ``suite`` are the paired outcomes of the tasks with tests and of the coding-suite sample."""
     checks: list[Check] = [task_check(tasks, cfg)] if cfg.gate_tasks else []
+    suite_measured = False
     if cfg.suite is not None and cfg.suite_sample > 0:
         checks.append(suite_check(suite, cfg, suite_missing))
+        suite_measured = checks[-1].value is not None
 
     def simple(name: str, ok: bool | None, text: str, value: float | None = None, items: int | None = None) -> None:
         status: Status = "inconclusive" if ok is None else "ok" if ok else "failed"
@@ -156,6 +162,10 @@ def verdict(candidate: Figures, baseline: Figures, cfg: EvaluatorConfig, tasks: 
     items = int(_num(candidate, "forgetting_items") or 0)
     if rate is None:
         simple("forgetting (loss)", None, "forgetting rate (answer loss) not measured (no forgetting set)", items=0)
+    elif suite_measured and cfg.loss_forgetting == "fallback":
+        checks.append(Check("forgetting (loss)", "reported", f"forgetting rate (answer loss) {rate:.2f} over {items}"
+                            f" items (limit {cfg.max_forgetting_rate:g}); not gated: the coding suite measured"
+                            " forgetting by running code (evaluator.loss_forgetting = fallback)", rate, items=items))
     else:
         simple("forgetting (loss)", rate < cfg.max_forgetting_rate,
                f"forgetting rate (answer loss) {rate:.2f} over {items} items"
@@ -190,7 +200,7 @@ def verdict(candidate: Figures, baseline: Figures, cfg: EvaluatorConfig, tasks: 
         else:
             simple("latency", cand <= base * cfg.max_latency_ratio,
                    f"latency {cand:.1f} ms/token vs {base:.1f} in service (at most x{cfg.max_latency_ratio:g})", cand)
-    statuses = {c.status for c in checks}
+    statuses = {c.status for c in checks if c.status != "reported"}
     outcome: Verdict = "failed" if "failed" in statuses else "inconclusive" if "inconclusive" in statuses \
         else "passed"
     return GateResult(outcome, tuple(checks))

@@ -21,7 +21,13 @@ class EvaluatorConfig(PluginSection):
     )
     max_forgetting_rate: float = Field(
         default=0.3, ge=0, le=1, description="the share of forgetting-set items whose answer loss rose (the secondary,"
-        " loss-based forgetting figure) must stay below"
+        " loss-based forgetting figure) must stay below, where it gates (loss_forgetting)"
+    )
+    loss_forgetting: Literal["fallback", "gate"] = Field(
+        default="fallback", description="fallback: the answer-loss forgetting figure gates only where running the"
+        " coding suite could not measure forgetting (no suite, or the model in service solved fewer than"
+        " min_suite_solved of its sample); where it could, the loss figure is reported beside it, not gated (the"
+        " suite is the forgetting check, the loss figure the secondary one). gate: it always gates too",
     )
     max_suite_forgetting: float = Field(
         default=0.3, ge=0, le=1, description="of the suite problems the model in service solved, the share the"
