@@ -71,3 +71,22 @@ def test_dpo_without_preference_pairs_fails_clearly(tmp_path: Path, formatter: A
     digest, folder = write_pairs(settings.state_dir, formatter, [])
     out = train_dataset(settings, "coder", digest, folder)
     assert isinstance(out, TrainingFailed) and "no preference pairs" in out.reason
+
+
+def test_dpo_trains_min_steps_and_early_stopping_waits_for_them(tmp_path: Path, formatter: Any,  # noqa: F811
+                                                                 tiny_model_dir: Path) -> None:  # noqa: F811
+    # 4 pairs at 2 a step: 2 steps an epoch; validation every step, patience 1, a rate that makes it worse
+    eager = dict(method="dpo", epochs=1, batch=2, lr=5.0, eval_every=1, early_stopping_patience=1)
+    plain = load_settings(state_dir=tmp_path / "a", **tiny_sections(tiny_model_dir, **eager))
+    digest, folder = write_pairs(plain.state_dir, formatter, PAIRS)
+    one = train_dataset(plain, "coder", digest, folder)
+    assert isinstance(one, TrainingCompleted) and one.steps == 2, one
+    floor = load_settings(state_dir=tmp_path / "b", **tiny_sections(tiny_model_dir, min_steps=5, **eager))
+    digest, folder = write_pairs(floor.state_dir, formatter, PAIRS)
+    five = train_dataset(floor, "coder", digest, folder)
+    assert isinstance(five, TrainingCompleted) and five.steps == 5, five  # not rounded up to whole epochs
+    capped = load_settings(state_dir=tmp_path / "c", **tiny_sections(tiny_model_dir, min_steps=5, max_steps=3,
+                                                                      **eager))
+    digest, folder = write_pairs(capped.state_dir, formatter, PAIRS)
+    three = train_dataset(capped, "coder", digest, folder)
+    assert isinstance(three, TrainingCompleted) and three.steps == 3, three

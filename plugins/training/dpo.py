@@ -53,12 +53,15 @@ def train_dpo(
     per_step = cfg.batch * cfg.grad_accum
     steps_per_epoch = max(1, -(-len(train) // per_step))
     eval_every = cfg.eval_every or steps_per_epoch
+    limit = cfg.max_steps or -1  # -1: the epochs decide
+    if cfg.min_steps > steps_per_epoch * cfg.epochs:  # the SFT loop's count: at least min_steps, max_steps caps
+        limit = min(cfg.min_steps, cfg.max_steps or cfg.min_steps)
     args = DPOConfig(
         output_dir=str(run_dir / "dpo"),
         beta=beta,
         learning_rate=cfg.lr,
-        num_train_epochs=max(cfg.epochs, -(-cfg.min_steps // steps_per_epoch)),
-        max_steps=cfg.max_steps or -1,
+        num_train_epochs=cfg.epochs,
+        max_steps=limit,
         per_device_train_batch_size=cfg.batch,
         per_device_eval_batch_size=cfg.batch,
         gradient_accumulation_steps=cfg.grad_accum,
@@ -110,9 +113,17 @@ def train_dpo(
                 control.should_training_stop = True
                 seen["capped"] = state.global_step
 
+    class WaitForMinSteps(TrainerCallback):
+        """Early stopping waits for min_steps, as in the SFT loop (runs after EarlyStoppingCallback)."""
+
+        def on_evaluate(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            # only early stopping's request is undone: the last step and the wall-clock cap still stop
+            if state.global_step < min(cfg.min_steps, state.max_steps) and "capped" not in seen:
+                control.should_training_stop = False
+
     callbacks: list[Any] = [Report()]
     if evaluate and cfg.patience is not None:
-        callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.patience))
+        callbacks += [EarlyStoppingCallback(early_stopping_patience=cfg.patience), WaitForMinSteps()]
     trainer = DPOTrainer(model=model, args=args, train_dataset=_dataset(train),
                          eval_dataset=_dataset(validation) if evaluate else None,
                          processing_class=tokenizer, callbacks=callbacks)

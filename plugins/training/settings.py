@@ -34,7 +34,7 @@ class TrainerConfig(PluginSection):
     min_steps: int = Field(
         default=0, ge=0, description="at least this many optimizer steps: a train split too small for them in"
         " `epochs` passes takes more passes; early stopping waits for them, validation still chooses the weights"
-        " kept, max_steps still caps (DPO: whole epochs, rounded up). For rounds of verified attempts, whose"
+        " kept, max_steps still caps. For rounds of verified attempts, whose"
         " datasets are tens of rows. 0 = epochs alone",
     )
     warmup_steps: int = Field(default=0, ge=0)
