@@ -136,7 +136,7 @@ def register(app: typer.Typer) -> None:
 
 
 
-VERDICT_STYLES = {"passed": "green", "ok": "green", "failed": "red", "inconclusive": "yellow", "reported": "dim"}
+VERDICT_STYLES = {"passed": "green", "ok": "green", "failed": "red", "inconclusive": "yellow"}
 
 
 def check_line(check: dict[str, Any]) -> str:
