@@ -6,7 +6,9 @@ answer tokens only. Examples are packed first-fit into blocks of at most ``block
 block carries a segment id per token, and ``attention_bias`` turns the segments into a 4-D
 additive mask (causal inside a segment, nothing across segments) with position ids restarting
 at 0 for each segment. Resetting position ids alone does not isolate packed examples on CPU
-attention kernels; the mask does.
+attention kernels; the mask does. A batch also carries each row's segment spans: a model loaded with
+``segment_attention`` (``plugins/shared/segment_attention.py``, as ``load_base`` loads) attends within
+each example only, with the same result for the scores that are used, and ignores the mask.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from flywheel_loop.plugins.shared.segment_attention import segment_spans, uses_segment_attention
 
 __all__ = [
     "IGNORE", "Block", "Example", "anchored_losses", "attention_bias", "block_loss", "collate", "pack",
@@ -107,9 +111,9 @@ def attention_bias(segments: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return bias[:, None, :, :]
 
 
-def collate(blocks: Sequence[Block], pad_id: int, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """A batch: ``input_ids``, ``labels``, ``position_ids`` (restarting per segment) and the
-    4-D ``attention_mask``."""
+def collate(blocks: Sequence[Block], pad_id: int, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+    """A batch: ``input_ids``, ``labels``, ``position_ids`` (restarting per segment), the 4-D
+    ``attention_mask`` and ``segment_spans`` (each row's examples as (start, end))."""
     length = max(len(b) for b in blocks)
     ids = torch.full((len(blocks), length), pad_id, dtype=torch.long)
     labels = torch.full((len(blocks), length), IGNORE, dtype=torch.long)
@@ -131,17 +135,20 @@ def collate(blocks: Sequence[Block], pad_id: int, dtype: torch.dtype = torch.flo
         "labels": labels,
         "position_ids": positions,
         "attention_mask": attention_bias(segments, dtype),
+        "segment_spans": tuple(segment_spans(b.segments) for b in blocks),
     }
 
 
-def _answer_logits(model: Any, batch: dict[str, torch.Tensor], bf16: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _answer_logits(model: Any, batch: dict[str, Any], bf16: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits of the positions that predict an answer token, those tokens), row by row.
 
     Only those positions go through the vocabulary projection (``logits_to_keep`` as a boolean mask):
     with a 49k-token vocabulary that projection is a large share of the work, and the prompt's logits
     are never used."""
     device = next(model.parameters()).device
-    batch = {k: v.to(device) for k, v in batch.items()}
+    batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    if not uses_segment_attention(model):
+        batch.pop("segment_spans", None)
     labels = batch.pop("labels")
     target = labels[:, 1:]
     keep = torch.zeros_like(labels, dtype=torch.bool)
@@ -156,7 +163,7 @@ def _answer_logits(model: Any, batch: dict[str, torch.Tensor], bf16: bool) -> tu
     return logits, wanted
 
 
-def token_losses(model: Any, batch: dict[str, torch.Tensor], bf16: bool) -> tuple[torch.Tensor, int]:
+def token_losses(model: Any, batch: dict[str, Any], bf16: bool) -> tuple[torch.Tensor, int]:
     """(sum of the answer tokens' cross-entropy, how many answer tokens) of one batch."""
     logits, wanted = _answer_logits(model, batch, bf16)
     loss = F.cross_entropy(logits.float(), wanted, ignore_index=IGNORE, reduction="sum")
@@ -164,7 +171,7 @@ def token_losses(model: Any, batch: dict[str, torch.Tensor], bf16: bool) -> tupl
 
 
 def anchored_losses(
-    model: Any, batch: dict[str, torch.Tensor], bf16: bool, weight: float, peft: Any = None
+    model: Any, batch: dict[str, Any], bf16: bool, weight: float, peft: Any = None
 ) -> tuple[torch.Tensor, int]:
     """``token_losses`` plus ``weight`` times the KL divergence from the base model's next-token distribution
     to the model's, summed over the same answer tokens (so the reported training loss includes it).

@@ -1,0 +1,67 @@
+"""LoRA dropout from NumPy's generator: the distribution of ``nn.Dropout``, reproducible from torch's seed."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from torch import nn
+
+from flywheel_loop.plugins.training.dropout import SeededDropout, use_seeded_dropout
+
+
+def test_masks_keep_one_minus_p_and_scale_what_they_keep() -> None:
+    drop = SeededDropout(0.25).train()
+    x = torch.full((400, 500), 2.0)
+    y = drop(x)
+    kept = y != 0
+    assert float(kept.float().mean()) == pytest.approx(0.75, abs=0.005)  # 200,000 draws: sd 0.001
+    assert torch.allclose(y[kept], torch.tensor(2.0 / 0.75))
+    # independent elements: the kept share of rows varies as a binomial's would (sd 0.019), not 0 or 1
+    rows = kept.float().mean(dim=1)
+    assert 0.005 < float(rows.std()) < 0.04
+
+
+def test_the_same_torch_seed_gives_the_same_masks_and_the_gradient_is_the_mask() -> None:
+    drop = SeededDropout(0.5).train()
+    x = torch.randn(64, 32)
+    torch.manual_seed(3)
+    a, b = drop(x), drop(x)
+    torch.manual_seed(3)
+    assert torch.equal(drop(x), a) and torch.equal(drop(x), b)
+    assert not torch.equal(a, b)  # each call draws a new mask
+    leaf = x.clone().requires_grad_(True)
+    torch.manual_seed(4)
+    drop(leaf).sum().backward()
+    torch.manual_seed(4)
+    mask = drop(torch.ones_like(x))
+    assert leaf.grad is not None and torch.equal(leaf.grad, mask)
+
+
+def test_evaluation_and_p_zero_leave_the_input_alone_and_bad_p_is_refused() -> None:
+    x = torch.randn(8, 8)
+    assert SeededDropout(0.3).eval()(x) is x
+    assert SeededDropout(0.0).train()(x) is x
+    with pytest.raises(ValueError, match="dropout probability"):
+        SeededDropout(1.0)
+
+
+def test_every_lora_dropout_of_a_peft_model_is_replaced() -> None:
+    class Tiny(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.q_proj = nn.Linear(8, 8)
+            self.v_proj = nn.Linear(8, 8)
+            self.other = nn.Dropout(0.2)  # not a LoRA layer's: left as it is
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.v_proj(self.q_proj(x))
+
+    model = get_peft_model(Tiny(), LoraConfig(r=2, lora_dropout=0.1, target_modules=["q_proj", "v_proj"]))
+    assert use_seeded_dropout(model) == 2
+    found = [m for m in model.modules() if isinstance(m, SeededDropout)]
+    assert len(found) == 2 and all(m.p == 0.1 for m in found)
+    assert sum(type(m) is nn.Dropout for m in model.modules()) == 1
+    assert use_seeded_dropout(model) == 0  # already replaced
+    no_dropout = get_peft_model(Tiny(), LoraConfig(r=2, lora_dropout=0.0, target_modules=["q_proj"]))
+    assert use_seeded_dropout(no_dropout) == 0
