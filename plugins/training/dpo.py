@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from flywheel_loop.plugins.training.dropout import use_seeded_dropout
 from flywheel_loop.plugins.training.loop import LoopSettings, Progress, RunResult, WallClockExceeded
 
 __all__ = ["train_dpo"]
@@ -124,6 +125,7 @@ def train_dpo(
     callbacks: list[Any] = [Report()]
     if evaluate and cfg.patience is not None:
         callbacks += [EarlyStoppingCallback(early_stopping_patience=cfg.patience), WaitForMinSteps()]
+    use_seeded_dropout(model)  # as the SFT loop: the same masks' distribution, drawn faster on CPU
     trainer = DPOTrainer(model=model, args=args, train_dataset=_dataset(train),
                          eval_dataset=_dataset(validation) if evaluate else None,
                          processing_class=tokenizer, callbacks=callbacks)
