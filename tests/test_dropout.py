@@ -65,3 +65,13 @@ def test_every_lora_dropout_of_a_peft_model_is_replaced() -> None:
     assert use_seeded_dropout(model) == 0  # already replaced
     no_dropout = get_peft_model(Tiny(), LoraConfig(r=2, lora_dropout=0.0, target_modules=["q_proj"]))
     assert use_seeded_dropout(no_dropout) == 0
+
+
+def test_switching_a_model_s_dropouts_off_switches_these_off() -> None:
+    """TRL's DPO switches every ``nn.Dropout`` off by default (``disable_dropout``); these are ones."""
+    from trl.trainer.utils import disable_dropout_in_model
+
+    model = nn.ModuleDict({"drop": SeededDropout(0.4)})
+    disable_dropout_in_model(model)
+    x = torch.randn(16, 4)
+    assert model["drop"].train()(x) is x

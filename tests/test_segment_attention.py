@@ -98,8 +98,30 @@ def test_without_spans_it_is_sdpa(tiny: tuple[Path, Any]) -> None:
     assert torch.equal(ours, theirs)
 
 
+def test_spans_are_not_used_where_the_architecture_asks_for_more_than_causal_attention() -> None:
+    """A sliding window (or soft-capping, sinks, position biases) is SDPA's with the mask, spans or not."""
+    from types import SimpleNamespace
+
+    from flywheel_loop.plugins.shared.packing import attention_bias
+
+    module = SimpleNamespace(is_causal=True, num_key_value_groups=1, training=False)
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 6, 8) for _ in range(3))
+    mask = attention_bias(torch.tensor([[0, 0, 0, 1, 1, 1]]), torch.float32)
+    whole = (((0, 6),),)  # one span over both examples: attends across them
+    with_mask, _ = segment_attention(module, q, k, v, mask, sliding_window=8)
+    windowed, _ = segment_attention(module, q, k, v, mask, segment_spans=whole, sliding_window=8)
+    spans, _ = segment_attention(module, q, k, v, mask, segment_spans=whole)
+    assert torch.equal(windowed, with_mask)
+    assert not torch.allclose(spans, with_mask)
+
+
 def test_bad_spans_are_refused() -> None:
     q = torch.zeros(1, 2, 4, 8)
+    with pytest.raises(ValueError, match="follow each other"):
+        segment_attention(None, q, q, q, None, segment_spans=(((0, 2), (3, 4)),))
+    with pytest.raises(ValueError, match="follow each other"):
+        segment_attention(None, q, q, q, None, segment_spans=(((0, 5),),))
     with pytest.raises(ValueError, match="rows for a batch of 1"):
         segment_attention(None, q, q, q, None, segment_spans=((((0, 4),)), (((0, 4),))))
     with pytest.raises(ValueError, match="no cache"):

@@ -215,25 +215,21 @@ def torch_threads(n: int | None) -> Iterator[None]:
 def load_base(folder: Path) -> tuple[Any, Any]:
     """(model in fp32, tokenizer) from a Hugging Face folder; ``BaseModelUnusable`` if it is none. The model
     attends with ``segment_attention`` (SDPA, and one example at a time over packed blocks) where its
-    architecture takes an attention function, else with SDPA."""
+    architecture calls transformers' attention interface, else with SDPA."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from flywheel_loop.plugins.shared.segment_attention import register
 
-    def load(attention: str) -> Any:
-        return AutoModelForCausalLM.from_pretrained(
-            str(folder), dtype=torch.float32, local_files_only=True, attn_implementation=attention
-        )
-
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-        try:
-            model = load(register())
-        except ValueError:  # an architecture without transformers' attention interface: plain SDPA
-            model = load("sdpa")
+        model = AutoModelForCausalLM.from_pretrained(
+            str(folder), dtype=torch.float32, local_files_only=True, attn_implementation="sdpa"
+        )
     except Exception as exc:  # transformers raises OSError, ValueError, KeyError... for a non-model
         raise BaseModelUnusable(f"base model {folder} is not a model transformers can load: {exc}") from exc
+    if getattr(model, "_supports_attention_backend", False):  # its attention calls transformers' interface
+        model.set_attn_implementation(register())
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer

@@ -11,7 +11,9 @@ computes causal attention inside each span only: the same result as the masked a
 masked scores are exactly zero after the softmax) for the cost of the scores that are used. Small
 matrix products with an explicit causal mask and a float32 softmax are faster on CPU than the fused
 kernel's backward pass at these sizes. Padding after the last span gets zeros (its labels are never
-counted).
+counted). Only on CPU, where it was measured; on a GPU, and for architectures whose attention takes
+arguments it does not apply (soft-capping, sliding windows, sinks, position biases), it is SDPA with the
+mask.
 
 ``register()`` adds it to transformers' ``AttentionInterface`` as ``SEGMENT_ATTENTION``; ``load_base``
 registers it and loads models with it. Called without spans (generation, the cache, any caller that does not pack),
@@ -66,7 +68,7 @@ def segment_attention(
     """(batch, length, heads, head_dim) attention output, as transformers' attention functions return it.
     ``query`` is (batch, heads, length, head_dim); ``key``/``value`` may have fewer heads (grouped-query
     attention: each key/value head serves ``heads / kv_heads`` query heads)."""
-    if segment_spans is None:
+    if segment_spans is None or query.device.type != "cpu" or _needs_sdpa(kwargs):
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
@@ -82,7 +84,10 @@ def segment_attention(
     for i, spans in enumerate(segment_spans):
         parts = []
         end = 0
-        for start, end in spans:
+        for start, stop in spans:
+            if start != end or not start < stop <= length:
+                raise ValueError(f"row {i}: spans must follow each other from 0 within {length}, got {spans}")
+            end = stop
             q = query[i, :, start:end]
             k = key[i, :, start:end].repeat_interleave(groups, dim=0)
             v = value[i, :, start:end].repeat_interleave(groups, dim=0)
@@ -96,6 +101,15 @@ def segment_attention(
             parts.append(value.new_zeros(heads, length - end, value.shape[-1]))
         rows.append(torch.cat(parts, dim=1).transpose(0, 1))
     return torch.stack(rows), None
+
+
+#: arguments some architectures give their attention function that the spans path does not apply (logit
+#: soft-capping, sliding windows, attention sinks, position biases): with any of them set, SDPA and the mask
+_SDPA_ONLY = ("softcap", "sliding_window", "s_aux", "position_bias")
+
+
+def _needs_sdpa(kwargs: dict[str, Any]) -> bool:
+    return any(kwargs.get(name) is not None for name in _SDPA_ONLY) or kwargs.get("is_causal") is False
 
 
 def uses_segment_attention(model: Any) -> bool:

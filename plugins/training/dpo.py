@@ -125,7 +125,9 @@ def train_dpo(
     callbacks: list[Any] = [Report()]
     if evaluate and cfg.patience is not None:
         callbacks += [EarlyStoppingCallback(early_stopping_patience=cfg.patience), WaitForMinSteps()]
-    use_seeded_dropout(model)  # as the SFT loop: the same masks' distribution, drawn faster on CPU
+    # as the SFT loop: masks of the same distribution, drawn faster on CPU (where TRL's disable_dropout is
+    # on, its default, it sets p = 0 on these too)
+    use_seeded_dropout(model)
     trainer = DPOTrainer(model=model, args=args, train_dataset=_dataset(train),
                          eval_dataset=_dataset(validation) if evaluate else None,
                          processing_class=tokenizer, callbacks=callbacks)
