@@ -82,7 +82,7 @@ def test_per_example_attention_gives_the_masked_attention_s_losses_and_gradients
         assert torch.allclose(grad, mask_grads[name], rtol=1e-4, atol=1e-6), name
     # the spans are what isolates the examples on this path: one span over a whole block attends across them
     leaky = dict(batch, segment_spans=tuple(((0, len(b)),) for b in blocks[:2]))
-    assert abs(float(token_losses(peft, leaky, False)[0]) - mask_loss) > 1e-3
+    assert abs(float(token_losses(peft, leaky, False)[0].detach()) - mask_loss) > 1e-3
 
 
 def test_without_spans_it_is_sdpa(tiny: tuple[Path, Any]) -> None:
