@@ -269,6 +269,15 @@ def test_embeddings_do_not_depend_on_the_batch_they_are_computed_in(embedder: Te
     assert np.allclose(np.linalg.norm(together, axis=1), 1.0, atol=1e-5)
 
 
+def test_the_vectors_name_says_every_size_that_shapes_them(embedder: TextEmbedder) -> None:
+    """Padding bucket and rows a pass change a vector's last bits: each names its own table."""
+    base = embedder.config
+    keys = {TextEmbedder(base.model_copy(update=change), embedder.cache_dir).key
+            for change in ({}, {"rows": 8}, {"bucket_tokens": 1}, {"max_tokens": 64})}
+    assert len(keys) == 4 and embedder.key in keys
+    assert TextEmbedder(base.model_copy(update={"batch": 7}), embedder.cache_dir).key == embedder.key
+
+
 def test_a_synthetic_rehearsal_hook_fills_the_share_when_there_is_no_past(formatter: ChatFormatter) -> None:
     new = [example(n, f"new task {n}") for n in range(17)]
     seen: list[int] = []

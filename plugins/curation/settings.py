@@ -40,13 +40,19 @@ class EmbeddingConfig(Section):
     )
     max_tokens: int = Field(default=128, ge=8, le=512, description="tokens of the prompt that are embedded")
     bucket_tokens: int = Field(
-        default=1,
+        default=16,
         ge=1,
         le=512,
         description="texts are padded to a multiple of this many tokens, a length fixed by the text itself"
-        " (so a vector never depends on its batch); 1 = no padding, texts of one length batched together",
+        " (so a vector never depends on its batch); texts of one padded length share forward passes",
     )
-    batch: int = Field(default=64, ge=1, le=4096, description="texts per forward pass")
+    rows: int = Field(
+        default=16,
+        ge=1,
+        le=4096,
+        description="rows of every forward pass (a fixed shape per padded length, unused rows padding)",
+    )
+    batch: int = Field(default=64, ge=1, le=4096, description="texts the embedder processor gathers before writing")
     precision: Literal["auto", "bfloat16", "float32"] = Field(
         default="auto",
         description="matrix products in bf16 autocast or fp32; auto = the measured, cached choice of"
