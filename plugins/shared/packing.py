@@ -119,23 +119,20 @@ def collate(blocks: Sequence[Block], pad_id: int, dtype: torch.dtype = torch.flo
     labels = torch.full((len(blocks), length), IGNORE, dtype=torch.long)
     segments = torch.full((len(blocks), length), -1, dtype=torch.long)
     positions = torch.zeros((len(blocks), length), dtype=torch.long)
+    spans = tuple(segment_spans(b.segments) for b in blocks)
     for i, b in enumerate(blocks):
         n = len(b)
         ids[i, :n] = torch.tensor(b.input_ids)
         labels[i, :n] = torch.tensor(b.labels)
-        seg = torch.tensor(b.segments)
-        segments[i, :n] = seg
-        starts = torch.ones(n, dtype=torch.bool)
-        starts[1:] = seg[1:] != seg[:-1]
-        index = torch.arange(n)
-        first = torch.cummax(torch.where(starts, index, torch.zeros_like(index)), dim=0).values
-        positions[i, :n] = index - first
+        segments[i, :n] = torch.tensor(b.segments)
+        for start, end in spans[i]:
+            positions[i, start:end] = torch.arange(end - start)
     return {
         "input_ids": ids,
         "labels": labels,
         "position_ids": positions,
         "attention_mask": attention_bias(segments, dtype),
-        "segment_spans": tuple(segment_spans(b.segments) for b in blocks),
+        "segment_spans": spans,
     }
 
 
