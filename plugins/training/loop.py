@@ -44,6 +44,7 @@ import torch
 
 from flywheel_loop.plugins.shared.packing import IGNORE, Block, anchored_losses, block_loss, collate, token_losses
 from flywheel_loop.plugins.training.dropout import use_seeded_dropout
+from flywheel_loop.plugins.training.lean_autocast import lean_autocast
 
 __all__ = [
     "LoopSettings", "Progress", "RunResult", "WallClockExceeded", "block_loss", "make_accelerator", "token_losses",
@@ -210,7 +211,8 @@ def train_loop(
     use_seeded_dropout(model)
     accelerator = make_accelerator(cfg.bf16, cfg.cpu)
     try:
-        return _train(accelerator, model, train, validation, cfg, run_dir, pad_id, on_progress, on_checkpoint)
+        with lean_autocast(model) if cfg.bf16 else contextlib.nullcontext():
+            return _train(accelerator, model, train, validation, cfg, run_dir, pad_id, on_progress, on_checkpoint)
     finally:
         accelerator.free_memory()  # accelerate keeps references to what it prepared
 
