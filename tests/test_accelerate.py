@@ -112,9 +112,14 @@ def test_bf16_mixed_precision_runs_the_forward_passes_in_bf16(
         layer = model.base_model.model.model.layers[0].self_attn.q_proj.base_layer
         layer.register_forward_hook(lambda _m, _i, out, seen=seen: seen.add(out.dtype))
         cfg = LoopSettings(lr=1e-2, epochs=1, batch=2, grad_accum=1, max_steps=3, bf16=bf16, cpu=True)
-        results[bf16] = train_loop(model, train, train[:2], cfg, tmp_path / f"run-{bf16}", pad)
+        frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+        stored: set[torch.dtype] = set()  # what the frozen weight holds during the run (lean_autocast)
+        results[bf16] = train_loop(model, train, train[:2], cfg, tmp_path / f"run-{bf16}", pad,
+                                   on_progress=lambda _p, layer=layer, stored=stored: stored.add(layer.weight.dtype))
         dtypes[bf16] = seen
+        assert stored == {torch.bfloat16 if bf16 else torch.float32}
         assert all(p.dtype == torch.float32 for p in model.parameters())  # the weights stay fp32
+        assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if not p.requires_grad)
     assert dtypes == {False: {torch.float32}, True: {torch.bfloat16}}
     fp32, bf16_run = results[False], results[True]
     assert bf16_run.steps == fp32.steps == 3

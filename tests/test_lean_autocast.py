@@ -118,6 +118,22 @@ def test_the_model_is_restored_bit_for_bit(tiny: tuple[Path, Any]) -> None:
     assert all(m.cast_input_dtype_enabled for m in model.modules() if hasattr(m, "cast_input_dtype_enabled"))
 
 
+@needs_tokenizer
+def test_a_run_that_raises_leaves_the_model_as_it_was_and_tied_weights_stay_float32(tiny: tuple[Path, Any]) -> None:
+    folder, _ = tiny
+    model, _ = load_base(folder)
+    peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "lm_head"]))
+    embeddings = peft.get_input_embeddings().weight
+    assert peft.base_model.model.lm_head.base_layer.weight is embeddings  # tied, and the output layer adapted
+    before = {n: p.detach().clone() for n, p in peft.named_parameters()}
+    with pytest.raises(RuntimeError, match="stopped"), lean_autocast(peft):
+        assert embeddings.dtype == torch.float32
+        assert peft.base_model.model.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
+        raise RuntimeError("stopped")
+    assert all(p.dtype == torch.float32 and torch.equal(p, before[n]) for n, p in peft.named_parameters())
+    assert not any(m._forward_pre_hooks for m in peft.modules())
+
+
 def test_chunked_cross_entropy_is_the_whole_batch_s(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(packing, "CE_CHUNK", 7)
     torch.manual_seed(0)

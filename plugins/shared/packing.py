@@ -160,9 +160,10 @@ def _answer_logits(model: Any, batch: dict[str, Any], bf16: bool) -> tuple[torch
     return logits, wanted
 
 
-#: answer tokens whose cross-entropy is computed at once: the float32 log-probabilities of a chunk over a
-#: 49k-token vocabulary are 25 MB, where those of a whole batch (500+ answer tokens) were 110 MB, allocated
-#: and written several times a step (the cast, the log-softmax, their gradients)
+#: answer tokens whose cross-entropy is computed at once: the float32 copy of a chunk's logits and the
+#: gradients' temporaries over a 49k-token vocabulary are 25 MB, where a whole batch's (500+ answer tokens) were
+#: 110 MB each, allocated and written several times a step (the log-probabilities kept for the backward pass
+#: are the whole batch's either way)
 CE_CHUNK = 128
 
 

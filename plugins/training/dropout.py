@@ -39,7 +39,9 @@ class SeededDropout(nn.Dropout):
         seed = int(torch.randint(0, 2**62, (1,)).item())
         uniform = np.random.Generator(np.random.PCG64(seed)).random(x.numel(), dtype=np.float32)
         keep = torch.from_numpy(uniform).view(x.shape) >= self.p
-        return x * keep.to(x.dtype).mul_(1.0 / (1.0 - self.p))
+        # the mask of zeros and ones is exact in any dtype; the scale is a float32 scalar, so a bf16 input is scaled
+        # with one rounding (a bf16 mask holding 1 / (1 - p) would round the scale itself: 1.109375 for 1.1111)
+        return (x * keep.to(x.dtype)).mul_(1.0 / (1.0 - self.p))
 
 
 def use_seeded_dropout(model: Any) -> int:

@@ -14,10 +14,13 @@ back to float32 for the adapter. Measured on SmolLM2-135M (2 x 512-token blocks,
   afterwards, bit for bit;
 - each such layer's float32 input cast to bf16 once, shared by the layers that read the same tensor (a
   forward pre-hook; the cast is redone when the tensor changes), and PEFT's cast of the adapter's input
-  back to the weight's dtype switched off, so dropout and the adapter's products take the bf16 input.
+  back to the weight's dtype switched off (PEFT >= 0.15; older versions keep their cast), so dropout and
+  the adapter's products take the bf16 input.
 
-The products see the same bf16 operands as under plain autocast; what differs is where gradients are summed:
-the gradients of the layers sharing an input are added in bf16 before the one cast back to float32. Outside
+The base layers' products see the same bf16 operands as under plain autocast. What differs: LoRA dropout
+scales the bf16 input (one rounding of the scaled value, where autocast rounded the float32 product), and
+the gradients of the layers sharing an input are added in bf16 before the one cast back to float32. A weight
+that another kind of module also holds (embeddings tied to the output layer) is left alone. Outside
 autocast (float32 training) nothing changes.
 """
 
@@ -57,15 +60,19 @@ def lean_autocast(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> Iter
         return (last["cast"], *args[1:])
 
     try:
+        # a weight another kind of module also holds (input embeddings tied to the output layer) stays float32
+        shared = {id(p) for m in model.modules() if not isinstance(m, nn.Linear) for p in m.parameters(recurse=False)}
         for module in model.modules():
-            if isinstance(module, BaseTunerLayer):
+            if isinstance(module, BaseTunerLayer) and hasattr(module, "cast_input_dtype_enabled"):
                 tuner: Any = module
                 casting.append((tuner, tuner.cast_input_dtype_enabled))
                 tuner.cast_input_dtype_enabled = False
                 hooks.append(tuner.register_forward_pre_hook(cast_once))
-            elif isinstance(module, nn.Linear) and module is not output and not module.weight.requires_grad:
+            elif (isinstance(module, nn.Linear) and module is not output and not module.weight.requires_grad
+                  and id(module.weight) not in shared):
                 if module.weight.dtype == torch.float32:
-                    originals.append((module.weight, module.weight.data))
+                    # the float32 original waits in host memory (on a GPU it would sit beside the bf16 copy)
+                    originals.append((module.weight, module.weight.data.to("cpu")))
                     module.weight.data = module.weight.data.to(dtype)
                 hooks.append(module.register_forward_pre_hook(cast_once))
         yield len(originals)
@@ -75,5 +82,5 @@ def lean_autocast(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> Iter
         for module, enabled in casting:
             module.cast_input_dtype_enabled = enabled
         for weight, data in originals:
-            weight.data = data
+            weight.data = data.to(weight.device)  # where the run moved the model meanwhile (accelerate)
         last.clear()
