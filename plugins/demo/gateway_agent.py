@@ -35,35 +35,40 @@ async def serves(base_url: str, role: str, version: str) -> bool:
 
 
 async def work_through_gateway(base_url: str, tasks: list[Task], session: str, max_tokens: int,
-                               on_turn: Callable[[Turn], None], model: str = ROLE) -> list[Turn]:
-    """Work ``tasks`` through the gateway at ``base_url`` (``.../v1``); one turn per task. ``model``: what the
-    agent asks for (the role, which the gateway routes; or one version by its name)."""
+                               on_turn: Callable[[Turn], None], model: str = ROLE, concurrency: int = 16) -> list[Turn]:
+    """Work ``tasks`` through the gateway at ``base_url`` (``.../v1``); one turn per task, in the tasks' order.
+    ``model``: what the agent asks for (the role, which the gateway routes; or one version by its name).
+    ``concurrency``: tasks asked at once, as an agent with several workers does (the transformers runtime
+    generates greedy requests that arrive together as one batch)."""
     from openai import AsyncOpenAI
 
     from flywheel_loop.plugins.shared.code import extract_code, follows_convention
     from flywheel_loop.plugins.shared.sandbox import run_tests
 
     client = AsyncOpenAI(base_url=base_url, api_key="flywheel-demo", max_retries=2, timeout=600)
-    turns: list[Turn] = []
-    async with aiohttp.ClientSession() as http:
-        for task in tasks:
+    slots = asyncio.Semaphore(max(1, concurrency))
+
+    async def work(task: Task, http: aiohttp.ClientSession) -> Turn:
+        async with slots:
             completion = await client.chat.completions.create(
                 model=model, messages=[{"role": "user", "content": task.prompt}], max_tokens=max_tokens,
                 temperature=0, user=session,
                 # what the SDK's record_interaction said about the task, said to the gateway instead
                 extra_headers={"x-flywheel-language": "python", "x-flywheel-project": "flywheel-demo",
                                "x-flywheel-domain": task.domain, "x-flywheel-complexity": "simple"})
-            text = (completion.choices[0].message.content or "").strip()
-            code = extract_code(text)
-            run = await asyncio.to_thread(run_tests, code, task.tests)
-            outcome = {"interaction_id": completion.id, "compiles": run.compiles, "tests_passed": run.passed,
-                       "tests_failed": run.failed, "runtime_errors": 0 if run.all_passed else len(run.errors),
-                       "errors": [e[:500] for e in run.errors[:10]]}
-            async with http.post(f"{base_url}/outcomes", json=outcome) as response:
-                if response.status != 202:
-                    raise RuntimeError(f"the gateway refused the outcome of {task.id}: {await response.text()}")
-            turn = Turn(task.id, completion.id, completion.model, run.all_passed,
-                        follows_convention(code, LICENSE_ID), corrected=False)
-            turns.append(turn)
-            on_turn(turn)
-    return turns
+        text = (completion.choices[0].message.content or "").strip()
+        code = extract_code(text)
+        run = await asyncio.to_thread(run_tests, code, task.tests)
+        outcome = {"interaction_id": completion.id, "compiles": run.compiles, "tests_passed": run.passed,
+                   "tests_failed": run.failed, "runtime_errors": 0 if run.all_passed else len(run.errors),
+                   "errors": [e[:500] for e in run.errors[:10]]}
+        async with http.post(f"{base_url}/outcomes", json=outcome) as response:
+            if response.status != 202:
+                raise RuntimeError(f"the gateway refused the outcome of {task.id}: {await response.text()}")
+        turn = Turn(task.id, completion.id, completion.model, run.all_passed,
+                    follows_convention(code, LICENSE_ID), corrected=False)
+        on_turn(turn)
+        return turn
+
+    async with aiohttp.ClientSession() as http:
+        return list(await asyncio.gather(*(work(task, http) for task in tasks)))

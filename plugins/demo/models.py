@@ -53,7 +53,7 @@ class Answerer(Protocol):
 class LocalModel:
     """The base model, loaded in this process with transformers."""
 
-    def __init__(self, folder: Path, name: str, max_new_tokens: int = 160, batch: int = 6) -> None:
+    def __init__(self, folder: Path, name: str, max_new_tokens: int = 160, batch: int = 16) -> None:
         # imported by name: the trainer's module is a plugin, outside the engine's type-checked packages
         load_base = importlib.import_module("flywheel_loop.plugins.shared.models").load_base
         self.name = name

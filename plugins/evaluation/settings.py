@@ -82,7 +82,10 @@ class EvaluatorConfig(PluginSection):
     )
     max_new_tokens: int = Field(default=160, ge=1, description="tokens generated per held-out task")
     canary_max_new_tokens: int = Field(default=48, ge=1)
-    generation_batch: int = Field(default=8, ge=1)
+    generation_batch: int = Field(
+        default=16, ge=1, description="answers generated together (a small model's tokens cost little more in a batch"
+        " on a CPU: 32 task prompts took 110 s in batches of 8, 82 s in 16, 53 s in 32, the same answers)",
+    )
     test_timeout_s: float = Field(default=10.0, gt=0, description="wall-clock limit of one sandboxed test run")
     test_memory_mb: int = Field(default=512, ge=32, description="address-space limit of one sandboxed test run")
     general_prompts: Path | None = Field(

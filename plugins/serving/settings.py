@@ -122,6 +122,13 @@ class DeployerConfig(PluginSection):
         description="torch threads while the transformers runtime generates; none = torch's default, every core"
         " (on 2 shared, busy cores SmolLM2-135M took 79-336 ms/token with 1 thread and 2434 ms/token with 2)",
     )
+    max_batch: int = Field(
+        default=16,
+        ge=1,
+        le=64,
+        description="greedy requests to one version the transformers runtime generates together at most (requests"
+        " that arrive together share each token's read of the weights); 1 = each request alone",
+    )
 
 
 class DriftConfig(PluginSection):
