@@ -47,6 +47,7 @@ async def work_through_gateway(base_url: str, tasks: list[Task], session: str, m
 
     client = AsyncOpenAI(base_url=base_url, api_key="flywheel-demo", max_retries=2, timeout=600)
     slots = asyncio.Semaphore(max(1, concurrency))
+    sandboxes = asyncio.Semaphore(2)  # test runs at once: each has a wall-clock limit, and the cores are few
 
     async def work(task: Task, http: aiohttp.ClientSession) -> Turn:
         async with slots:
@@ -58,7 +59,8 @@ async def work_through_gateway(base_url: str, tasks: list[Task], session: str, m
                                "x-flywheel-domain": task.domain, "x-flywheel-complexity": "simple"})
         text = (completion.choices[0].message.content or "").strip()
         code = extract_code(text)
-        run = await asyncio.to_thread(run_tests, code, task.tests)
+        async with sandboxes:
+            run = await asyncio.to_thread(run_tests, code, task.tests)
         outcome = {"interaction_id": completion.id, "compiles": run.compiles, "tests_passed": run.passed,
                    "tests_failed": run.failed, "runtime_errors": 0 if run.all_passed else len(run.errors),
                    "errors": [e[:500] for e in run.errors[:10]]}
@@ -70,5 +72,6 @@ async def work_through_gateway(base_url: str, tasks: list[Task], session: str, m
         on_turn(turn)
         return turn
 
-    async with aiohttp.ClientSession() as http:
-        return list(await asyncio.gather(*(work(task, http) for task in tasks)))
+    async with aiohttp.ClientSession() as http, asyncio.TaskGroup() as group:  # a failure cancels the rest
+        running = [group.create_task(work(task, http)) for task in tasks]
+    return [r.result() for r in running]

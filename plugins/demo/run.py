@@ -312,9 +312,12 @@ async def _question_phase(
 async def _follow_loop(
     bus: Bus, phases: _Phases, summary: DemoSummary, request_id: str, after_seq: int, timeout_s: float
 ) -> None:
-    """From the training request to a deployment (or a refusal): follow the log, drawing progress."""
+    """From the training request to a deployment (or a refusal): follow the log, drawing progress. ``timeout_s``
+    bounds a wait with nothing new on the log (a stalled step), not the whole loop: on a slow CPU training alone
+    took 21 minutes."""
     types = ("dataset.built", "dataset.skipped", "training.started", "training.progressed", "training.completed",
-             "training.failed", "evaluation.completed", "deployment.completed", "deployment.failed")
+             "training.failed", "evaluation.progressed", "evaluation.completed", "deployment.completed",
+             "deployment.failed")
     building = phases.start("building the dataset")
     training: Any = None
     evaluating: Any = None
@@ -325,9 +328,11 @@ async def _follow_loop(
     deadline = time.monotonic() + timeout_s
     began = time.monotonic()
     mark = began
+    gate_step = None
     while time.monotonic() < deadline:
         for event_seq, event in await read_since(bus, seq, types):
             seq = event_seq
+            deadline = time.monotonic() + timeout_s  # the loop moves: wait again
             data = event.data
             if event.type == "dataset.skipped" and data.request_id == request_id:
                 raise DemoError(f"no dataset was built: {data.reason}: {data.detail}")
@@ -358,6 +363,13 @@ async def _follow_loop(
                 summary.timings["training"] = time.monotonic() - mark
                 mark = time.monotonic()
                 evaluating = phases.start("evaluating: candidate against the base model (the gate)")
+            elif event.type == "evaluation.progressed" and data.run_id == run_id and evaluating is not None:
+                text = (f"evaluating: candidate against the base model (the gate), step {data.steps_done + 1}"
+                        f"/{data.steps_total}: {data.step}")
+                phases.update(evaluating, text, completed=data.done, total=data.total or None)
+                if data.step != gate_step:  # a line per step where no live display is drawn
+                    gate_step = data.step
+                    phases.note(text)
             elif event.type == "evaluation.completed" and data.run_id == run_id:
                 evaluation_id = event.id
                 # read defensively: the gate's event may carry more than passed and reasons (a verdict)
@@ -386,7 +398,7 @@ async def _follow_loop(
         await asyncio.sleep(1.0)
     waiting = "the deployment" if evaluation_id else "the evaluation" if summary.training else \
         "the training run" if summary.dataset else "the dataset"
-    raise DemoError(f"{waiting} did not arrive within {timeout_s:.0f}s of the training request")
+    raise DemoError(f"{waiting} did not arrive: nothing new on the log for {timeout_s:.0f}s")
 
 
 def _split_ids(folder: Path) -> dict[str, list[str]]:

@@ -12,8 +12,10 @@ same lock.
 
 What a caller gets is what the version would answer alone, except where the matrix products of a batch
 round differently in the last bits and greedy decoding meets a near tie (SmolLM2-135M on the demo's 12
-held-out prompts, 100 tokens each, 1 thread: the same 12 answers alone and as one batch, in 35 s against
-135 s); a batch of one is exactly the request alone. ``max_batch = 1`` turns batching off.
+held-out prompts, 100 tokens each, 1 thread: the same 12 answers alone and as one batch, in 35 s against 135
+s); a batch of one is exactly the request alone. A batch that fails is tried again a request at a time, so
+one bad request fails alone. A caller is answered when its whole batch ends, so a short request waits for
+the longest of its batch. ``max_batch = 1`` turns batching off.
 """
 
 from __future__ import annotations
@@ -70,8 +72,8 @@ class GreedyBatcher:
             with self.lock:
                 if not job.done.is_set():
                     self._run_next()
-        if job.error is not None:
-            raise job.error
+        if job.error is not None:  # a fresh exception per caller: their tracebacks stay apart
+            raise RuntimeError(str(job.error)) from job.error
         assert job.answer is not None
         return job.answer
 
@@ -88,6 +90,15 @@ class GreedyBatcher:
                 if len(self._queue) == queued:
                     return
 
+    def _run_alone(self, job: _Job) -> None:
+        try:
+            [job.answer] = self._generate([job.prompt], [job.max_tokens])
+            self.batches += 1
+            self.requests += 1
+        except BaseException as exc:  # noqa: BLE001 - handed to the request's caller
+            job.error = exc
+        job.done.set()
+
     def _run_next(self) -> None:
         """Generate the oldest queued requests as one batch (the caller holds the lock)."""
         with self._queue_lock:
@@ -99,11 +110,19 @@ class GreedyBatcher:
             answers = self._generate([j.prompt for j in batch], [j.max_tokens for j in batch])
             if len(answers) != len(batch):
                 raise RuntimeError(f"generated {len(answers)} answers for a batch of {len(batch)}")
+        except Exception as exc:
+            if len(batch) > 1:  # one request may be the cause (a prompt too long for memory): each alone
+                for job in batch:
+                    self._run_alone(job)
+                return
+            batch[0].error = exc
+            batch[0].done.set()
+            return
         except BaseException as exc:  # every request of the batch answers with the failure; none hangs
             for job in batch:
                 job.error = exc
                 job.done.set()
-            return
+            raise
         self.batches += 1
         self.requests += len(batch)
         for job, answer in zip(batch, answers, strict=True):

@@ -7,8 +7,8 @@ base model's chat template. Generation is greedy at temperature 0 (the default),
 same answer, which is what a smoke test and a before/after comparison need.
 
 Where it runs: inside the engine's process, one ``ThreadingHTTPServer`` thread per served version (the model
-is loaded once in ``prepare``, the adapter merged into the base weights: the same function, a quarter less
-time per token). Greedy requests to one version that arrive together are generated as one batch
+is loaded once in ``prepare``, the adapter merged into the base weights in float32: the same function, a
+quarter less time per token). Greedy requests to one version that arrive together are generated as one batch
 (``batching.py``; ``deployer.max_batch``); streaming and sampled ones one at a time. ``stream: true`` answers with
 OpenAI's chat completion chunks (server-sent events) as tokens are generated, the usage last when the request asks
 for it (``stream_options.include_usage``). The servers end when the
@@ -73,6 +73,12 @@ class ChatModel:
             text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
         return tok(str(text), return_tensors="pt", add_special_tokens=False)
 
+    def _cut(self, ids: list[int]) -> list[int]:
+        """``ids`` up to the first end-of-sequence token (the tokenizer's or one of the generation config's)."""
+        config = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        ends = {self.tokenizer.eos_token_id} | set(config if isinstance(config, list) else [config])
+        return next((ids[:i] for i, t in enumerate(ids) if t in ends), ids)
+
     def _generate(self, enc: Any, max_tokens: int, temperature: float, **extra: Any) -> list[int]:
         """The generated token ids up to (not including) the end-of-sequence token."""
         import torch
@@ -88,10 +94,7 @@ class ChatModel:
                 torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
             out = self.model.generate(**enc, max_new_tokens=max_tokens, pad_token_id=tok.pad_token_id, **sampling,
                                       **extra)
-        ids: list[int] = out[0, enc["input_ids"].shape[1]:].tolist()
-        if tok.eos_token_id in ids:
-            ids = ids[: ids.index(tok.eos_token_id)]
-        return ids
+        return self._cut(out[0, enc["input_ids"].shape[1]:].tolist())
 
     def _generate_rows(self, prompts: Sequence[list[int]], limits: Sequence[int]) -> list[list[int]]:
         """Greedy answers (token ids up to the end-of-sequence token) to ``prompts`` as one left-padded batch,
@@ -116,11 +119,7 @@ class ChatModel:
             out = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=False,
                                       max_new_tokens=max(limits), pad_token_id=tok.pad_token_id,
                                       stopping_criteria=StoppingCriteriaList([RowLimit()]))
-        answers: list[list[int]] = []
-        for row, n in zip(out[:, width:].tolist(), limits, strict=True):
-            ids = row[:n]
-            answers.append(ids[: ids.index(tok.eos_token_id)] if tok.eos_token_id in ids else ids)
-        return answers
+        return [self._cut(row[:n]) for row, n in zip(out[:, width:].tolist(), limits, strict=True)]
 
     def complete(self, messages: list[dict[str, str]], max_tokens: int, temperature: float) -> tuple[str, int, int]:
         """(answer, prompt tokens, completion tokens) for a chat, through the base model's chat template; a
@@ -163,8 +162,9 @@ class ChatModel:
 
 def load_chat_model(base_dir: Path, adapter_dir: Path | None, name: str, threads: int | None = 1,
                     bf16: bool = False, max_batch: int = 16) -> ChatModel:
-    """Load ``base_dir`` (fp32, eval mode) with the PEFT adapter in ``adapter_dir`` merged into its weights, if
-    any; ``bf16``: generate under bf16 autocast; ``max_batch``: greedy requests generated together at most."""
+    """Load ``base_dir`` (fp32, eval mode) with the PEFT adapter in ``adapter_dir`` applied, if any (merged into
+    its weights unless ``bf16``); ``bf16``: generate under bf16 autocast; ``max_batch``: greedy requests generated
+    together at most."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -184,9 +184,12 @@ def load_chat_model(base_dir: Path, adapter_dir: Path | None, name: str, threads
         if adapter_dir is not None:
             from peft import PeftModel
 
-            # merged: the low-rank products folded into the weights they adapt, so a token costs what the base
-            # model's does (the unmerged adapter added a third to each token here: 187 -> 139 ms at 1 thread)
-            model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False).merge_and_unload()
+            model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
+            if not bf16:
+                # merged: the low-rank products folded into the weights they adapt, so a token costs what the
+                # base model's does (the unmerged adapter took a token from 139 to 187 ms at 1 thread). Not under
+                # bf16: the merged weight would be rounded to bf16 whole, and a small change lost in its last bits
+                model = model.merge_and_unload()
     except RuntimeUnavailable:
         raise
     except Exception as exc:  # transformers/peft raise OSError, ValueError, KeyError, RuntimeError...
