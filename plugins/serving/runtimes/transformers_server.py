@@ -28,6 +28,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -73,6 +74,17 @@ class ChatModel:
             text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
         return tok(str(text), return_tensors="pt", add_special_tokens=False)
 
+    @contextmanager
+    def _generating(self) -> Iterator[None]:
+        """No gradients, this model's torch threads and precision: how every generation here runs."""
+        import torch
+
+        from flywheel_loop.plugins.shared.models import torch_threads
+
+        with torch.no_grad(), torch_threads(self.threads), \
+                torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+            yield
+
     def _cut(self, ids: list[int]) -> list[int]:
         """``ids`` up to the first end-of-sequence token (the tokenizer's or one of the generation config's)."""
         config = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
@@ -81,17 +93,12 @@ class ChatModel:
 
     def _generate(self, enc: Any, max_tokens: int, temperature: float, **extra: Any) -> list[int]:
         """The generated token ids up to (not including) the end-of-sequence token."""
-        import torch
-
-        from flywheel_loop.plugins.shared.models import torch_threads
-
         tok = self.tokenizer
         sampling: dict[str, Any] = {"do_sample": False}
         if temperature > 0:
             sampling = {"do_sample": True, "temperature": temperature}
 
-        with self.lock, torch.no_grad(), torch_threads(self.threads), \
-                torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+        with self.lock, self._generating():
             out = self.model.generate(**enc, max_new_tokens=max_tokens, pad_token_id=tok.pad_token_id, **sampling,
                                       **extra)
         return self._cut(out[0, enc["input_ids"].shape[1]:].tolist())
@@ -101,8 +108,6 @@ class ChatModel:
         each at most its limit; the caller holds the lock."""
         import torch
         from transformers import StoppingCriteria, StoppingCriteriaList
-
-        from flywheel_loop.plugins.shared.models import torch_threads
 
         tok = self.tokenizer
         width = max(len(p) for p in prompts)
@@ -114,8 +119,7 @@ class ChatModel:
             def __call__(self, ids: Any, scores: Any, **kwargs: Any) -> Any:
                 return torch.full((ids.shape[0],), ids.shape[1] - width) >= limit
 
-        with torch.no_grad(), torch_threads(self.threads), \
-                torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+        with self._generating():
             out = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=False,
                                       max_new_tokens=max(limits), pad_token_id=tok.pad_token_id,
                                       stopping_criteria=StoppingCriteriaList([RowLimit()]))
@@ -324,9 +328,10 @@ class TransformersRuntime:
     name = "transformers"
 
     def __init__(self, settings: Any) -> None:
-        self.host: str = str(DeployerConfig.of(settings).host)
-        self.threads: int | None = DeployerConfig.of(settings).threads
-        self.max_batch: int = DeployerConfig.of(settings).max_batch
+        cfg = DeployerConfig.of(settings)
+        self.host: str = str(cfg.host)
+        self.threads: int | None = cfg.threads
+        self.max_batch: int = cfg.max_batch
         models = getattr(settings, "models", None)
         self._precision: str = str(getattr(models, "precision", "fp32"))
         self._state_dir: Path | None = getattr(settings, "state_dir", None)
