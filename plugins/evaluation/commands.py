@@ -50,20 +50,31 @@ def service_version(cfg: Settings, role: str) -> tuple[str, str | None] | None:
 
 
 def suite_pass_at_1(cfg: Settings, adapter: Path | None, problems: list[Any],
-                    progress: Progress | None = None) -> dict[str, Any]:
-    """Run ``problems`` on the base model with ``adapter`` (None: the base model alone)."""
+                    progress: Progress | None = None, route: bool = True) -> dict[str, Any]:
+    """Run ``problems`` on the base model with ``adapter`` (None: the base model alone), as it is served: an
+    adapter with a router answers the problems its router sends to it, the base model the rest (``route``
+    False: the adapter answers every problem)."""
     from flywheel_loop.plugins.evaluation.generation import chat_prompt
     from flywheel_loop.plugins.evaluation.metrics import task_pass_rate
+    from flywheel_loop.plugins.evaluation.routed import Split, join_tasks, routed
+    from flywheel_loop.plugins.shared.embedding import EmbeddingConfig, TextEmbedder
     from flywheel_loop.plugins.shared.models import base_model_dir, load_base, torch_threads, use_bf16
+    from flywheel_loop.plugins.shared.routing import Router
 
     ev = EvaluatorConfig.of(cfg)
     base, tokenizer = load_base(base_model_dir(cfg))
     model = base
+    router = None
     if adapter is not None:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(base, str(adapter))
+        router = Router.load(adapter) if route else None
     rows = task_rows(problems, lambda text: chat_prompt(tokenizer, text))
+    split = Split.everything(len(rows))
+    if router is not None:
+        embed = TextEmbedder(EmbeddingConfig(), cfg.state_dir).embed
+        split = Split(tuple(router.routes([r["text"] for r in rows], embed)))
     task = progress.add_task("answers and tests", total=2 * len(rows)) if progress is not None else None
 
     def advance(n: int) -> None:
@@ -71,9 +82,18 @@ def suite_pass_at_1(cfg: Settings, adapter: Path | None, problems: list[Any],
             progress.advance(task, n)
 
     started = time.perf_counter()
+    bf16 = use_bf16(cfg.models.precision, "cpu")
+
+    def run(part: list[dict[str, Any]]) -> Any:
+        return task_pass_rate(model, tokenizer, part, ev.suite_max_new_tokens, ev.generation_batch,
+                              ev.test_timeout_s, ev.test_memory_mb, bf16, advance)
+
+    def on_base(part: list[dict[str, Any]]) -> Any:
+        with model.disable_adapter():
+            return run(part)
+
     with torch_threads(ev.threads):
-        result = task_pass_rate(model, tokenizer, rows, ev.suite_max_new_tokens, ev.generation_batch,
-                                ev.test_timeout_s, ev.test_memory_mb, use_bf16(cfg.models.precision, "cpu"), advance)
+        result = routed(split, rows, run, on_base, lambda a, b: join_tasks(split, rows, a, b))
     low, high = wilson(result.passed, result.examples, ev.confidence)
     return {
         "problems": result.examples, "passed": result.passed,
@@ -81,6 +101,7 @@ def suite_pass_at_1(cfg: Settings, adapter: Path | None, problems: list[Any],
         "low": low, "high": high, "confidence": ev.confidence,
         "solved": [r["id"] for r, ok in zip(rows, result.outcomes, strict=True) if ok],
         "ms_per_token": result.generations.ms_per_token, "seconds": round(time.perf_counter() - started, 1),
+        "routed": router is not None, "to_adapter": split.adapter_rows if adapter is not None else 0,
     }
 
 
@@ -99,10 +120,14 @@ def register(app: typer.Typer) -> None:
         = None,
         adapter: Annotated[str | None, typer.Option(help="measure this version instead: an adapter hash, an"
                                                     " adapter folder, or 'base' for the base model")] = None,
+        route: Annotated[bool, typer.Option(help="an adapter with a router answers what it routes to itself, the"
+                                            " base model the rest, as served; --no-route: the adapter answers"
+                                            " every problem")] = True,
         as_json: Annotated[bool, typer.Option("--json")] = False,
     ) -> None:
         """A coding suite's pass@1 with its interval, for the model in service (or any version)."""
         from flywheel_loop.plugins.shared.models import AdapterUnusable, BaseModelUnusable, adapter_folder
+        from flywheel_loop.plugins.shared.routing import RouterUnusable
 
         cfg = settings()
         ev = EvaluatorConfig.of(cfg)
@@ -135,8 +160,8 @@ def register(app: typer.Typer) -> None:
                       + ("" if full else f" (sample seed {chosen_seed})"))
             with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                           TimeElapsedColumn(), console=err, disable=as_json) as bar:
-                figures = suite_pass_at_1(cfg, folder, problems, bar)
-        except (AdapterUnusable, BaseModelUnusable) as exc:
+                figures = suite_pass_at_1(cfg, folder, problems, bar, route)
+        except (AdapterUnusable, BaseModelUnusable, RouterUnusable) as exc:
             fail(str(exc))
         figures.update({"suite": name, "role": role, "version": version, "adapter_hash": digest,
                         "seed": None if full else chosen_seed, "full": full})
@@ -147,4 +172,6 @@ def register(app: typer.Typer) -> None:
             fail("no problem was run")
         say(f"pass@1 {100 * figures['pass_at_1']:.1f}% ({figures['passed']}/{figures['problems']}),"
             f" {100 * ev.confidence:g}% interval {100 * figures['low']:.1f}-{100 * figures['high']:.1f}%"
-            f" on {name} for {version} ({figures['seconds']:.0f} s)", style="bold")
+            f" on {name} for {version} ({figures['seconds']:.0f} s)"
+            + (f"; its router sent {figures['to_adapter']} of them to the adapter" if figures["routed"] else ""),
+            style="bold")

@@ -53,10 +53,12 @@ from flywheel_loop.engine.artifacts import ThreadArtifacts
 from flywheel_loop.engine.config import Settings
 from flywheel_loop.engine.processor import ProcessContext
 from flywheel_loop.plugins.evaluation.gate import GateResult, verdict
-from flywheel_loop.plugins.evaluation.generation import chat_prompt, generate
+from flywheel_loop.plugins.evaluation.generation import Generations, chat_prompt, generate
 from flywheel_loop.plugins.evaluation.known import known_solved
 from flywheel_loop.plugins.evaluation.metrics import (
     DATA,
+    ItemLoss,
+    TaskResult,
     answer_losses,
     canary_leaks,
     forgetting_rate,
@@ -65,10 +67,19 @@ from flywheel_loop.plugins.evaluation.metrics import (
     task_pass_rate,
 )
 from flywheel_loop.plugins.evaluation.progress import EvalProgress
+from flywheel_loop.plugins.evaluation.routed import (
+    Split,
+    join_generations,
+    join_tasks,
+    pick_generations,
+    pick_tasks,
+    routed,
+)
 from flywheel_loop.plugins.evaluation.settings import EvaluatorConfig
 from flywheel_loop.plugins.evaluation.stats import Paired
 from flywheel_loop.plugins.evaluation.suite import SuiteError, focused_sample, open_suite, sample, task_rows
 from flywheel_loop.plugins.shared.datasets import DatasetUnusable, dataset_folder, read_split
+from flywheel_loop.plugins.shared.embedding import EmbeddingConfig, TextEmbedder
 from flywheel_loop.plugins.shared.models import (
     AdapterUnusable,
     BaseModelUnusable,
@@ -79,6 +90,7 @@ from flywheel_loop.plugins.shared.models import (
     read_lineage,
     torch_threads,
 )
+from flywheel_loop.plugins.shared.routing import Router, RouterUnusable, user_text
 from flywheel_loop.plugins.shared.service_model import service_model
 from flywheel_loop.schemas import (
     EvaluationCompleted,
@@ -179,11 +191,14 @@ def evaluate_run(
         return rejected(str(exc))
     trained = _trained_ids(settings, [completed.dataset_hash, *trained_datasets])
     fresh = [t for t in recorded if t[0] not in trained]
-    with torch_threads(cfg.threads), EvalProgress(completed.run_id, completed.role, 10, emit,
-                                                  cfg.progress_every_s) as progress:
-        candidate, baseline, outcome, suite_results = _measure(
-            settings, completed.run_id, base, tokenizer, adapter_dir, dataset, service, detect, fresh, progress,
-            known_solved)
+    try:
+        with torch_threads(cfg.threads), EvalProgress(completed.run_id, completed.role, 10, emit,
+                                                      cfg.progress_every_s) as progress:
+            candidate, baseline, outcome, suite_results = _measure(
+                settings, completed.run_id, base, tokenizer, adapter_dir, dataset, service, detect, fresh, progress,
+                known_solved)
+    except RouterUnusable as exc:
+        return rejected(f"its router cannot be used: {exc}")
     return EvaluationCompleted(
         run_id=completed.run_id, role=completed.role, adapter_hash=completed.adapter_hash, candidate=candidate,
         baseline=baseline, passed=outcome.passed, verdict=outcome.verdict,
@@ -240,7 +255,7 @@ def _measure(
                   "general": general_rows(tokenizer, cfg.general_prompts)}
     tasks = [r for r in validation if r.get("tests")]
     seen = {str(r.get("id")) for r in tasks}
-    from_log = [{"id": i, "prompt": chat_prompt(tokenizer, text), "tests": tests}
+    from_log = [{"id": i, "prompt": chat_prompt(tokenizer, text), "tests": tests, "text": text}
                 for i, text, tests in recorded if i not in seen]
     tasks = (tasks + from_log)[: cfg.max_task_examples]
     suite_rows: list[dict[str, Any]] = []
@@ -255,49 +270,113 @@ def _measure(
         except SuiteError as exc:
             suite_missing = str(exc)
             log.warning("evaluation of run %s: %s", run_id, exc)
-    canaries = [chat_prompt(tokenizer, line) for line in (DATA / "canary_prompts.txt").read_text().splitlines()
-                if line.strip()]
-    canaries += [r["prompt"] for r in read_split(dataset, "train")[: cfg.canary_from_train]]
+    canary_texts: list[str | None] = [line for line in (DATA / "canary_prompts.txt").read_text().splitlines()
+                                      if line.strip()]
+    canaries = [chat_prompt(tokenizer, str(line)) for line in canary_texts]
+    from_train = read_split(dataset, "train")[: cfg.canary_from_train]
+    canaries += [r["prompt"] for r in from_train]
+    canary_texts += [user_text(r) for r in from_train]
     # answers are cut as the run that trained the candidate cut them
     max_tokens = int(read_lineage(adapter_dir).get("hyperparameters", {}).get("max_tokens") or 1024)
+    # the candidate as it is served: with a router, the rows it sends away are the base model's (routed.py)
+    router = Router.load(adapter_dir)
+    embedder = TextEmbedder(EmbeddingConfig(), settings.state_dir) if router is not None else None
+
+    def split(texts: Sequence[str | None]) -> Split:
+        if router is None or embedder is None:
+            return Split.everything(len(texts))
+        known = [i for i, t in enumerate(texts) if t]  # a row without a prompt text stays with the adapter
+        to_adapter = [True] * len(texts)
+        for i, a in zip(known, router.routes([str(texts[i]) for i in known], embedder.embed), strict=True):
+            to_adapter[i] = a
+        return Split(tuple(to_adapter))
+
+    splits = {
+        "validation": split([user_text(r) for r in validation]),
+        **{f"forgetting {k}": split([user_text(r) for r in rows]) for k, rows in forgetting.items()},
+        "tasks": split([user_text(r) for r in tasks]),
+        "suite": split([user_text(r) for r in suite_rows]),
+        "canary": split(canary_texts),
+    }
+
+    def losses_of(m: Any, rows: list[Any]) -> list[ItemLoss | None]:
+        return answer_losses(m, tokenizer, rows, max_tokens, bf16, progress.advance)
+
+    def tasks_of(budget: int) -> Callable[[Any, list[Any]], TaskResult]:
+        def run(m: Any, rows: list[Any]) -> TaskResult:
+            return task_pass_rate(m, tokenizer, rows, budget, cfg.generation_batch, cfg.test_timeout_s,
+                                  cfg.test_memory_mb, bf16, progress.advance)
+        return run
+
+    def canary_of(m: Any, prompts: list[Any]) -> Generations:
+        return generate(m, tokenizer, prompts, cfg.canary_max_new_tokens, cfg.generation_batch, bf16, progress.advance)
+
+    def pick_rows(items: Any, keep: list[bool]) -> Any:
+        return [x for x, k in zip(items, keep, strict=True) if k]
+
+    def measure_variant(name: str, served: dict[str, Any]) -> dict[str, Any]:
+        """Every measurement on ``name``; the candidate as it is served (``served``: the base model's results)."""
+        who = "in service" if name == "service" else "candidate"
+
+        def measure(kind: str, rows: Sequence[Any], run: Callable[[Any, list[Any]], Any],
+                    pick: Callable[[Any, list[bool]], Any], join: Callable[[Split, Any, Any], Any]) -> Any:
+            cut = splits[kind] if name == "candidate" else Split.everything(len(rows))
+
+            def on_base(part: list[Any]) -> Any:
+                if service_dir is None:  # the model in service is the base model: its answers, measured already
+                    return pick(served[kind], [not a for a in cut.to_adapter])
+                with model.disable_adapter():
+                    return run(model, part)
+
+            with variant(name) as m:
+                return routed(cut, rows, lambda part: run(m, part), on_base, lambda a, b: join(cut, a, b))
+
+        def size(kind: str, rows: Sequence[Any]) -> int:  # the rows this variant computes
+            return splits[kind].adapter_rows if name == "candidate" and service_dir is None else len(rows)
+
+        out: dict[str, Any] = {}
+        progress.step(f"held-out loss ({who})", size("validation", validation))
+        out["validation"] = measure("validation", validation, losses_of, pick_rows, Split.join)
+        progress.step(f"forgetting loss ({who})", sum(size(f"forgetting {k}", r) for k, r in forgetting.items()))
+        for k, rows in forgetting.items():
+            out[f"forgetting {k}"] = measure(f"forgetting {k}", rows, losses_of, pick_rows, Split.join)
+        progress.step(f"tasks with tests ({who})", 2 * size("tasks", tasks))
+        out["tasks"] = measure("tasks", tasks, tasks_of(cfg.max_new_tokens), lambda r, k: pick_tasks(r, tasks, k),
+                               lambda c, x, y: join_tasks(c, tasks, x, y))
+        progress.step(f"suite {cfg.suite} ({who})", 2 * size("suite", suite_rows))
+        out["suite"] = measure("suite", suite_rows, tasks_of(cfg.suite_max_new_tokens),
+                               lambda r, k: pick_tasks(r, suite_rows, k),
+                               lambda c, x, y: join_tasks(c, suite_rows, x, y))
+        progress.step(f"canary prompts ({who})", size("canary", canaries))
+        out["canary"] = measure("canary", canaries, canary_of, pick_generations, join_generations)
+        return out
+
+    measured: dict[str, dict[str, Any]] = {}
     figures: dict[str, Figures] = {}
-    losses: dict[str, Any] = {}
-    said: dict[str, list[str]] = {}
-    outcomes: dict[str, tuple[bool, ...]] = {}
-    suite_outcomes: dict[str, tuple[bool, ...]] = {}
     for name in ("service", "candidate"):
-        with variant(name) as m:
-            who = "in service" if name == "service" else "candidate"
-            progress.step(f"held-out loss ({who})", len(validation))
-            held = answer_losses(m, tokenizer, validation, max_tokens, bf16, progress.advance)
-            progress.step(f"forgetting loss ({who})", sum(len(rows) for rows in forgetting.values()))
-            losses[name] = {k: answer_losses(m, tokenizer, rows, max_tokens, bf16, progress.advance)
-                            for k, rows in forgetting.items()}
-            progress.step(f"tasks with tests ({who})", 2 * len(tasks))
-            task = task_pass_rate(m, tokenizer, tasks, cfg.max_new_tokens, cfg.generation_batch,
-                                  cfg.test_timeout_s, cfg.test_memory_mb, bf16, progress.advance)
-            outcomes[name] = task.outcomes
-            progress.step(f"suite {cfg.suite} ({who})", 2 * len(suite_rows))
-            suite = task_pass_rate(m, tokenizer, suite_rows, cfg.suite_max_new_tokens, cfg.generation_batch,
-                                   cfg.test_timeout_s, cfg.test_memory_mb, bf16, progress.advance)
-            suite_outcomes[name] = suite.outcomes
-            progress.step(f"canary prompts ({who})", len(canaries))
-            canary = generate(m, tokenizer, canaries, cfg.canary_max_new_tokens, cfg.generation_batch, bf16,
-                              progress.advance)
-            said[name] = canary.texts
-            tokens = task.generations.tokens + suite.generations.tokens + canary.tokens
-            seconds = task.generations.seconds + suite.generations.seconds + canary.seconds
-            figures[name] = {
-                "held_out_loss": held_out_loss(held),
-                "held_out_items": sum(1 for x in held if x is not None),
-                "task_pass_rate": task.pass_rate,
-                "task_examples": task.examples,
-                "task_passed": task.passed,
-                "suite_pass_rate": suite.pass_rate,
-                "suite_problems": suite.examples,
-                "suite_passed": suite.passed,
-                "ms_per_token": round(1000 * seconds / tokens, 3) if tokens else None,
-            }
+        measured[name] = mine = measure_variant(name, measured.get("service", {}))
+        task, suite, canary = mine["tasks"], mine["suite"], mine["canary"]
+        tokens = task.generations.tokens + suite.generations.tokens + canary.tokens
+        seconds = task.generations.seconds + suite.generations.seconds + canary.seconds
+        figures[name] = {
+            "held_out_loss": held_out_loss(mine["validation"]),
+            "held_out_items": sum(1 for x in mine["validation"] if x is not None),
+            "task_pass_rate": task.pass_rate,
+            "task_examples": task.examples,
+            "task_passed": task.passed,
+            "suite_pass_rate": suite.pass_rate,
+            "suite_problems": suite.examples,
+            "suite_passed": suite.passed,
+            "ms_per_token": round(1000 * seconds / tokens, 3) if tokens else None,
+        }
+    losses = {name: {k: measured[name][f"forgetting {k}"] for k in forgetting} for name in measured}
+    said = {name: measured[name]["canary"].texts for name in measured}
+    outcomes = {name: measured[name]["tasks"].outcomes for name in measured}
+    suite_outcomes = {name: measured[name]["suite"].outcomes for name in measured}
+    if router is not None:  # how much of each measurement the adapter answered
+        figures["candidate"].update({"routed": True, "tasks_to_adapter": splits["tasks"].adapter_rows,
+                                     "suite_to_adapter": splits["suite"].adapter_rows,
+                                     "canary_to_adapter": splits["canary"].adapter_rows})
     # one forgetting set (as the reference design has it) for the secondary figure; each part reported too
     rates = {k: forgetting_rate(losses["candidate"][k], losses["service"][k], cfg.forgetting_tolerance)
              for k in forgetting}

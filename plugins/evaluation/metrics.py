@@ -102,7 +102,8 @@ def general_rows(tokenizer: Any, path: Path | None = None) -> list[dict[str, Any
             prompt, completion = item["prompt"], item["completion"]
         except (ValueError, KeyError, TypeError) as exc:
             raise ValueError(f"{source}:{n}: expected a JSON object with 'prompt' and 'completion' ({exc})") from None
-        rows.append({"prompt": chat_prompt(tokenizer, prompt), "completion": completion, "id": f"general-{n}"})
+        rows.append({"prompt": chat_prompt(tokenizer, prompt), "completion": completion, "id": f"general-{n}",
+                     "text": prompt})
     return rows
 
 

@@ -235,8 +235,9 @@ def sample(problems: Sequence[SuiteProblem], n: int, seed: int) -> list[SuitePro
 
 def task_rows(problems: Iterable[SuiteProblem], render: Callable[[str], str] = str) -> list[dict[str, Any]]:
     """Rows in the form ``plugins.evaluation.metrics.task_pass_rate`` measures: ``prompt``
-    (passed through ``render``, e.g. the model's chat template), ``tests`` (``test_code``) and ``id``."""
-    return [{"id": p.id, "prompt": render(p.prompt), "tests": p.test_code} for p in problems]
+    (passed through ``render``, e.g. the model's chat template), ``tests`` (``test_code``), ``id`` and ``text``
+    (the prompt as written, which a router reads)."""
+    return [{"id": p.id, "prompt": render(p.prompt), "tests": p.test_code, "text": p.prompt} for p in problems]
 
 
 def focused_sample(

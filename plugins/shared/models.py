@@ -36,6 +36,7 @@ from flywheel_loop.engine.artifacts import (
 )
 from flywheel_loop.engine.config import Settings
 from flywheel_loop.plugins.shared.chat_format import bundled_base_model
+from flywheel_loop.plugins.shared.routing import ROUTER_FILE, Router
 
 __all__ = [
     "AdapterUnusable",
@@ -289,19 +290,28 @@ def read_lineage(adapter_dir: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def store_adapter(peft_model: Any, adapters_dir: Path, lineage: dict[str, Any]) -> tuple[str, Path]:
+def store_adapter(
+    peft_model: Any, adapters_dir: Path, lineage: dict[str, Any], router: Router | None = None
+) -> tuple[str, Path]:
     """Save the adapter under ``adapters_dir/<hash>`` (atomically; the same weights reuse the
-    folder) with ``lineage.json``; return (hash, folder)."""
+    folder) with ``lineage.json`` and its ``router`` (``routing.py``), if any; return (hash, folder)."""
     from peft import get_peft_model_state_dict
 
     digest = adapter_hash(get_peft_model_state_dict(peft_model))
     final = adapters_dir / digest
     if (final / "lineage.json").is_file():
+        if router is not None and Router.load(final) is None:  # stored before it had a router
+            scratch = final / f".router-{uuid.uuid4().hex[:8]}"
+            scratch.mkdir()
+            os.replace(router.save(scratch), final / ROUTER_FILE)
+            scratch.rmdir()
         return digest, final
     adapters_dir.mkdir(parents=True, exist_ok=True)
     tmp = adapters_dir / f".tmp-{digest[:12]}-{uuid.uuid4().hex[:8]}"
     try:
         peft_model.save_pretrained(str(tmp))
+        if router is not None:
+            router.save(tmp)
         body = json.dumps({**lineage, "adapter_hash": digest}, indent=2, sort_keys=True) + "\n"
         (tmp / "lineage.json").write_text(body)
         try:

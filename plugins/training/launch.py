@@ -37,6 +37,7 @@ from flywheel_loop.plugins.shared.datasets import read_split
 from flywheel_loop.plugins.shared.models import BaseModelUnusable, load_base, store_adapter, torch_threads
 from flywheel_loop.plugins.shared.packing import pack as pack_blocks
 from flywheel_loop.plugins.shared.packing import tokenize_rows
+from flywheel_loop.plugins.shared.routing import Router
 from flywheel_loop.plugins.training.loop import LoopSettings, Progress, WallClockExceeded, train_loop
 
 __all__ = ["PREFIX", "command", "main", "report"]
@@ -121,7 +122,8 @@ def main(spec_path: str) -> int:
     if main_process:
         lineage = {**spec["lineage"], "steps": result.steps, "train_loss": result.train_loss,
                    "val_loss": result.val_loss}
-        digest, adapter_dir = store_adapter(peft_model, Path(spec["adapters"]), lineage)
+        router = Router.fit(read_split(dataset, "train")) if cfg.get("route", True) else None
+        digest, adapter_dir = store_adapter(peft_model, Path(spec["adapters"]), lineage, router)
         report("result", {"run": dataclasses.asdict(result), "adapter_hash": digest, "path": str(adapter_dir)})
     return 0
 

@@ -83,6 +83,12 @@ class TrainerConfig(PluginSection):
         " more forward pass a step). On the demo's data, weight 1 lost 5 of 23 suite problems instead of 8 and"
         " learned 4 of 12 validation tasks instead of 7 (README, The demo). 0 = plain cross-entropy",
     )
+    route: bool = Field(
+        default=True, description="store a router with the adapter (plugins/shared/routing.py): the gate and the"
+        " server send a request to the adapter when its prompt is nearer to the role's training prompts than to"
+        " the self-synthesized rehearsal's general ones, and to the base model otherwise (a dataset without"
+        " rehearsal rows gets no router: the adapter answers everything). false = the adapter answers everything",
+    )
     method: Literal["sft", "dpo"] = Field(
         default="sft", description="sft on the train split, or dpo on the preference pairs (dpo_train)"
     )

@@ -24,6 +24,7 @@ import uuid
 from pathlib import Path
 
 from flywheel_loop.engine.extensions import RuntimeUnavailable
+from flywheel_loop.plugins.shared.routing import ROUTER_FILE
 
 __all__ = [
     "LLAMA_CPP_VERSION",
@@ -90,6 +91,16 @@ def _run_script(script: Path, args: list[str], what: str) -> None:
 def _atomic_output(final: Path) -> Path:
     final.parent.mkdir(parents=True, exist_ok=True)
     return final.with_name(f".tmp-{uuid.uuid4().hex[:8]}-{final.name}")
+
+
+def refuse_router(adapter_dir: Path, runtime: str) -> None:
+    """Raise ``RuntimeUnavailable`` for an adapter with a router (``plugins/shared/routing.py``): the gate
+    measured it routed, and ``runtime`` cannot route (it would answer every request with the adapter)."""
+    if (adapter_dir / ROUTER_FILE).is_file():
+        raise RuntimeUnavailable(
+            f"adapter {adapter_dir.name} has a router ({ROUTER_FILE}), which the {runtime} runtime cannot follow:"
+            " serve it with deployer.runtime = \"transformers\", or train without one (trainer.route = false)"
+        )
 
 
 def convert_adapter(

@@ -32,7 +32,13 @@ from pathlib import Path
 from typing import IO, Any
 
 from flywheel_loop.engine.extensions import RuntimeUnavailable, ServedModel
-from flywheel_loop.plugins.serving.runtimes.gguf import convert_adapter, convert_base, prune_adapters, scripts_dir
+from flywheel_loop.plugins.serving.runtimes.gguf import (
+    convert_adapter,
+    convert_base,
+    prune_adapters,
+    refuse_router,
+    scripts_dir,
+)
 from flywheel_loop.plugins.serving.settings import LlamaCppConfig
 from flywheel_loop.plugins.shared.openai_client import post_chat
 
@@ -144,6 +150,7 @@ class LlamaCppRuntime:
         adapter_dir = Path(model.adapter_dir)
         if not adapter_dir.is_dir():
             raise RuntimeUnavailable(f"adapter folder {adapter_dir} of {model.model_name} does not exist")
+        refuse_router(adapter_dir, "llama_cpp")
         base = Path(model.base_model_dir)
         if not base.is_dir():
             raise RuntimeUnavailable(

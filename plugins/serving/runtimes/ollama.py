@@ -161,6 +161,9 @@ class OllamaRuntime:
         if model.adapter_dir is None:
             return {}
         folder = model.adapter_dir
+        from flywheel_loop.plugins.serving.runtimes.gguf import refuse_router
+
+        refuse_router(folder, "ollama")
         if _architecture(model.base_model_dir) in SAFETENSORS_ADAPTER_ARCHITECTURES:
             files = {n: folder / n for n in ("adapter_model.safetensors", "adapter_config.json")}
             missing = [n for n, p in files.items() if not p.is_file()]

@@ -8,7 +8,9 @@ same answer, which is what a smoke test and a before/after comparison need.
 
 Where it runs: inside the engine's process, one ``ThreadingHTTPServer`` thread per served version (the model
 is loaded once in ``prepare``, the adapter merged into the base weights in float32: the same function, a
-quarter less time per token). Greedy requests to one version that arrive together are generated as one batch
+quarter less time per token; an adapter with a router, ``plugins/shared/routing.py``, stays unmerged, and the
+requests its router sends away are answered with the adapter off, by the base model). Greedy requests to
+one version that arrive together are generated as one batch
 (``batching.py``; ``deployer.max_batch``); streaming and sampled ones one at a time. ``stream: true`` answers with
 OpenAI's chat completion chunks (server-sent events) as tokens are generated, the usage last when the request asks
 for it (``stream_options.include_usage``). The servers end when the
@@ -27,8 +29,8 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -38,8 +40,10 @@ from flywheel_loop.engine.extensions import RuntimeUnavailable, ServedModel
 from flywheel_loop.plugins.serving.runtimes.batching import GreedyBatcher
 from flywheel_loop.plugins.serving.runtimes.openai_api import BadRequest, OpenAIHandler
 from flywheel_loop.plugins.serving.settings import DeployerConfig
+from flywheel_loop.plugins.shared.embedding import EmbeddingConfig, TextEmbedder
 from flywheel_loop.plugins.shared.models import use_bf16
 from flywheel_loop.plugins.shared.openai_client import post_chat
+from flywheel_loop.plugins.shared.routing import Router, RouterUnusable
 
 __all__ = ["ChatModel", "TransformersRuntime", "load_chat_model", "serve_chat_model"]
 
@@ -60,11 +64,25 @@ class ChatModel:
     bf16: bool = False
     #: greedy requests answered in one batch at most (1: each alone)
     max_batch: int = 16
+    #: the adapter's router (``plugins/shared/routing.py``) and the embedding it reads prompts with: a request
+    #: it sends away is answered by the base model (the adapter off); None: the adapter answers everything
+    router: Router | None = None
+    embed: Callable[[Sequence[str]], Any] | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
     batcher: GreedyBatcher = field(init=False)
+    #: the base model's requests, batched apart (the same lock: one generation at a time)
+    base_batcher: GreedyBatcher = field(init=False)
 
     def __post_init__(self) -> None:
         self.batcher = GreedyBatcher(self._generate_rows, self.lock, self.max_batch)
+        self.base_batcher = GreedyBatcher(self._generate_base_rows, self.lock, self.max_batch)
+
+    def to_adapter(self, messages: list[dict[str, str]]) -> bool:
+        """Whether the adapter answers this chat: its last user message routed (always, without a router)."""
+        if self.router is None or self.embed is None:
+            return True
+        text = next((m["content"] for m in reversed(messages) if m.get("role") == "user"), "")
+        return not text or self.router.routes([text], self.embed)[0]
 
     def _encode(self, messages: list[dict[str, str]]) -> Any:
         tok = self.tokenizer
@@ -75,14 +93,16 @@ class ChatModel:
         return tok(str(text), return_tensors="pt", add_special_tokens=False)
 
     @contextmanager
-    def _generating(self) -> Iterator[None]:
-        """No gradients, this model's torch threads and precision: how every generation here runs."""
+    def _generating(self, base: bool = False) -> Iterator[None]:
+        """No gradients, this model's torch threads and precision, the adapter off for ``base``: how every
+        generation here runs."""
         import torch
 
         from flywheel_loop.plugins.shared.models import torch_threads
 
         with torch.no_grad(), torch_threads(self.threads), \
-                torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+                torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16), \
+                (self.model.disable_adapter() if base else nullcontext()):
             yield
 
     def _cut(self, ids: list[int]) -> list[int]:
@@ -91,21 +111,25 @@ class ChatModel:
         ends = {self.tokenizer.eos_token_id} | set(config if isinstance(config, list) else [config])
         return next((ids[:i] for i, t in enumerate(ids) if t in ends), ids)
 
-    def _generate(self, enc: Any, max_tokens: int, temperature: float, **extra: Any) -> list[int]:
-        """The generated token ids up to (not including) the end-of-sequence token."""
+    def _generate(self, enc: Any, max_tokens: int, temperature: float, base: bool = False, **extra: Any) -> list[int]:
+        """The generated token ids up to (not including) the end-of-sequence token; ``base``: the adapter off."""
         tok = self.tokenizer
         sampling: dict[str, Any] = {"do_sample": False}
         if temperature > 0:
             sampling = {"do_sample": True, "temperature": temperature}
 
-        with self.lock, self._generating():
+        with self.lock, self._generating(base):
             out = self.model.generate(**enc, max_new_tokens=max_tokens, pad_token_id=tok.pad_token_id, **sampling,
                                       **extra)
         return self._cut(out[0, enc["input_ids"].shape[1]:].tolist())
 
-    def _generate_rows(self, prompts: Sequence[list[int]], limits: Sequence[int]) -> list[list[int]]:
+    def _generate_base_rows(self, prompts: Sequence[list[int]], limits: Sequence[int]) -> list[list[int]]:
+        return self._generate_rows(prompts, limits, base=True)
+
+    def _generate_rows(self, prompts: Sequence[list[int]], limits: Sequence[int], base: bool = False
+                       ) -> list[list[int]]:
         """Greedy answers (token ids up to the end-of-sequence token) to ``prompts`` as one left-padded batch,
-        each at most its limit; the caller holds the lock."""
+        each at most its limit (``base``: the adapter off); the caller holds the lock."""
         import torch
         from transformers import StoppingCriteria, StoppingCriteriaList
 
@@ -119,7 +143,7 @@ class ChatModel:
             def __call__(self, ids: Any, scores: Any, **kwargs: Any) -> Any:
                 return torch.full((ids.shape[0],), ids.shape[1] - width) >= limit
 
-        with self._generating():
+        with self._generating(base):
             out = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=False,
                                       max_new_tokens=max(limits), pad_token_id=tok.pad_token_id,
                                       stopping_criteria=StoppingCriteriaList([RowLimit()]))
@@ -129,10 +153,12 @@ class ChatModel:
         """(answer, prompt tokens, completion tokens) for a chat, through the base model's chat template; a
         greedy one is generated in a batch with the greedy requests that arrive with it."""
         enc = self._encode(messages)
+        adapter = self.to_adapter(messages)
         if temperature > 0:
-            ids = self._generate(enc, max_tokens, temperature)
+            ids = self._generate(enc, max_tokens, temperature, base=not adapter)
         else:
-            ids = self.batcher.complete(enc["input_ids"][0].tolist(), max_tokens)
+            batcher = self.batcher if adapter else self.base_batcher
+            ids = batcher.complete(enc["input_ids"][0].tolist(), max_tokens)
         answer = self.tokenizer.decode(ids, skip_special_tokens=True)
         return answer, int(enc["input_ids"].shape[1]), len(ids)
 
@@ -143,12 +169,13 @@ class ChatModel:
         from transformers import TextIteratorStreamer
 
         enc = self._encode(messages)
+        adapter = self.to_adapter(messages)
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         failure: list[BaseException] = []
 
         def run() -> None:
             try:
-                ids = self._generate(enc, max_tokens, temperature, streamer=streamer)
+                ids = self._generate(enc, max_tokens, temperature, base=not adapter, streamer=streamer)
                 usage.update(prompt_tokens=int(enc["input_ids"].shape[1]), completion_tokens=len(ids))
             except BaseException as exc:  # handed to the reader below, which answers with it
                 failure.append(exc)
@@ -165,10 +192,11 @@ class ChatModel:
 
 
 def load_chat_model(base_dir: Path, adapter_dir: Path | None, name: str, threads: int | None = 1,
-                    bf16: bool = False, max_batch: int = 16) -> ChatModel:
+                    bf16: bool = False, max_batch: int = 16, state_dir: Path | None = None) -> ChatModel:
     """Load ``base_dir`` (fp32, eval mode) with the PEFT adapter in ``adapter_dir`` applied, if any (merged into
-    its weights unless ``bf16``); ``bf16``: generate under bf16 autocast; ``max_batch``: greedy requests generated
-    together at most."""
+    its weights unless ``bf16`` or the adapter has a router); ``bf16``: generate under bf16 autocast;
+    ``max_batch``: greedy requests generated together at most; ``state_dir``: where the embedding's precision
+    probe is cached (an adapter with a router)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -182,6 +210,13 @@ def load_chat_model(base_dir: Path, adapter_dir: Path | None, name: str, threads
             f"adapter {adapter_dir} is not a PEFT adapter folder (no adapter_config.json): was it deleted from"
             " <state_dir>/adapters?"
         )
+    router = embed = None
+    try:
+        router = Router.load(adapter_dir) if adapter_dir is not None else None
+        if router is not None:
+            embed = TextEmbedder(EmbeddingConfig(), state_dir).embed
+    except (RouterUnusable, FileNotFoundError) as exc:
+        raise RuntimeUnavailable(f"could not load {name}'s router: {exc}") from exc
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(base_dir), local_files_only=True)
         model: Any = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32, local_files_only=True)
@@ -189,10 +224,11 @@ def load_chat_model(base_dir: Path, adapter_dir: Path | None, name: str, threads
             from peft import PeftModel
 
             model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
-            if not bf16:
+            if not bf16 and router is None:
                 # merged: the low-rank products folded into the weights they adapt, so a token costs what the
                 # base model's does (the unmerged adapter took a token from 139 to 187 ms at 1 thread). Not under
-                # bf16: the merged weight would be rounded to bf16 whole, and a small change lost in its last bits
+                # bf16: the merged weight would be rounded to bf16 whole, and a small change lost in its last bits;
+                # not with a router: the requests it sends away need the weights without the adapter
                 model = model.merge_and_unload()
     except RuntimeUnavailable:
         raise
@@ -201,7 +237,8 @@ def load_chat_model(base_dir: Path, adapter_dir: Path | None, name: str, threads
     model.eval()
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return ChatModel(model=model, tokenizer=tokenizer, name=name, threads=threads, bf16=bf16, max_batch=max_batch)
+    return ChatModel(model=model, tokenizer=tokenizer, name=name, threads=threads, bf16=bf16, max_batch=max_batch,
+                     router=router, embed=embed)
 
 
 def _sampling(body: dict[str, Any]) -> tuple[int, float]:
@@ -347,7 +384,7 @@ class TransformersRuntime:
         if self._bf16 is None:  # models.precision; auto: the cached probe, measured once per machine
             self._bf16 = use_bf16(self._precision, "cpu", self._state_dir)
         chat = load_chat_model(model.base_model_dir, model.adapter_dir, model.model_name, self.threads, self._bf16,
-                               self.max_batch)
+                               self.max_batch, self._state_dir)
         with self._lock:
             self._served.setdefault(model.model_name, _Served(chat))
 
