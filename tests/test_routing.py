@@ -4,7 +4,6 @@ the role's training prompts goes to the adapter, anything else to the base model
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from pathlib import Path
@@ -23,9 +22,9 @@ from flywheel_loop.plugins.evaluation.metrics import TaskResult
 from flywheel_loop.plugins.evaluation.routed import Split, join_tasks, pick_generations, pick_tasks, routed
 from flywheel_loop.plugins.serving.runtimes.gguf import refuse_router
 from flywheel_loop.plugins.serving.runtimes.transformers_server import load_chat_model
-from flywheel_loop.plugins.shared.embedding import EmbeddingConfig, TextEmbedder
-from flywheel_loop.plugins.shared.models import store_adapter
-from flywheel_loop.plugins.shared.routing import ROUTER_FILE, Router, RouterUnusable, user_text
+from flywheel_loop.plugins.shared.embedding import DIM
+from flywheel_loop.plugins.shared.models import store_adapter, verify_adapter
+from flywheel_loop.plugins.shared.routing import ROUTER_FILE, Router, RouterUnusable, router_embedder, user_text
 from flywheel_loop.plugins.training.trainer import train_dataset
 from flywheel_loop.schemas import TrainingCompleted
 from tests.serving import make_tiny_model
@@ -48,10 +47,14 @@ def row(prompt: str, source: str = "correction") -> dict[str, Any]:
 
 def axis_embed(texts: Any) -> np.ndarray:
     """Unit vectors by a word in the text: 'shop' on one axis, anything else on another, 'both' between."""
-    out = np.zeros((len(texts), 2), dtype=np.float32)
+    out = np.zeros((len(texts), DIM), dtype=np.float32)
     for i, t in enumerate(texts):
-        out[i] = [1, 1] if "both" in t else [1, 0] if "shop" in t else [0, 1]
+        out[i, :2] = [1, 1] if "both" in t else [1, 0] if "shop" in t else [0, 1]
     return out / np.linalg.norm(out, axis=1, keepdims=True)
+
+
+def same(a: Router | None, b: Router | None) -> bool:
+    return a is not None and b is not None and np.array_equal(a.role, b.role) and np.array_equal(a.general, b.general)
 
 
 # --------------------------------------------------------------------------- the router alone
@@ -59,38 +62,52 @@ def axis_embed(texts: Any) -> np.ndarray:
 
 def test_a_router_is_fitted_on_the_role_rows_against_the_self_synthesized_ones() -> None:
     rows = [row(p) for p in SHOP] + [row(p, "synthetic") for p in GENERAL_PROMPTS] + [row(SHOP[0])]
-    router = Router.fit(rows)
+    embedded: list[list[str]] = []
+
+    def embed(texts: Any) -> np.ndarray:
+        embedded.append(list(texts))
+        return axis_embed(texts)
+
+    router = Router.fit(rows, embed)
     assert router is not None
-    assert router.role == sorted(SHOP) and router.general == sorted(GENERAL_PROMPTS)  # unique, sorted
-    assert Router.fit(list(reversed(rows))) == router  # the order of the rows changes nothing
-    assert Router.fit([row(p) for p in SHOP]) is None  # nothing general to tell the role's requests from
-    assert Router.fit([row(p, "synthetic") for p in GENERAL_PROMPTS]) is None
+    assert embedded == [sorted(SHOP), sorted(GENERAL_PROMPTS)]  # unique, sorted: vectors, never the prompts, kept
+    assert router.role.shape == (3, DIM) and router.general.shape == (3, DIM)
+    assert same(Router.fit(list(reversed(rows)), axis_embed), router)  # the order of the rows changes nothing
+    assert Router.fit([row(p) for p in SHOP], axis_embed) is None  # nothing general to tell the role's requests from
+    assert Router.fit([row(p, "synthetic") for p in GENERAL_PROMPTS], axis_embed) is None
     assert user_text({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
                                    {"role": "user", "content": "c"}]}) == "c"
     assert user_text({"text": "t"}) == "t" and user_text({"prompt": "templated only"}) is None
 
 
 def test_requests_go_to_the_nearer_side_and_a_tie_to_the_base_model() -> None:
-    router = Router(["shop a", "shop b"], ["other a"])
+    router = Router(axis_embed(["shop a", "shop b"]), axis_embed(["other a"]))
     assert router.routes(["the shop price", "a general question", "both"], axis_embed) == [True, False, False]
     assert router.routes([], axis_embed) == []
 
 
 def test_a_router_survives_its_folder_and_a_damaged_one_is_refused(tmp_path: Path) -> None:
-    router = Router(SHOP, GENERAL_PROMPTS)
-    router.save(tmp_path)
-    assert Router.load(tmp_path) == router
+    from safetensors.numpy import save
+
+    router = Router(axis_embed(SHOP), axis_embed(GENERAL_PROMPTS))
+    (tmp_path / ROUTER_FILE).write_bytes(router.to_bytes())
+    assert same(Router.load(tmp_path), router)
+    assert router.to_bytes() == Router(axis_embed(SHOP), axis_embed(GENERAL_PROMPTS)).to_bytes()  # its identity
     assert Router.load(tmp_path / "elsewhere") is None  # no router: the adapter answers everything
-    for damaged in ("{not json", json.dumps({"rule": "nearest", "role": [], "general": ["x"]}),
-                    json.dumps({"rule": "classifier", "role": ["a"], "general": ["b"]})):
-        (tmp_path / ROUTER_FILE).write_text(damaged)
+    vectors = axis_embed(["x"])
+    for damaged in (b"not safetensors",
+                    save({"role": vectors, "general": vectors}, metadata={"rule": "classifier"}),
+                    save({"role": vectors[:, :7], "general": vectors}, metadata={"rule": "nearest"}),
+                    save({"role": vectors}, metadata={"rule": "nearest"})):
+        (tmp_path / ROUTER_FILE).write_bytes(damaged)
         with pytest.raises(RouterUnusable):
             Router.load(tmp_path)
 
 
 def test_the_real_embedding_sends_the_shop_to_the_adapter_and_general_work_elsewhere(tmp_path: Path) -> None:
-    embed = TextEmbedder(EmbeddingConfig(precision="float32"), tmp_path).embed
-    router = Router(SHOP[:2], GENERAL_PROMPTS)
+    embed = router_embedder(tmp_path).embed
+    router = Router.fit([row(p) for p in SHOP[:2]] + [row(p, "synthetic") for p in GENERAL_PROMPTS], embed)
+    assert router is not None
     held_out = ["Write a Python function `discount_label(cents, percent)` that returns the discounted price in the"
                 " shop price format.", SHOP[2]]
     general = ["Write a Python function `count_vowels(s)` that returns how many vowels `s` holds.",
@@ -129,23 +146,26 @@ def test_task_results_are_picked_and_joined_by_row() -> None:
     assert pick_generations(Generations(["a", "b"], 10, 1.0), [False, False]) == Generations([], 0, 0.0)
 
 
-def test_an_adapter_stored_again_gets_the_router_it_lacked(tmp_path: Path, tiny_model_dir: Path) -> None:  # noqa: F811
+def test_the_router_is_part_of_the_adapters_identity(tmp_path: Path, tiny_model_dir: Path) -> None:  # noqa: F811
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)),
                            LoraConfig(r=2, target_modules=["q_proj"]))
-    digest, folder = store_adapter(model, tmp_path, {"run_id": "r"})
-    assert Router.load(folder) is None
-    router = Router(SHOP, GENERAL_PROMPTS)
-    again, same = store_adapter(model, tmp_path, {"run_id": "r"}, router)
-    assert (again, same) == (digest, folder) and Router.load(folder) == router
-    assert sorted(p.name for p in tmp_path.iterdir()) == [digest]  # no scratch left behind
+    plain, plain_folder = store_adapter(model, tmp_path, {"run_id": "r"})
+    router = Router(axis_embed(SHOP), axis_embed(GENERAL_PROMPTS))
+    routed_digest, folder = store_adapter(model, tmp_path, {"run_id": "r"}, router)
+    assert routed_digest != plain and Router.load(plain_folder) is None and same(Router.load(folder), router)
+    assert verify_adapter(routed_digest)(folder) is None and verify_adapter(plain)(plain_folder) is None
+    (plain_folder / ROUTER_FILE).write_bytes(router.to_bytes())  # a router added to a stored folder
+    assert "hash" in (verify_adapter(plain)(plain_folder) or "")
+    (folder / ROUTER_FILE).write_bytes(Router(axis_embed(GENERAL_PROMPTS), axis_embed(SHOP)).to_bytes())
+    assert "hash" in (verify_adapter(routed_digest)(folder) or "")
 
 
 def test_runtimes_that_cannot_route_refuse_an_adapter_with_a_router(tmp_path: Path) -> None:
     refuse_router(tmp_path, "llama_cpp")  # no router: nothing to refuse
-    Router(SHOP, GENERAL_PROMPTS).save(tmp_path)
+    (tmp_path / ROUTER_FILE).write_bytes(Router(axis_embed(SHOP), axis_embed(GENERAL_PROMPTS)).to_bytes())
     with pytest.raises(RuntimeUnavailable, match="transformers"):
         refuse_router(tmp_path, "llama_cpp")
 
@@ -168,7 +188,7 @@ def test_the_gate_measures_a_routed_adapter_as_served(
     done = train_dataset(settings, "coder", digest, folder)
     assert isinstance(done, TrainingCompleted), done
     router = Router.load(Path(done.path))
-    assert router is not None and router.general == sorted(p for p, _ in GENERAL)
+    assert router is not None and router.general.shape == (len(GENERAL), DIM)
 
     measured: list[str] = []
     real = evaluator.answer_losses
@@ -189,6 +209,14 @@ def test_the_gate_measures_a_routed_adapter_as_served(
     assert not outcome.passed and "forgetting rate" in " ".join(outcome.reasons)
     assert cand["tasks_to_adapter"] == cand["task_examples"] == base["task_examples"]
 
+    # the same adapter in service, routed too: both measured as served (the rows routed away with the adapter off,
+    # two adapters loaded), so the candidate is measured equal to it
+    against_itself = evaluate_run(settings, done, service=Path(done.path))
+    assert against_itself.baseline["routed"] is True and against_itself.candidate["routed"] is True
+    assert against_itself.candidate["forgetting_rate"] == 0.0
+    for key in ("task_passed", "suite_passed", "held_out_loss"):
+        assert against_itself.candidate[key] == against_itself.baseline[key], key
+
 
 @needs_tokenizer
 def test_the_server_answers_what_the_router_sends_away_with_the_base_model(tmp_path: Path) -> None:
@@ -208,7 +236,8 @@ def test_the_server_answers_what_the_router_sends_away_with_the_base_model(tmp_p
     peft_model.save_pretrained(str(tmp_path / "adapter"))
     plain = context_heavy(load_chat_model(tiny, tmp_path / "adapter", "plain"))  # no router: merged, adapter always
     base = context_heavy(load_chat_model(tiny, None, "base"))
-    Router(["shop work"], ["general work"]).save(tmp_path / "adapter")
+    router = Router(axis_embed(["shop work"]), axis_embed(["other"]))
+    (tmp_path / "adapter" / ROUTER_FILE).write_bytes(router.to_bytes())
     served = load_chat_model(tiny, tmp_path / "adapter", "routed", state_dir=tmp_path)
     served.embed = axis_embed
     with torch.no_grad():  # scaled as the merged copy is: every weight, so the adapter's product too (B only)
@@ -235,6 +264,7 @@ def test_the_server_answers_what_the_router_sends_away_with_the_base_model(tmp_p
         deadline = time.monotonic() + 30
         while (len(served.batcher._queue), len(served.base_batcher._queue)) != (1, 1) and time.monotonic() < deadline:
             time.sleep(0.005)
+        assert (len(served.batcher._queue), len(served.base_batcher._queue)) == (1, 1)
     for thread in threads:
         thread.join(timeout=60)
     assert answers == {"shop": plain.complete(shop, 12, 0.0), "other": base.complete(other, 12, 0.0)}

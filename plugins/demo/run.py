@@ -117,6 +117,8 @@ class DemoSummary:
                 "problems": base.get("suite_problems"), "solved_before": base.get("suite_passed"),
                 "forgetting": cand.get("suite_forgetting"), "low": cand.get("suite_forgetting_low"),
                 "high": cand.get("suite_forgetting_high"),
+                # the adapter's router (plugins/shared/routing.py): problems it sent to the adapter (None: no router)
+                "to_adapter": cand.get("suite_to_adapter"),
             } if self.evaluation else None,
             "verdict": self.verdict,
             "deployed": self.deployed,
@@ -562,6 +564,11 @@ def report(summary: DemoSummary) -> Table:
                       f"{_percent(lost)} [{_percent(cand.get('suite_forgetting_low'))},"
                       f" {_percent(cand.get('suite_forgetting_high'))}]" if lost is not None else "not measured",
                       "evaluation.completed")
+        if cand.get("routed"):
+            table.add_row("router: asked of the adapter", "-",
+                          f"tasks {cand.get('tasks_to_adapter', '-')} of {cand.get('task_examples', '-')}, suite"
+                          f" {cand.get('suite_to_adapter', '-')} of {cand.get('suite_problems', '-')}",
+                          "evaluation.completed")
         table.add_row("forgetting (items whose loss rose)", "-",
                       f"{_percent(cand.get('forgetting_rate'))} of {cand.get('forgetting_items', '-')}",
                       "evaluation.completed")

@@ -57,9 +57,8 @@ def suite_pass_at_1(cfg: Settings, adapter: Path | None, problems: list[Any],
     from flywheel_loop.plugins.evaluation.generation import chat_prompt
     from flywheel_loop.plugins.evaluation.metrics import task_pass_rate
     from flywheel_loop.plugins.evaluation.routed import Split, join_tasks, routed
-    from flywheel_loop.plugins.shared.embedding import EmbeddingConfig, TextEmbedder
     from flywheel_loop.plugins.shared.models import base_model_dir, load_base, torch_threads, use_bf16
-    from flywheel_loop.plugins.shared.routing import Router
+    from flywheel_loop.plugins.shared.routing import Router, router_embedder
 
     ev = EvaluatorConfig.of(cfg)
     base, tokenizer = load_base(base_model_dir(cfg))
@@ -73,7 +72,7 @@ def suite_pass_at_1(cfg: Settings, adapter: Path | None, problems: list[Any],
     rows = task_rows(problems, lambda text: chat_prompt(tokenizer, text))
     split = Split.everything(len(rows))
     if router is not None:
-        embed = TextEmbedder(EmbeddingConfig(), cfg.state_dir).embed
+        embed = router_embedder(cfg.state_dir, ev.threads).embed
         split = Split(tuple(router.routes([r["text"] for r in rows], embed)))
     task = progress.add_task("answers and tests", total=2 * len(rows)) if progress is not None else None
 

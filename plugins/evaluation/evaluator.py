@@ -79,7 +79,6 @@ from flywheel_loop.plugins.evaluation.settings import EvaluatorConfig
 from flywheel_loop.plugins.evaluation.stats import Paired
 from flywheel_loop.plugins.evaluation.suite import SuiteError, focused_sample, open_suite, sample, task_rows
 from flywheel_loop.plugins.shared.datasets import DatasetUnusable, dataset_folder, read_split
-from flywheel_loop.plugins.shared.embedding import EmbeddingConfig, TextEmbedder
 from flywheel_loop.plugins.shared.models import (
     AdapterUnusable,
     BaseModelUnusable,
@@ -90,7 +89,7 @@ from flywheel_loop.plugins.shared.models import (
     read_lineage,
     torch_threads,
 )
-from flywheel_loop.plugins.shared.routing import Router, RouterUnusable, user_text
+from flywheel_loop.plugins.shared.routing import Router, RouterUnusable, router_embedder, user_text
 from flywheel_loop.plugins.shared.service_model import service_model
 from flywheel_loop.schemas import (
     EvaluationCompleted,
@@ -278,26 +277,34 @@ def _measure(
     canary_texts += [user_text(r) for r in from_train]
     # answers are cut as the run that trained the candidate cut them
     max_tokens = int(read_lineage(adapter_dir).get("hyperparameters", {}).get("max_tokens") or 1024)
-    # the candidate as it is served: with a router, the rows it sends away are the base model's (routed.py)
-    router = Router.load(adapter_dir)
-    embedder = TextEmbedder(EmbeddingConfig(), settings.state_dir) if router is not None else None
+    # each model as it is served: an adapter with a router answers what it routes to itself, the base model the
+    # rest (routed.py)
+    routers = {"service": Router.load(service_dir) if service_dir is not None else None,
+               "candidate": Router.load(adapter_dir)}
+    embed = router_embedder(settings.state_dir, cfg.threads).embed if any(routers.values()) else None
+    texts = {
+        "validation": [user_text(r) for r in validation],
+        **{f"forgetting {k}": [user_text(r) for r in rows] for k, rows in forgetting.items()},
+        "tasks": [user_text(r) for r in tasks],
+        "suite": [user_text(r) for r in suite_rows],
+        "canary": canary_texts,
+    }
 
-    def split(texts: Sequence[str | None]) -> Split:
-        if router is None or embedder is None:
-            return Split.everything(len(texts))
-        known = [i for i, t in enumerate(texts) if t]  # a row without a prompt text stays with the adapter
-        to_adapter = [True] * len(texts)
-        for i, a in zip(known, router.routes([str(texts[i]) for i in known], embedder.embed), strict=True):
+    def split(router: Router | None, prompts: Sequence[str | None]) -> Split:
+        if router is None or embed is None:
+            return Split.everything(len(prompts))
+        known = [i for i, t in enumerate(prompts) if t]  # a row without a prompt text stays with the adapter
+        to_adapter = [True] * len(prompts)
+        try:
+            routes = router.routes([str(prompts[i]) for i in known], embed)
+        except (OSError, RuntimeError) as exc:  # the embedding model, loaded on first use
+            raise RouterUnusable(f"the router's embedding model failed: {exc}") from exc
+        for i, a in zip(known, routes, strict=True):
             to_adapter[i] = a
         return Split(tuple(to_adapter))
 
-    splits = {
-        "validation": split([user_text(r) for r in validation]),
-        **{f"forgetting {k}": split([user_text(r) for r in rows]) for k, rows in forgetting.items()},
-        "tasks": split([user_text(r) for r in tasks]),
-        "suite": split([user_text(r) for r in suite_rows]),
-        "canary": split(canary_texts),
-    }
+    splits = {name: {kind: split(router, prompts) for kind, prompts in texts.items()}
+              for name, router in routers.items()}
 
     def losses_of(m: Any, rows: list[Any]) -> list[ItemLoss | None]:
         return answer_losses(m, tokenizer, rows, max_tokens, bf16, progress.advance)
@@ -320,10 +327,10 @@ def _measure(
 
         def measure(kind: str, rows: Sequence[Any], run: Callable[[Any, list[Any]], Any],
                     pick: Callable[[Any, list[bool]], Any], join: Callable[[Split, Any, Any], Any]) -> Any:
-            cut = splits[kind] if name == "candidate" else Split.everything(len(rows))
+            cut = splits[name][kind]
 
             def on_base(part: list[Any]) -> Any:
-                if service_dir is None:  # the model in service is the base model: its answers, measured already
+                if name == "candidate" and service_dir is None:  # the base model is in service: measured already
                     return pick(served[kind], [not a for a in cut.to_adapter])
                 with model.disable_adapter():
                     return run(model, part)
@@ -332,7 +339,7 @@ def _measure(
                 return routed(cut, rows, lambda part: run(m, part), on_base, lambda a, b: join(cut, a, b))
 
         def size(kind: str, rows: Sequence[Any]) -> int:  # the rows this variant computes
-            return splits[kind].adapter_rows if name == "candidate" and service_dir is None else len(rows)
+            return splits[name][kind].adapter_rows if name == "candidate" and service_dir is None else len(rows)
 
         out: dict[str, Any] = {}
         progress.step(f"held-out loss ({who})", size("validation", validation))
@@ -373,10 +380,11 @@ def _measure(
     said = {name: measured[name]["canary"].texts for name in measured}
     outcomes = {name: measured[name]["tasks"].outcomes for name in measured}
     suite_outcomes = {name: measured[name]["suite"].outcomes for name in measured}
-    if router is not None:  # how much of each measurement the adapter answered
-        figures["candidate"].update({"routed": True, "tasks_to_adapter": splits["tasks"].adapter_rows,
-                                     "suite_to_adapter": splits["suite"].adapter_rows,
-                                     "canary_to_adapter": splits["canary"].adapter_rows})
+    for name, router in routers.items():  # how much of each measurement an adapter with a router answered
+        if router is not None:
+            figures[name].update({"routed": True, "tasks_to_adapter": splits[name]["tasks"].adapter_rows,
+                                  "suite_to_adapter": splits[name]["suite"].adapter_rows,
+                                  "canary_to_adapter": splits[name]["canary"].adapter_rows})
     # one forgetting set (as the reference design has it) for the secondary figure; each part reported too
     rates = {k: forgetting_rate(losses["candidate"][k], losses["service"][k], cfg.forgetting_tolerance)
              for k in forgetting}

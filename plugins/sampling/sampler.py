@@ -15,6 +15,7 @@ position of ``sampling.completed``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from pathlib import Path
@@ -44,6 +45,7 @@ from flywheel_loop.plugins.shared.models import (
     torch_threads,
     use_bf16,
 )
+from flywheel_loop.plugins.shared.routing import Router, RouterUnusable, router_embedder
 from flywheel_loop.plugins.shared.service_model import service_model
 from flywheel_loop.schemas import AttemptsSampled, Event, SamplingCompleted, SamplingRequested
 
@@ -95,17 +97,23 @@ def sample_round(
         return [completed(f"no {req.role} tasks with tests up to log position {req.log_position}"
                           " (held-out and forgotten ones left out)")]
     model, tokenizer = load_base(base_model_dir(settings, artifacts))
+    to_adapter = [True] * len(tasks)
     if adapter is not None:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, str(adapter))
+        router = Router.load(adapter)  # the model as served: what its router sends away, the base model answers
+        if router is not None:
+            embed = router_embedder(settings.state_dir, cfg.threads).embed
+            to_adapter = router.routes([t.prompt for t in tasks], embed)
     solved = passed_total = 0
     p1 = 0.0
     bf16 = use_bf16(settings.models.precision, "cpu", settings.state_dir)
     with torch_threads(cfg.threads):
-        for i, task in enumerate(tasks, 1):
-            answers, _ = sample_task(model, tokenizer, task, k, max(temperature, 1e-5), cfg.top_p,
-                                     cfg.max_new_tokens, seed, bf16, cfg.stop_after_code)
+        for i, (task, mine) in enumerate(zip(tasks, to_adapter, strict=True), 1):
+            with contextlib.nullcontext() if mine else model.disable_adapter():
+                answers, _ = sample_task(model, tokenizer, task, k, max(temperature, 1e-5), cfg.top_p,
+                                         cfg.max_new_tokens, seed, bf16, cfg.stop_after_code)
             attempts = verify(answers, task.tests, cfg.timeout_s, cfg.memory_mb)
             passed = sum(a.passed for a in attempts)
             solved += passed > 0
@@ -158,7 +166,7 @@ class Sampler:
         try:
             return await asyncio.to_thread(sample_round, ctx.settings, event.id, req.model_copy(
                 update={"log_position": position}), tasks, version, adapter, artifacts)
-        except BaseModelUnusable as exc:
+        except (BaseModelUnusable, RouterUnusable) as exc:
             return [SamplingCompleted(role=req.role, request_id=event.id, model_version=version, tasks=0, samples=0,
                                       passed_samples=0, solved_tasks=0, pass_at_1=0.0, pass_at_k=0.0,
                                       k=req.k or cfg.k, temperature=req.temperature or cfg.temperature,

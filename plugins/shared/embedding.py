@@ -28,7 +28,6 @@ import numpy as np
 from pydantic import Field
 
 from flywheel_loop.engine.config import Section
-from flywheel_loop.plugins.shared.models import torch_threads
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is fetched from a hub at run time
 
@@ -138,6 +137,8 @@ class TextEmbedder:
         if not texts:
             return out
         import torch
+
+        from flywheel_loop.plugins.shared.models import torch_threads  # models.py imports routing, which imports this
 
         with self._lock:
             model = self._load()

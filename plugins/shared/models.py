@@ -236,8 +236,9 @@ def load_base(folder: Path) -> tuple[Any, Any]:
     return model, tokenizer
 
 
-def adapter_hash(state: dict[str, Any]) -> str:
-    """SHA-256 over the adapter's tensors (names, dtypes, shapes, bytes), in name order."""
+def adapter_hash(state: dict[str, Any], router: bytes = b"") -> str:
+    """SHA-256 over the adapter's tensors (names, dtypes, shapes, bytes), in name order, and its router's bytes
+    (``routing.py``), if it has one: the router changes what is served."""
     import torch
 
     h = hashlib.sha256()
@@ -245,11 +246,15 @@ def adapter_hash(state: dict[str, Any]) -> str:
         t = state[name].detach().cpu().contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
         h.update(t.view(-1).view(torch.uint8).numpy().tobytes())
+    if router:
+        h.update(f"{ROUTER_FILE}|{len(router)}\n".encode())
+        h.update(router)
     return h.hexdigest()
 
 
 def verify_adapter(digest: str) -> Verifier:
-    """A check that a folder is adapter ``digest``: the hash of the weights in ``adapter_model.safetensors``."""
+    """A check that a folder is adapter ``digest``: the hash of the weights in ``adapter_model.safetensors`` and of
+    its router, if any."""
 
     def check(folder: Path) -> str | None:
         weights = folder / "adapter_model.safetensors"
@@ -258,7 +263,8 @@ def verify_adapter(digest: str) -> Verifier:
         from safetensors.torch import load_file
 
         try:
-            got = adapter_hash(load_file(str(weights)))
+            router = folder / ROUTER_FILE
+            got = adapter_hash(load_file(str(weights)), router.read_bytes() if router.is_file() else b"")
         except Exception as exc:  # safetensors raises its own errors for a damaged file
             return f"adapter_model.safetensors does not load: {exc}"
         return None if got == digest else f"the hash of its weights is {got[:16]}..., not {digest[:16]}..."
@@ -293,25 +299,21 @@ def read_lineage(adapter_dir: Path) -> dict[str, Any]:
 def store_adapter(
     peft_model: Any, adapters_dir: Path, lineage: dict[str, Any], router: Router | None = None
 ) -> tuple[str, Path]:
-    """Save the adapter under ``adapters_dir/<hash>`` (atomically; the same weights reuse the
+    """Save the adapter under ``adapters_dir/<hash>`` (atomically; the same weights and router reuse the
     folder) with ``lineage.json`` and its ``router`` (``routing.py``), if any; return (hash, folder)."""
     from peft import get_peft_model_state_dict
 
-    digest = adapter_hash(get_peft_model_state_dict(peft_model))
+    routing = router.to_bytes() if router is not None else b""
+    digest = adapter_hash(get_peft_model_state_dict(peft_model), routing)
     final = adapters_dir / digest
     if (final / "lineage.json").is_file():
-        if router is not None and Router.load(final) is None:  # stored before it had a router
-            scratch = final / f".router-{uuid.uuid4().hex[:8]}"
-            scratch.mkdir()
-            os.replace(router.save(scratch), final / ROUTER_FILE)
-            scratch.rmdir()
         return digest, final
     adapters_dir.mkdir(parents=True, exist_ok=True)
     tmp = adapters_dir / f".tmp-{digest[:12]}-{uuid.uuid4().hex[:8]}"
     try:
         peft_model.save_pretrained(str(tmp))
-        if router is not None:
-            router.save(tmp)
+        if routing:
+            (tmp / ROUTER_FILE).write_bytes(routing)
         body = json.dumps({**lineage, "adapter_hash": digest}, indent=2, sort_keys=True) + "\n"
         (tmp / "lineage.json").write_text(body)
         try:

@@ -1,44 +1,58 @@
 """Which requests an adapter answers: a nearest-neighbour router fitted on its own dataset.
 
 A LoRA adapter trained on a team's narrow work (its helper API, its conventions) also moves the
-model's answers to everything else: SmolLM2-135M trained on the demo's corrections loses a third or
-more of the general coding problems the base model solved, with every setting tried (rehearsal,
+model's answers to everything else: SmolLM2-135M trained on the demo's corrections loses a fifth to
+two thirds of the general coding problems the base model solved, with every setting tried (rehearsal,
 rank, learning rate, a KL anchor; README, The demo). Where the team's requests can be told from the
 rest, the adapter need not answer the rest: the router sends a request to the adapter when its prompt
 is nearer to the prompts the adapter was trained on for the role than to the general prompts it was
-rehearsed with (cosine of ``TextEmbedder`` vectors, the nearest of each side; a tie goes to the model
+rehearsed with (cosine of all-MiniLM-L6-v2 vectors, the nearest of each side; a tie goes to the model
 without the adapter), and to the base model otherwise.
 
 The router is fitted when the adapter is trained (``fit``: the dataset's train rows, the
 self-synthesized rehearsal rows, ``source = "synthetic"``, on the general side, every other row on the
-role's side) and stored beside the weights as ``router.json`` (the prompts, not their vectors: every
-machine embeds them with its own embedder, so the gate and the server on one machine decide alike).
-An adapter whose dataset holds no general rows has no router and answers everything, as before. The
-gate measures the adapter as it is served, routed, so a request that the router sends to the adapter
-and the adapter gets wrong counts against it.
+role's side) and stored beside the weights as ``router.safetensors``: the two sides' vectors, not the
+prompts (the adapter store keeps its folders after a data subject is forgotten). Its bytes are part of
+the adapter's hash, so the same weights with and without a router are two artifacts. The vectors come
+from ``TextEmbedder`` in float32 (``EMBEDDING``), whatever ``curation.embedding`` says, so a request is
+embedded alike by the gate and by the server on any machine. An adapter whose dataset holds no general
+rows has no router and answers everything. The gate measures the adapter as it is served, routed, so a
+request that the router sends to the adapter and the adapter gets wrong counts against it.
 """
 
 from __future__ import annotations
 
 import json
-import logging
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-__all__ = ["ROUTER_FILE", "Router", "RouterUnusable", "user_text"]
+from flywheel_loop.plugins.shared.embedding import DIM, EmbeddingConfig, TextEmbedder
 
-log = logging.getLogger(__name__)
+__all__ = ["EMBEDDING", "ROUTER_FILE", "Router", "RouterUnusable", "router_embedder", "user_text"]
 
-ROUTER_FILE = "router.json"
+ROUTER_FILE = "router.safetensors"
 RULE = "nearest"
+#: how the router's vectors are made: float32 whatever the CPU, so every machine embeds a request alike
+EMBEDDING = EmbeddingConfig(precision="float32")
+
+#: texts -> unit vectors, one row a text (``TextEmbedder.embed``)
+Embed = Callable[[Sequence[str]], Any]
 
 
 class RouterUnusable(ValueError):
-    """A ``router.json`` that cannot be read as a router."""
+    """A router that cannot be read, or whose embedding model cannot be loaded."""
+
+
+def router_embedder(state_dir: Path | None = None, threads: int | None = None) -> TextEmbedder:
+    """The embedding a router reads prompts with (``EMBEDDING``, ``threads`` torch threads while embedding)."""
+    try:
+        return TextEmbedder(EMBEDDING.model_copy(update={"threads": threads}), state_dir)
+    except (OSError, ValueError) as exc:
+        raise RouterUnusable(f"the router's embedding model cannot be loaded: {exc}") from exc
 
 
 def user_text(row: dict[str, Any]) -> str | None:
@@ -52,32 +66,42 @@ def user_text(row: dict[str, Any]) -> str | None:
     return text if isinstance(text, str) and text else None
 
 
-@dataclass
+@dataclass(eq=False)
 class Router:
-    """The prompts of each side; ``routes`` embeds requests with ``embed`` and compares."""
+    """The unit vectors of each side's prompts (float32, one row a prompt)."""
 
-    role: list[str]
-    general: list[str]
-    _vectors: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False)
+    role: np.ndarray
+    general: np.ndarray
 
     @classmethod
-    def fit(cls, rows: Iterable[dict[str, Any]]) -> Router | None:
+    def fit(cls, rows: Iterable[dict[str, Any]], embed: Embed) -> Router | None:
         """The router of a dataset's train ``rows``; None without prompts on both sides (nothing to tell apart)."""
-        role: list[str] = []
-        general: list[str] = []
+        role: set[str] = set()
+        general: set[str] = set()
         for row in rows:
             text = user_text(row)
             if text:
-                (general if row.get("source") == "synthetic" else role).append(text)
+                (general if row.get("source") == "synthetic" else role).add(text)
         if not role or not general:
             return None
         # sorted and unique: the same router whatever the order of the rows
-        return cls(sorted(set(role)), sorted(set(general)))
+        return cls(np.asarray(embed(sorted(role)), dtype=np.float32),
+                   np.asarray(embed(sorted(general)), dtype=np.float32))
 
-    def save(self, folder: Path) -> Path:
-        path = folder / ROUTER_FILE
-        path.write_text(json.dumps({"rule": RULE, "role": self.role, "general": self.general}, indent=1) + "\n")
-        return path
+    def to_bytes(self) -> bytes:
+        """The router as a safetensors file, byte for byte the same for the same vectors (its bytes are part of
+        the adapter's hash; ``safetensors.numpy.save`` orders its header differently from run to run)."""
+        tensors = {"general": np.ascontiguousarray(self.general, dtype="<f4"),
+                   "role": np.ascontiguousarray(self.role, dtype="<f4")}
+        header: dict[str, Any] = {"__metadata__": {
+            "rule": RULE, "embedding": json.dumps(EMBEDDING.model_dump(mode="json"), sort_keys=True)}}
+        offset = 0
+        for name, array in tensors.items():
+            header[name] = {"dtype": "F32", "shape": list(array.shape), "data_offsets": [offset, offset + array.nbytes]}
+            offset += array.nbytes
+        text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+        text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned
+        return len(text).to_bytes(8, "little") + text + b"".join(a.tobytes() for a in tensors.values())
 
     @classmethod
     def load(cls, folder: Path) -> Router | None:
@@ -85,24 +109,24 @@ class Router:
         path = folder / ROUTER_FILE
         if not path.is_file():
             return None
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, ValueError) as exc:
-            raise RouterUnusable(f"{path}: {exc}") from exc
-        if not isinstance(data, dict) or data.get("rule") != RULE:
-            raise RouterUnusable(f"{path}: not a router of rule {RULE!r}")
-        sides = data.get("role"), data.get("general")
-        if not all(isinstance(s, list) and s and all(isinstance(t, str) for t in s) for s in sides):
-            raise RouterUnusable(f"{path}: 'role' and 'general' must be non-empty lists of prompts")
-        return cls(list(sides[0]), list(sides[1]))  # type: ignore[arg-type]
+        from safetensors import safe_open
 
-    def routes(self, prompts: Sequence[str], embed: Any) -> list[bool]:
-        """For each prompt, True where the adapter answers it. ``embed(texts)`` gives unit vectors, one row
-        a text (``TextEmbedder.embed``); the router's own prompts are embedded on first use."""
+        try:
+            with safe_open(str(path), framework="numpy") as f:
+                rule = (f.metadata() or {}).get("rule")
+                sides = {name: f.get_tensor(name) for name in ("role", "general")}
+        except Exception as exc:  # safetensors raises its own errors for a damaged file
+            raise RouterUnusable(f"{path}: {exc}") from exc
+        if rule != RULE:
+            raise RouterUnusable(f"{path}: not a router of rule {RULE!r}")
+        for name, vectors in sides.items():
+            if vectors.ndim != 2 or vectors.shape[0] == 0 or vectors.shape[1] != DIM:
+                raise RouterUnusable(f"{path}: {name} holds {vectors.shape}, not prompt vectors of width {DIM}")
+        return cls(sides["role"], sides["general"])
+
+    def routes(self, prompts: Sequence[str], embed: Embed) -> list[bool]:
+        """For each prompt, True where the adapter answers it (its nearest prompt is the role's)."""
         if not prompts:
             return []
-        if self._vectors is None:
-            self._vectors = (np.asarray(embed(self.role)), np.asarray(embed(self.general)))
-        role, general = self._vectors
-        x = np.asarray(embed(list(prompts)))
-        return [bool(a > b) for a, b in zip((x @ role.T).max(1), (x @ general.T).max(1), strict=True)]
+        x = np.asarray(embed(list(prompts)), dtype=np.float32)
+        return [bool(a > b) for a, b in zip((x @ self.role.T).max(1), (x @ self.general.T).max(1), strict=True)]

@@ -37,8 +37,8 @@ from flywheel_loop.plugins.shared.datasets import read_split
 from flywheel_loop.plugins.shared.models import BaseModelUnusable, load_base, store_adapter, torch_threads
 from flywheel_loop.plugins.shared.packing import pack as pack_blocks
 from flywheel_loop.plugins.shared.packing import tokenize_rows
-from flywheel_loop.plugins.shared.routing import Router
 from flywheel_loop.plugins.training.loop import LoopSettings, Progress, WallClockExceeded, train_loop
+from flywheel_loop.plugins.training.trainer import fit_router
 
 __all__ = ["PREFIX", "command", "main", "report"]
 
@@ -122,7 +122,7 @@ def main(spec_path: str) -> int:
     if main_process:
         lineage = {**spec["lineage"], "steps": result.steps, "train_loss": result.train_loss,
                    "val_loss": result.val_loss}
-        router = Router.fit(read_split(dataset, "train")) if cfg.get("route", True) else None
+        router = fit_router(read_split(dataset, "train"), cfg["threads"]) if cfg.get("route", True) else None
         digest, adapter_dir = store_adapter(peft_model, Path(spec["adapters"]), lineage, router)
         report("result", {"run": dataclasses.asdict(result), "adapter_hash": digest, "path": str(adapter_dir)})
     return 0

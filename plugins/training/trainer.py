@@ -64,7 +64,7 @@ from flywheel_loop.plugins.shared.models import (
     use_bf16,
 )
 from flywheel_loop.plugins.shared.packing import pack, tokenize_rows
-from flywheel_loop.plugins.shared.routing import Router
+from flywheel_loop.plugins.shared.routing import Router, RouterUnusable, router_embedder
 from flywheel_loop.plugins.training.loop import LoopSettings, Progress, RunResult, WallClockExceeded, train_loop
 from flywheel_loop.plugins.training.settings import TrainerConfig, sized
 from flywheel_loop.schemas import (
@@ -117,7 +117,8 @@ def hyperparameters(cfg: TrainerConfig) -> dict[str, Any]:
         # absent at 0 (earlier run ids stay) and for DPO, whose loop does not use it (its reference is built in)
         **({"kl_weight": cfg.kl_weight} if cfg.kl_weight and cfg.method == "sft" else {}),
         **({"min_steps": cfg.min_steps} if cfg.min_steps else {}),  # absent at 0: earlier run ids stay
-        **({"route": True} if cfg.route else {}),  # absent when off: earlier runs (no router) keep their ids
+        # present when on, the default: runs from before routing (no router) are not reused for it
+        **({"route": True} if cfg.route else {}),
     }
 
 
@@ -396,6 +397,16 @@ def _train_run(
     return completed
 
 
+def fit_router(rows: list[dict[str, Any]], threads: int | None) -> Router | None:
+    """The adapter's router (``plugins/shared/routing.py``); None without rehearsal rows, or, with a warning,
+    when the embedding model cannot be loaded (the adapter then answers everything, and is gated so)."""
+    try:
+        return Router.fit(rows, router_embedder(None, threads).embed)
+    except RouterUnusable as exc:
+        log.warning("no router for this adapter: %s", exc)
+        return None
+
+
 #: a trained run: (what the loop reports, the adapter's hash, its folder); or why there is none
 Trained = tuple[RunResult, str, Path] | str
 
@@ -461,7 +472,7 @@ def _train_here(
         return (f"out of memory: {exc or type(exc).__name__}; lower trainer.batch, block_tokens or max_tokens,"
                 " or turn on trainer.gradient_checkpointing")
     full = {**lineage, "steps": result.steps, "train_loss": result.train_loss, "val_loss": result.val_loss}
-    router = Router.fit(read_split(folder, "train")) if cfg.route else None
+    router = fit_router(read_split(folder, "train"), cfg.threads) if cfg.route else None
     digest, adapter_dir = store_adapter(peft_model, settings.layout.adapters, full, router)
     return result, digest, adapter_dir
 

@@ -15,8 +15,9 @@ one version that arrive together are generated as one batch
 OpenAI's chat completion chunks (server-sent events) as tokens are generated, the usage last when the request asks
 for it (``stream_options.include_usage``). The servers end when the
 engine's process ends (daemon threads; ``close`` stops them earlier), and the deployer serves again, when the
-engine starts, whatever its book says is in service. ``python -m plugins.runtimes.transformers_server --base
-DIR [--adapter DIR] --name NAME --port N`` serves one version from a shell, outside the engine.
+engine starts, whatever its book says is in service.
+``python -m flywheel_loop.plugins.serving.runtimes.transformers_server --base DIR [--adapter DIR] --name NAME
+--port N [--max-batch N]`` serves one version from a shell, outside the engine.
 """
 
 from __future__ import annotations
@@ -40,10 +41,9 @@ from flywheel_loop.engine.extensions import RuntimeUnavailable, ServedModel
 from flywheel_loop.plugins.serving.runtimes.batching import GreedyBatcher
 from flywheel_loop.plugins.serving.runtimes.openai_api import BadRequest, OpenAIHandler
 from flywheel_loop.plugins.serving.settings import DeployerConfig
-from flywheel_loop.plugins.shared.embedding import EmbeddingConfig, TextEmbedder
 from flywheel_loop.plugins.shared.models import use_bf16
 from flywheel_loop.plugins.shared.openai_client import post_chat
-from flywheel_loop.plugins.shared.routing import Router, RouterUnusable
+from flywheel_loop.plugins.shared.routing import Router, RouterUnusable, router_embedder
 
 __all__ = ["ChatModel", "TransformersRuntime", "load_chat_model", "serve_chat_model"]
 
@@ -214,8 +214,10 @@ def load_chat_model(base_dir: Path, adapter_dir: Path | None, name: str, threads
     try:
         router = Router.load(adapter_dir) if adapter_dir is not None else None
         if router is not None:
-            embed = TextEmbedder(EmbeddingConfig(), state_dir).embed
-    except (RouterUnusable, FileNotFoundError) as exc:
+            # the version's torch threads (set process-wide while it embeds); loaded now, not on a first request
+            embed = router_embedder(state_dir, threads).embed
+            router.routes(["warm up"], embed)
+    except (RouterUnusable, OSError, RuntimeError) as exc:
         raise RuntimeUnavailable(f"could not load {name}'s router: {exc}") from exc
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(base_dir), local_files_only=True)
@@ -457,10 +459,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch threads while generating")
     parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
                         help="bf16 autocast or fp32; auto: bf16 only where native and measured faster")
+    parser.add_argument("--max-batch", type=int, default=16,
+                        help="greedy requests arriving together generated as one batch at most (1: each alone)")
     args = parser.parse_args(argv)
+    if args.max_batch < 1:
+        parser.error("--max-batch must be at least 1")
     try:
         chat = load_chat_model(args.base, args.adapter, args.name, args.threads,
-                               use_bf16(args.precision, "cpu"))
+                               use_bf16(args.precision, "cpu"), args.max_batch)
     except RuntimeUnavailable as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
