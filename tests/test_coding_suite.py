@@ -113,7 +113,7 @@ def test_test_code_is_one_test_of_every_assert(suite: list[SuiteProblem]) -> Non
     run = run_tests(p.solution, p.test_code)
     assert (run.passed, run.failed) == (1, 0)
     rows = task_rows(suite[:2], render=lambda s: f"<user>{s}")
-    assert rows[0] == {"id": p.id, "prompt": f"<user>{p.prompt}", "tests": p.test_code}
+    assert rows[0] == {"id": p.id, "prompt": f"<user>{p.prompt}", "tests": p.test_code, "text": p.prompt}
 
 
 # --------------------------------------------------------------------------- the loader
