@@ -198,19 +198,28 @@ async def test_concurrent_openai_requests_get_the_answers_sequential_ones_get(ti
     assert chat.batcher.requests == 2 * len(PROMPTS) and chat.batcher.batches < 2 * len(PROMPTS)
 
 
-@needs_tokenizer
-def test_the_served_adapter_is_merged_and_answers_as_the_unmerged_one(tiny: Path, tmp_path: Path) -> None:
-    from peft import LoraConfig, PeftModel, get_peft_model
+def random_adapter(base: Path, folder: Path) -> Path:
+    """A LoRA adapter of ``base`` with random (seeded) weights in every LoRA matrix, so it changes the answers."""
+    from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(tiny), dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
     peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"]))
     generator = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
             if "lora_" in name:
                 param.copy_(torch.randn(param.shape, generator=generator))
-    peft_model.save_pretrained(str(tmp_path / "adapter"))
+    peft_model.save_pretrained(str(folder))
+    return folder
+
+
+@needs_tokenizer
+def test_the_served_adapter_is_merged_and_answers_as_the_unmerged_one(tiny: Path, tmp_path: Path) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    random_adapter(tiny, tmp_path / "adapter")
 
     served = load_chat_model(tiny, tmp_path / "adapter", "tuned")
     assert not isinstance(served.model, PeftModel)

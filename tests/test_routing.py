@@ -28,7 +28,7 @@ from flywheel_loop.plugins.shared.routing import ROUTER_FILE, Router, RouterUnus
 from flywheel_loop.plugins.training.trainer import train_dataset
 from flywheel_loop.schemas import TrainingCompleted
 from tests.serving import make_tiny_model
-from tests.test_batching import context_heavy, needs_tokenizer
+from tests.test_batching import context_heavy, needs_tokenizer, random_adapter
 from tests.test_evaluator import GENERAL, WRONG, eval_settings, knowing_base, write_eval_dataset  # noqa: F401
 from tests.test_trainer import formatter, tiny_model_dir  # noqa: F401  (fixtures)
 
@@ -223,17 +223,7 @@ def test_the_server_answers_what_the_router_sends_away_with_the_base_model(tmp_p
     from flywheel_loop.plugins.shared.chat_format import load_formatter
 
     tiny = make_tiny_model(tmp_path / "tiny", load_formatter(None, tmp_path / "tokenizers").tokenizer)
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(str(tiny), dtype=torch.float32),
-                                LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"]))
-    generator = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_" in name:
-                param.copy_(torch.randn(param.shape, generator=generator))
-    peft_model.save_pretrained(str(tmp_path / "adapter"))
+    random_adapter(tiny, tmp_path / "adapter")
     plain = context_heavy(load_chat_model(tiny, tmp_path / "adapter", "plain"))  # no router: merged, adapter always
     base = context_heavy(load_chat_model(tiny, None, "base"))
     router = Router(axis_embed(["shop work"]), axis_embed(["other"]))
