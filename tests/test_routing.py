@@ -22,7 +22,7 @@ from flywheel_loop.plugins.evaluation.metrics import TaskResult
 from flywheel_loop.plugins.evaluation.routed import Split, join_tasks, pick_generations, pick_tasks, routed
 from flywheel_loop.plugins.serving.runtimes.gguf import refuse_router
 from flywheel_loop.plugins.serving.runtimes.transformers_server import load_chat_model
-from flywheel_loop.plugins.shared.embedding import DIM
+from flywheel_loop.plugins.shared.embedding import DIM, EmbeddingConfig
 from flywheel_loop.plugins.shared.models import store_adapter, verify_adapter
 from flywheel_loop.plugins.shared.routing import ROUTER_FILE, Router, RouterUnusable, router_embedder, user_text
 from flywheel_loop.plugins.training.trainer import train_dataset
@@ -258,3 +258,20 @@ def test_the_server_answers_what_the_router_sends_away_with_the_base_model(tmp_p
     for thread in threads:
         thread.join(timeout=60)
     assert answers == {"shop": plain.complete(shop, 12, 0.0), "other": base.complete(other, 12, 0.0)}
+
+
+def test_an_embedding_model_that_cannot_load_means_no_router_not_a_lost_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from flywheel_loop.plugins.shared import routing
+    from flywheel_loop.plugins.training.trainer import fit_router
+
+    (tmp_path / "broken").mkdir()  # a folder without a model in it
+    for folder in (tmp_path / "missing", tmp_path / "broken"):
+        monkeypatch.setattr(routing, "EMBEDDING", EmbeddingConfig(precision="float32", model_dir=folder))
+        with pytest.raises(RouterUnusable, match="embedding model"):
+            router_embedder(tmp_path)
+        rows = [row(SHOP[0]), row(GENERAL_PROMPTS[0], "synthetic")]
+        with caplog.at_level("WARNING"):
+            assert fit_router(rows, 1) is None
+        assert "no router" in caplog.text

@@ -197,7 +197,7 @@ def evaluate_run(
                 settings, completed.run_id, base, tokenizer, adapter_dir, dataset, service, detect, fresh, progress,
                 known_solved)
     except RouterUnusable as exc:
-        return rejected(f"its router cannot be used: {exc}")
+        return rejected(f"a router cannot be used: {exc}")
     return EvaluationCompleted(
         run_id=completed.run_id, role=completed.role, adapter_hash=completed.adapter_hash, candidate=candidate,
         baseline=baseline, passed=outcome.passed, verdict=outcome.verdict,
@@ -279,8 +279,11 @@ def _measure(
     max_tokens = int(read_lineage(adapter_dir).get("hyperparameters", {}).get("max_tokens") or 1024)
     # each model as it is served: an adapter with a router answers what it routes to itself, the base model the
     # rest (routed.py)
-    routers = {"service": Router.load(service_dir) if service_dir is not None else None,
-               "candidate": Router.load(adapter_dir)}
+    try:
+        service_router = Router.load(service_dir) if service_dir is not None else None
+    except RouterUnusable as exc:
+        raise RouterUnusable(f"the router of the model in service: {exc}") from exc
+    routers = {"service": service_router, "candidate": Router.load(adapter_dir)}
     embed = router_embedder(settings.state_dir, cfg.threads).embed if any(routers.values()) else None
     texts = {
         "validation": [user_text(r) for r in validation],

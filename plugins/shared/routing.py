@@ -14,8 +14,9 @@ self-synthesized rehearsal rows, ``source = "synthetic"``, on the general side, 
 role's side) and stored beside the weights as ``router.safetensors``: the two sides' vectors, not the
 prompts (the adapter store keeps its folders after a data subject is forgotten). Its bytes are part of
 the adapter's hash, so the same weights with and without a router are two artifacts. The vectors come
-from ``TextEmbedder`` in float32 (``EMBEDDING``), whatever ``curation.embedding`` says, so a request is
-embedded alike by the gate and by the server on any machine. An adapter whose dataset holds no general
+from ``TextEmbedder`` in float32 (``EMBEDDING``), whatever ``curation.embedding`` says, so the gate and the
+server embed a request alike (on one machine exactly; across CPUs to the last bits of their float32
+arithmetic, which can move a near tie). An adapter whose dataset holds no general
 rows has no router and answers everything. The gate measures the adapter as it is served, routed, so a
 request that the router sends to the adapter and the adapter gets wrong counts against it.
 """
@@ -48,11 +49,14 @@ class RouterUnusable(ValueError):
 
 
 def router_embedder(state_dir: Path | None = None, threads: int | None = None) -> TextEmbedder:
-    """The embedding a router reads prompts with (``EMBEDDING``, ``threads`` torch threads while embedding)."""
+    """The embedding a router reads prompts with (``EMBEDDING``, ``threads`` torch threads while embedding),
+    its model loaded now: one that cannot load raises ``RouterUnusable`` here, not on a first request."""
     try:
-        return TextEmbedder(EMBEDDING.model_copy(update={"threads": threads}), state_dir)
-    except (OSError, ValueError) as exc:
+        embedder = TextEmbedder(EMBEDDING.model_copy(update={"threads": threads}), state_dir)
+        embedder.embed(["warm up"])
+    except (OSError, ValueError, RuntimeError) as exc:
         raise RouterUnusable(f"the router's embedding model cannot be loaded: {exc}") from exc
+    return embedder
 
 
 def user_text(row: dict[str, Any]) -> str | None:

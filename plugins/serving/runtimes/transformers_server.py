@@ -216,8 +216,7 @@ def load_chat_model(base_dir: Path, adapter_dir: Path | None, name: str, threads
         if router is not None:
             # the version's torch threads (set process-wide while it embeds); loaded now, not on a first request
             embed = router_embedder(state_dir, threads).embed
-            router.routes(["warm up"], embed)
-    except (RouterUnusable, OSError, RuntimeError) as exc:
+    except RouterUnusable as exc:
         raise RuntimeUnavailable(f"could not load {name}'s router: {exc}") from exc
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(base_dir), local_files_only=True)
