@@ -84,6 +84,7 @@ def test_requests_go_to_the_nearer_side_and_a_tie_to_the_base_model() -> None:
     router = Router(axis_embed(["shop a", "shop b"]), axis_embed(["other a"]))
     assert router.routes(["the shop price", "a general question", "both"], axis_embed) == [True, False, False]
     assert router.routes([], axis_embed) == []
+    assert router.routes([None, "", "other words"], axis_embed) == [True, True, False]  # no text: the adapter
 
 
 def test_a_router_survives_its_folder_and_a_damaged_one_is_refused(tmp_path: Path) -> None:

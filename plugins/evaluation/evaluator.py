@@ -296,15 +296,7 @@ def _measure(
     def split(router: Router | None, prompts: Sequence[str | None]) -> Split:
         if router is None or embed is None:
             return Split.everything(len(prompts))
-        known = [i for i, t in enumerate(prompts) if t]  # a row without a prompt text stays with the adapter
-        to_adapter = [True] * len(prompts)
-        try:
-            routes = router.routes([str(prompts[i]) for i in known], embed)
-        except (OSError, RuntimeError) as exc:  # the embedding model, loaded on first use
-            raise RouterUnusable(f"the router's embedding model failed: {exc}") from exc
-        for i, a in zip(known, routes, strict=True):
-            to_adapter[i] = a
-        return Split(tuple(to_adapter))
+        return Split(tuple(router.routes(prompts, embed)))
 
     splits = {name: {kind: split(router, prompts) for kind, prompts in texts.items()}
               for name, router in routers.items()}

@@ -128,9 +128,13 @@ class Router:
                 raise RouterUnusable(f"{path}: {name} holds {vectors.shape}, not prompt vectors of width {DIM}")
         return cls(sides["role"], sides["general"])
 
-    def routes(self, prompts: Sequence[str], embed: Embed) -> list[bool]:
-        """For each prompt, True where the adapter answers it (its nearest prompt is the role's)."""
-        if not prompts:
-            return []
-        x = np.asarray(embed(list(prompts)), dtype=np.float32)
-        return [bool(a > b) for a, b in zip((x @ self.role.T).max(1), (x @ self.general.T).max(1), strict=True)]
+    def routes(self, prompts: Sequence[str | None], embed: Embed) -> list[bool]:
+        """For each prompt, True where the adapter answers it (its nearest prompt is the role's); a request
+        without a prompt text (None or empty) stays with the adapter, unembedded."""
+        out = [True] * len(prompts)
+        known = [i for i, text in enumerate(prompts) if text]
+        if known:
+            x = np.asarray(embed([str(prompts[i]) for i in known]), dtype=np.float32)
+            for i, a, b in zip(known, (x @ self.role.T).max(1), (x @ self.general.T).max(1), strict=True):
+                out[i] = bool(a > b)
+        return out

@@ -43,7 +43,7 @@ from flywheel_loop.plugins.serving.runtimes.openai_api import BadRequest, OpenAI
 from flywheel_loop.plugins.serving.settings import DeployerConfig
 from flywheel_loop.plugins.shared.models import use_bf16
 from flywheel_loop.plugins.shared.openai_client import post_chat
-from flywheel_loop.plugins.shared.routing import Router, RouterUnusable, router_embedder
+from flywheel_loop.plugins.shared.routing import Router, RouterUnusable, router_embedder, user_text
 
 __all__ = ["ChatModel", "TransformersRuntime", "load_chat_model", "serve_chat_model"]
 
@@ -81,8 +81,7 @@ class ChatModel:
         """Whether the adapter answers this chat: its last user message routed (always, without a router)."""
         if self.router is None or self.embed is None:
             return True
-        text = next((m["content"] for m in reversed(messages) if m.get("role") == "user"), "")
-        return not text or self.router.routes([text], self.embed)[0]
+        return self.router.routes([user_text({"messages": messages})], self.embed)[0]
 
     def _encode(self, messages: list[dict[str, str]]) -> Any:
         tok = self.tokenizer
