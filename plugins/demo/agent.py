@@ -90,9 +90,11 @@ async def work(
     session: str,
     review: bool,
     on_turn: Callable[[Turn], None],
-    batch: int = 6,
+    batch: int = 16,
 ) -> list[Turn]:
-    """Work ``tasks`` with ``model``, recording each turn; ``on_turn`` is called after each one."""
+    """Work ``tasks`` with ``model``, recording each turn; ``on_turn`` is called after each one. The model
+    gets ``batch`` tasks at once (the local model generates them as one batch, as the served model batches
+    requests that arrive together: ``deployer.max_batch``, 16)."""
     from flywheel_loop.plugins.shared.code import extract_code, follows_convention
     from flywheel_loop.plugins.shared.sandbox import run_tests
 
