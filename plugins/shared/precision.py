@@ -60,6 +60,9 @@ CACHE_FILE = "precision.json"
 MARGIN = 1.1
 #: alternating rounds of the probe (the best of each precision is kept)
 ROUNDS = 5
+#: part of the machine's fingerprint: a result cached by an earlier probe (two threads, one round each, which
+#: a busy machine could mislead) is measured again
+PROBE_VERSION = "probe-2"
 #: spellings accepted for a fixed setting
 _ALIASES: dict[str, Precision] = {"bf16": "bf16", "bfloat16": "bf16", "fp32": "fp32", "float32": "fp32"}
 
@@ -105,12 +108,12 @@ def cpu_native_bf16() -> bool:
 
 
 def machine_fingerprint(device: str) -> str:
-    """Names what the probe's result depends on: the CPU (or GPU), its flags, torch's version."""
+    """Names what the probe's result depends on: the CPU (or GPU), its flags, torch's version, the probe's."""
     import torch
 
     model, flags = _cpu_info()
     parts = [device, model, " ".join(sorted(f for f in flags if f.startswith(("avx", "amx", "fma")))),
-             torch.__version__, str(os.cpu_count())]
+             torch.__version__, str(os.cpu_count()), PROBE_VERSION]
     if device == "cuda":
         parts.append(torch.cuda.get_device_name() if torch.cuda.is_available() else "no cuda")
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
@@ -162,7 +165,9 @@ def probe(device: str, measure: Measure | None = None, native: bool | None = Non
         native = bool(torch.cuda.is_bf16_supported()) if device == "cuda" else cpu_native_bf16()
     measure = measure or (lambda p, d: matmul_gflops(p, d, n=384, seconds=0.04, threads=1))
     fp32 = bf16 = 0.0
-    for _ in range(ROUNDS):  # alternating: a burst of load slows both precisions, not only one
+    # alternating: a burst of load slows both precisions, not only one. Where bf16 is emulated the answer is
+    # fp32 whatever is measured: one round (an emulated bf16 product takes about 0.2 s)
+    for _ in range(ROUNDS if native else 1):
         fp32 = max(fp32, float(measure("fp32", device)))
         bf16 = max(bf16, float(measure("bf16", device)))
     if not (fp32 > 0 and bf16 > 0):
