@@ -13,9 +13,9 @@ did: measured with both cores and two other processes multiplying matrices, the 
 (both threads, all fp32 products then all bf16 ones) chose fp32 on 2 of 10 tries on an AVX512-BF16
 CPU (a two-thread product waits for whichever thread was descheduled: 9.5 GFLOP/s in bf16
 against 870 idle), and so gave two engines different dataset hashes; one thread in alternating
-rounds measured 4.2-4.3x on 12 of 12 busy tries. The result is cached per
-machine: its result is cached in ``<state_dir>/precision.json`` under a fingerprint of the
-machine (CPU model and flags, torch version, GPU name), so every later start (and every replay
+rounds measured 4.2-4.3x on 10 of 10 busy tries. Its result is cached in
+``<state_dir>/precision.json`` under a fingerprint of the machine (CPU model and flags, torch
+version, GPU name, the probe's version), so every later start (and every replay
 on this machine) reuses the same choice and produces the same bytes. A changed machine (a
 state folder copied elsewhere, a new torch) probes again. Setting ``bf16`` or ``fp32``
 overrides the probe; nothing is measured then.
