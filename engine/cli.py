@@ -58,7 +58,8 @@ def _command_host() -> PluginHost:
     try:
         return PluginHost(load_settings())
     except (ConfigError, PluginError):
-        host = PluginHost(Settings(), load_entry_points=False)
+        # the defaults alone: Settings() would read the same bad variables or file again and raise
+        host = PluginHost(Settings.model_construct(), load_entry_points=False)
         for name, ep in sorted(installed_plugins().items()):
             try:
                 host.pm.register(ep.load(), name=name)

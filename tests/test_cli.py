@@ -8,7 +8,7 @@ import orjson
 import pytest
 from typer.testing import CliRunner
 
-from flywheel_loop.engine.cli import app
+from flywheel_loop.engine.cli import app, build_app
 from flywheel_loop.engine.config import Settings
 from flywheel_loop.engine.embedded import EmbeddedServer
 
@@ -74,6 +74,17 @@ def test_bad_configuration_is_reported_with_the_key(monkeypatch: pytest.MonkeyPa
     monkeypatch.setenv("FLYWHEEL_WORKER__BATCH", "-1")
     result = runner.invoke(app, ["config", "show"])
     assert result.exit_code == 2 and "worker.batch = '-1'" in result.output
+
+
+def test_a_bad_engine_setting_in_the_environment_still_builds_the_command(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # the commands are listed before any is run: a bad engine value must not break that with a traceback
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("FLYWHEEL_MODELS__PRECISION", "float32")
+    result = runner.invoke(build_app(), ["config", "show"])
+    assert result.exit_code == 2, result.output
+    assert "models.precision" in result.output and "Traceback" not in result.output
 
 
 def test_config_show_masks_secrets(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
