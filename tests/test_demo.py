@@ -57,19 +57,41 @@ def _helpers_called(source: str) -> set[str]:
             if isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id in HELPER_NAMES}
 
 
+def _shape(source: str) -> str:
+    """A solution's function as a syntax tree with its name, arguments and variables renamed in the order they
+    appear (the helpers and builtins keep theirs): two functions that differ only in names have one shape."""
+    import ast
+    import builtins
+
+    function = next(n for n in ast.parse(source).body if isinstance(n, ast.FunctionDef))
+    names: dict[str, str] = {}
+    keep = set(HELPER_NAMES) | set(dir(builtins))
+    for node in ast.walk(function):
+        if isinstance(node, ast.arg):
+            node.arg = names.setdefault(node.arg, f"v{len(names)}")
+        elif isinstance(node, ast.Name) and node.id not in keep:
+            node.id = names.setdefault(node.id, f"v{len(names)}")
+    function.name = "f"
+    return ast.dump(function)
+
+
+def test_a_renamed_copy_has_the_same_shape_and_another_combination_does_not() -> None:
+    one = f"{LICENSE_HEADER}\ndef tax_label(cents):\n    return money(vat(cents))\n"
+    renamed = f"{LICENSE_HEADER}\ndef vat_text(price):\n    return money(vat(price))\n"
+    other = f"{LICENSE_HEADER}\ndef gross(cents):\n    return money(cents + vat(cents))\n"
+    assert _shape(one) == _shape(renamed) and _shape(one) != _shape(other)
+
+
 def test_the_tasks_teach_the_shop_helpers_and_the_held_out_tasks_combine_them_anew() -> None:
     tasks = load_tasks()
     train = [t for t in tasks if t.split == "train"]
     held_out = [t for t in tasks if t.split == "held_out"]
     taught = {name: sum(name in _helpers_called(t.solution) for t in train) for name in HELPER_NAMES}
     assert min(taught.values()) >= 5, taught  # each helper is corrected into many training answers
-    def body(task: Any) -> str:  # the function's body, whatever its name (after the header and the `def` line)
-        return "\n".join(task.solution.strip().splitlines()[2:])
-
-    bodies = {body(t) for t in train}
+    bodies = {_shape(t.solution) for t in train}
     for task in held_out:
         assert _helpers_called(task.solution), task.id
-        assert body(task) not in bodies, task.id  # a new combination, not a renamed one
+        assert _shape(task.solution) not in bodies, task.id  # a new combination, not a renamed one
     for task in tasks:  # the prompts speak of the house terms, never of the helpers' names
         assert not any(re.search(rf"\b{name}\(", task.prompt) for name in HELPER_NAMES), task.id
 
