@@ -237,8 +237,14 @@ class ModelsConfig(Section):
     precision: Literal["auto", "bf16", "fp32"] = Field(
         default="auto", description="auto = bf16 autocast only where the hardware runs it natively (AVX512-BF16"
         " or AMX, a GPU that supports it) and a short probe measured it faster than fp32 (cached in"
-        " <state_dir>/precision.json per machine); fp32 elsewhere (on AVX2, bf16 is emulated and slower)",
+        " <state_dir>/precision.json per machine); fp32 elsewhere (on AVX2, bf16 is emulated and slower)."
+        " bfloat16 and float32 (curation.embedding.precision's words) are taken as bf16 and fp32",
     )
+
+    @field_validator("precision", mode="before")
+    @classmethod
+    def _one_spelling(cls, value: Any) -> Any:
+        return {"bfloat16": "bf16", "float32": "fp32"}.get(value, value) if isinstance(value, str) else value
 
 
 class TelemetryConfig(Section):

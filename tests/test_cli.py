@@ -81,7 +81,7 @@ def test_a_bad_engine_setting_in_the_environment_still_builds_the_command(
 ) -> None:
     # the commands are listed before any is run: a bad engine value must not break that with a traceback
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("FLYWHEEL_MODELS__PRECISION", "float32")
+    monkeypatch.setenv("FLYWHEEL_MODELS__PRECISION", "fp16")
     result = runner.invoke(build_app(), ["config", "show"])
     assert result.exit_code == 2, result.output
     assert "models.precision" in result.output and "Traceback" not in result.output

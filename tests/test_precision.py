@@ -105,6 +105,19 @@ def test_the_embedder_uses_and_names_the_cached_precision(tmp_path: Path) -> Non
     assert TextEmbedder(CurationConfig(embedding={"precision": "bfloat16"}).embedding, tmp_path).key == auto.key
 
 
+def test_both_precision_settings_take_either_spelling(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from flywheel_loop.engine.config import ConfigError, load_settings
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("FLYWHEEL_MODELS__PRECISION", "float32")
+    assert load_settings().models.precision == "fp32"
+    monkeypatch.setenv("FLYWHEEL_MODELS__PRECISION", "fp16")  # a word of neither: still an error naming the key
+    with pytest.raises(ConfigError, match="models.precision"):
+        load_settings()
+    assert CurationConfig(embedding={"precision": "bf16"}).embedding.precision == "bfloat16"
+    assert CurationConfig(embedding={"precision": "fp32"}).embedding.precision == "float32"
+
+
 def test_the_real_probe_measures_rates_on_this_cpu() -> None:
     found = prec.probe("cpu", lambda p, d: prec.matmul_gflops(p, d, n=64, seconds=0.01, threads=1))
     assert found.fp32_gflops > 0 and found.bf16_gflops > 0

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from flywheel_loop.engine.config import Section
 
@@ -73,10 +73,16 @@ class EmbeddingConfig(Section):
         default="auto",
         description="matrix products in bf16 autocast or fp32; auto = the measured, cached choice of"
         " plugins/shared/precision.py (bf16 only where the CPU runs it natively and it is faster; cosine"
-        " to fp32 >= 0.9999). The vectors and the dataset record the precision used",
+        " to fp32 >= 0.9999). The vectors and the dataset record the precision used. bf16 and fp32"
+        " (models.precision's words) are taken as bfloat16 and float32",
     )
     threads: int | None = Field(default=None, ge=1, description="torch threads while embedding; none = every core")
     flush_s: float = Field(default=1.0, gt=0, description="how long the embedder holds a partial batch")
+
+    @field_validator("precision", mode="before")
+    @classmethod
+    def _one_spelling(cls, value: Any) -> Any:
+        return {"bf16": "bfloat16", "fp32": "float32"}.get(value, value) if isinstance(value, str) else value
 
 
 class TextEmbedder:
