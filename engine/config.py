@@ -225,6 +225,13 @@ class PluginsConfig(Section):
     )
 
 
+#: every spelling of a fixed precision, to models.precision's word (curation.embedding.precision's are bfloat16 and
+#: float32); plugins/shared/precision.py resolves a setting with it too
+PRECISION_SPELLINGS: dict[str, Literal["bf16", "fp32"]] = {
+    "bf16": "bf16", "bfloat16": "bf16", "fp32": "fp32", "float32": "fp32",
+}
+
+
 class ModelsConfig(Section):
     """The base model every feature works with (datasets' chat template, training, evaluation,
     serving), and the precision of matrix work on this machine."""
@@ -244,7 +251,7 @@ class ModelsConfig(Section):
     @field_validator("precision", mode="before")
     @classmethod
     def _one_spelling(cls, value: Any) -> Any:
-        return {"bfloat16": "bf16", "float32": "fp32"}.get(value, value) if isinstance(value, str) else value
+        return PRECISION_SPELLINGS.get(value, value) if isinstance(value, str) else value
 
 
 class TelemetryConfig(Section):

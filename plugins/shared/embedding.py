@@ -27,7 +27,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field, field_validator
 
-from flywheel_loop.engine.config import Section
+from flywheel_loop.engine.config import PRECISION_SPELLINGS, Section
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is fetched from a hub at run time
 
@@ -82,7 +82,8 @@ class EmbeddingConfig(Section):
     @field_validator("precision", mode="before")
     @classmethod
     def _one_spelling(cls, value: Any) -> Any:
-        return {"bf16": "bfloat16", "fp32": "float32"}.get(value, value) if isinstance(value, str) else value
+        short = PRECISION_SPELLINGS.get(value) if isinstance(value, str) else None
+        return {"bf16": "bfloat16", "fp32": "float32"}[short] if short else value
 
 
 class TextEmbedder:

@@ -16,7 +16,6 @@ configured path, which every machine's configuration shares), published when
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 import json
 import logging
@@ -37,6 +36,7 @@ from flywheel_loop.engine.artifacts import (
 )
 from flywheel_loop.engine.config import Settings
 from flywheel_loop.plugins.shared.chat_format import bundled_base_model
+from flywheel_loop.plugins.shared.precision import physical_cores
 from flywheel_loop.plugins.shared.routing import ROUTER_FILE, Router
 
 __all__ = [
@@ -210,24 +210,7 @@ def default_threads() -> int:
         if value.isdigit() and int(value) > 0:
             return int(value)
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return min(_physical_cores() or usable, usable)
-
-
-@functools.cache
-def _physical_cores() -> int | None:
-    """Distinct (package, core) pairs in Linux's /proc/cpuinfo; None elsewhere."""
-    cores: set[tuple[str, str]] = set()
-    package = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "physical id":
-                package = value.strip()
-            elif key.strip() == "core id":
-                cores.add((package, value.strip()))
-    except OSError:
-        return None
-    return len(cores) or None
+    return min(physical_cores() or usable, usable)
 
 
 @contextlib.contextmanager

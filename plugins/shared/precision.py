@@ -24,6 +24,7 @@ overrides the probe; nothing is measured then.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -37,6 +38,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from flywheel_loop.engine.config import PRECISION_SPELLINGS
+
 __all__ = [
     "CACHE_FILE",
     "Measure",
@@ -45,6 +48,7 @@ __all__ = [
     "cpu_native_bf16",
     "machine_fingerprint",
     "matmul_gflops",
+    "physical_cores",
     "probe",
     "resolve_precision",
 ]
@@ -63,8 +67,6 @@ ROUNDS = 5
 #: part of the machine's fingerprint: a result cached by an earlier probe (two threads, one round each, which
 #: a busy machine could mislead) is measured again
 PROBE_VERSION = "probe-2"
-#: spellings accepted for a fixed setting
-_ALIASES: dict[str, Precision] = {"bf16": "bf16", "bfloat16": "bf16", "fp32": "fp32", "float32": "fp32"}
 
 _MEMO: dict[tuple[str, str], ProbeResult] = {}
 _LOCK = threading.Lock()
@@ -83,18 +85,29 @@ class ProbeResult:
     measured_at: float
 
 
-def _cpu_info() -> tuple[str, set[str]]:
-    """The CPU's model name and feature flags (Linux's /proc/cpuinfo; empty elsewhere)."""
-    model, flags = platform.processor() or platform.machine(), set()
+@functools.cache
+def _cpuinfo() -> tuple[dict[str, str], ...]:
+    """Linux's /proc/cpuinfo, one record per logical CPU (empty elsewhere); read once per process."""
+    records: list[dict[str, str]] = [{}]
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             key, _, value = line.partition(":")
-            if key.strip() == "model name" and value.strip():
-                model = value.strip()
-            elif key.strip() == "flags":
-                flags = set(value.split())
-                break
-    return model, flags
+            if not key.strip():
+                records.append({})
+            else:
+                records[-1][key.strip()] = value.strip()
+    return tuple(r for r in records if r)
+
+
+def _cpu_info() -> tuple[str, set[str]]:
+    """The CPU's model name and feature flags (from the first logical CPU; the platform's name elsewhere)."""
+    first = _cpuinfo()[0] if _cpuinfo() else {}
+    return first.get("model name") or platform.processor() or platform.machine(), set(first.get("flags", "").split())
+
+
+def physical_cores() -> int | None:
+    """Distinct (package, core) pairs of /proc/cpuinfo; None where it does not say."""
+    return len({(r.get("physical id", ""), r["core id"]) for r in _cpuinfo() if "core id" in r}) or None
 
 
 def cpu_native_bf16() -> bool:
@@ -230,8 +243,8 @@ def resolve_precision(setting: str, device: str = "cpu", cache_dir: Path | None 
                       measure: Measure | None = None, native: bool | None = None) -> Precision:
     """``bf16`` or ``fp32`` for a precision setting: a fixed one as it is (``bfloat16`` and
     ``float32`` spell the same), ``auto`` by the cached probe of ``device``."""
-    if setting in _ALIASES:
-        return _ALIASES[setting]
+    if setting in PRECISION_SPELLINGS:
+        return PRECISION_SPELLINGS[setting]
     if setting != "auto":
         raise ValueError(f"precision must be auto, bf16 or fp32, not {setting!r}")
     return cached_probe(device, cache_dir, measure, native).chosen
