@@ -36,6 +36,7 @@ from flywheel_loop.engine.artifacts import (
 )
 from flywheel_loop.engine.config import Settings
 from flywheel_loop.plugins.shared.chat_format import bundled_base_model
+from flywheel_loop.plugins.shared.openmp import release_pool
 from flywheel_loop.plugins.shared.precision import physical_cores
 from flywheel_loop.plugins.shared.routing import ROUTER_FILE, Router
 
@@ -221,7 +222,11 @@ def torch_threads(n: int | None) -> Iterator[None]:
     thread: a worker of ``asyncio.to_thread`` started while another block ran on 1 thread keeps 1. So a
     block without a count does not take the count it finds: measured, the demo's second run in one process
     generated its rehearsal on 1 thread instead of 2, and greedy bf16 answers depend on the thread count (1
-    of a batch of 32 differed), so it built another dataset than the first run."""
+    of a batch of 32 differed), so it built another dataset than the first run.
+
+    When the block ends, the thread's OpenMP workers are given back (``plugins/shared/openmp.py``): pools left
+    on idle threads put the threads of the next job to sleep at every barrier (measured: training at half
+    speed)."""
     import torch
 
     before = torch.get_num_threads()
@@ -230,6 +235,7 @@ def torch_threads(n: int | None) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+        release_pool()
 
 
 def load_base(folder: Path) -> tuple[Any, Any]:
