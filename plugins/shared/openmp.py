@@ -12,8 +12,9 @@ the process and at 101 tokens/s without (the same loop, the same data; ``GOMP_SP
 change the throttled count).
 
 ``release_pool()`` frees the calling thread's pool (OpenMP 5's ``omp_pause_resource_all`` with
-``omp_pause_soft``, which in libgomp frees the pool of the thread that calls it and of no other); the
-next parallel loop of that thread starts a new one. ``torch_threads`` calls it when its block ends.
+``omp_pause_soft``, which in libgomp joins the workers of the calling thread's pool and of no other, and
+lowers the process-wide count of managed threads) in every libgomp copy the process has loaded; the next
+parallel loop of that thread starts a new pool. ``torch_threads`` calls it when its block ends.
 Elsewhere (LLVM's or Intel's OpenMP, macOS, no OpenMP loaded) it does nothing: their pause acts on
 the whole process.
 """
@@ -21,7 +22,6 @@ the whole process.
 from __future__ import annotations
 
 import ctypes
-import functools
 import sys
 from typing import Any
 
@@ -31,30 +31,43 @@ __all__ = ["release_pool"]
 _PAUSE_SOFT = 1
 
 
-@functools.cache
-def _libgomp() -> Any | None:
-    """The GNU OpenMP runtime this process has loaded (torch's own copy), or None."""
+#: the pause function of each libgomp copy seen so far, by path
+_PAUSES: dict[str, Any] = {}
+
+
+def _loaded_libgomps() -> list[str]:
+    """The paths of the GNU OpenMP runtimes this process has loaded: torch's own copy, and others that came
+    with other packages (scikit-learn ships one, loaded by sentence-transformers' import of it)."""
     if not sys.platform.startswith("linux"):
-        return None
+        return []
     try:
         with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
             paths = {line.split(None, 5)[-1].strip() for line in maps if "libgomp" in line}
     except OSError:
-        return None
-    for path in sorted(p for p in paths if p.startswith("/")):
+        return []
+    return sorted(p for p in paths if p.startswith("/"))
+
+
+def _pause(path: str) -> Any | None:
+    if path not in _PAUSES:
         try:
-            lib = ctypes.CDLL(path)  # already loaded: the same handle, nothing loaded twice
-            pause = lib.omp_pause_resource_all
+            pause = ctypes.CDLL(path).omp_pause_resource_all  # already loaded: the same handle, nothing loaded twice
+            pause.argtypes = [ctypes.c_int]
+            pause.restype = ctypes.c_int
         except (OSError, AttributeError):  # an older libgomp without OpenMP 5's pause
-            continue
-        pause.argtypes = [ctypes.c_int]
-        pause.restype = ctypes.c_int
-        return pause
-    return None
+            pause = None
+        _PAUSES[path] = pause
+    return _PAUSES[path]
 
 
 def release_pool() -> bool:
-    """Free the calling thread's OpenMP worker pool; True when there was a runtime to ask (and it agreed).
-    Call it outside any parallel region (libgomp refuses inside one, and nothing is freed)."""
-    pause = _libgomp()
-    return pause is not None and pause(_PAUSE_SOFT) == 0
+    """Free the calling thread's OpenMP worker pool in every GNU OpenMP runtime loaded (each copy keeps its own
+    pools); True when at least one was asked and agreed. Call it outside any parallel region (libgomp refuses
+    inside one, and nothing is freed). The process's memory map is read on each call: a runtime loaded later
+    (an import after the first block) is found too."""
+    released = False
+    for path in _loaded_libgomps():
+        pause = _pause(path)
+        if pause is not None and pause(_PAUSE_SOFT) == 0:
+            released = True
+    return released
