@@ -31,8 +31,10 @@ __all__ = ["release_pool"]
 _PAUSE_SOFT = 1
 
 
-#: the pause function of each libgomp copy seen so far, by path
+#: the pause function of each libgomp copy found so far, by path (None: one without OpenMP 5's pause)
 _PAUSES: dict[str, Any] = {}
+#: how many modules were imported when /proc/self/maps was last read
+_SCANNED_AT = -1
 
 
 def _loaded_libgomps() -> list[str]:
@@ -48,26 +50,35 @@ def _loaded_libgomps() -> list[str]:
     return sorted(p for p in paths if p.startswith("/"))
 
 
-def _pause(path: str) -> Any | None:
-    if path not in _PAUSES:
-        try:
-            pause = ctypes.CDLL(path).omp_pause_resource_all  # already loaded: the same handle, nothing loaded twice
-            pause.argtypes = [ctypes.c_int]
-            pause.restype = ctypes.c_int
-        except (OSError, AttributeError):  # an older libgomp without OpenMP 5's pause
-            pause = None
-        _PAUSES[path] = pause
-    return _PAUSES[path]
+def _pause_of(path: str) -> Any | None:
+    try:
+        pause = ctypes.CDLL(path).omp_pause_resource_all  # already loaded: the same handle, nothing loaded twice
+    except (OSError, AttributeError):  # an older libgomp without OpenMP 5's pause
+        return None
+    pause.argtypes = [ctypes.c_int]
+    pause.restype = ctypes.c_int
+    return pause
+
+
+def _pauses() -> list[Any]:
+    """The pause function of every libgomp copy loaded. The memory map costs about 3 ms to read (1,400 lines in
+    an engine process) and ``torch_threads`` blocks run per served request and per embedding batch, so it is read
+    again only after an import: a library that brings its own libgomp is loaded by importing a module."""
+    global _SCANNED_AT
+    if len(sys.modules) != _SCANNED_AT:
+        _SCANNED_AT = len(sys.modules)  # before reading: a module imported meanwhile is looked for next time
+        for path in _loaded_libgomps():
+            if path not in _PAUSES:
+                _PAUSES[path] = _pause_of(path)
+    return [pause for pause in _PAUSES.values() if pause is not None]
 
 
 def release_pool() -> bool:
     """Free the calling thread's OpenMP worker pool in every GNU OpenMP runtime loaded (each copy keeps its own
     pools); True when at least one was asked and agreed. Call it outside any parallel region (libgomp refuses
-    inside one, and nothing is freed). The process's memory map is read on each call: a runtime loaded later
-    (an import after the first block) is found too."""
+    inside one, and nothing is freed)."""
     released = False
-    for path in _loaded_libgomps():
-        pause = _pause(path)
-        if pause is not None and pause(_PAUSE_SOFT) == 0:
+    for pause in _pauses():
+        if pause(_PAUSE_SOFT) == 0:
             released = True
     return released
