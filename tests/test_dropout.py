@@ -86,3 +86,27 @@ def test_a_bf16_input_is_scaled_by_one_over_one_minus_p_without_rounding_the_sca
     # leaves the mean ratio at 1.1111 within a few parts in 100,000
     ratio = (out[kept].float() / x[kept].float()).mean().item()
     assert ratio == pytest.approx(1 / 0.9, rel=3e-4)
+
+
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("p", [0.1, 0.3])
+def test_output_and_gradient_are_torchs_dropout_with_the_pcg64_mask(dtype: torch.dtype, p: float) -> None:
+    # the masks and their rounding decide the trained weights: a faster way to apply them must give these bits
+    import numpy as np
+
+    x = torch.randn(2, 50, 40).to(dtype).requires_grad_(True)
+    upstream = torch.randn(2, 50, 40).to(dtype)
+    torch.manual_seed(5)
+    y = SeededDropout(p).train()(x)
+    y.backward(upstream)
+    torch.manual_seed(5)
+    seed = int(torch.randint(0, 2**62, (1,)).item())
+    uniform = np.random.Generator(np.random.PCG64(seed)).random(4000, dtype=np.float32)
+    keep = torch.from_numpy(uniform).view(2, 50, 40) >= p
+    ref_x = x.detach().clone().requires_grad_(True)
+    ref = (ref_x * keep.to(dtype)).mul(1.0 / (1.0 - p))  # torch's own operations on the documented mask
+    ref.backward(upstream)
+    assert y.dtype == dtype and torch.equal(y, ref)
+    assert x.grad is not None and ref_x.grad is not None and torch.equal(x.grad, ref_x.grad)
