@@ -24,7 +24,7 @@ e. the before/after table: test pass rate and convention adherence per phase, re
    log (``engine/demo/figures.py``), and forgetting and the verdict from ``evaluation.completed``.
 
 A gate that refuses the adapter is a valid ending: the demo shows the reasons and stops after (c).
-Settings sized for a 2-core CPU (about 8 minutes with native bf16, README) are in ``demo_settings``; the user's
+Settings sized for a 2-core CPU (8 to 13 minutes with native bf16, README) are in ``demo_settings``; the user's
 configuration still decides everything the demo does not set.
 """
 
