@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Literal
 
 import pytest
 
@@ -111,3 +112,27 @@ async def test_close_spills_unsent_events_to_a_replayable_file(tmp_path: Path) -
     spill = Path(str(info.value).split("saved to ")[1].split(" — ")[0])
     saved = [parse_event(raw).id for raw in events_from_jsonl(spill.read_bytes())]
     assert saved == ids
+
+
+async def test_an_idle_recorder_waits_without_polling_and_sends_the_next_event(bus: Bus, settings: Settings) -> None:
+    # an agent's recorder sits idle most of the time: it polled every 10 ms (2.5 % of a core); now it waits for an
+    # event with no timer, and the first event after the pause is still sent without another to fill its batch
+    class CountingEvent(asyncio.Event):
+        waits = 0
+
+        async def wait(self) -> Literal[True]:
+            CountingEvent.waits += 1
+            return await super().wait()
+
+    async with Recorder(settings, url=bus.url, source="idle") as rec:
+        assert rec._wakeup is not None
+        rec._wakeup = CountingEvent()
+        await rec.record_interaction(**TURN)  # wakes the publisher from its first wait
+        await rec.flush(10)
+        CountingEvent.waits = 0
+        await asyncio.sleep(0.5)
+        assert CountingEvent.waits <= 1  # polling every 10 ms waited about 50 times
+        iid = await rec.record_interaction(**{**TURN, "input": "after the pause"})
+        await rec.flush(10)
+    stored = await read_log(bus, "raw")
+    assert [e.id for e in stored][-1] == iid and len(stored) == 2
