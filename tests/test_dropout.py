@@ -88,8 +88,6 @@ def test_a_bf16_input_is_scaled_by_one_over_one_minus_p_without_rounding_the_sca
     assert ratio == pytest.approx(1 / 0.9, rel=3e-4)
 
 
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("p", [0.1, 0.3])
 def test_output_and_gradient_are_torchs_dropout_with_the_pcg64_mask(dtype: torch.dtype, p: float) -> None:

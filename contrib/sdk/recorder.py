@@ -288,11 +288,16 @@ class Recorder:
         finally:
             self._idle = False
         if 0 < len(self._buf) < self.batch and not self._closing:
-            self._wakeup.clear()
-            try:
-                await asyncio.wait_for(self._wakeup.wait(), LINGER_S)
-            except TimeoutError:
-                pass
+            await self._sleep(LINGER_S)
+
+    async def _sleep(self, seconds: float) -> None:
+        """Wait ``seconds``, or less when the publisher is woken."""
+        assert self._wakeup is not None
+        self._wakeup.clear()
+        try:
+            await asyncio.wait_for(self._wakeup.wait(), seconds)
+        except TimeoutError:
+            pass
 
     async def _publish_round(self, bus: EventPublisher) -> BaseException | None:
         """Publish up to ``in_flight`` batches from the buffer at once (pipelined: each batch's acks are
@@ -448,14 +453,6 @@ class SpillingRecorder(Recorder):
             self._down_since = now
         elif now - self._down_since >= self.spill_after_s and self._buf:
             self._spill_buffer()
-
-    async def _sleep(self, seconds: float) -> None:
-        assert self._wakeup is not None
-        self._wakeup.clear()
-        try:
-            await asyncio.wait_for(self._wakeup.wait(), seconds)
-        except TimeoutError:
-            pass
 
     async def _publish_spilled(self) -> bool:
         """Publish the spill files in order; False when the bus failed again (what is left stays on disk)."""
