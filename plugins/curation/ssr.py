@@ -192,6 +192,7 @@ def _order(prompts: list[str], seed: int) -> list[str]:
 def _generate(folder: Path, prompts: list[str], cfg: SsrConfig, bf16: bool) -> list[Candidate]:
     import torch
 
+    from flywheel_loop.plugins.shared.inference import GrowingCache
     from flywheel_loop.plugins.shared.models import load_base, torch_threads
 
     model, tokenizer = load_base(folder)
@@ -209,7 +210,7 @@ def _generate(folder: Path, prompts: list[str], cfg: SsrConfig, bf16: bool) -> l
             stop = closed_fence(tokenizer, start) if cfg.stop_after_code else None
             generated = model.generate(**enc, max_new_tokens=cfg.max_new_tokens, do_sample=False,
                                        pad_token_id=tokenizer.pad_token_id, eos_token_id=sorted(eos),
-                                       stopping_criteria=stop)
+                                       stopping_criteria=stop, cache=GrowingCache())
             for prompt, row in zip(chunk, generated, strict=True):
                 new = row[start:].tolist()
                 finished = any(t in eos for t in new)

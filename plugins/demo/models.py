@@ -68,6 +68,8 @@ class LocalModel:
     def answer_many(self, prompts: list[str]) -> list[Answer]:
         import torch
 
+        from flywheel_loop.plugins.shared.inference import GrowingCache
+
         answers: list[Answer] = []
         for i in range(0, len(prompts), self.batch):
             chunk = prompts[i : i + self.batch]
@@ -86,7 +88,7 @@ class LocalModel:
                     max_new_tokens=self.max_new_tokens,
                     do_sample=False,
                     pad_token_id=self.tokenizer.pad_token_id,
-                    stopping_criteria=closed_fence(self.tokenizer, start),
+                    stopping_criteria=closed_fence(self.tokenizer, start), cache=GrowingCache(),
                 )
             elapsed = (time.monotonic() - began) * 1000 / len(chunk)
             for row, mask in zip(out, enc["attention_mask"], strict=True):

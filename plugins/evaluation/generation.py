@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from flywheel_loop.plugins.shared.inference import GrowingCache
 from flywheel_loop.plugins.shared.stopping import closed_fence
 
 __all__ = ["Generations", "chat_prompt", "generate"]
@@ -60,7 +61,7 @@ def generate(
             with torch.no_grad(), ctx:
                 out = model.generate(
                     **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
-                    stopping_criteria=stop,
+                    stopping_criteria=stop, cache=GrowingCache(),
                 )
             new = out[:, enc["input_ids"].shape[1] :]
             for row in new:

@@ -103,6 +103,7 @@ def sample_task(
     tests read only the code, and the prose after it costs most of a small model's tokens."""
     import torch
 
+    from flywheel_loop.plugins.shared.inference import GrowingCache
     from flywheel_loop.plugins.shared.stopping import closed_fence, through_code
 
     prompt = chat_prompt(tokenizer, task.prompt)
@@ -117,6 +118,7 @@ def sample_task(
             out = model.generate(
                 **enc, max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature, top_p=top_p,
                 top_k=0, num_return_sequences=k, pad_token_id=tokenizer.pad_token_id, stopping_criteria=stop,
+                cache=GrowingCache(),
             )
     finally:
         model.train(was_training)

@@ -112,6 +112,8 @@ class ChatModel:
 
     def _generate(self, enc: Any, max_tokens: int, temperature: float, base: bool = False, **extra: Any) -> list[int]:
         """The generated token ids up to (not including) the end-of-sequence token; ``base``: the adapter off."""
+        from flywheel_loop.plugins.shared.inference import GrowingCache
+
         tok = self.tokenizer
         sampling: dict[str, Any] = {"do_sample": False}
         if temperature > 0:
@@ -119,7 +121,7 @@ class ChatModel:
 
         with self.lock, self._generating(base):
             out = self.model.generate(**enc, max_new_tokens=max_tokens, pad_token_id=tok.pad_token_id, **sampling,
-                                      **extra)
+                                      cache=GrowingCache(), **extra)
         return self._cut(out[0, enc["input_ids"].shape[1]:].tolist())
 
     def _generate_base_rows(self, prompts: Sequence[list[int]], limits: Sequence[int]) -> list[list[int]]:
@@ -131,6 +133,8 @@ class ChatModel:
         each at most its limit (``base``: the adapter off); the caller holds the lock."""
         import torch
         from transformers import StoppingCriteria, StoppingCriteriaList
+
+        from flywheel_loop.plugins.shared.inference import GrowingCache
 
         tok = self.tokenizer
         width = max(len(p) for p in prompts)
@@ -145,7 +149,7 @@ class ChatModel:
         with self._generating(base):
             out = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=False,
                                       max_new_tokens=max(limits), pad_token_id=tok.pad_token_id,
-                                      stopping_criteria=StoppingCriteriaList([RowLimit()]))
+                                      stopping_criteria=StoppingCriteriaList([RowLimit()]), cache=GrowingCache())
         return [self._cut(row[:n]) for row, n in zip(out[:, width:].tolist(), limits, strict=True)]
 
     def complete(self, messages: list[dict[str, str]], max_tokens: int, temperature: float) -> tuple[str, int, int]:
@@ -235,6 +239,11 @@ def load_chat_model(base_dir: Path, adapter_dir: Path | None, name: str, threads
     except Exception as exc:  # transformers/peft raise OSError, ValueError, KeyError, RuntimeError...
         raise RuntimeUnavailable(f"could not load {name} ({base_dir} + {adapter_dir or 'no adapter'}): {exc}") from exc
     model.eval()
+    model.requires_grad_(False)  # a served model answers and is never trained
+    if bf16:
+        from flywheel_loop.plugins.shared.inference import store_frozen_in_bf16
+
+        store_frozen_in_bf16(model)  # the same products, without autocast casting every weight at every token
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return ChatModel(model=model, tokenizer=tokenizer, name=name, threads=threads, bf16=bf16, max_batch=max_batch,
