@@ -53,7 +53,7 @@ class Answerer(Protocol):
 class LocalModel:
     """The base model, loaded in this process with transformers."""
 
-    def __init__(self, folder: Path, name: str, max_new_tokens: int = 160, batch: int = 16) -> None:
+    def __init__(self, folder: Path, name: str, max_new_tokens: int = 160, batch: int = 32) -> None:
         # imported by name: the trainer's module is a plugin, outside the engine's type-checked packages
         models = importlib.import_module("flywheel_loop.plugins.shared.models")
         load_base = models.load_base
