@@ -28,6 +28,24 @@ def make_tiny_model(folder: Path, tokenizer: Any) -> Path:
     return folder
 
 
+def random_lora(folder: Path, target_modules: list[str], std: float, seed: int, r: int = 4, dropout: float = 0.0
+                ) -> tuple[Any, Any]:
+    """(PEFT model, tokenizer): ``folder``'s model with a LoRA adapter whose B matrices are drawn from N(0, std)
+    (they start at zero: moved, the adapter changes every output)."""
+    from peft import LoraConfig, get_peft_model
+
+    from flywheel_loop.plugins.shared.models import load_base
+
+    model, tokenizer = load_base(folder)
+    torch.manual_seed(seed)
+    peft = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=dropout, target_modules=target_modules))
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, std)
+    return peft, tokenizer
+
+
 def store_random_adapter(base_dir: Path, state_dir: Path, seed: int) -> str:
     """A real LoRA adapter on ``base_dir`` with large random weights (so it changes the greedy answers), stored
     as the trainer stores it; return its hash."""

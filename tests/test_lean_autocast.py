@@ -19,7 +19,7 @@ from flywheel_loop.plugins.shared.chat_format import bundled_base_model, load_fo
 from flywheel_loop.plugins.shared.models import load_base
 from flywheel_loop.plugins.shared.packing import IGNORE, collate, cross_entropy_sum, pack, token_losses, tokenize_rows
 from flywheel_loop.plugins.training.lean_autocast import lean_autocast
-from tests.serving import make_tiny_model
+from tests.serving import make_tiny_model, random_lora
 
 ROWS = [
     ("What is 2 + 2?", "2 + 2 is 4."),
@@ -38,15 +38,8 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any]:
 
 
 def lora(folder: Path) -> tuple[Any, Any]:
-    model, tok = load_base(folder)
-    torch.manual_seed(1)
-    peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
-                                            target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
-    with torch.no_grad():  # B starts at zero: move it so every gradient depends on the whole network
-        for name, p in peft.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.5)
-    return peft, tok
+    # B moved from zero, so every gradient depends on the whole network
+    return random_lora(folder, ["q_proj", "k_proj", "v_proj", "o_proj"], std=0.5, seed=1)
 
 
 def batch_of(tok: Any, formatter: Any) -> dict[str, Any]:

@@ -34,6 +34,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(ROOT))  # the random adapter is the test suite's (tests/serving.py)
 
 
 def _prompts(tokenizer: Any, n: int) -> list[str]:
@@ -46,20 +47,11 @@ def _prompts(tokenizer: Any, n: int) -> list[str]:
 
 def _version(folder: Path, bf16: bool, stored: bool) -> Any:
     """The base model with a LoRA adapter on every projection (random, so it changes the answers), frozen."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-
     from flywheel_loop.plugins.shared.inference import store_frozen_in_bf16
-    from flywheel_loop.plugins.shared.models import load_base
+    from tests.serving import random_lora
 
-    model, _ = load_base(folder)
-    torch.manual_seed(0)
-    peft = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=[
-        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
-    with torch.no_grad():
-        for name, p in peft.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.02)
+    peft, _ = random_lora(folder, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                          std=0.02, seed=0, r=16)
     peft.requires_grad_(False)
     peft.eval()
     if bf16 and stored:
