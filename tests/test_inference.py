@@ -13,7 +13,7 @@ from transformers.cache_utils import DynamicLayer
 
 from flywheel_loop.plugins.serving.runtimes.transformers_server import load_chat_model
 from flywheel_loop.plugins.shared.chat_format import bundled_base_model, load_formatter
-from flywheel_loop.plugins.shared.inference import GrowingCache, GrowingLayer, store_frozen_in_bf16
+from flywheel_loop.plugins.shared.inference import GrowingCache, GrowingLayer, for_answering, store_frozen_in_bf16
 from flywheel_loop.plugins.shared.models import load_base
 from tests.serving import make_tiny_model, random_lora, store_random_adapter
 
@@ -132,6 +132,27 @@ def test_frozen_weights_stored_in_bf16_give_autocasts_tokens_and_logits(tiny: Pa
         assert torch.equal(model(**enc).logits, reference(**enc).logits)
         with model.disable_adapter(), reference.disable_adapter():
             assert torch.equal(model(**enc).logits, reference(**enc).logits)
+
+
+def test_a_model_made_for_answering_samples_what_autocast_sampled(tiny: Path) -> None:
+    reference, tokenizer = lora_model(tiny)
+    model, _ = lora_model(tiny)
+    model.train()
+    model.requires_grad_(True)
+    for_answering(model, bf16=True)  # as the sampler of verified attempts holds the model in service
+    assert not model.training and not any(p.requires_grad for p in model.parameters())
+    enc = left_padded(tokenizer)
+    outs = []
+    for m in (reference, model):
+        torch.manual_seed(11)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            outs.append(m.generate(**enc, max_new_tokens=16, min_new_tokens=16, do_sample=True, temperature=1.0,
+                                   top_k=0, num_return_sequences=2, pad_token_id=tokenizer.pad_token_id,
+                                   cache=GrowingCache()))
+    assert torch.equal(outs[0], outs[1])
+    plain, _ = lora_model(tiny)
+    for_answering(plain, bf16=False)
+    assert all(p.dtype == torch.float32 and not p.requires_grad for p in plain.parameters())
 
 
 def test_weights_that_are_trained_are_left_alone(tiny: Path) -> None:

@@ -79,7 +79,7 @@ from flywheel_loop.plugins.evaluation.settings import EvaluatorConfig
 from flywheel_loop.plugins.evaluation.stats import Paired
 from flywheel_loop.plugins.evaluation.suite import SuiteError, focused_sample, open_suite, sample, task_rows
 from flywheel_loop.plugins.shared.datasets import DatasetUnusable, dataset_folder, read_split
-from flywheel_loop.plugins.shared.inference import store_frozen_in_bf16
+from flywheel_loop.plugins.shared.inference import for_answering
 from flywheel_loop.plugins.shared.models import (
     AdapterUnusable,
     BaseModelUnusable,
@@ -235,10 +235,9 @@ def _measure(
     model = PeftModel.from_pretrained(base, str(adapter_dir), adapter_name="candidate")
     if service_dir is not None:
         model.load_adapter(str(service_dir), adapter_name="service")
-    model.eval()
     bf16 = use_bf16(settings.models.precision, "cpu", settings.state_dir)
-    if bf16:  # every use below is under bf16 autocast: the same products, without a cast of each weight per call
-        store_frozen_in_bf16(model)
+    # every use below is under bf16 autocast where bf16: the same products, without a cast of each weight per call
+    for_answering(model, bf16)
 
     @contextlib.contextmanager
     def variant(name: str) -> Iterator[Any]:

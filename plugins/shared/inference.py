@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
-__all__ = ["GrowingCache", "GrowingLayer", "store_frozen_in_bf16"]
+__all__ = ["GrowingCache", "GrowingLayer", "for_answering", "store_frozen_in_bf16"]
 
 
 class GrowingLayer(DynamicLayer):  # type: ignore[no-untyped-call]  # (transformers' __init_subclass__)
@@ -86,3 +86,12 @@ def store_frozen_in_bf16(model: nn.Module) -> int:
             module.weight = nn.Parameter(module.weight.detach().to(torch.bfloat16), requires_grad=False)
             stored += 1
     return stored
+
+
+def for_answering(model: nn.Module, bf16: bool) -> None:
+    """Make ``model`` a model that only answers: eval mode, every parameter frozen, and with ``bf16`` (it will run
+    under bf16 autocast) its frozen linear weights stored in bf16."""
+    model.eval()
+    model.requires_grad_(False)
+    if bf16:
+        store_frozen_in_bf16(model)

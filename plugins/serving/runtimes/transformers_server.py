@@ -238,12 +238,9 @@ def load_chat_model(base_dir: Path, adapter_dir: Path | None, name: str, threads
         raise
     except Exception as exc:  # transformers/peft raise OSError, ValueError, KeyError, RuntimeError...
         raise RuntimeUnavailable(f"could not load {name} ({base_dir} + {adapter_dir or 'no adapter'}): {exc}") from exc
-    model.eval()
-    model.requires_grad_(False)  # a served model answers and is never trained
-    if bf16:
-        from flywheel_loop.plugins.shared.inference import store_frozen_in_bf16
+    from flywheel_loop.plugins.shared.inference import for_answering
 
-        store_frozen_in_bf16(model)  # the same products, without autocast casting every weight at every token
+    for_answering(model, bf16)  # the same products, without autocast casting every weight at every token
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return ChatModel(model=model, tokenizer=tokenizer, name=name, threads=threads, bf16=bf16, max_batch=max_batch,
