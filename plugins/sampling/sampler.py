@@ -108,9 +108,9 @@ def sample_round(
             to_adapter = router.routes([t.prompt for t in tasks], embed)
     solved = passed_total = 0
     p1 = 0.0
-    bf16 = use_bf16(settings.models.precision, "cpu", settings.state_dir)
     from flywheel_loop.plugins.shared.inference import for_answering
 
+    bf16 = use_bf16(settings.models.precision, "cpu", settings.state_dir)
     for_answering(model, bf16)  # sampled under bf16 autocast where bf16: the same products, fewer casts
     with torch_threads(cfg.threads):
         for i, (task, mine) in enumerate(zip(tasks, to_adapter, strict=True), 1):

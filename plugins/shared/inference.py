@@ -4,12 +4,14 @@ Two things, each giving the same tokens bit for bit as plain ``model.generate``:
 
 - ``GrowingCache``: a key/value cache for ``generate(..., cache=GrowingCache())``. transformers' default
   ``DynamicCache`` appends each new token's keys and values with ``torch.cat``, which copies the whole cache
-  of every layer at every step (for 16 answers of 160 tokens on SmolLM2-135M, about 4 MB per layer per step).
+  of every layer at every step (16 answers of 160 tokens on SmolLM2-135M: up to 4 MB of keys and as much of
+  values per layer and step).
   Here each layer writes into a buffer that doubles when full and hands attention a view of the filled part:
   the same keys and values, in the same order, with no copy.
-- ``store_frozen_in_bf16(model)``: for a model that only answers, under bf16 autocast. Autocast casts every
-  linear layer's float32 weight to bf16 on each call unless the weight requires a gradient (then it caches the
-  cast for the length of the ``autocast`` block); the frozen base weights of a PEFT model are cast again at
+- ``store_frozen_in_bf16(model)`` (through ``for_answering(model, bf16)``, which also freezes the model and puts
+  it in eval mode): for a model that only answers, under bf16 autocast. Autocast casts every linear layer's
+  float32 weight to bf16 on each call unless the weight requires a gradient (then it caches the cast for the
+  length of the ``autocast`` block); the frozen base weights of a PEFT model are cast again at
   every generated token, and the output layer's 49k x 576 weight with them. Storing those weights in bf16 once
   (the values autocast casts them to; a frozen adapter's too) gives the matrix products the same operands.
   The output layer gets a bf16 weight of its own, so the input embeddings it may be tied to stay float32 (an
