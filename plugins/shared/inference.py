@@ -38,7 +38,6 @@ class GrowingLayer(DynamicLayer):  # type: ignore[no-untyped-call]  # (transform
 
     _view: torch.Tensor | None = None
     _buffers: tuple[torch.Tensor, torch.Tensor]
-    _filled: int
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
                ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -48,16 +47,15 @@ class GrowingLayer(DynamicLayer):  # type: ignore[no-untyped-call]  # (transform
             raise RuntimeError("the cache layer holds no keys after its initialisation")
         if self.keys is not self._view:  # the first update, or another method replaced the states
             self._buffers = (self.keys, self.values)
-            self._filled = self.keys.shape[-2] if self.keys.numel() else 0
         keys, values = self._buffers
-        start, end = self._filled, self._filled + key_states.shape[-2]
+        start = self.keys.shape[-2] if self.keys.numel() else 0  # the filled part is what ``keys`` shows
+        end = start + key_states.shape[-2]
         if end > (keys.shape[-2] if keys.numel() else 0):
             keys = _grown(keys, key_states, start, 2 * end)
             values = _grown(values, value_states, start, 2 * end)
             self._buffers = (keys, values)
         keys[..., start:end, :] = key_states
         values[..., start:end, :] = value_states
-        self._filled = end
         self.keys, self.values = keys[..., :end, :], values[..., :end, :]
         self._view = self.keys
         return self.keys, self.values
