@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
-from flywheel_loop.plugins.training.dropout import SeededDropout, use_seeded_dropout
+from flywheel_loop.plugins.training.dropout import SeededDropout, _kept, use_seeded_dropout
 
 
 def test_masks_keep_one_minus_p_and_scale_what_they_keep() -> None:
@@ -20,6 +21,15 @@ def test_masks_keep_one_minus_p_and_scale_what_they_keep() -> None:
     # independent elements: the kept share of rows varies as a binomial's would (sd 0.019), not 0 or 1
     rows = kept.float().mean(dim=1)
     assert 0.005 < float(rows.std()) < 0.04
+
+
+@pytest.mark.parametrize("p", [0.05, 0.1, 0.25, 0.5, 0.9, 1 / 3, 1 - 2**-26])
+@pytest.mark.parametrize("n", [1, 7, 4096, 147_457])
+def test_masks_from_raw_draws_are_those_of_the_float_draws(p: float, n: int) -> None:
+    # the masks the earlier version drew: NumPy's float32 uniforms compared with p (the adapters' bytes depend on it)
+    for seed in (0, 1, 2**61 + 12345):
+        floats = np.random.Generator(np.random.PCG64(seed)).random(n, dtype=np.float32)
+        assert np.array_equal(_kept(seed, n, p), floats >= np.float32(p))
 
 
 def test_the_same_torch_seed_gives_the_same_masks_and_the_gradient_is_the_mask() -> None:

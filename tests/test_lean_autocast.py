@@ -68,6 +68,19 @@ class CastCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+class ShapeCasts(TorchDispatchMode):
+    """The shapes of the tensors cast to another dtype."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shapes: set[tuple[int, ...]] = set()
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if func is torch.ops.aten._to_copy.default:
+            self.shapes.add(tuple(args[0].shape))
+        return func(*args, **(kwargs or {}))
+
+
 @needs_tokenizer
 def test_the_same_loss_and_gradients_with_fewer_casts(tiny: tuple[Path, Any]) -> None:
     folder, formatter = tiny
@@ -125,6 +138,29 @@ def test_a_run_that_raises_leaves_the_model_as_it_was_and_tied_weights_stay_floa
         raise RuntimeError("stopped")
     assert all(p.dtype == torch.float32 and torch.equal(p, before[n]) for n, p in peft.named_parameters())
     assert not any(m._forward_pre_hooks for m in peft.modules())
+
+
+@needs_tokenizer
+def test_a_tied_output_layer_reads_a_bf16_copy_and_is_tied_again(tiny: tuple[Path, Any]) -> None:
+    folder, formatter = tiny
+    model, tok = lora(folder)
+    embeddings = model.get_input_embeddings().weight
+    output = model.get_output_embeddings()
+    assert output.weight is embeddings
+    batch = batch_of(tok, formatter)
+    model.eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = model(input_ids=batch["input_ids"]).logits
+    with lean_autocast(model):
+        assert output.weight is not embeddings and not output.weight.requires_grad
+        assert output.weight.dtype == torch.bfloat16 and embeddings.dtype == torch.float32
+        assert torch.equal(output.weight, embeddings.detach().to(torch.bfloat16))  # what autocast cast it to
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), ShapeCasts() as counted:
+            lean = model(input_ids=batch["input_ids"]).logits
+    assert tuple(embeddings.shape) not in counted.shapes  # the vocabulary's matrix is not cast at each pass
+    assert output.weight is embeddings  # tied again
+    # the same bf16 operands for every product, the output layer's included: the same logits
+    assert torch.equal(lean, plain)
 
 
 def test_chunked_cross_entropy_is_the_whole_batch_s(monkeypatch: pytest.MonkeyPatch) -> None:

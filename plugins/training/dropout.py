@@ -13,6 +13,7 @@ state) resumes them where they were. On a GPU it is ``nn.Dropout``.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -38,14 +39,25 @@ class SeededDropout(nn.Dropout):
         if x.device.type != "cpu":
             return F.dropout(x, self.p, True)
         seed = int(torch.randint(0, 2**62, (1,)).item())
-        uniform = np.random.Generator(np.random.PCG64(seed)).random(x.numel(), dtype=np.float32)
+        kept = _kept(seed, x.numel(), self.p)
         # the mask and its scale made in NumPy, one multiplication in torch: the same values as torch's
         # ``(x * (uniform >= p)) * (1 / (1 - p))`` (x times 0 or 1 is exact; then one float32 rounding of x times the
         # scale, and for a bf16 input one rounding to bf16), in about half the time (a 256 x 576 input: 0.35 ms of
         # comparison and 0.15 of multiplication in torch, 0.1 and 0.08 here)
-        mask = (uniform >= np.float32(self.p)).astype(np.float32)
+        mask = kept.astype(np.float32)
         mask *= np.float32(1.0 / (1.0 - self.p))
         return (x * torch.from_numpy(mask).view(x.shape)).to(x.dtype)
+
+
+def _kept(seed: int, n: int, p: float) -> np.ndarray:
+    """Which of ``n`` elements are kept: ``Generator(PCG64(seed)).random(n, dtype=float32) >= float32(p)``,
+    decided on the generator's raw 32-bit draws, without making the floats (half the time: 0.27 -> 0.15 ms for
+    256 x 576). NumPy's float32 draw is ``(next_uint32 >> 8) * 2**-24`` and PCG64 hands out each 64-bit output
+    as two 32-bit ones, low half first; ``k * 2**-24 >= p`` holds exactly when ``k >= ceil(p * 2**24)``, that is
+    when the 32-bit draw is at least that times 256."""
+    raw = np.random.PCG64(seed).random_raw((n + 1) // 2).view("<u4")[:n]
+    least = math.ceil(float(np.float32(p)) * 2**24) << 8
+    return raw >= np.uint32(least) if least < 2**32 else np.zeros(n, dtype=bool)  # p within 2**-25 of 1: none
 
 
 def use_seeded_dropout(model: Any) -> int:

@@ -9,9 +9,10 @@ back to float32 for the adapter. Measured on SmolLM2-135M (2 x 512-token blocks,
 
 ``lean_autocast(model)`` keeps, for the length of a training run:
 
-- the frozen weights of the linear layers stored in bf16 (the values autocast would cast them to; the output
-  embeddings, tied to the input embeddings in many models, are left alone), the float32 originals put back
-  afterwards, bit for bit;
+- the frozen weights of the linear layers stored in bf16 (the values autocast would cast them to), the float32
+  originals put back afterwards, bit for bit; an output layer tied to the input embeddings (as in many models)
+  reads a bf16 copy of its own for the run while the embeddings keep the float32 weight, and is tied again
+  afterwards;
 - each such layer's float32 input cast to bf16 once, shared by the layers that read the same tensor (a
   forward pre-hook; the cast is redone when the tensor changes), and PEFT's cast of the adapter's input
   back to the weight's dtype switched off (PEFT >= 0.15; older versions keep their cast), so dropout and
@@ -19,8 +20,7 @@ back to float32 for the adapter. Measured on SmolLM2-135M (2 x 512-token blocks,
 
 The base layers' products see the same bf16 operands as under plain autocast. What differs: LoRA dropout
 scales the bf16 input (one rounding of the scaled value, where autocast rounded the float32 product), and
-the gradients of the layers sharing an input are added in bf16 before the one cast back to float32. A weight
-that another kind of module also holds (embeddings tied to the output layer) is left alone. Outside
+the gradients of the layers sharing an input are added in bf16 before the one cast back to float32. Outside
 autocast (float32 training) nothing changes.
 """
 
@@ -48,6 +48,7 @@ def lean_autocast(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> Iter
     casting: list[tuple[Any, bool]] = []
     hooks: list[Any] = []
     last: dict[str, Any] = {}
+    untied: tuple[nn.Linear, torch.Tensor] | None = None
 
     def cast_once(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
         if not args or not isinstance(args[0], torch.Tensor):
@@ -75,8 +76,16 @@ def lean_autocast(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> Iter
                     originals.append((module.weight, module.weight.data.to("cpu")))
                     module.weight.data = module.weight.data.to(dtype)
                 hooks.append(module.register_forward_pre_hook(cast_once))
+        if (isinstance(output, nn.Linear) and id(output.weight) in shared and not output.weight.requires_grad
+                and output.weight.dtype == torch.float32):
+            # the output layer reads the input embeddings' weight (tied): it gets a bf16 copy of its own for the
+            # run (autocast cast the whole 49k x 576 matrix at every forward pass, a fiftieth of a demo step)
+            untied = (output, output.weight)
+            output.weight = nn.Parameter(output.weight.detach().to(dtype), requires_grad=False)
         yield len(originals)
     finally:
+        if untied is not None:
+            untied[0].weight = untied[1]  # tied again: the very parameter the embeddings hold
         for hook in hooks:
             hook.remove()
         for module, enabled in casting:
