@@ -316,3 +316,33 @@ def test_a_model_converted_under_its_old_name_is_renamed_not_converted_again(
     folder = models.resolve_base_model(None, tmp_path)
     assert folder.name == f"{gguf.stem}-{models.gguf_key(gguf)}" and (folder / "config.json").is_file()
     assert not old.exists()
+
+
+def test_the_conversion_parses_the_gguf_file_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import gguf
+    import torch
+
+    from flywheel_loop.plugins.shared import models
+
+    parsed: list[str] = []
+    plain = gguf.GGUFReader
+
+    class Counting(plain):  # type: ignore[misc,valid-type]
+        def __init__(self, path: str, mode: str = "r") -> None:
+            parsed.append(str(path))
+            super().__init__(path, mode)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(gguf, "GGUFReader", Counting)
+    folder = models.resolve_base_model(None, tmp_path)
+    assert len(parsed) == 1  # config, weights and tokenizer read one parse (transformers makes three)
+    assert gguf.GGUFReader is Counting  # the module's name is put back
+    model, tokenizer = models.load_base(folder)
+    # what the shared reader gave: the file's own weights and vocabulary
+    source = bundled_base_model()
+    assert source is not None
+    embeddings = next(t for t in plain(source).tensors if t.name == "token_embd.weight")
+    expected = torch.from_numpy(gguf.dequantize(embeddings.data, embeddings.tensor_type).copy())
+    weight = model.get_input_embeddings().weight
+    assert torch.equal(weight, expected.reshape(weight.shape))
+    code = "def add(a, b):\n    return a + b"
+    assert tokenizer.decode(tokenizer(code)["input_ids"]) == code

@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import shutil
+import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -90,7 +91,40 @@ def configured_model_key(path: Path) -> str:
     return f"{safe[:80]}-{hashlib.sha256(str(path).encode()).hexdigest()[:12]}"
 
 
+#: one conversion at a time in a process (``_one_gguf_parse`` swaps a name in the gguf module)
+_CONVERTING = threading.Lock()
+
+
+@contextlib.contextmanager
+def _one_gguf_parse() -> Iterator[None]:
+    """Within: ``gguf.GGUFReader`` gives one reader per file. transformers parses a GGUF file's metadata (the
+    49k-token vocabulary among it, field by field in Python) for the config, again for the weights and again for
+    the tokenizer: about 4 s each for SmolLM2, most of a 15-20 s conversion. A reader only maps the file read-only,
+    so the three can share one. Hold ``_CONVERTING``: the name is swapped in the gguf module itself."""
+    import gguf
+
+    original = gguf.GGUFReader
+    readers: dict[tuple[str, str], Any] = {}
+
+    def reader(path: str | os.PathLike[str], mode: str = "r") -> Any:
+        key = (str(Path(path).resolve()), mode)
+        if key not in readers:
+            readers[key] = original(path, mode)  # type: ignore[arg-type]
+        return readers[key]
+
+    gguf.GGUFReader = reader  # type: ignore[assignment,misc]
+    try:
+        yield
+    finally:
+        gguf.GGUFReader = original  # type: ignore[misc]
+
+
 def _convert_gguf(gguf: Path, models_dir: Path) -> Path:
+    with _CONVERTING:
+        return _convert_gguf_once(gguf, models_dir)
+
+
+def _convert_gguf_once(gguf: Path, models_dir: Path) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -108,8 +142,9 @@ def _convert_gguf(gguf: Path, models_dir: Path) -> Path:
         except OSError:  # another process renamed it first
             if (target / "config.json").is_file():
                 return target
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    with _one_gguf_parse():
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     # transformers refuses to save a GGUF-loaded model while its quantizer is attached; the
     # weights are already dequantised, so dropping it saves a plain fp32 checkpoint.
     model.hf_quantizer = None  # type: ignore[assignment]
