@@ -56,28 +56,19 @@ def loss_and_grads(model: Any, batch: dict[str, Any]) -> tuple[float, dict[str, 
 
 
 class CastCounter(TorchDispatchMode):
-    """Counts dtype casts of tensors of a given last dimension (the model's hidden size)."""
+    """Counts dtype casts of tensors of a given last dimension (the model's hidden size), and keeps the shapes
+    of every tensor cast."""
 
     def __init__(self, width: int) -> None:
         super().__init__()
         self.width, self.casts = width, Counter[str]()
-
-    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        if func is torch.ops.aten._to_copy.default and args[0].dim() >= 2 and args[0].shape[-1] == self.width:
-            self.casts[f"{args[0].dtype}->{(kwargs or {}).get('dtype')}"] += 1
-        return func(*args, **(kwargs or {}))
-
-
-class ShapeCasts(TorchDispatchMode):
-    """The shapes of the tensors cast to another dtype."""
-
-    def __init__(self) -> None:
-        super().__init__()
         self.shapes: set[tuple[int, ...]] = set()
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         if func is torch.ops.aten._to_copy.default:
             self.shapes.add(tuple(args[0].shape))
+            if args[0].dim() >= 2 and args[0].shape[-1] == self.width:
+                self.casts[f"{args[0].dtype}->{(kwargs or {}).get('dtype')}"] += 1
         return func(*args, **(kwargs or {}))
 
 
@@ -155,7 +146,7 @@ def test_a_tied_output_layer_reads_a_bf16_copy_and_is_tied_again(tiny: tuple[Pat
         assert output.weight is not embeddings and not output.weight.requires_grad
         assert output.weight.dtype == torch.bfloat16 and embeddings.dtype == torch.float32
         assert torch.equal(output.weight, embeddings.detach().to(torch.bfloat16))  # what autocast cast it to
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), ShapeCasts() as counted:
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), CastCounter(output.in_features) as counted:
             lean = model(input_ids=batch["input_ids"]).logits
     assert tuple(embeddings.shape) not in counted.shapes  # the vocabulary's matrix is not cast at each pass
     assert output.weight is embeddings  # tied again
